@@ -1,0 +1,43 @@
+//! Compiles a protobuf descriptor set for gRPC reflection of Envoy's ext_proc service.
+//!
+//! The `.proto` sources are the ones shipped inside the `envoy-types` crate (no vendored copies);
+//! cargo metadata tells where that crate's sources are. protox is pure Rust, so no `protoc` is needed.
+
+use std::{env, path::PathBuf, process::Command};
+
+fn envoy_types_proto_dir() -> PathBuf {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("Cargo.toml");
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .expect("run cargo metadata");
+    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
+    let pkg = meta["packages"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "envoy-types"))
+        .expect("envoy-types in the dependency graph");
+    let manifest_path = PathBuf::from(pkg["manifest_path"].as_str().unwrap());
+    manifest_path.parent().unwrap().join("proto")
+}
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    let root = envoy_types_proto_dir();
+    let includes = [
+        "data-plane-api",
+        "xds",
+        "protoc-gen-validate",
+        "googleapis",
+        "cel-spec/proto",
+        "opentelemetry-proto",
+        "client_model",
+    ]
+    .map(|d| root.join(d));
+    let fds = protox::compile(["envoy/service/ext_proc/v3/external_processor.proto"], includes)
+        .expect("compile ext_proc protos");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("ext_proc_descriptor.bin");
+    std::fs::write(out, prost::Message::encode_to_vec(&fds)).unwrap();
+}

@@ -1,0 +1,10 @@
+//! dynamo-epp: an Envoy ext_proc endpoint picker for NVIDIA Dynamo fleets.
+//!
+//! See ARCHITECTURE.md for the map. The routing core (`router`, and later `kv`, `sched`) is pure
+//! and synchronous; `server` and the fleet sources are the I/O edges.
+
+pub mod config;
+pub mod request;
+pub mod router;
+pub mod server;
+pub mod workers;

@@ -1,0 +1,315 @@
+//! One Envoy ext_proc stream = one HTTP request = one small state machine.
+//!
+//! Request side: hold the headers response until the body's end of stream, then send the
+//! routing headers followed by the body in streamed chunks. Response side: pass everything
+//! through, telling the router about the first non-empty chunk and the end.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::Instant,
+};
+
+use envoy_types::pb::envoy::{
+    extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
+    service::ext_proc::v3::{
+        external_processor_server::ExternalProcessor, processing_request::Request, HttpBody, HttpHeaders,
+        ProcessingRequest, ProcessingResponse,
+    },
+};
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, StreamExt};
+use tonic::{Status, Streaming};
+
+use super::{envoy, error::EppError, App};
+use crate::{
+    request::openai::{check_shape, Api},
+    router::{BookingId, Decision, EndpointMatch, RoutingRequest},
+};
+
+type Sent = Result<ProcessingResponse, Status>;
+
+/// The ext_proc gRPC service.
+#[derive(Clone)]
+pub struct ExtProc {
+    app: Arc<App>,
+}
+
+impl ExtProc {
+    pub fn new(app: Arc<App>) -> Self {
+        ExtProc { app }
+    }
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for ExtProc {
+    type ProcessStream = Pin<Box<dyn Stream<Item = Sent> + Send + 'static>>;
+
+    async fn process(
+        &self,
+        request: tonic::Request<Streaming<ProcessingRequest>>,
+    ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(32);
+        let app = self.app.clone();
+        tokio::spawn(async move {
+            let mut s = StreamState::new(app, tx);
+            s.run(inbound).await;
+        });
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for request headers.
+    Start,
+    /// Headers kept; buffering the body until its end of stream.
+    Body,
+    /// The request was forwarded (or answered); only response traffic follows.
+    Forwarded,
+}
+
+struct StreamState {
+    app: Arc<App>,
+    tx: mpsc::Sender<Sent>,
+    phase: Phase,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    subset: Option<Vec<String>>,
+    /// Whether response bodies must be echoed as streamed mutations (FULL_DUPLEX_STREAMED).
+    echo_response_body: bool,
+    booking: Option<BookingId>,
+    first_token_seen: bool,
+}
+
+impl Drop for StreamState {
+    // Whatever way the stream ends (completion, client cancel, gateway reset, our error),
+    // the request's load is released exactly once.
+    fn drop(&mut self) {
+        self.finish();
+        self.app.metrics.inflight_streams.dec();
+    }
+}
+
+impl StreamState {
+    fn new(app: Arc<App>, tx: mpsc::Sender<Sent>) -> Self {
+        app.metrics.inflight_streams.inc();
+        StreamState {
+            app,
+            tx,
+            phase: Phase::Start,
+            headers: Vec::new(),
+            body: Vec::new(),
+            subset: None,
+            echo_response_body: true,
+            booking: None,
+            first_token_seen: false,
+        }
+    }
+
+    async fn run(&mut self, mut inbound: Streaming<ProcessingRequest>) {
+        let mut first = true;
+        while let Some(msg) = inbound.next().await {
+            let msg = match msg {
+                Ok(m) => m,
+                Err(status) => {
+                    tracing::debug!(%status, "ext_proc stream ended by the gateway");
+                    break;
+                }
+            };
+            if first {
+                first = false;
+                if let Err(status) = self.check_protocol(&msg) {
+                    let _ = self.tx.send(Err(status)).await;
+                    return;
+                }
+            }
+            if self.subset.is_none() {
+                self.subset = envoy::subset_hint(msg.metadata_context.as_ref());
+            }
+            let keep_going = match msg.request {
+                Some(Request::RequestHeaders(h)) => self.on_request_headers(h).await,
+                Some(Request::RequestBody(b)) => self.on_request_body(b).await,
+                Some(Request::RequestTrailers(_)) => self.on_request_trailers().await,
+                Some(Request::ResponseHeaders(_)) => self.send(envoy::pass_response_headers()).await,
+                Some(Request::ResponseBody(b)) => self.on_response_body(b).await,
+                Some(Request::ResponseTrailers(_)) => {
+                    self.finish();
+                    self.send(envoy::pass_trailers(false)).await
+                }
+                None => true,
+            };
+            if !keep_going {
+                break;
+            }
+        }
+    }
+
+    /// Accepts FULL_DUPLEX_STREAMED request bodies (or no protocol report, as older Envoys send).
+    /// `send_body_without_waiting_for_header_response` is deliberately ignored: Envoy ≥ 1.38 and
+    /// agentgateway report it false, and it means nothing in full-duplex mode.
+    fn check_protocol(&mut self, msg: &ProcessingRequest) -> Result<(), Status> {
+        let Some(pc) = &msg.protocol_config else { return Ok(()) };
+        let full = BodySendMode::FullDuplexStreamed as i32;
+        if pc.request_body_mode != full {
+            return Err(Status::failed_precondition(format!(
+                "request_body_mode must be FULL_DUPLEX_STREAMED, got {}",
+                BodySendMode::try_from(pc.request_body_mode).map(|m| m.as_str_name()).unwrap_or("unknown")
+            )));
+        }
+        self.echo_response_body = pc.response_body_mode == full;
+        Ok(())
+    }
+
+    async fn send(&self, r: ProcessingResponse) -> bool {
+        self.tx.send(Ok(r)).await.is_ok()
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    async fn on_request_headers(&mut self, h: HttpHeaders) -> bool {
+        if self.phase != Phase::Start {
+            return true;
+        }
+        self.headers = envoy::headers_of(h.headers.as_ref());
+        if h.end_of_stream {
+            self.phase = Phase::Forwarded;
+            return self.route_headers_only().await;
+        }
+        self.phase = Phase::Body;
+        true
+    }
+
+    async fn on_request_body(&mut self, b: HttpBody) -> bool {
+        if self.phase != Phase::Body {
+            return true;
+        }
+        if self.body.len() as u64 + b.body.len() as u64 > self.app.max_body_bytes {
+            self.phase = Phase::Forwarded;
+            return self.reject(EppError::BodyTooLarge { limit: self.app.max_body_bytes }).await;
+        }
+        self.body.extend_from_slice(&b.body);
+        if b.end_of_stream {
+            self.phase = Phase::Forwarded;
+            return self.route_body().await;
+        }
+        true
+    }
+
+    /// Trailers end a body that never carried end_of_stream.
+    async fn on_request_trailers(&mut self) -> bool {
+        if self.phase == Phase::Body {
+            self.phase = Phase::Forwarded;
+            if !self.route_body().await {
+                return false;
+            }
+        }
+        self.send(envoy::pass_trailers(true)).await
+    }
+
+    fn routing_request(&self) -> RoutingRequest {
+        RoutingRequest {
+            subset: self.subset.as_ref().map(|s| s.iter().filter_map(|e| EndpointMatch::parse(e)).collect()),
+        }
+    }
+
+    async fn route_headers_only(&mut self) -> bool {
+        let req = self.routing_request();
+        let picked = self.app.router.lock().pick_any(&req, &mut rand::rng());
+        match picked {
+            Ok(t) => {
+                self.app.metrics.outcome("passthrough");
+                self.send(envoy::route_headers(&t.endpoint.to_string(), &[])).await
+            }
+            Err(e) => self.reject(e.into()).await,
+        }
+    }
+
+    async fn route_body(&mut self) -> bool {
+        let started = Instant::now();
+        let path = self.header(":path").unwrap_or("").to_string();
+        let api = Api::from_path(&path);
+        if let Some(api) = api {
+            if let Err(e) = check_shape(api, &self.body) {
+                return self.reject(e.into()).await;
+            }
+        }
+        let req = self.routing_request();
+        let decided = {
+            let mut router = self.app.router.lock();
+            let d = router.route(&req, started, &mut rand::rng());
+            self.app.metrics.active_requests.set(router.active_requests() as i64);
+            d
+        };
+        let d = match decided {
+            Ok(d) => d,
+            Err(e) => return self.reject(e.into()).await,
+        };
+        self.booking = Some(d.booking);
+        let extra = if api.is_some() { dynamo_headers(&d) } else { Vec::new() };
+        let headers = envoy::route_headers(&d.decode.endpoint.to_string(), &extra);
+        self.app.metrics.decision_seconds.observe(started.elapsed().as_secs_f64());
+        self.app.metrics.outcome(if api.is_some() { "routed" } else { "passthrough" });
+        if !self.send(headers).await {
+            return false;
+        }
+        let body = std::mem::take(&mut self.body);
+        for chunk in envoy::request_body_chunks(&body) {
+            if !self.send(chunk).await {
+                return false;
+            }
+        }
+        true
+    }
+
+    async fn on_response_body(&mut self, b: HttpBody) -> bool {
+        if !b.body.is_empty() && !self.first_token_seen {
+            self.first_token_seen = true;
+            if let Some(id) = self.booking {
+                self.app.router.lock().on_first_token(id, Instant::now());
+            }
+        }
+        if b.end_of_stream {
+            self.finish();
+        }
+        let r = if self.echo_response_body {
+            envoy::body_chunk(false, b.body, b.end_of_stream)
+        } else {
+            envoy::pass_response_body()
+        };
+        self.send(r).await
+    }
+
+    async fn reject(&mut self, e: EppError) -> bool {
+        tracing::info!(status = e.status(), error = %e, path = self.header(":path").unwrap_or(""), "request rejected");
+        self.app.metrics.outcome(e.code());
+        self.send(envoy::immediate(e.status(), e.body(), e.code())).await
+    }
+
+    /// Releases the booking, once.
+    fn finish(&mut self) {
+        if let Some(id) = self.booking.take() {
+            let mut router = self.app.router.lock();
+            router.on_end(id, Instant::now());
+            self.app.metrics.active_requests.set(router.active_requests() as i64);
+        }
+    }
+}
+
+/// The headers that tell Dynamo's sidecar what was decided.
+fn dynamo_headers(d: &Decision) -> Vec<(&'static str, String)> {
+    let mut h = vec![
+        ("x-dynamo-worker-instance-id", d.decode.worker.id.to_string()),
+        ("x-dynamo-dp-rank", d.decode.worker.dp_rank.0.to_string()),
+        ("x-dynamo-routing-mode", d.mode.as_str().to_string()),
+    ];
+    if let Some(p) = &d.prefill {
+        h.push(("x-dynamo-prefill-instance-id", p.worker.id.to_string()));
+        h.push(("x-dynamo-prefill-dp-rank", p.worker.dp_rank.0.to_string()));
+    }
+    h
+}

@@ -1,0 +1,61 @@
+//! Prometheus metrics: what operators watch, and what the tests read back.
+
+
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    /// Requests by how they ended at the picker: routed, passthrough, or an error code.
+    pub requests: Family<OutcomeLabel, Counter>,
+    /// Time from the body's end of stream to the routing headers being queued.
+    pub decision_seconds: Histogram,
+    /// ext_proc streams open right now.
+    pub inflight_streams: Gauge,
+    /// Requests booked on a worker and not yet finished.
+    pub active_requests: Gauge,
+    /// Workers in the current fleet.
+    pub workers: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("dynamo_epp");
+        let requests = Family::<OutcomeLabel, Counter>::default();
+        // 10 µs .. ~80 ms: a decision is expected in the tens of microseconds.
+        let decision_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-5, 2.0, 14));
+        let inflight_streams = Gauge::default();
+        let active_requests = Gauge::default();
+        let workers = Gauge::default();
+        registry.register("requests", "Requests by outcome at the picker", requests.clone());
+        registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
+        registry.register("inflight_streams", "Open ext_proc streams", inflight_streams.clone());
+        registry.register("active_requests", "Requests booked on a worker and not yet finished", active_requests.clone());
+        registry.register("workers", "Workers known in the fleet", workers.clone());
+        Metrics { registry, requests, decision_seconds, inflight_streams, active_requests, workers }
+    }
+
+    pub fn outcome(&self, outcome: &'static str) {
+        self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,224 @@
+//! The I/O edge toward the gateway: the ext_proc gRPC server, health, reflection, metrics and
+//! the shutdown sequence.
+
+pub mod envoy;
+pub mod error;
+pub mod ext_proc;
+pub mod health;
+pub mod metrics;
+pub mod tls;
+
+use std::{future::IntoFuture, net::SocketAddr, sync::Arc, time::Duration};
+
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
+use parking_lot::Mutex;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::{
+    config::Config,
+    router::Router,
+    workers::{self, file::FleetFileError, Fleet},
+};
+use metrics::Metrics;
+
+/// Descriptor set of Envoy's ext_proc service (built by build.rs) for gRPC reflection.
+pub const EXT_PROC_DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ext_proc_descriptor.bin"));
+
+/// How often the workers file is checked for changes.
+const FLEET_POLL: Duration = Duration::from_secs(1);
+
+/// State shared by every stream.
+pub struct App {
+    pub router: Mutex<Router>,
+    pub metrics: Metrics,
+    pub max_body_bytes: u64,
+}
+
+impl App {
+    pub fn new(max_body_bytes: u64) -> Self {
+        App { router: Mutex::new(Router::new()), metrics: Metrics::new(), max_body_bytes }
+    }
+
+    pub fn set_fleet(&self, fleet: Fleet) {
+        let n = fleet.workers.len();
+        let mut r = self.router.lock();
+        r.set_fleet(fleet);
+        self.metrics.workers.set(n as i64);
+        self.metrics.active_requests.set(r.active_requests() as i64);
+    }
+}
+
+/// Why the EPP could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Fleet(#[from] FleetFileError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot make the self-signed certificate: {0}")]
+    Tls(#[from] rcgen::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC reflection set-up failed: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("metrics server failed: {0}")]
+    Metrics(std::io::Error),
+}
+
+impl StartError {
+    /// Configuration problems exit 2 like invalid variables; runtime failures exit 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Fleet(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+async fn bind(cfg: &Config, port: u16) -> Result<TcpListener, StartError> {
+    let addr = SocketAddr::new(cfg.bind_address, port);
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Resolves once shutdown has been requested and propagated.
+fn stopped(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    }
+}
+
+/// Runs the EPP until SIGTERM (or Ctrl-C) has been handled and every stream has drained.
+pub async fn run(cfg: Config) -> Result<(), StartError> {
+    let app = Arc::new(App::new(cfg.max_body_bytes));
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::set(&reporter, false).await;
+
+    match &cfg.workers_file {
+        Some(path) => {
+            let fleet = workers::file::load(path)?;
+            tracing::info!(
+                workers = fleet.workers.len(),
+                block_size = fleet.block_size.or(cfg.block_size),
+                path = %path.display(),
+                "fleet loaded"
+            );
+            app.set_fleet(fleet.clone());
+            let a = app.clone();
+            tokio::spawn(workers::file::watch(path.clone(), FLEET_POLL, fleet, move |f| a.set_fleet(f)));
+        }
+        None => tracing::warn!("no fleet source (DYN_EPP_WORKERS_FILE unset): health stays NOT_SERVING"),
+    }
+
+    let grpc = bind(&cfg, cfg.grpc_port).await?;
+    let health_listener = bind(&cfg, cfg.health_port).await?;
+    let metrics_listener = match cfg.metrics_port {
+        0 => None,
+        p => Some(bind(&cfg, p).await?),
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (draining_tx, draining_rx) = watch::channel(false);
+
+    // Health follows readiness every 500 ms until shutdown starts.
+    {
+        let (app, reporter, draining) = (app.clone(), reporter.clone(), draining_rx.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                if *draining.borrow() {
+                    break;
+                }
+                let ready = app.router.lock().is_ready();
+                health::set(&reporter, ready).await;
+            }
+        });
+    }
+
+    // SIGTERM → NOT_SERVING → wait for the gateways to notice → stop accepting, drain streams.
+    {
+        let propagation = cfg.shutdown_propagation();
+        let reporter = reporter.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!(propagation_secs = propagation.as_secs(), "shutdown requested: health NOT_SERVING");
+            let _ = draining_tx.send(true);
+            health::set(&reporter, false).await;
+            tokio::time::sleep(propagation).await;
+            tracing::info!("closing listeners and draining open streams");
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(EXT_PROC_DESCRIPTOR)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+
+    let health_server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(health_listener), stopped(&stop_rx));
+    let health_task = tokio::spawn(health_server);
+
+    let metrics_task = metrics_listener.map(|l| {
+        let app = app.clone();
+        let router = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let app = app.clone();
+                async move {
+                    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.render())
+                }
+            }),
+        );
+        tokio::spawn(axum::serve(l, router).with_graceful_shutdown(stopped(&stop_rx)).into_future())
+    });
+
+    let mut builder = Server::builder()
+        .tcp_nodelay(true)
+        // Large request bodies arrive as single messages; small windows would throttle them.
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(16 << 20));
+    if cfg.secure_serving {
+        builder = builder.tls_config(tls::self_signed()?)?;
+    }
+    let ext_proc = ExternalProcessorServer::new(ext_proc::ExtProc::new(app.clone()))
+        .max_decoding_message_size(cfg.max_body_bytes as usize + (1 << 20))
+        .max_encoding_message_size(usize::MAX);
+    tracing::info!(
+        grpc = cfg.grpc_port,
+        health = cfg.health_port,
+        metrics = cfg.metrics_port,
+        tls = cfg.secure_serving,
+        "dynamo-epp serving"
+    );
+    builder
+        .add_service(ext_proc)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(&stop_rx))
+        .await?;
+    let _ = health_task.await;
+    if let Some(t) = metrics_task {
+        if let Ok(Err(e)) = t.await {
+            return Err(StartError::Metrics(e));
+        }
+    }
+    tracing::info!("all streams drained; exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,167 @@
+//! The static fleet from `DYN_EPP_WORKERS_FILE` (YAML), polled for changes.
+
+use std::{
+    collections::HashSet,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use super::{hash_pod_name, Fleet, Role, Worker, WorkerId};
+
+/// Why a workers file could not become a fleet.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetFileError {
+    #[error("cannot read workers file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid workers file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    block_size: Option<u32>,
+    #[serde(default)]
+    workers: Vec<FileWorker>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWorker {
+    name: String,
+    address: String,
+    #[serde(default)]
+    role: Role,
+    id: Option<WorkerId>,
+    #[serde(default = "one")]
+    dp_size: u32,
+    #[serde(default)]
+    dp_start_rank: u32,
+    total_kv_blocks: Option<u64>,
+    max_num_batched_tokens: Option<u64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Parses a workers file's text into a fleet, checking what the router relies on.
+pub fn parse(text: &str) -> Result<Fleet, String> {
+    let doc: FileDoc = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+    if doc.block_size == Some(0) {
+        return Err("block_size must be at least 1".into());
+    }
+    let mut seen = HashSet::new();
+    let mut workers = Vec::with_capacity(doc.workers.len());
+    for (i, w) in doc.workers.into_iter().enumerate() {
+        let endpoint: SocketAddr = w.address.parse().map_err(|_| {
+            format!("workers[{i}].address {:?} is not an ip:port", w.address)
+        })?;
+        if w.dp_size == 0 {
+            return Err(format!("workers[{i}].dp_size must be at least 1"));
+        }
+        if w.dp_start_rank.checked_add(w.dp_size).is_none() {
+            return Err(format!("workers[{i}]: dp_start_rank + dp_size overflows u32"));
+        }
+        let id = w.id.unwrap_or_else(|| hash_pod_name(&w.name));
+        if !seen.insert(id) {
+            return Err(format!("workers[{i}] ({}) repeats instance id {id}", w.name));
+        }
+        workers.push(Worker {
+            id,
+            name: w.name,
+            endpoint,
+            role: w.role,
+            dp_start_rank: w.dp_start_rank,
+            dp_size: w.dp_size,
+            total_kv_blocks: w.total_kv_blocks,
+            max_num_batched_tokens: w.max_num_batched_tokens,
+        });
+    }
+    Ok(Fleet { block_size: doc.block_size, workers })
+}
+
+/// Reads and parses the file once.
+pub fn load(path: &Path) -> Result<Fleet, FleetFileError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| FleetFileError::Read { path: path.into(), source })?;
+    parse(&text).map_err(|message| FleetFileError::Invalid { path: path.into(), message })
+}
+
+/// Polls the file and hands every new valid version to `apply`. Polling (not inotify) because
+/// Kubernetes ConfigMap updates swap symlinks, which inotify watchers often miss.
+pub async fn watch(path: PathBuf, every: Duration, mut last: Fleet, apply: impl Fn(Fleet)) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let p = path.clone();
+        let loaded = match tokio::task::spawn_blocking(move || load(&p)).await {
+            Ok(r) => r,
+            Err(_) => continue,
+        };
+        match loaded {
+            Ok(fleet) if fleet != last => {
+                tracing::info!(workers = fleet.workers.len(), path = %path.display(), "workers file changed; fleet reloaded");
+                last = fleet.clone();
+                apply(fleet);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "workers file rejected; keeping the previous fleet"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::DpRank;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let f = parse(
+            r#"
+block_size: 16
+workers:
+  - name: qwen-vllmdecodeworker-0
+    address: 127.0.0.1:18001
+    role: worker
+    dp_size: 2
+    dp_start_rank: 4
+    total_kv_blocks: 4096
+    max_num_batched_tokens: 8192
+  - name: other
+    address: 10.0.0.2:8000
+    role: prefill
+    id: 1001
+"#,
+        )
+        .unwrap();
+        assert_eq!(f.block_size, Some(16));
+        let w = &f.workers[0];
+        assert_eq!(w.id, WorkerId(2152695600563388));
+        assert_eq!(w.ranks().map(|r| r.dp_rank).collect::<Vec<_>>(), vec![DpRank(4), DpRank(5)]);
+        assert_eq!(w.total_kv_blocks, Some(4096));
+        assert_eq!(f.workers[1].id, WorkerId(1001));
+        assert_eq!(f.workers[1].role, Role::Prefill);
+        assert_eq!(f.workers[1].dp_size, 1);
+    }
+
+    #[test]
+    fn rejects_bad_files_with_the_reason() {
+        for (text, needle) in [
+            ("workers:\n  - name: a\n    address: nohost\n", "not an ip:port"),
+            ("workers:\n  - name: a\n    address: 1.2.3.4:1\n    dp_size: 0\n", "dp_size"),
+            ("workers:\n  - {name: a, address: '1.2.3.4:1', id: 5}\n  - {name: b, address: '1.2.3.4:2', id: 5}\n", "repeats"),
+            ("workers:\n  - {name: a, address: '1.2.3.4:1', role: boss}\n", "boss"),
+            ("workers:\n  - {name: a, address: '1.2.3.4:1', colour: red}\n", "colour"),
+            ("block_size: 0\n", "block_size"),
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+}
