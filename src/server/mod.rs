@@ -98,16 +98,24 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
 
     match &cfg.workers_file {
         Some(path) => {
-            let fleet = workers::file::load(path)?;
-            tracing::info!(
-                workers = fleet.workers.len(),
-                block_size = fleet.block_size.or(cfg.block_size),
-                path = %path.display(),
-                "fleet loaded"
-            );
-            app.set_fleet(fleet.clone());
+            // A file that exists must be valid now (fail fast on a typo); one that does not
+            // exist yet (a volume still being mounted) is waited for with health NOT_SERVING.
+            let first = if path.exists() {
+                let fleet = workers::file::load(path)?;
+                tracing::info!(
+                    workers = fleet.workers.len(),
+                    block_size = fleet.block_size.or(cfg.block_size),
+                    path = %path.display(),
+                    "fleet loaded"
+                );
+                app.set_fleet(fleet.clone());
+                Some(fleet)
+            } else {
+                tracing::warn!(path = %path.display(), "workers file does not exist yet: NOT_SERVING until it does");
+                None
+            };
             let a = app.clone();
-            tokio::spawn(workers::file::watch(path.clone(), FLEET_POLL, fleet, move |f| a.set_fleet(f)));
+            tokio::spawn(workers::file::watch(path.clone(), FLEET_POLL, first, move |f| a.set_fleet(f)));
         }
         None => tracing::warn!("no fleet source (DYN_EPP_WORKERS_FILE unset): health stays NOT_SERVING"),
     }

@@ -91,9 +91,11 @@ pub fn load(path: &Path) -> Result<Fleet, FleetFileError> {
     parse(&text).map_err(|message| FleetFileError::Invalid { path: path.into(), message })
 }
 
-/// Polls the file and hands every new valid version to `apply`. Polling (not inotify) because
-/// Kubernetes ConfigMap updates swap symlinks, which inotify watchers often miss.
-pub async fn watch(path: PathBuf, every: Duration, mut last: Fleet, apply: impl Fn(Fleet)) {
+/// Polls the file and hands every new valid version to `apply`; `last` is what was applied
+/// already (`None`: nothing yet, e.g. the file did not exist at start). Polling (not inotify)
+/// because Kubernetes ConfigMap updates swap symlinks, which inotify watchers often miss.
+pub async fn watch(path: PathBuf, every: Duration, mut last: Option<Fleet>, apply: impl Fn(Fleet)) {
+    let mut last_error = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -104,13 +106,21 @@ pub async fn watch(path: PathBuf, every: Duration, mut last: Fleet, apply: impl 
             Err(_) => continue,
         };
         match loaded {
-            Ok(fleet) if fleet != last => {
-                tracing::info!(workers = fleet.workers.len(), path = %path.display(), "workers file changed; fleet reloaded");
-                last = fleet.clone();
+            Ok(fleet) if last.as_ref() != Some(&fleet) => {
+                last_error = None;
+                tracing::info!(workers = fleet.workers.len(), path = %path.display(), "workers file loaded");
+                last = Some(fleet.clone());
                 apply(fleet);
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "workers file rejected; keeping the previous fleet"),
+            Ok(_) => last_error = None,
+            Err(e) => {
+                // Said once per distinct problem, not every poll.
+                let msg = e.to_string();
+                if last_error.as_ref() != Some(&msg) {
+                    tracing::warn!(error = %msg, "workers file rejected; keeping the previous fleet");
+                    last_error = Some(msg);
+                }
+            }
         }
     }
 }

