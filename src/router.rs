@@ -78,6 +78,12 @@ impl EndpointMatch {
 /// What the router needs to know about a request.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingRequest {
+    /// The prompt's token ids (empty until tokenization is wired in).
+    pub tokens: Vec<u32>,
+    /// Tenant / cache namespace: salts the block hashes.
+    pub cache_salt: Option<String>,
+    /// LoRA adapter name: salts the block hashes.
+    pub lora: Option<String>,
     /// Gateway subset hint; `None` = every worker is eligible.
     pub subset: Option<Vec<EndpointMatch>>,
 }
@@ -265,13 +271,14 @@ mod tests {
     fn subset_restricts_and_empty_match_is_an_error() {
         let r = router(vec![worker(1, 1, Role::Worker, 1), worker(2, 2, Role::Worker, 1)]);
         let mut rng = SmallRng::seed_from_u64(1);
-        let only2 = RoutingRequest { subset: Some(vec![EndpointMatch::parse("127.0.0.1:2").unwrap()]) };
+        let with = |s: &str| RoutingRequest { subset: Some(vec![EndpointMatch::parse(s).unwrap()]), ..Default::default() };
+        let only2 = with("127.0.0.1:2");
         for _ in 0..20 {
             assert_eq!(r.pick_any(&only2, &mut rng).unwrap().worker.id, WorkerId(2));
         }
-        let host = RoutingRequest { subset: Some(vec![EndpointMatch::parse("127.0.0.1").unwrap()]) };
+        let host = with("127.0.0.1");
         assert!(r.pick_any(&host, &mut rng).is_ok());
-        let none = RoutingRequest { subset: Some(vec![EndpointMatch::parse("10.9.9.9:1").unwrap()]) };
+        let none = with("10.9.9.9:1");
         assert_eq!(r.pick_any(&none, &mut rng), Err(RouteError::SubsetMatchesNone));
     }
 

@@ -214,6 +214,7 @@ impl StreamState {
     fn routing_request(&self) -> RoutingRequest {
         RoutingRequest {
             subset: self.subset.as_ref().map(|s| s.iter().filter_map(|e| EndpointMatch::parse(e)).collect()),
+            ..Default::default()
         }
     }
 
