@@ -1,1 +1,170 @@
-fn main(){}
+//! One complete ext_proc stream in-process over loopback gRPC: request headers, a 32 KB chat body
+//! (end of stream), response headers, one response body chunk with end of stream — the message
+//! pattern Envoy sends in FULL_DUPLEX_STREAMED mode.
+//!
+//! Baseline in the same run: a do-nothing ext_proc server answering the same message pattern with
+//! empty mutations (and echoing bodies, as full-duplex requires), so the ratio is what picking
+//! costs on top of bare tonic.
+
+use std::{net::SocketAddr, pin::Pin, sync::Arc};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dynamo_epp::{
+    server::{envoy, ext_proc::ExtProc, App},
+    workers::{Fleet, Role, Worker, WorkerId},
+};
+use envoy_types::pb::envoy::{
+    config::core::v3::{HeaderMap, HeaderValue},
+    service::ext_proc::v3::{
+        external_processor_client::ExternalProcessorClient,
+        external_processor_server::{ExternalProcessor, ExternalProcessorServer},
+        processing_request::Request,
+        HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+    },
+};
+use futures_util::Stream;
+use tokio_stream::StreamExt;
+use tonic::{transport::Channel, Status, Streaming};
+
+/// Answers every message with its pass-through counterpart; no parsing, no picking.
+struct Baseline;
+
+#[tonic::async_trait]
+impl ExternalProcessor for Baseline {
+    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
+    async fn process(
+        &self,
+        req: tonic::Request<Streaming<ProcessingRequest>>,
+    ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
+        let s = req.into_inner().filter_map(|m| {
+            let m = m.ok()?;
+            Some(Ok(match m.request? {
+                Request::RequestHeaders(_) => envoy::route_headers("127.0.0.1:1", &[]),
+                Request::RequestBody(b) => envoy::body_chunk(true, b.body, b.end_of_stream),
+                Request::ResponseHeaders(_) => envoy::pass_response_headers(),
+                Request::ResponseBody(b) => envoy::body_chunk(false, b.body, b.end_of_stream),
+                _ => return None,
+            }))
+        });
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+}
+
+fn headers(pairs: &[(&str, &str)], end_of_stream: bool) -> HttpHeaders {
+    HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: pairs
+                .iter()
+                .map(|(k, v)| HeaderValue { key: k.to_string(), value: String::new(), raw_value: v.as_bytes().to_vec() })
+                .collect(),
+        }),
+        end_of_stream,
+        ..Default::default()
+    }
+}
+
+fn msg(r: Request) -> ProcessingRequest {
+    ProcessingRequest { request: Some(r), ..Default::default() }
+}
+
+fn stream_messages(body: &[u8]) -> Vec<ProcessingRequest> {
+    vec![
+        msg(Request::RequestHeaders(headers(
+            &[(":method", "POST"), (":path", "/v1/chat/completions"), ("content-type", "application/json")],
+            false,
+        ))),
+        msg(Request::RequestBody(HttpBody { body: body.to_vec(), end_of_stream: true, ..Default::default() })),
+        msg(Request::ResponseHeaders(headers(&[(":status", "200")], false))),
+        msg(Request::ResponseBody(HttpBody {
+            body: br#"{"choices":[{"message":{"content":"hi"}}]}"#.to_vec(),
+            end_of_stream: true,
+            ..Default::default()
+        })),
+    ]
+}
+
+async fn serve<S: ExternalProcessor>(svc: S) -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ExternalProcessorServer::new(svc).max_decoding_message_size(64 << 20))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))),
+    );
+    addr
+}
+
+/// One stream: send the messages (headers response only comes after the body), read all replies.
+async fn one_stream(client: &mut ExternalProcessorClient<Channel>, msgs: &[ProcessingRequest]) {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut replies = client.process(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    // Request side: headers + body; expect headers response + body chunk(s).
+    tx.send(msgs[0].clone()).await.unwrap();
+    tx.send(msgs[1].clone()).await.unwrap();
+    let mut n = 0;
+    while let Some(r) = replies.next().await {
+        n += 1;
+        if matches!(
+            r.unwrap().response,
+            Some(envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response::RequestBody(_))
+        ) {
+            break;
+        }
+    }
+    assert!(n >= 2);
+    tx.send(msgs[2].clone()).await.unwrap();
+    tx.send(msgs[3].clone()).await.unwrap();
+    drop(tx);
+    while let Some(r) = replies.next().await {
+        r.unwrap();
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let content: String = "lorem ipsum dolor sit amet ".repeat(32 * 1024 / 27);
+    let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string();
+    let msgs = stream_messages(body.as_bytes());
+    let (ours, base) = rt.block_on(async {
+        let app = Arc::new(App::new(16 << 20));
+        app.set_fleet(Fleet {
+            block_size: Some(16),
+            workers: (0..8)
+                .map(|i| Worker {
+                    id: WorkerId(i),
+                    name: format!("w{i}"),
+                    endpoint: SocketAddr::from(([10, 0, 0, i as u8], 8000)),
+                    role: Role::Worker,
+                    dp_start_rank: 0,
+                    dp_size: 1,
+                    total_kv_blocks: None,
+                    max_num_batched_tokens: None,
+                })
+                .collect(),
+        });
+        let ours = serve(ExtProc::new(app)).await;
+        let base = serve(Baseline).await;
+        let connect = |a: SocketAddr| async move {
+            ExternalProcessorClient::connect(format!("http://{a}")).await.unwrap().max_decoding_message_size(64 << 20)
+        };
+        (connect(ours).await, connect(base).await)
+    });
+    let mut g = c.benchmark_group("ext_proc_stream_32k");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    for (name, client) in [("dynamo_epp", ours), ("baseline_passthrough", base)] {
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter_batched(
+                || client.clone(),
+                |mut cl| {
+                    let msgs = &msgs;
+                    async move { one_stream(&mut cl, msgs).await }
+                },
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -13,8 +13,7 @@ use std::{future::IntoFuture, net::SocketAddr, sync::Arc, time::Duration};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use parking_lot::Mutex;
 use tokio::{net::TcpListener, sync::watch};
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::{
     config::Config,
@@ -80,6 +79,13 @@ impl StartError {
 async fn bind(cfg: &Config, port: u16) -> Result<TcpListener, StartError> {
     let addr = SocketAddr::new(cfg.bind_address, port);
     TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Accepted connections with Nagle off: a headers response followed by a body chunk would
+/// otherwise wait ~40 ms for the peer's delayed ACK. (`Server::tcp_nodelay` only applies to
+/// listeners tonic binds itself.)
+fn incoming(l: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(l).with_nodelay(Some(true))
 }
 
 /// Resolves once shutdown has been requested and propagated.
@@ -171,7 +177,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         .add_service(health_service)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(health_listener), stopped(&stop_rx));
+        .serve_with_incoming_shutdown(incoming(health_listener), stopped(&stop_rx));
     let health_task = tokio::spawn(health_server);
 
     let metrics_task = metrics_listener.map(|l| {
@@ -189,7 +195,6 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     });
 
     let mut builder = Server::builder()
-        .tcp_nodelay(true)
         // Large request bodies arrive as single messages; small windows would throttle them.
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(16 << 20));
@@ -210,7 +215,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         .add_service(ext_proc)
         .add_service(reflection().build_v1()?)
         .add_service(reflection().build_v1alpha()?)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc), stopped(&stop_rx))
+        .serve_with_incoming_shutdown(incoming(grpc), stopped(&stop_rx))
         .await?;
     let _ = health_task.await;
     if let Some(t) = metrics_task {

@@ -62,6 +62,8 @@ struct WorkerState {
     seen: Mutex<Vec<Recorded>>,
     /// Permits released by the test let `hold` responses finish.
     release: Semaphore,
+    /// Load benches turn recording off so memory stays flat.
+    record: std::sync::atomic::AtomicBool,
 }
 
 /// An OpenAI-ish HTTP worker. The request header `x-mock-mode` picks the answer:
@@ -79,7 +81,12 @@ impl MockWorker {
     }
 
     pub async fn start_on(name: &str, addr: SocketAddr) -> MockWorker {
-        let state = Arc::new(WorkerState { name: name.into(), seen: Mutex::default(), release: Semaphore::new(0) });
+        let state = Arc::new(WorkerState {
+            name: name.into(),
+            seen: Mutex::default(),
+            release: Semaphore::new(0),
+            record: true.into(),
+        });
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let app = axum::Router::new().fallback(handle).with_state(state.clone());
@@ -95,6 +102,10 @@ impl MockWorker {
         self.state.seen.lock().clone()
     }
 
+    pub fn stop_recording(&self) {
+        self.state.record.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Lets `n` held responses finish.
     pub fn release(&self, n: usize) {
         self.state.release.add_permits(n);
@@ -105,7 +116,9 @@ async fn handle(State(st): State<Arc<WorkerState>>, method: Method, uri: Uri, he
     let headers: HashMap<String, String> =
         headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
     let mode = headers.get("x-mock-mode").cloned().unwrap_or_default();
-    st.seen.lock().push(Recorded { method: method.to_string(), path: uri.to_string(), headers, body });
+    if st.record.load(std::sync::atomic::Ordering::Relaxed) {
+        st.seen.lock().push(Recorded { method: method.to_string(), path: uri.to_string(), headers, body });
+    }
     let json = format!(r#"{{"object":"chat.completion","worker":"{}","choices":[]}}"#, st.name);
     let name = st.name.clone();
     let event = move |i: usize| Bytes::from(format!("data: {{\"worker\":\"{name}\",\"i\":{i}}}\n\n"));

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The local demo chain: Envoy + dynamo-epp + three mock workers from deploy/demo/workers.yaml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo run --release --locked --example demo -- "${1:-deploy/demo/workers.yaml}"
