@@ -22,7 +22,13 @@ async fn routes_with_destination_and_dynamo_headers_for_both_id_forms() {
         pending.push(tokio::spawn(async move {
             c.post(url).header("x-mock-mode", "hold").body(chat_body(&format!("req-{i}"))).send().await.unwrap()
         }));
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let booked = chain.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(10), |v| v == (i + 1) as f64).await;
+        assert_eq!(booked, (i + 1) as f64);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while chain.total_seen() < 2 {
+        assert!(std::time::Instant::now() < deadline, "held requests never reached the workers");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let want_ids = [REF_POD_ID, "1001"];
     for (i, w) in chain.workers.iter().enumerate() {
@@ -241,10 +247,15 @@ async fn a_client_that_disconnects_leaves_no_state_behind() {
     let url = chain.envoy.url("/v1/chat/completions");
     let req = tokio::spawn(async move { c.post(url).header("x-mock-mode", "hold").body(chat_body("abandon")).send().await });
     assert_eq!(chain.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 1.0).await, 1.0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while chain.who_saw("abandon").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the held request never reached the worker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     req.abort();
     assert_eq!(chain.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(10), |v| v == 0.0).await, 0.0);
     assert_eq!(chain.epp.wait_metric("dynamo_epp_inflight_streams", Duration::from_secs(10), |v| v == 0.0).await, 0.0);
-    assert_eq!(chain.workers[0].seen().len(), 1, "the half-sent body must not reach the worker");
+    assert_eq!(chain.total_seen(), 1, "the half-sent body must not reach the worker");
     chain.workers[0].release(1);
 }
 
