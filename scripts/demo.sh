@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo run --release --locked --example demo -- "${1:-deploy/demo/workers.yaml}"
+cargo build --release --locked --bin dynamo-epp --example demo
+exec target/release/examples/demo "${1:-deploy/demo/workers.yaml}"

@@ -178,6 +178,15 @@ pub fn workers_yaml(workers: &[(&str, SocketAddr, Option<u64>)]) -> String {
 
 // ---------------------------------------------------------------- the EPP process
 
+/// The `dynamo-epp` binary: cargo names it for tests and benches; examples (the demo) find it
+/// beside their own directory (`target/<profile>/examples/..`).
+pub fn epp_bin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_dynamo-epp") {
+        Some(p) => p.into(),
+        None => std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("dynamo-epp"),
+    }
+}
+
 pub struct Epp {
     pub child: Child,
     pub grpc_port: u16,
@@ -209,7 +218,7 @@ impl Epp {
             std::fs::write(&workers_file, workers_yaml).unwrap();
         }
         let (grpc_port, health_port, metrics_port) = (free_port(), free_port(), free_port());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamo-epp"));
+        let mut cmd = Command::new(epp_bin());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("DYN_SECURE_SERVING", opts.tls.to_string())
