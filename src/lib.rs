@@ -6,5 +6,6 @@
 pub mod config;
 pub mod request;
 pub mod router;
+pub mod sched;
 pub mod server;
 pub mod workers;

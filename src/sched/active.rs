@@ -1,0 +1,300 @@
+//! Active sequences: the load each (worker, dp_rank) carries from requests we routed to it.
+//!
+//! Per rank: the distinct KV blocks its requests hold (ref-counted by sequence hash, so a shared
+//! prefix counts once), the prompt tokens still being prefilled, the number of requests, and —
+//! when output tracking is on — placeholder blocks for generated tokens. Lifecycle: `add` at the
+//! pick, `mark_prefill_completed` at the first response chunk, `free` at the end; entries older
+//! than the expiry are dropped by `expire` in case an end was never seen.
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use crate::workers::WorkerRank;
+
+/// Load of one (worker, rank) as the cost model reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RankLoad {
+    pub active_decode_blocks: f64,
+    pub active_prefill_tokens: u64,
+    pub active_requests: u32,
+}
+
+#[derive(Default)]
+struct Rank {
+    blocks: HashMap<u64, u32>,
+    prefill_tokens: u64,
+    requests: u32,
+    output_blocks: f64,
+}
+
+impl Rank {
+    fn is_idle(&self) -> bool {
+        self.requests == 0
+    }
+}
+
+struct Active {
+    worker: WorkerRank,
+    blocks: Vec<u64>,
+    prefill_tokens: u64,
+    started: Instant,
+    /// Prompt length, for output block boundaries.
+    isl: u64,
+    /// Tokens generated so far and the placeholder weight they added.
+    generated: u64,
+    output_weight: f64,
+}
+
+/// What one booking holds, for `add`.
+#[derive(Clone, Debug)]
+pub struct Booking<'a> {
+    pub worker: WorkerRank,
+    /// Sequence hashes of the prompt's full blocks (random ones when KV reuse is not assumed).
+    pub blocks: &'a [u64],
+    /// Tokens the worker must prefill (`isl − cached`); 0 when prefill is not tracked.
+    pub prefill_tokens: u64,
+    pub isl: u64,
+}
+
+pub struct ActiveSequences {
+    ranks: HashMap<WorkerRank, Rank>,
+    requests: HashMap<u64, Active>,
+    expiry: Duration,
+}
+
+impl ActiveSequences {
+    pub fn new(expiry: Duration) -> Self {
+        ActiveSequences { ranks: HashMap::new(), requests: HashMap::new(), expiry }
+    }
+
+    /// Books request `id`; a repeated id is ignored (returns false).
+    pub fn add(&mut self, id: u64, b: Booking<'_>, now: Instant) -> bool {
+        if self.requests.contains_key(&id) {
+            return false;
+        }
+        let rank = self.ranks.entry(b.worker).or_default();
+        for h in b.blocks {
+            *rank.blocks.entry(*h).or_default() += 1;
+        }
+        rank.prefill_tokens += b.prefill_tokens;
+        rank.requests += 1;
+        self.requests.insert(
+            id,
+            Active {
+                worker: b.worker,
+                blocks: b.blocks.to_vec(),
+                prefill_tokens: b.prefill_tokens,
+                started: now,
+                isl: b.isl,
+                generated: 0,
+                output_weight: 0.0,
+            },
+        );
+        true
+    }
+
+    /// The first response chunk arrived: the request's prompt no longer loads prefill.
+    pub fn mark_prefill_completed(&mut self, id: u64) {
+        if let Some(a) = self.requests.get_mut(&id) {
+            if let Some(r) = self.ranks.get_mut(&a.worker) {
+                r.prefill_tokens -= a.prefill_tokens;
+            }
+            a.prefill_tokens = 0;
+        }
+    }
+
+    /// `generated` tokens have been streamed so far. Each time the sequence crosses a block
+    /// boundary a placeholder block is added, weighted `max(0, 1 − generated/osl)` when the
+    /// expected output length is known (a request near its end will soon free its blocks).
+    pub fn record_output(&mut self, id: u64, generated: u64, block_size: u32, osl: Option<u32>) {
+        let Some(a) = self.requests.get_mut(&id) else { return };
+        if generated <= a.generated {
+            return;
+        }
+        let bs = block_size.max(1) as u64;
+        let crossed = (a.isl + generated).div_ceil(bs) - (a.isl + a.generated).div_ceil(bs);
+        a.generated = generated;
+        if crossed == 0 {
+            return;
+        }
+        let w = osl.map_or(1.0, |osl| (1.0 - generated as f64 / osl.max(1) as f64).max(0.0));
+        let add = crossed as f64 * w;
+        a.output_weight += add;
+        if let Some(r) = self.ranks.get_mut(&a.worker) {
+            r.output_blocks += add;
+        }
+    }
+
+    /// The request ended (completion, error, cancel): release everything it held.
+    pub fn free(&mut self, id: u64) {
+        let Some(a) = self.requests.remove(&id) else { return };
+        let Some(r) = self.ranks.get_mut(&a.worker) else { return };
+        for h in &a.blocks {
+            if let Some(n) = r.blocks.get_mut(h) {
+                *n -= 1;
+                if *n == 0 {
+                    r.blocks.remove(h);
+                }
+            }
+        }
+        r.prefill_tokens -= a.prefill_tokens;
+        r.requests -= 1;
+        r.output_blocks -= a.output_weight;
+        if r.is_idle() {
+            self.ranks.remove(&a.worker);
+        }
+    }
+
+    /// Drops requests booked longer ago than the expiry (their end was never seen).
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let stale: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(_, a)| now.saturating_duration_since(a.started) > self.expiry)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &stale {
+            self.free(*id);
+        }
+        stale.len()
+    }
+
+    /// Drops every booking on ranks of a worker that left the fleet.
+    pub fn retain_workers(&mut self, keep: impl Fn(&WorkerRank) -> bool) {
+        let gone: Vec<u64> = self.requests.iter().filter(|(_, a)| !keep(&a.worker)).map(|(id, _)| *id).collect();
+        for id in gone {
+            self.free(id);
+        }
+    }
+
+    pub fn load(&self, w: &WorkerRank) -> RankLoad {
+        self.ranks.get(w).map_or_else(RankLoad::default, |r| RankLoad {
+            active_decode_blocks: r.blocks.len() as f64 + r.output_blocks,
+            active_prefill_tokens: r.prefill_tokens,
+            active_requests: r.requests,
+        })
+    }
+
+    /// How many of `blocks` the rank does not hold yet (what booking the request would add).
+    pub fn new_blocks(&self, w: &WorkerRank, blocks: &[u64]) -> u64 {
+        match self.ranks.get(w) {
+            None => blocks.len() as u64,
+            Some(r) => blocks.iter().filter(|h| !r.blocks.contains_key(h)).count() as u64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    pub fn worker_of(&self, id: u64) -> Option<WorkerRank> {
+        self.requests.get(&id).map(|a| a.worker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workers::{DpRank, WorkerId};
+    use proptest::prelude::*;
+
+    fn wr(i: u64) -> WorkerRank {
+        WorkerRank { id: WorkerId(i), dp_rank: DpRank(0) }
+    }
+
+    #[test]
+    fn shared_prefix_blocks_count_once_and_prefill_clears_at_first_token() {
+        let mut a = ActiveSequences::new(Duration::from_secs(300));
+        let t = Instant::now();
+        assert!(a.add(1, Booking { worker: wr(1), blocks: &[10, 11, 12], prefill_tokens: 48, isl: 48 }, t));
+        assert!(a.add(2, Booking { worker: wr(1), blocks: &[10, 11, 13], prefill_tokens: 16, isl: 48 }, t));
+        assert!(!a.add(2, Booking { worker: wr(1), blocks: &[99], prefill_tokens: 1, isl: 1 }, t));
+        assert_eq!(a.load(&wr(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2 });
+        assert_eq!(a.new_blocks(&wr(1), &[10, 11, 14]), 1);
+        assert_eq!(a.new_blocks(&wr(2), &[10, 11, 14]), 3);
+        a.mark_prefill_completed(1);
+        assert_eq!(a.load(&wr(1)).active_prefill_tokens, 16);
+        a.free(1);
+        assert_eq!(a.load(&wr(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1 });
+    }
+
+    #[test]
+    fn output_blocks_grow_at_boundaries_and_decay_towards_osl() {
+        let mut a = ActiveSequences::new(Duration::from_secs(300));
+        a.add(1, Booking { worker: wr(1), blocks: &[1], prefill_tokens: 0, isl: 16 }, Instant::now());
+        a.record_output(1, 1, 16, None); // 17 tokens: a second block begins
+        assert_eq!(a.load(&wr(1)).active_decode_blocks, 2.0);
+        a.record_output(1, 16, 16, None); // still 2 blocks
+        assert_eq!(a.load(&wr(1)).active_decode_blocks, 2.0);
+        a.record_output(1, 24, 16, Some(32)); // third block at 3/4 of the expected output → 0.25
+        assert_eq!(a.load(&wr(1)).active_decode_blocks, 2.25);
+        a.free(1);
+        assert_eq!(a.load(&wr(1)), RankLoad::default());
+    }
+
+    #[test]
+    fn expiry_drops_only_stale_requests() {
+        let mut a = ActiveSequences::new(Duration::from_secs(300));
+        let t0 = Instant::now();
+        a.add(1, Booking { worker: wr(1), blocks: &[1], prefill_tokens: 5, isl: 5 }, t0);
+        a.add(2, Booking { worker: wr(1), blocks: &[2], prefill_tokens: 5, isl: 5 }, t0 + Duration::from_secs(200));
+        assert_eq!(a.expire(t0 + Duration::from_secs(301)), 1);
+        assert_eq!(a.worker_of(1), None);
+        assert_eq!(a.worker_of(2), Some(wr(1)));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Add { id: u64, worker: u64, blocks: Vec<u64>, prefill: u64 },
+        FirstToken(u64),
+        Output(u64, u64),
+        Free(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..8u64, 0..3u64, proptest::collection::vec(0..6u64, 0..5), 0..100u64)
+                .prop_map(|(id, worker, blocks, prefill)| Op::Add { id, worker, blocks, prefill }),
+            (0..8u64).prop_map(Op::FirstToken),
+            (0..8u64, 0..80u64).prop_map(|(id, g)| Op::Output(id, g)),
+            (0..8u64).prop_map(Op::Free),
+        ]
+    }
+
+    proptest! {
+        // Whatever the interleaving, once every request has ended nothing is left.
+        #[test]
+        fn counters_return_to_zero(ops in proptest::collection::vec(op(), 0..60)) {
+            let mut a = ActiveSequences::new(Duration::from_secs(300));
+            let t = Instant::now();
+            for o in &ops {
+                match o {
+                    Op::Add { id, worker, blocks, prefill } => {
+                        a.add(*id, Booking { worker: wr(*worker), blocks, prefill_tokens: *prefill, isl: 40 }, t);
+                    }
+                    Op::FirstToken(id) => a.mark_prefill_completed(*id),
+                    Op::Output(id, g) => a.record_output(*id, *g, 16, Some(64)),
+                    Op::Free(id) => a.free(*id),
+                }
+                for w in 0..3 {
+                    let l = a.load(&wr(w));
+                    prop_assert!(l.active_decode_blocks >= -1e-9);
+                }
+            }
+            for id in 0..8 {
+                a.free(id);
+            }
+            prop_assert!(a.is_empty());
+            prop_assert!(a.ranks.is_empty());
+            for w in 0..3 {
+                prop_assert_eq!(a.load(&wr(w)), RankLoad::default());
+            }
+        }
+    }
+}
