@@ -2,5 +2,6 @@
 //! the costs read. No I/O, no clocks: `now` and the RNG come from the caller.
 
 pub mod active;
+pub mod admission;
 pub mod cost;
 pub mod select;
