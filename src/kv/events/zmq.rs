@@ -508,6 +508,8 @@ mod tests {
         assert_eq!(reasons, vec!["block_size_mismatch", "unknown_medium", "bad_shape", "bad_shape", "bad_shape"]);
         assert!(c.rejected[0].to_string().contains("32"), "{}", c.rejected[0]);
         assert_eq!(c.events.len(), 1, "the sliding-window group is ignored, the MLA one kept");
+        let garbage = EngineStream::new(WorkerId(1)).convert(b"\x93\x01", 16); // truncated array
+        assert_eq!(garbage.rejected.iter().map(|e| e.reason()).collect::<Vec<_>>(), vec!["invalid_msgpack"]);
         assert_eq!(c.events[0].event.event_id, 1);
     }
 
