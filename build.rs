@@ -8,8 +8,11 @@ use std::{env, path::PathBuf, process::Command};
 fn envoy_types_proto_dir() -> PathBuf {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("Cargo.toml");
+    // Only the target's packages: other platforms' crates (e.g. macOS-only ones) are never
+    // downloaded by a build, and `--offline` would fail on them.
+    let target = env::var("TARGET").unwrap();
     let out = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
+        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &target, "--manifest-path"])
         .arg(&manifest)
         .output()
         .expect("run cargo metadata");

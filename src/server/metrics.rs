@@ -12,6 +12,11 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Requests by how they ended at the picker: routed, passthrough, or an error code.
@@ -24,6 +29,14 @@ pub struct Metrics {
     pub active_requests: Gauge,
     /// Workers in the current fleet.
     pub workers: Gauge,
+    /// KV events applied to the index.
+    pub kv_events_applied: Counter,
+    /// KV events (or whole messages) not applied, by reason; never retried.
+    pub kv_events_rejected: Family<ReasonLabel, Counter>,
+    /// KV events or messages known lost (gaps in event ids or transport sequences).
+    pub kv_events_lost: Counter,
+    /// Blocks in the KV index.
+    pub kv_blocks: Gauge,
 }
 
 impl Metrics {
@@ -35,12 +48,35 @@ impl Metrics {
         let inflight_streams = Gauge::default();
         let active_requests = Gauge::default();
         let workers = Gauge::default();
+        let kv_events_applied = Counter::default();
+        let kv_events_rejected = Family::<ReasonLabel, Counter>::default();
+        let kv_events_lost = Counter::default();
+        let kv_blocks = Gauge::default();
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("inflight_streams", "Open ext_proc streams", inflight_streams.clone());
         registry.register("active_requests", "Requests booked on a worker and not yet finished", active_requests.clone());
         registry.register("workers", "Workers known in the fleet", workers.clone());
-        Metrics { registry, requests, decision_seconds, inflight_streams, active_requests, workers }
+        registry.register("kv_events_applied", "KV events applied to the index", kv_events_applied.clone());
+        registry.register("kv_events_rejected", "KV events or messages not applied, by reason", kv_events_rejected.clone());
+        registry.register("kv_events_lost", "KV events or messages lost in transit (id or sequence gaps)", kv_events_lost.clone());
+        registry.register("kv_blocks", "Blocks in the KV index", kv_blocks.clone());
+        Metrics {
+            registry,
+            requests,
+            decision_seconds,
+            inflight_streams,
+            active_requests,
+            workers,
+            kv_events_applied,
+            kv_events_rejected,
+            kv_events_lost,
+            kv_blocks,
+        }
+    }
+
+    pub fn kv_rejected(&self, reason: &'static str) {
+        self.kv_events_rejected.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     pub fn outcome(&self, outcome: &'static str) {

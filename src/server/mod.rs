@@ -5,6 +5,7 @@ pub mod envoy;
 pub mod error;
 pub mod ext_proc;
 pub mod health;
+mod kv;
 pub mod metrics;
 pub mod tls;
 
@@ -36,8 +37,8 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(max_body_bytes: u64) -> Self {
-        App { router: Mutex::new(Router::new()), metrics: Metrics::new(), max_body_bytes }
+    pub fn new(router: Router, max_body_bytes: u64) -> Self {
+        App { router: Mutex::new(router), metrics: Metrics::new(), max_body_bytes }
     }
 
     pub fn set_fleet(&self, fleet: Fleet) {
@@ -98,7 +99,7 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> 
 
 /// Runs the EPP until SIGTERM (or Ctrl-C) has been handled and every stream has drained.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
-    let app = Arc::new(App::new(cfg.max_body_bytes));
+    let app = Arc::new(App::new(Router::with_kv(cfg.kv_settings()), cfg.max_body_bytes));
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, false).await;
 
@@ -125,6 +126,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
         None => tracing::warn!("no fleet source (DYN_EPP_WORKERS_FILE unset): health stays NOT_SERVING"),
     }
+    kv::start(&cfg, app.clone());
 
     let grpc = bind(&cfg, cfg.grpc_port).await?;
     let health_listener = bind(&cfg, cfg.health_port).await?;

@@ -9,7 +9,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{hash_pod_name, Fleet, Role, Worker, WorkerId};
+use super::{hash_pod_name, Fleet, KvEventSource, Role, Worker, WorkerId};
 
 /// Why a workers file could not become a fleet.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +42,8 @@ struct FileWorker {
     dp_start_rank: u32,
     total_kv_blocks: Option<u64>,
     max_num_batched_tokens: Option<u64>,
+    kv_events: Option<String>,
+    kv_events_replay: Option<String>,
 }
 
 fn one() -> u32 {
@@ -66,6 +68,20 @@ pub fn parse(text: &str) -> Result<Fleet, String> {
         if w.dp_start_rank.checked_add(w.dp_size).is_none() {
             return Err(format!("workers[{i}]: dp_start_rank + dp_size overflows u32"));
         }
+        let kv_events = match (w.kv_events, w.kv_events_replay) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(format!("workers[{i}].kv_events_replay needs kv_events")),
+            (Some(endpoint), replay) => {
+                for (field, ep) in [("kv_events", Some(&endpoint)), ("kv_events_replay", replay.as_ref())] {
+                    if let Some(ep) = ep {
+                        if !is_tcp_endpoint(ep) {
+                            return Err(format!("workers[{i}].{field} {ep:?} is not tcp://host:port"));
+                        }
+                    }
+                }
+                Some(KvEventSource { endpoint, replay })
+            }
+        };
         let id = w.id.unwrap_or_else(|| hash_pod_name(&w.name));
         if !seen.insert(id) {
             return Err(format!("workers[{i}] ({}) repeats instance id {id}", w.name));
@@ -79,9 +95,17 @@ pub fn parse(text: &str) -> Result<Fleet, String> {
             dp_size: w.dp_size,
             total_kv_blocks: w.total_kv_blocks,
             max_num_batched_tokens: w.max_num_batched_tokens,
+            kv_events,
         });
     }
     Ok(Fleet { block_size: doc.block_size, workers })
+}
+
+/// `tcp://host:port` with a numeric port (the only transport the ZMQ subscriber speaks).
+fn is_tcp_endpoint(ep: &str) -> bool {
+    ep.strip_prefix("tcp://")
+        .and_then(|hp| hp.rsplit_once(':'))
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 /// Reads and parses the file once.
@@ -143,6 +167,8 @@ workers:
     dp_start_rank: 4
     total_kv_blocks: 4096
     max_num_batched_tokens: 8192
+    kv_events: tcp://10.0.0.1:5557
+    kv_events_replay: tcp://10.0.0.1:5558
   - name: other
     address: 10.0.0.2:8000
     role: prefill
@@ -155,6 +181,11 @@ workers:
         assert_eq!(w.id, WorkerId(2152695600563388));
         assert_eq!(w.ranks().map(|r| r.dp_rank).collect::<Vec<_>>(), vec![DpRank(4), DpRank(5)]);
         assert_eq!(w.total_kv_blocks, Some(4096));
+        assert_eq!(
+            w.kv_events,
+            Some(KvEventSource { endpoint: "tcp://10.0.0.1:5557".into(), replay: Some("tcp://10.0.0.1:5558".into()) })
+        );
+        assert_eq!(f.workers[1].kv_events, None);
         assert_eq!(f.workers[1].id, WorkerId(1001));
         assert_eq!(f.workers[1].role, Role::Prefill);
         assert_eq!(f.workers[1].dp_size, 1);
@@ -169,6 +200,9 @@ workers:
             ("workers:\n  - {name: a, address: '1.2.3.4:1', role: boss}\n", "boss"),
             ("workers:\n  - {name: a, address: '1.2.3.4:1', colour: red}\n", "colour"),
             ("block_size: 0\n", "block_size"),
+            ("workers:\n  - {name: a, address: '1.2.3.4:1', kv_events: 'ipc:///x'}\n", "kv_events"),
+            ("workers:\n  - {name: a, address: '1.2.3.4:1', kv_events: 'tcp://h:1', kv_events_replay: 'tcp://h'}\n", "kv_events_replay"),
+            ("workers:\n  - {name: a, address: '1.2.3.4:1', kv_events_replay: 'tcp://h:2'}\n", "needs kv_events"),
         ] {
             let err = parse(text).unwrap_err();
             assert!(err.contains(needle), "{text:?}: {err}");

@@ -7,12 +7,12 @@ pub mod file;
 
 use std::{fmt, net::SocketAddr};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use siphasher::sip::SipHasher13;
 use std::hash::Hasher;
 
 /// A Dynamo worker instance id (decimal u64 in `x-dynamo-worker-instance-id`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct WorkerId(pub u64);
 
@@ -57,6 +57,17 @@ pub struct Worker {
     pub dp_size: u32,
     pub total_kv_blocks: Option<u64>,
     pub max_num_batched_tokens: Option<u64>,
+    /// The engine's own ZMQ KV-event socket, for `DYN_EVENT_PLANE=zmq`.
+    pub kv_events: Option<KvEventSource>,
+}
+
+/// Where an engine publishes its KV events (vLLM `--kv-events-config`): a PUB endpoint
+/// (`tcp://host:port`; DP rank r publishes on port + r − dp_start_rank) and optionally the
+/// ROUTER endpoint that replays missed batches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvEventSource {
+    pub endpoint: String,
+    pub replay: Option<String>,
 }
 
 impl Worker {

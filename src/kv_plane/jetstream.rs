@@ -1,0 +1,98 @@
+//! The legacy JetStream plane: a durable pull consumer on the KV-event stream, so a restarted
+//! EPP resumes where it stopped and misses nothing published meanwhile.
+
+use std::{sync::Arc, time::Duration};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, AckPolicy, DeliverPolicy},
+    stream,
+};
+use futures_util::StreamExt;
+
+use super::{EventSink, PlaneSettings, RETRY};
+use crate::kv::events::jetstream::{decode, stream_name, stream_subjects};
+
+/// How long the server keeps an idle durable consumer (Dynamo's value).
+const INACTIVE_THRESHOLD: Duration = Duration::from_secs(300);
+/// Events older than this leave the stream (Dynamo's `DYN_NATS_STREAM_MAX_AGE` default).
+const STREAM_MAX_AGE: Duration = Duration::from_secs(3600);
+/// A message delivered but not acknowledged (say, we crashed) is redelivered after this.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// Consumes forever, reconnecting as needed.
+pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
+    let mut reset = s.reset_states;
+    loop {
+        match session(&s, &*sink, &mut reset).await {
+            Ok(()) => tracing::warn!("JetStream KV event stream ended; resubscribing"),
+            Err(e) => tracing::warn!(error = %e, url = %s.nats_url, "JetStream KV events unavailable; retrying"),
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn session(s: &PlaneSettings, sink: &dyn EventSink, reset: &mut bool) -> Result<(), BoxError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
+        .connect(&s.nats_url)
+        .await?;
+    let js = jetstream::new(client);
+    let name = stream_name(&s.namespace, &s.component);
+    // Create-or-get, so the EPP and the workers may start in any order.
+    let stream = js
+        .get_or_create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![stream_subjects(&name)],
+            max_age: STREAM_MAX_AGE,
+            ..Default::default()
+        })
+        .await?;
+    let deliver_policy = if *reset {
+        // Start from the end: forget this replica's position (others keep theirs).
+        match stream.delete_consumer(&s.consumer).await {
+            Ok(_) => tracing::info!(consumer = %s.consumer, "DYN_ROUTER_RESET_STATES: durable consumer reset"),
+            Err(e) => tracing::debug!(error = %e, "no durable consumer to reset"),
+        }
+        DeliverPolicy::New
+    } else {
+        DeliverPolicy::All
+    };
+    let consumer: jetstream::consumer::PullConsumer = stream
+        .get_or_create_consumer(
+            &s.consumer,
+            pull::Config {
+                durable_name: Some(s.consumer.clone()),
+                deliver_policy,
+                ack_policy: AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                inactive_threshold: INACTIVE_THRESHOLD,
+                ..Default::default()
+            },
+        )
+        .await?;
+    *reset = false;
+    tracing::info!(stream = %name, consumer = %s.consumer, "consuming JetStream KV events");
+    let mut messages = consumer.messages().await?;
+    while let Some(m) = messages.next().await {
+        let m = match m {
+            Ok(m) => m,
+            // A missed heartbeat (e.g. the server restarting) ends this session; the durable
+            // consumer keeps the position for the next one.
+            Err(e) => return Err(e.into()),
+        };
+        match decode(&m.payload) {
+            Ok(ev) => sink.apply(std::slice::from_ref(&ev)),
+            Err(e) => {
+                tracing::debug!(error = %e, subject = %m.subject, "KV event rejected");
+                sink.rejected(e.reason());
+            }
+        }
+        // Bad messages are acknowledged too: redelivering them could never help.
+        m.ack().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! Dynamo's event plane on NATS core: a plain subscription (no persistence; the transport
+//! sequence of each publisher reveals what was lost while disconnected).
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+
+use super::{EventSink, PlaneSettings, RETRY};
+use crate::kv::events::nats::{decode, subject};
+
+pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
+    loop {
+        if let Err(e) = session(&s, &*sink).await {
+            tracing::warn!(error = %e, url = %s.nats_url, "NATS KV events unavailable; retrying");
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+async fn session(s: &PlaneSettings, sink: &dyn EventSink) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(5))
+        .retry_on_initial_connect()
+        .connect(&s.nats_url)
+        .await?;
+    // The client resubscribes by itself after a reconnect.
+    let subj = subject(&s.namespace, &s.component, "generate");
+    let mut sub = client.subscribe(subj.clone()).await?;
+    tracing::info!(subject = %subj, "consuming NATS KV events");
+    let mut last_seq: HashMap<u64, u64> = HashMap::new();
+    while let Some(m) = sub.next().await {
+        match decode(&m.payload) {
+            Ok(env) => {
+                if let Some(prev) = last_seq.insert(env.publisher_id, env.sequence) {
+                    if env.sequence > prev + 1 {
+                        let n = env.sequence - prev - 1;
+                        tracing::warn!(publisher = env.publisher_id, lost = n, "NATS KV event messages lost");
+                        sink.lost(n);
+                    }
+                }
+                sink.apply(&env.events);
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "KV event message rejected");
+                sink.rejected(e.reason());
+            }
+        }
+    }
+    Ok(())
+}
