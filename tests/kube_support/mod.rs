@@ -5,6 +5,8 @@
 //! server's wire format).
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod container;
+
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
