@@ -6,7 +6,7 @@
 
 mod kube_support;
 
-use std::{path::PathBuf, process::Command, time::Duration};
+use std::{path::PathBuf, process::Command};
 
 use dynamo_epp::workers::kube::{worker_from_pod, InferencePool};
 use k8s_openapi::api::{
@@ -252,16 +252,8 @@ fn the_approximate_overlay_changes_exactly_the_two_variables() {
 async fn the_epp_container_starts_the_binary_and_passes_its_probes() {
     let deploy: Deployment = one(&docs(&render("approximate")), "Deployment");
     let c = epp_container(&deploy);
-    let dir = tempfile::tempdir().unwrap();
-    let workers = container::one_worker_file(dir.path());
-    let fields = container::downward("vllm-agg-epp-5f6d7-xyz12", "dynamo", "9a8b7c6d-0000-4000-8000-000000000002");
     // File discovery here (no cluster); every other variable exactly as the Deployment sets it.
-    let extra = [("DYN_DISCOVERY", "file".to_string()), ("DYN_EPP_WORKERS_FILE", workers.display().to_string())];
-    let mut epp = container::run(&c, &fields, &extra);
-    for probe in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
-        container::probe_until_serving(&mut epp, probe.as_ref().unwrap(), Duration::from_secs(20)).await;
-    }
-    let url = format!("http://{}/metrics", epp.addr(container::port(&c, "metrics")));
-    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let epp = container::start_with_one_worker(&c, "vllm-agg-epp-5f6d7-xyz12").await;
+    let metrics = epp.metrics(&c).await;
     assert!(metrics.lines().any(|l| l == "dynamo_epp_workers 1"), "{metrics}");
 }

@@ -66,17 +66,9 @@ fn operator_epp_container(dgd: &str, namespace: &str, dynamo_ns: &str) -> Contai
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_rendered_container_starts_and_serves_in_file_discovery_mode() {
     let c = operator_epp_container("vllm-agg", "dynamo", "vllm-agg");
-    let dir = tempfile::tempdir().unwrap();
-    let workers = container::one_worker_file(dir.path());
-    let fields = container::downward("vllm-agg-epp-7d8c9-abcde", "dynamo", "3f1c2b4a-0000-4000-8000-000000000001");
-    // File discovery instead of the cluster; everything else exactly as rendered.
-    let extra = [("DYN_DISCOVERY", "file".to_string()), ("DYN_EPP_WORKERS_FILE", workers.display().to_string())];
-    let mut epp = container::run(&c, &fields, &extra);
-
-    // What the kubelet asks: startup, then readiness and liveness.
-    for probe in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
-        container::probe_until_serving(&mut epp, probe.as_ref().unwrap(), Duration::from_secs(20)).await;
-    }
+    // File discovery instead of the cluster; everything else exactly as rendered. Waits for
+    // what the kubelet asks: startup, then readiness and liveness.
+    let epp = container::start_with_one_worker(&c, "vllm-agg-epp-7d8c9-abcde").await;
     // ext_proc answers over TLS (the default) on the `grpc` port: grpcurl lists it by reflection.
     let grpcurl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/grpcurl");
     let out = tokio::process::Command::new(&grpcurl)
@@ -87,8 +79,7 @@ async fn the_operator_rendered_container_starts_and_serves_in_file_discovery_mod
     let listed = String::from_utf8_lossy(&out.stdout);
     assert!(listed.contains("envoy.service.ext_proc.v3.ExternalProcessor"), "{listed} {}", String::from_utf8_lossy(&out.stderr));
     // Metrics on the `metrics` port, with the one worker from the file.
-    let url = format!("http://{}/metrics", epp.addr(container::port(&c, "metrics")));
-    let metrics = reqwest::get(url).await.unwrap().text().await.unwrap();
+    let metrics = epp.metrics(&c).await;
     assert!(metrics.lines().any(|l| l == "dynamo_epp_workers 1"), "{metrics}");
 
     // Arguments and variables with no meaning here are named in the log as ignored.

@@ -26,7 +26,8 @@ pub struct Running {
     pub child: Child,
     pub ip: IpAddr,
     log: PathBuf,
-    _dir: tempfile::TempDir,
+    /// Holds the log and any workers file.
+    dir: tempfile::TempDir,
 }
 
 impl Running {
@@ -37,12 +38,36 @@ impl Running {
     pub fn addr(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.ip, port)
     }
+
+    /// `/metrics` from the container's `metrics` port.
+    pub async fn metrics(&self, c: &Container) -> String {
+        let url = format!("http://{}/metrics", self.addr(port(c, "metrics")));
+        reqwest::get(url).await.unwrap().text().await.unwrap()
+    }
+}
+
+/// Starts the container in file-discovery mode with one worker (everything else exactly as the
+/// spec sets it) and waits until its startup, readiness and liveness probes all pass.
+pub async fn start_with_one_worker(c: &Container, pod: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let workers = dir.path().join("workers.yaml");
+    std::fs::write(&workers, "workers:\n  - name: vllm-agg-vllmworker-0\n    address: 127.0.0.1:18000\n").unwrap();
+    let fields = downward(pod, "dynamo", "3f1c2b4a-0000-4000-8000-000000000001");
+    let extra = [("DYN_DISCOVERY", "file".to_string()), ("DYN_EPP_WORKERS_FILE", workers.display().to_string())];
+    let mut r = run_in(dir, c, &fields, &extra);
+    for probe in [&c.startup_probe, &c.readiness_probe, &c.liveness_probe] {
+        probe_until_serving(&mut r, probe.as_ref().expect("startup, readiness and liveness probes"), Duration::from_secs(20)).await;
+    }
+    r
 }
 
 /// Starts `/dynamo-epp` (the image's entrypoint) with the container's args and env.
 pub fn run(c: &Container, fields: &BTreeMap<String, String>, extra_env: &[(&str, String)]) -> Running {
+    run_in(tempfile::tempdir().unwrap(), c, fields, extra_env)
+}
+
+fn run_in(dir: tempfile::TempDir, c: &Container, fields: &BTreeMap<String, String>, extra_env: &[(&str, String)]) -> Running {
     assert!(c.command.is_none(), "the image's ENTRYPOINT is the binary; a command would replace it");
-    let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("stderr.log");
     let ip = IpAddr::V4(Ipv4Addr::new(127, rand::random_range(1..255), rand::random_range(1..255), rand::random_range(2..255)));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamo-epp"));
@@ -70,7 +95,7 @@ pub fn run(c: &Container, fields: &BTreeMap<String, String>, extra_env: &[(&str,
         .kill_on_drop(true)
         .spawn()
         .expect("spawn dynamo-epp");
-    Running { child, ip, log, _dir: dir }
+    Running { child, ip, log, dir }
 }
 
 /// The container port with this name.
@@ -102,11 +127,4 @@ pub async fn probe_until_serving(r: &mut Running, probe: &Probe, within: Duratio
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("{service:?} on {addr} never SERVING (last: {last}); log: {}", r.log());
-}
-
-/// A workers file with one worker, for file-discovery mode.
-pub fn one_worker_file(dir: &std::path::Path) -> PathBuf {
-    let path = dir.join("workers.yaml");
-    std::fs::write(&path, "workers:\n  - name: vllm-agg-vllmworker-0\n    address: 127.0.0.1:18000\n").unwrap();
-    path
 }
