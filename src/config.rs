@@ -75,9 +75,11 @@ pub struct Config {
     #[arg(long = "nats-server", env = "NATS_SERVER", default_value = "nats://localhost:4222")]
     pub nats_server: String,
 
-    /// Dynamo namespace the workers publish in.
-    #[arg(long = "namespace", env = "DYN_NAMESPACE", default_value = "dynamo")]
-    pub namespace: String,
+    /// Dynamo namespace: the workers publish KV events in it (default `dynamo`), and it is the
+    /// worker pods' namespace label when DYN_NAMESPACE_PREFIX is unset (default `vllm-agg`, as
+    /// Dynamo's EPP).
+    #[arg(long = "namespace", env = "DYN_NAMESPACE")]
+    pub namespace: Option<String>,
 
     /// Dynamo component of the workers.
     #[arg(long = "component-name", env = "DYN_COMPONENT_NAME", default_value = "backend")]
@@ -106,6 +108,52 @@ pub struct Config {
     /// Bound on remembered (worker rank, block) pairs of the approximate / predicted state.
     #[arg(long = "max-predicted-blocks", env = "DYN_EPP_MAX_PREDICTED_BLOCKS", default_value_t = 4_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_predicted_blocks: u64,
+
+    // ---- Fleet discovery and drop-in for the Dynamo operator (contracts §1.4, §4). ----------
+    // Kept together at the end: where the fleet comes from, then what the operator renders for
+    // its EPP container that we accept but do not need.
+    /// Where the fleet comes from: `kubernetes` (worker pods), `file` (DYN_EPP_WORKERS_FILE), or
+    /// `auto` (the workers file when one is set, else Kubernetes when running in a cluster).
+    #[arg(long = "discovery", env = "DYN_DISCOVERY", value_enum, default_value = "auto")]
+    pub discovery: Discovery,
+
+    /// InferencePool whose selector and targetPorts choose the worker pods; unset = Dynamo's
+    /// worker labels. The operator passes it as --pool-name.
+    #[arg(long = "pool-name", env = "DYN_EPP_INFERENCE_POOL_NAME")]
+    pub pool_name: Option<String>,
+
+    /// Namespace of the InferencePool and its pods (default: POD_NAMESPACE).
+    #[arg(long = "pool-namespace", env = "DYN_EPP_INFERENCE_POOL_NAMESPACE")]
+    pub pool_namespace: Option<String>,
+
+    /// API group of the InferencePool; only the v1 group is served.
+    #[arg(long = "pool-group", default_value = POOL_GROUP, value_parser = [POOL_GROUP])]
+    pub pool_group: String,
+
+    /// Dynamo namespace whose worker pods form the fleet (label nvidia.com/dynamo-namespace).
+    #[arg(long = "namespace-prefix", env = "DYN_NAMESPACE_PREFIX")]
+    pub namespace_prefix: Option<String>,
+
+    /// Kubernetes namespace of this pod (downward API); the worker pods are looked for there.
+    #[arg(long = "pod-namespace", env = "POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+
+    /// Set by Kubernetes in every pod; `auto` discovery takes it to mean "in a cluster".
+    #[arg(long = "kubernetes-service-host", env = "KUBERNETES_SERVICE_HOST", hide = true)]
+    pub kubernetes_service_host: Option<String>,
+
+    #[command(flatten)]
+    pub operator: OperatorCompat,
+}
+
+/// The pool API group we watch (`inference.networking.k8s.io/v1`).
+pub const POOL_GROUP: &str = "inference.networking.k8s.io";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Discovery {
+    Auto,
+    Kubernetes,
+    File,
 }
 
 /// `DYN_EVENT_PLANE`.
@@ -123,6 +171,65 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
         _ => Err("a positive number of seconds".into()),
+    }
+}
+
+/// Arguments and environment the Dynamo operator renders for its EPP container (Go EPP flags,
+/// Dynamo runtime settings). Accepted so the operator's spec starts us unchanged; none changes
+/// what we do, and the ones set are logged as ignored at start-up.
+#[derive(Clone, Debug, Default, clap::Args)]
+#[command(next_help_heading = "Accepted for the Dynamo operator, ignored")]
+pub struct OperatorCompat {
+    /// Go EPP log verbosity (use RUST_LOG).
+    #[arg(short = 'v', value_name = "LEVEL")]
+    pub verbosity: Option<String>,
+    /// Go EPP log encoder (use DYN_EPP_LOG_FORMAT).
+    #[arg(long = "zap-encoder", value_name = "ENCODER")]
+    pub zap_encoder: Option<String>,
+    /// GAIE EndpointPickerConfig file (scheduling is configured by environment).
+    #[arg(long = "config-file", value_name = "PATH")]
+    pub config_file: Option<PathBuf>,
+    /// Go EPP streaming switch (always streaming).
+    #[arg(long = "use-streaming", env = "USE_STREAMING", hide = true)]
+    pub use_streaming: Option<String>,
+    /// Dynamo runtime discovery backend (we read pods directly; see DYN_DISCOVERY).
+    #[arg(long = "discovery-backend", env = "DYN_DISCOVERY_BACKEND", hide = true)]
+    pub discovery_backend: Option<String>,
+    /// Dynamo runtime discovery mode; worker ids for container `main` equal the pod's.
+    #[arg(long = "kube-discovery-mode", env = "DYN_KUBE_DISCOVERY_MODE", hide = true)]
+    pub kube_discovery_mode: Option<String>,
+    #[arg(long = "container-name", env = "CONTAINER_NAME", hide = true)]
+    pub container_name: Option<String>,
+    #[arg(long = "component", env = "DYN_COMPONENT", hide = true)]
+    pub dyn_component: Option<String>,
+    #[arg(long = "parent-dgd-name", env = "DYN_PARENT_DGD_K8S_NAME", hide = true)]
+    pub parent_dgd_name: Option<String>,
+    #[arg(long = "parent-dgd-namespace", env = "DYN_PARENT_DGD_K8S_NAMESPACE", hide = true)]
+    pub parent_dgd_namespace: Option<String>,
+    #[arg(long = "pod-uid", env = "POD_UID", hide = true)]
+    pub pod_uid: Option<String>,
+}
+
+impl OperatorCompat {
+    /// The settings that were given, by the name the operator uses, for the start-up log.
+    pub fn given(&self) -> Vec<(&'static str, String)> {
+        let path = self.config_file.as_ref().map(|p| p.display().to_string());
+        [
+            ("-v", &self.verbosity),
+            ("--zap-encoder", &self.zap_encoder),
+            ("--config-file", &path),
+            ("USE_STREAMING", &self.use_streaming),
+            ("DYN_DISCOVERY_BACKEND", &self.discovery_backend),
+            ("DYN_KUBE_DISCOVERY_MODE", &self.kube_discovery_mode),
+            ("CONTAINER_NAME", &self.container_name),
+            ("DYN_COMPONENT", &self.dyn_component),
+            ("DYN_PARENT_DGD_K8S_NAME", &self.parent_dgd_name),
+            ("DYN_PARENT_DGD_K8S_NAMESPACE", &self.parent_dgd_namespace),
+            ("POD_UID", &self.pod_uid),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
     }
 }
 
@@ -147,6 +254,27 @@ impl Config {
     pub fn kv_consumer(&self) -> String {
         let raw = self.kv_consumer_name.as_deref().or(self.pod_name.as_deref()).unwrap_or("dynamo-epp");
         raw.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    }
+
+    /// The namespace whose KV events we subscribe to: DYN_NAMESPACE, else `dynamo`.
+    pub fn event_namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("dynamo")
+    }
+
+    /// The Dynamo namespace label worker pods carry: DYN_NAMESPACE_PREFIX, else DYN_NAMESPACE,
+    /// else `vllm-agg`.
+    pub fn worker_namespace(&self) -> &str {
+        self.namespace_prefix.as_deref().or(self.namespace.as_deref()).unwrap_or("vllm-agg")
+    }
+
+    /// Whether the fleet comes from Kubernetes; `auto`: an explicit workers file wins, else
+    /// Kubernetes inside a cluster.
+    pub fn uses_kubernetes(&self) -> bool {
+        match self.discovery {
+            Discovery::Kubernetes => true,
+            Discovery::File => false,
+            Discovery::Auto => self.workers_file.is_none() && self.kubernetes_service_host.is_some(),
+        }
     }
 
     /// Parses flags and environment; on error returns the one-line message and exit code.
@@ -218,7 +346,7 @@ mod tests {
         assert_eq!(c.block_size, None);
         assert!(c.use_kv_events && !c.router_reset_states);
         assert_eq!(c.event_plane, EventPlane::Jetstream);
-        assert_eq!((c.namespace.as_str(), c.component.as_str()), ("dynamo", "backend"));
+        assert_eq!((c.event_namespace(), c.component.as_str()), ("dynamo", "backend"));
         assert_eq!(c.nats_server, "nats://localhost:4222");
         let kv = c.kv_settings();
         assert_eq!((kv.default_block_size, kv.approx_ttl, kv.predicted_ttl), (16, Duration::from_secs(120), None));
@@ -226,6 +354,40 @@ mod tests {
         let c = Config::from_args(["dynamo-epp", "--pod-name", "epp-7f.x", "--router-predicted-ttl-secs", "2.5"]).unwrap();
         assert_eq!(c.kv_consumer(), "epp-7f_x");
         assert_eq!(c.kv_settings().predicted_ttl, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn operator_rendered_arguments_parse() {
+        // Contracts §1.4: the args the Dynamo operator renders for its EPP container.
+        let c = Config::from_args([
+            "dynamo-epp", "--pool-name", "qwen-pool", "--pool-namespace", "team-a", "--pool-group",
+            "inference.networking.k8s.io", "-v", "4", "--zap-encoder", "json", "--grpc-port", "9002",
+            "--grpc-health-port", "9003", "--config-file", "/etc/epp/epp-config-dynamo.yaml",
+        ])
+        .unwrap();
+        assert_eq!((c.pool_name.as_deref(), c.pool_namespace.as_deref()), (Some("qwen-pool"), Some("team-a")));
+        assert_eq!((c.grpc_port, c.health_port), (9002, 9003));
+        let given = c.operator.given();
+        // The process environment may add more (CONTAINER_NAME is common outside Kubernetes).
+        assert_eq!(given[..3], [("-v", "4".into()), ("--zap-encoder", "json".into()), ("--config-file", "/etc/epp/epp-config-dynamo.yaml".into())]);
+        let (msg, code) = Config::from_args(["dynamo-epp", "--pool-group", "inference.networking.x-k8s.io"]).unwrap_err();
+        assert_eq!(code, 2);
+        assert!(msg.contains("inference.networking.k8s.io"), "{msg}");
+    }
+
+    #[test]
+    fn discovery_auto_prefers_an_explicit_file_then_the_cluster() {
+        let auto = |args: &[&str]| Config::from_args(std::iter::once("dynamo-epp").chain(args.iter().copied())).unwrap();
+        assert!(!auto(&[]).uses_kubernetes());
+        assert!(auto(&["--kubernetes-service-host", "10.0.0.1"]).uses_kubernetes());
+        assert!(!auto(&["--kubernetes-service-host", "10.0.0.1", "--workers-file", "w.yaml"]).uses_kubernetes());
+        assert!(auto(&["--discovery", "kubernetes"]).uses_kubernetes());
+        assert!(!auto(&["--discovery", "file", "--kubernetes-service-host", "h"]).uses_kubernetes());
+        let c = auto(&[]);
+        assert_eq!(c.worker_namespace(), "vllm-agg");
+        assert_eq!(auto(&["--namespace", "ns", "--namespace-prefix", "base"]).worker_namespace(), "base");
+        assert_eq!(auto(&["--namespace", "ns"]).worker_namespace(), "ns");
+        assert_eq!(auto(&["--namespace", "ns"]).event_namespace(), "ns");
     }
 
     #[test]
@@ -239,6 +401,7 @@ mod tests {
             (vec!["--event-plane", "kafka"], vec!["DYN_EVENT_PLANE", "kafka", "jetstream"]),
             (vec!["--router-ttl-secs", "0"], vec!["DYN_ROUTER_TTL_SECS", "positive"]),
             (vec!["--use-kv-events", "perhaps"], vec!["DYN_USE_KV_EVENTS"]),
+            (vec!["--discovery", "etcd"], vec!["DYN_DISCOVERY", "etcd", "kubernetes"]),
         ] {
             let (msg, code) = Config::from_args(std::iter::once("dynamo-epp").chain(args.clone())).unwrap_err();
             assert_eq!(code, 2, "{args:?}");

@@ -69,6 +69,18 @@ impl Recorder {
         }
     }
 
+    /// Waits for `n` distinct event ids (redeliveries after a restart repeat some).
+    async fn wait_for_distinct(&self, n: usize, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        loop {
+            let have = self.ids().into_iter().collect::<std::collections::HashSet<_>>().len();
+            if have >= n || Instant::now() > deadline {
+                return have;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     fn rejected(&self, reason: &str) -> u64 {
         self.rejected.lock().get(reason).copied().unwrap_or(0)
     }
@@ -205,7 +217,7 @@ async fn jetstream_survives_a_nats_restart_without_losing_events() {
     // A fresh publisher connection after the restart (the old one reconnects on its own too).
     let js = publisher(&nats.url()).await;
     publish_all(&js, (101..=200).map(|i| stored_json(7, i))).await;
-    rec.wait_for(200, Duration::from_secs(60)).await;
+    rec.wait_for_distinct(200, Duration::from_secs(60)).await;
     let mut ids = rec.ids();
     ids.sort_unstable();
     ids.dedup();

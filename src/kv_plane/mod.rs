@@ -46,7 +46,7 @@ impl PlaneSettings {
     pub fn from_config(cfg: &Config) -> Self {
         PlaneSettings {
             nats_url: cfg.nats_server.clone(),
-            namespace: cfg.namespace.clone(),
+            namespace: cfg.event_namespace().to_string(),
             component: cfg.component.clone(),
             consumer: cfg.kv_consumer(),
             reset_states: cfg.router_reset_states,

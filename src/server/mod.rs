@@ -19,7 +19,12 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::{
     config::Config,
     router::Router,
-    workers::{self, file::FleetFileError, Fleet},
+    workers::{
+        self,
+        file::FleetFileError,
+        kube::{KubeError, KubeSource, Selection},
+        Fleet,
+    },
 };
 use metrics::Metrics;
 
@@ -55,6 +60,8 @@ impl App {
 pub enum StartError {
     #[error(transparent)]
     Fleet(#[from] FleetFileError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot make the self-signed certificate: {0}")]
@@ -71,7 +78,7 @@ impl StartError {
     /// Configuration problems exit 2 like invalid variables; runtime failures exit 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Fleet(_) => 2,
+            StartError::Fleet(_) | StartError::Kube(_) => 2,
             _ => 1,
         }
     }
@@ -103,30 +110,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, false).await;
 
-    match &cfg.workers_file {
-        Some(path) => {
-            // A file that exists must be valid now (fail fast on a typo); one that does not
-            // exist yet (a volume still being mounted) is waited for with health NOT_SERVING.
-            let first = if path.exists() {
-                let fleet = workers::file::load(path)?;
-                tracing::info!(
-                    workers = fleet.workers.len(),
-                    block_size = fleet.block_size.or(cfg.block_size),
-                    path = %path.display(),
-                    "fleet loaded"
-                );
-                app.set_fleet(fleet.clone());
-                Some(fleet)
-            } else {
-                tracing::warn!(path = %path.display(), "workers file does not exist yet: NOT_SERVING until it does");
-                None
-            };
-            let a = app.clone();
-            tokio::spawn(workers::file::watch(path.clone(), FLEET_POLL, first, move |f| a.set_fleet(f)));
-        }
-        None => tracing::warn!("no fleet source (DYN_EPP_WORKERS_FILE unset): health stays NOT_SERVING"),
+    for (setting, value) in cfg.operator.given() {
+        tracing::info!(setting, value = %value, "accepted for the Dynamo operator; ignored");
     }
     kv::start(&cfg, app.clone());
+    start_fleet_source(&cfg, &app).await?;
 
     let grpc = bind(&cfg, cfg.grpc_port).await?;
     let health_listener = bind(&cfg, cfg.health_port).await?;
@@ -226,6 +214,54 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         }
     }
     tracing::info!("all streams drained; exiting");
+    Ok(())
+}
+
+/// Starts the one fleet source the configuration picks. Each source hands whole fleets to
+/// `App::set_fleet` from its own task; until the first one, health stays NOT_SERVING.
+async fn start_fleet_source(cfg: &Config, app: &Arc<App>) -> Result<(), StartError> {
+    let apply = {
+        let app = app.clone();
+        move |fleet| app.set_fleet(fleet)
+    };
+    if cfg.uses_kubernetes() {
+        if let Some(path) = &cfg.workers_file {
+            tracing::warn!(path = %path.display(), "DYN_EPP_WORKERS_FILE ignored: discovery is kubernetes");
+        }
+        let selection = match &cfg.pool_name {
+            Some(pool) => Selection::Pool(pool.clone()),
+            None => Selection::DynamoNamespace(cfg.worker_namespace().to_string()),
+        };
+        let namespace = cfg.pool_namespace.clone().or_else(|| cfg.pod_namespace.clone());
+        let source = KubeSource::connect(namespace, selection.clone()).await?;
+        tracing::info!(namespace = source.namespace(), ?selection, "discovering worker pods: NOT_SERVING until the first complete list");
+        tokio::spawn(source.run(apply));
+        return Ok(());
+    }
+    if let Some(pool) = &cfg.pool_name {
+        tracing::info!(pool = %pool, "pool name ignored: discovery is file");
+    }
+    let Some(path) = &cfg.workers_file else {
+        tracing::warn!("no fleet source (DYN_EPP_WORKERS_FILE unset, not in a cluster): health stays NOT_SERVING");
+        return Ok(());
+    };
+    // A file that exists must be valid now (fail fast on a typo); one that does not
+    // exist yet (a volume still being mounted) is waited for with health NOT_SERVING.
+    let first = if path.exists() {
+        let fleet = workers::file::load(path)?;
+        tracing::info!(
+            workers = fleet.workers.len(),
+            block_size = fleet.block_size.or(cfg.block_size),
+            path = %path.display(),
+            "fleet loaded"
+        );
+        app.set_fleet(fleet.clone());
+        Some(fleet)
+    } else {
+        tracing::warn!(path = %path.display(), "workers file does not exist yet: NOT_SERVING until it does");
+        None
+    };
+    tokio::spawn(workers::file::watch(path.clone(), FLEET_POLL, first, apply));
     Ok(())
 }
 

@@ -1,9 +1,10 @@
 //! Who is in the fleet: worker identity, roles, DP ranks and endpoints.
 //!
-//! Sources (the workers file today, Kubernetes later) only produce a [`Fleet`]; the router
+//! Sources (the workers file, the Kubernetes API) only produce a whole [`Fleet`]; the router
 //! takes it whole through `Router::set_fleet`.
 
 pub mod file;
+pub mod kube;
 
 use std::{fmt, net::SocketAddr};
 
