@@ -1,4 +1,91 @@
-//! OpenAI request bodies: which API a path is, and whether a body has the shape that API needs.
-//! This module never sees workers.
+//! OpenAI request bodies → what routing needs: checked fields, the prompt's token ids
+//! (identical to the engine's, i.e. to Hugging Face `transformers`), and the body to forward
+//! with `nvext.token_data` spliced in. This module never sees workers.
+//!
+//! Map: `openai` checks and reads bodies · `json` keeps Python's view of JSON (key order,
+//! `json.dumps`) · `template` renders chat templates · `tokenize` encodes with the segment
+//! cache · `model` loads a model directory · `inject` splices `token_data` · `pool` runs the
+//! CPU work off the reactor.
 
+pub mod inject;
+pub mod json;
+pub mod model;
 pub mod openai;
+pub mod pool;
+pub mod template;
+pub mod tokenize;
+
+use std::sync::Arc;
+
+use model::Model;
+use openai::{AgentHints, Api, Input, Prompt, RequestError};
+
+/// What the server configures: which model is served and how its prompts are tokenized.
+pub struct Preprocessor {
+    /// `None`: no model files configured; bodies are checked but not tokenized or rewritten.
+    pub model: Option<Arc<Model>>,
+    /// `DYN_MODEL_NAME`: requests naming another model (and no adapter) get 404.
+    pub served_model: Option<String>,
+    /// LoRA adapters served beside the base model; a body naming one is routed with it.
+    pub lora_adapters: Vec<String>,
+    /// `DYN_EPP_INJECT_TOKENS`.
+    pub inject: bool,
+}
+
+/// A request ready to route.
+#[derive(Debug)]
+pub struct Prepared {
+    pub tokens: Vec<u32>,
+    pub cache_salt: Option<String>,
+    pub lora: Option<String>,
+    pub hints: AgentHints,
+    /// The body to forward: the original bytes, or them with `nvext.token_data` spliced in.
+    pub body: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error(transparent)]
+    BadRequest(#[from] RequestError),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    Tokenizer(String),
+}
+
+impl Preprocessor {
+    /// Checks, tokenizes and rewrites one body. CPU-bound: call it from the work pool.
+    /// `tenant` is the `x-tenant-id` header, which overrides the body's cache salt.
+    pub fn prepare(&self, api: Api, tenant: Option<String>, body: Vec<u8>) -> Result<Prepared, PrepareError> {
+        let req = openai::parse(api, &body)?;
+        let lora = self.lora_adapters.iter().find(|a| **a == req.model).cloned();
+        if let Some(served) = &self.served_model {
+            if lora.is_none() && req.model != *served {
+                return Err(PrepareError::ModelNotFound(req.model));
+            }
+        }
+        let cache_salt = tenant.or(req.cache_salt);
+        let Some(model) = &self.model else {
+            return Ok(Prepared { tokens: Vec::new(), cache_salt, lora, hints: req.hints, body });
+        };
+        let tok = &model.tokenizer;
+        let encode_err = |e: tokenize::EncodeError| PrepareError::Tokenizer(e.to_string());
+        let (tokens, single) = match &req.input {
+            Input::Chat(chat) => {
+                let template = model.template.as_ref().ok_or_else(|| {
+                    RequestError::Template("the served model has no chat template; use /v1/completions".into())
+                })?;
+                let text = template.render(chat).map_err(|e| RequestError::Template(e.0))?;
+                (tok.encode(&text, false).map_err(encode_err)?, true)
+            }
+            Input::Completion { first: Prompt::Text(t), single } => (tok.encode(t, true).map_err(encode_err)?, *single),
+            Input::Completion { first: Prompt::Tokens(ids), single } => (ids.clone(), *single),
+        };
+        let body = if self.inject && single {
+            inject::inject_token_data(&body, &tokens).map_err(|e| PrepareError::Tokenizer(e.to_string()))?
+        } else {
+            body
+        };
+        Ok(Prepared { tokens, cache_salt, lora, hints: req.hints, body })
+    }
+}

@@ -24,7 +24,7 @@ use tonic::{Status, Streaming};
 
 use super::{envoy, error::EppError, App};
 use crate::{
-    request::openai::{check_shape, Api},
+    request::{openai::Api, Prepared},
     router::{BookingId, Decision, EndpointMatch, RoutingRequest},
 };
 
@@ -234,12 +234,19 @@ impl StreamState {
         let started = Instant::now();
         let path = self.header(":path").unwrap_or("").to_string();
         let api = Api::from_path(&path);
+        let mut req = self.routing_request();
+        let mut body = std::mem::take(&mut self.body);
         if let Some(api) = api {
-            if let Err(e) = check_shape(api, &self.body) {
-                return self.reject(e.into()).await;
+            match self.prepare(api, body).await {
+                Ok(p) => {
+                    req.tokens = p.tokens;
+                    req.cache_salt = p.cache_salt;
+                    req.lora = p.lora;
+                    body = p.body;
+                }
+                Err(e) => return self.reject(e).await,
             }
         }
-        let req = self.routing_request();
         let decided = {
             let mut router = self.app.router.lock();
             let d = router.route(&req, started, &mut rand::rng());
@@ -258,13 +265,19 @@ impl StreamState {
         if !self.send(headers).await {
             return false;
         }
-        let body = std::mem::take(&mut self.body);
         for chunk in envoy::request_body_chunks(&body) {
             if !self.send(chunk).await {
                 return false;
             }
         }
         true
+    }
+
+    /// Checks, tokenizes and rewrites the body in the work pool (never on the reactor).
+    async fn prepare(&self, api: Api, body: Vec<u8>) -> Result<Prepared, EppError> {
+        let prep = self.app.prep.clone();
+        let tenant = self.header("x-tenant-id").map(str::to_string);
+        Ok(self.app.pool.run(move || prep.prepare(api, tenant, body)).await??)
     }
 
     async fn on_response_body(&mut self, b: HttpBody) -> bool {

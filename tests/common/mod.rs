@@ -495,3 +495,35 @@ pub fn chat_body(content: &str) -> String {
     serde_json::json!({"model": "qwen", "messages": [{"role": "user", "content": content}]}).to_string()
 }
 
+
+// ---------------------------------------------------------------- tokenizer fixtures
+
+/// Real Hugging Face tokenizer directories: `$TOKENIZER_FIXTURES`, else
+/// `../shared/fixtures/tokenizers` beside the repo (scripts/fetch_tokenizer_fixtures.sh).
+pub fn tokenizer_fixtures() -> PathBuf {
+    std::env::var_os("TOKENIZER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/fixtures/tokenizers"))
+}
+
+/// The parity corpus with transformers' ids (tests/golden, scripts/gen_tokenizer_golden.py).
+pub fn golden_corpus() -> &'static serde_json::Value {
+    static G: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    G.get_or_init(|| {
+        use std::io::Read;
+        let path = repo_root().join("tests/golden/tokenizer_parity.json.gz");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap()).read_to_string(&mut text).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// A corpus request's body text, exactly as sent (key order matters to templates).
+pub fn golden_body(case: &serde_json::Value) -> &str {
+    case["body"].as_str().unwrap()
+}
+
+/// One corpus request by name.
+pub fn golden_case(name: &str) -> &'static serde_json::Value {
+    golden_corpus()["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}"))
+}
