@@ -273,11 +273,11 @@ impl StreamState {
         true
     }
 
-    /// Checks, tokenizes and rewrites the body in the work pool (never on the reactor).
+    /// Checks, tokenizes and rewrites the body (large bodies in the work pool, off the reactor).
     async fn prepare(&self, api: Api, body: Vec<u8>) -> Result<Prepared, EppError> {
         let prep = self.app.prep.clone();
         let tenant = self.header("x-tenant-id").map(str::to_string);
-        Ok(self.app.pool.run(move || prep.prepare(api, tenant, body)).await??)
+        Ok(self.app.pool.run(body.len(), move || prep.prepare(api, tenant, body)).await??)
     }
 
     async fn on_response_body(&mut self, b: HttpBody) -> bool {

@@ -82,7 +82,11 @@ impl MockWorker {
         let state = Arc::new(WorkerState { name: name.into(), seen: Mutex::default(), release: Semaphore::new(0) });
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = axum::Router::new().fallback(handle).with_state(state.clone());
+        // Bodies with injected token_data grow past axum's 2 MB default limit.
+        let app = axum::Router::new()
+            .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+            .with_state(state.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         MockWorker { addr, state }
     }
