@@ -89,3 +89,31 @@ impl Preprocessor {
         Ok(Prepared { tokens, cache_salt, lora, hints: req.hints, body })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn untokenized(served: Option<&str>) -> Preprocessor {
+        Preprocessor { model: None, served_model: served.map(str::to_string), lora_adapters: vec!["ad-1".into()], inject: true }
+    }
+
+    #[test]
+    fn model_name_adapters_and_salt_precedence() {
+        let body = |model: &str| {
+            format!(r#"{{"model":"{model}","prompt":"x","cache_salt":"top","nvext":{{"cache_salt":"nv","agent_hints":{{"osl":9}}}}}}"#)
+                .into_bytes()
+        };
+        let p = untokenized(Some("base"));
+        let e = p.prepare(Api::Completions, None, body("other")).unwrap_err();
+        assert!(matches!(e, PrepareError::ModelNotFound(ref m) if m == "other"), "{e}");
+        let ok = p.prepare(Api::Completions, None, body("base")).unwrap();
+        assert_eq!((ok.cache_salt.as_deref(), ok.lora, ok.hints.osl), (Some("nv"), None, Some(9)));
+        assert_eq!(ok.body, body("base"), "without model files the body is forwarded unchanged");
+        assert!(ok.tokens.is_empty());
+        let lora = p.prepare(Api::Completions, Some("tenant".into()), body("ad-1")).unwrap();
+        assert_eq!((lora.cache_salt.as_deref(), lora.lora.as_deref()), (Some("tenant"), Some("ad-1")));
+        // Any model is accepted when no served name is configured.
+        assert!(untokenized(None).prepare(Api::Completions, None, body("whatever")).is_ok());
+    }
+}
