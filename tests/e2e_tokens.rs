@@ -181,14 +181,7 @@ async fn huge_bodies_do_not_stall_small_requests() {
 #[tokio::test]
 async fn a_missing_tokenizer_stops_start_up_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_dynamo-epp"))
-        .env("DYN_MODEL_PATH", dir.path())
-        .env("DYN_EPP_GRPC_PORT", free_port().to_string())
-        .env("DYN_EPP_HEALTH_PORT", free_port().to_string())
-        .env("DYN_EPP_METRICS_PORT", "0")
-        .output()
-        .await
-        .unwrap();
+    let out = epp_start_failure(&[("DYN_MODEL_PATH", dir.path().as_os_str())]).await;
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&dir.path().join("tokenizer.json").display().to_string()), "{err}");

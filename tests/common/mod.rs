@@ -531,3 +531,15 @@ pub fn golden_body(case: &serde_json::Value) -> &str {
 pub fn golden_case(name: &str) -> &'static serde_json::Value {
     golden_corpus()["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}"))
 }
+
+/// Runs the binary until it exits by itself (a start-up failure), on free ports, with `env`.
+pub async fn epp_start_failure(env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_dynamo-epp"))
+        .envs(env.iter().copied())
+        .env("DYN_EPP_GRPC_PORT", free_port().to_string())
+        .env("DYN_EPP_HEALTH_PORT", free_port().to_string())
+        .env("DYN_EPP_METRICS_PORT", "0")
+        .output()
+        .await
+        .unwrap()
+}
