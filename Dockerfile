@@ -22,6 +22,7 @@ RUN mkdir -p src benches \
  && echo 'fn main() {}' > benches/ext_proc_stream.rs \
  && echo 'fn main() {}' > benches/envoy_load.rs \
  && echo 'fn main() {}' > benches/index.rs \
+ && echo 'fn main() {}' > benches/tokenize.rs \
  && cargo fetch --locked \
  && cargo build --release --locked --offline --bin dynamo-epp
 

@@ -60,6 +60,35 @@ pub struct Config {
     #[arg(long = "log-format", env = "DYN_EPP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    // ---- Tokenization (request/): the served model's files and how prompts are tokenized.
+    /// Model directory in Hugging Face layout (tokenizer.json, tokenizer_config.json, …);
+    /// unset = bodies are checked but neither tokenized nor rewritten.
+    #[arg(long = "model-path", env = "DYN_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+
+    /// The served model name; bodies naming another model (and no LoRA adapter) get 404.
+    #[arg(long = "model-name", env = "DYN_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// Comma-separated LoRA adapter names served beside the model; a body naming one routes with it.
+    #[arg(long = "lora-adapters", env = "DYN_EPP_LORA_ADAPTERS", value_delimiter = ',')]
+    pub lora_adapters: Vec<String>,
+
+    /// Add the prompt's ids to forwarded bodies as `nvext.token_data` (routing tokenizes regardless).
+    #[arg(long = "inject-tokens", env = "DYN_EPP_INJECT_TOKENS", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub inject_tokens: bool,
+
+    /// Memory budget of the segment token cache in bytes; 0 disables it.
+    #[arg(long = "token-cache-bytes", env = "DYN_EPP_TOKEN_CACHE_BYTES", default_value_t = 256 << 20)]
+    pub token_cache_bytes: u64,
+
+    /// Deadline for checking and tokenizing one body (waiting included); past it the request gets 504.
+    #[arg(long = "tokenization-timeout-ms", env = "DYN_EPP_TOKENIZATION_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tokenization_timeout_ms: u64,
+
+    /// Tokenization jobs run at once, off the async reactor; 0 = one per core.
+    #[arg(long = "tokenizer-threads", env = "DYN_EPP_TOKENIZER_THREADS", default_value_t = 0)]
+    pub tokenizer_threads: usize,
     // ---------------------------------------------------------------- KV cache state (issue 4)
     // How the router learns what the workers have cached: which event plane, where, and the
     // approximate / predicted modes.
@@ -388,6 +417,9 @@ mod tests {
         assert_eq!(auto(&["--namespace", "ns", "--namespace-prefix", "base"]).worker_namespace(), "base");
         assert_eq!(auto(&["--namespace", "ns"]).worker_namespace(), "ns");
         assert_eq!(auto(&["--namespace", "ns"]).event_namespace(), "ns");
+        assert_eq!((c.model_path.as_ref(), c.model_name.as_ref()), (None, None));
+        assert!(c.inject_tokens && c.lora_adapters.is_empty());
+        assert_eq!((c.token_cache_bytes, c.tokenization_timeout_ms), (256 << 20, 5000));
     }
 
     #[test]
@@ -402,6 +434,8 @@ mod tests {
             (vec!["--router-ttl-secs", "0"], vec!["DYN_ROUTER_TTL_SECS", "positive"]),
             (vec!["--use-kv-events", "perhaps"], vec!["DYN_USE_KV_EVENTS"]),
             (vec!["--discovery", "etcd"], vec!["DYN_DISCOVERY", "etcd", "kubernetes"]),
+            (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),
+            (vec!["--inject-tokens", "perhaps"], vec!["DYN_EPP_INJECT_TOKENS", "perhaps"]),
         ] {
             let (msg, code) = Config::from_args(std::iter::once("dynamo-epp").chain(args.clone())).unwrap_err();
             assert_eq!(code, 2, "{args:?}");

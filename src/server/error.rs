@@ -1,23 +1,55 @@
 //! The server edge's one error type: every variant is one HTTP status and one OpenAI-style body.
 
-use crate::{request::openai::RequestError, router::RouteError};
+use crate::{
+    request::{openai::RequestError, pool::PoolError, PrepareError},
+    router::RouteError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EppError {
     #[error(transparent)]
     BadRequest(#[from] RequestError),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
     #[error("request body exceeds the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// The tokenizer failed or panicked on this request; other requests are unaffected.
+    #[error("{0}")]
+    Tokenizer(String),
     #[error(transparent)]
     NoRoute(#[from] RouteError),
+    #[error("tokenization did not finish within {ms} ms")]
+    TokenizerTimeout { ms: u64 },
+}
+
+impl From<PrepareError> for EppError {
+    fn from(e: PrepareError) -> Self {
+        match e {
+            PrepareError::BadRequest(r) => EppError::BadRequest(r),
+            PrepareError::ModelNotFound(m) => EppError::ModelNotFound(m),
+            PrepareError::Tokenizer(m) => EppError::Tokenizer(m),
+        }
+    }
+}
+
+impl From<PoolError> for EppError {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::TimedOut(ms) => EppError::TokenizerTimeout { ms },
+            PoolError::Panicked(_) => EppError::Tokenizer(e.to_string()),
+        }
+    }
 }
 
 impl EppError {
     pub fn status(&self) -> u16 {
         match self {
             EppError::BadRequest(_) => 400,
+            EppError::ModelNotFound(_) => 404,
             EppError::BodyTooLarge { .. } => 413,
+            EppError::Tokenizer(_) => 500,
             EppError::NoRoute(_) => 503,
+            EppError::TokenizerTimeout { .. } => 504,
         }
     }
 
@@ -25,18 +57,29 @@ impl EppError {
     pub fn code(&self) -> &'static str {
         match self {
             EppError::BadRequest(RequestError::InvalidJson(_)) => "invalid_json",
+            EppError::BadRequest(RequestError::Template(_)) => "chat_template_error",
             EppError::BadRequest(_) => "invalid_request",
+            EppError::ModelNotFound(_) => "model_not_found",
             EppError::BodyTooLarge { .. } => "request_too_large",
+            EppError::Tokenizer(_) => "tokenizer_error",
             EppError::NoRoute(RouteError::NoWorkers) => "no_workers",
             EppError::NoRoute(RouteError::SubsetMatchesNone) => "subset_matches_no_worker",
+            EppError::TokenizerTimeout { .. } => "tokenizer_timeout",
         }
     }
 
     /// `{"error":{"message","type","param","code"}}` as OpenAI sends it.
     pub fn body(&self) -> Vec<u8> {
-        let kind = if self.status() < 500 { "invalid_request_error" } else { "service_unavailable" };
+        let kind = match self.status() {
+            404 => "NotFoundError",
+            s if s < 500 => "invalid_request_error",
+            500 => "internal_error",
+            504 => "timeout_error",
+            _ => "service_unavailable",
+        };
         let param = match self {
             EppError::BadRequest(e) => e.param(),
+            EppError::ModelNotFound(_) => Some("model".into()),
             _ => None,
         };
         serde_json::to_vec(&serde_json::json!({
@@ -60,5 +103,17 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("messages"));
         assert_eq!(EppError::BodyTooLarge { limit: 1 }.status(), 413);
         assert_eq!(EppError::from(RouteError::NoWorkers).status(), 503);
+    }
+
+    #[test]
+    fn tokenization_failures_map_to_their_statuses() {
+        let nf = EppError::from(PrepareError::ModelNotFound("other".into()));
+        assert_eq!((nf.status(), nf.code()), (404, "model_not_found"));
+        let v: serde_json::Value = serde_json::from_slice(&nf.body()).unwrap();
+        assert_eq!(v["error"]["message"], "The model `other` does not exist.");
+        let t = EppError::from(RequestError::Template("chat template error: no".into()));
+        assert_eq!((t.status(), t.code()), (400, "chat_template_error"));
+        assert_eq!(EppError::from(PoolError::TimedOut(5)).status(), 504);
+        assert_eq!(EppError::from(PoolError::Panicked("x".into())).status(), 500);
     }
 }

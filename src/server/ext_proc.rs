@@ -24,7 +24,7 @@ use tonic::{Status, Streaming};
 
 use super::{envoy, error::EppError, App};
 use crate::{
-    request::openai::{check_shape, Api},
+    request::{openai::Api, Prepared},
     router::{BookingId, Decision, EndpointMatch, RoutingRequest},
 };
 
@@ -234,18 +234,19 @@ impl StreamState {
         let started = Instant::now();
         let path = self.header(":path").unwrap_or("").to_string();
         let api = Api::from_path(&path);
-        let mut tokens = Vec::new();
+        let mut req = self.routing_request();
+        let mut body = std::mem::take(&mut self.body);
         if let Some(api) = api {
-            match check_shape(api, &self.body) {
-                // TEMPORARY (issue 4, until tokenization lands and supersedes it): a completions
-                // prompt given as token ids routes by those ids.
-                Ok(doc) if api == Api::Completions => tokens = token_id_prompt(&doc),
-                Ok(_) => {}
-                Err(e) => return self.reject(e.into()).await,
+            match self.prepare(api, body).await {
+                Ok(p) => {
+                    req.tokens = p.tokens;
+                    req.cache_salt = p.cache_salt;
+                    req.lora = p.lora;
+                    body = p.body;
+                }
+                Err(e) => return self.reject(e).await,
             }
         }
-        let mut req = self.routing_request();
-        req.tokens = tokens;
         let decided = {
             let mut router = self.app.router.lock();
             let d = router.route(&req, started, &mut rand::rng());
@@ -264,13 +265,19 @@ impl StreamState {
         if !self.send(headers).await {
             return false;
         }
-        let body = std::mem::take(&mut self.body);
         for chunk in envoy::request_body_chunks(&body) {
             if !self.send(chunk).await {
                 return false;
             }
         }
         true
+    }
+
+    /// Checks, tokenizes and rewrites the body (large bodies in the work pool, off the reactor).
+    async fn prepare(&self, api: Api, body: Vec<u8>) -> Result<Prepared, EppError> {
+        let prep = self.app.prep.clone();
+        let tenant = self.header("x-tenant-id").map(str::to_string);
+        Ok(self.app.pool.run(body.len(), move || prep.prepare(api, tenant, body)).await??)
     }
 
     async fn on_response_body(&mut self, b: HttpBody) -> bool {
@@ -305,11 +312,6 @@ impl StreamState {
             self.app.metrics.active_requests.set(router.active_requests() as i64);
         }
     }
-}
-
-/// TEMPORARY (issue 4): `prompt` as one array of token ids (already shape-checked), else none.
-fn token_id_prompt(doc: &serde_json::Value) -> Vec<u32> {
-    doc["prompt"].as_array().map_or_else(Vec::new, |a| a.iter().filter_map(|t| t.as_u64()).map(|t| t as u32).collect())
 }
 
 /// The headers that tell Dynamo's sidecar what was decided.

@@ -18,6 +18,11 @@ use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::{
     config::Config,
+    request::{
+        model::{LoadError, Model},
+        pool::WorkPool,
+        Preprocessor,
+    },
     router::Router,
     workers::{
         self,
@@ -39,11 +44,20 @@ pub struct App {
     pub router: Mutex<Router>,
     pub metrics: Metrics,
     pub max_body_bytes: u64,
+    /// Checks and tokenizes bodies; its work runs in `pool`.
+    pub prep: Arc<Preprocessor>,
+    pub pool: WorkPool,
 }
 
 impl App {
-    pub fn new(router: Router, max_body_bytes: u64) -> Self {
-        App { router: Mutex::new(router), metrics: Metrics::new(), max_body_bytes }
+    pub fn new(router: Router, max_body_bytes: u64, prep: Preprocessor, pool: WorkPool) -> Self {
+        App {
+            router: Mutex::new(router),
+            metrics: Metrics::new(),
+            max_body_bytes,
+            prep: Arc::new(prep),
+            pool,
+        }
     }
 
     pub fn set_fleet(&self, fleet: Fleet) {
@@ -62,6 +76,8 @@ pub enum StartError {
     Fleet(#[from] FleetFileError),
     #[error(transparent)]
     Kube(#[from] KubeError),
+    #[error("DYN_MODEL_PATH: {0}")]
+    Model(#[from] LoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot make the self-signed certificate: {0}")]
@@ -78,10 +94,35 @@ impl StartError {
     /// Configuration problems exit 2 like invalid variables; runtime failures exit 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Fleet(_) | StartError::Kube(_) => 2,
+            StartError::Fleet(_) | StartError::Kube(_) | StartError::Model(_) => 2,
             _ => 1,
         }
     }
+}
+
+/// Loads the model files (if configured) once, before serving.
+fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
+    let model = match &cfg.model_path {
+        None => {
+            tracing::warn!("DYN_MODEL_PATH unset: requests are routed without tokens and forwarded unchanged");
+            None
+        }
+        Some(dir) => {
+            let m = Model::load(dir, cfg.token_cache_bytes as usize)?;
+            tracing::info!(path = %dir.display(), chat_template = m.template.is_some(), "model files loaded");
+            Some(Arc::new(m))
+        }
+    };
+    Ok(Preprocessor {
+        model,
+        served_model: cfg.model_name.clone(),
+        lora_adapters: cfg.lora_adapters.clone(),
+        inject: cfg.inject_tokens,
+    })
+}
+
+fn work_pool(cfg: &Config) -> WorkPool {
+    WorkPool::new(cfg.tokenizer_threads, Duration::from_millis(cfg.tokenization_timeout_ms))
 }
 
 async fn bind(cfg: &Config, port: u16) -> Result<TcpListener, StartError> {
@@ -106,7 +147,7 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> 
 
 /// Runs the EPP until SIGTERM (or Ctrl-C) has been handled and every stream has drained.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
-    let app = Arc::new(App::new(Router::with_kv(cfg.kv_settings()), cfg.max_body_bytes));
+    let app = Arc::new(App::new(Router::with_kv(cfg.kv_settings()), cfg.max_body_bytes, preprocessor(&cfg)?, work_pool(&cfg)));
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, false).await;
 

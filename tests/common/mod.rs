@@ -89,7 +89,11 @@ impl MockWorker {
         });
         let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let app = axum::Router::new().fallback(handle).with_state(state.clone());
+        // Bodies with injected token_data grow past axum's 2 MB default limit.
+        let app = axum::Router::new()
+            .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 20))
+            .with_state(state.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         MockWorker { addr, state }
     }
@@ -589,4 +593,48 @@ impl NatsServer {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
+}
+
+// ---------------------------------------------------------------- tokenizer fixtures
+
+/// Real Hugging Face tokenizer directories: `$TOKENIZER_FIXTURES`, else
+/// `../shared/fixtures/tokenizers` beside the repo (scripts/fetch_tokenizer_fixtures.sh).
+pub fn tokenizer_fixtures() -> PathBuf {
+    std::env::var_os("TOKENIZER_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("../shared/fixtures/tokenizers"))
+}
+
+/// The parity corpus with transformers' ids (tests/golden, scripts/gen_tokenizer_golden.py).
+pub fn golden_corpus() -> &'static serde_json::Value {
+    static G: std::sync::OnceLock<serde_json::Value> = std::sync::OnceLock::new();
+    G.get_or_init(|| {
+        use std::io::Read;
+        let path = repo_root().join("tests/golden/tokenizer_parity.json.gz");
+        let mut text = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(&path).unwrap()).read_to_string(&mut text).unwrap();
+        serde_json::from_str(&text).unwrap()
+    })
+}
+
+/// A corpus request's body text, exactly as sent (key order matters to templates).
+pub fn golden_body(case: &serde_json::Value) -> &str {
+    case["body"].as_str().unwrap()
+}
+
+/// One corpus request by name.
+pub fn golden_case(name: &str) -> &'static serde_json::Value {
+    golden_corpus()["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// Runs the binary until it exits by itself (a start-up failure), on free ports, with `env`.
+pub async fn epp_start_failure(env: &[(&str, &std::ffi::OsStr)]) -> std::process::Output {
+    tokio::process::Command::new(epp_bin())
+        .envs(env.iter().copied())
+        .env("DYN_EPP_GRPC_PORT", free_port().to_string())
+        .env("DYN_EPP_HEALTH_PORT", free_port().to_string())
+        .env("DYN_EPP_METRICS_PORT", "0")
+        .output()
+        .await
+        .unwrap()
 }
