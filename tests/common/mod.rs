@@ -238,7 +238,7 @@ impl Epp {
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawn dynamo-epp");
         let epp = Epp { child, grpc_port, health_port, metrics_port, tls: opts.tls, _dir: dir, workers_file };
-        wait_for_port(epp.grpc_port, Duration::from_secs(20)).await;
+        wait_for_port(epp.grpc_port, Duration::from_secs(60)).await;
         epp
     }
 
