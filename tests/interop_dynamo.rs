@@ -1,0 +1,216 @@
+//! Interoperability with real NVIDIA Dynamo 1.6.1 (contracts §13): client → Envoy 1.40 →
+//! dynamo-epp → `dynamo.frontend --router-mode direct` → `dynamo.mocker` workers, with
+//! nats-server (core) as the event plane and file discovery, all on 127.0.0.1.
+//!
+//! Who served a request is proven from Dynamo's side: the frontend's direct router logs the
+//! worker it sent each `x-request-id` to, and every mocker counts the requests it served on its
+//! own `/metrics`. Needs `.venv-dynamo` (scripts/setup-dynamo.sh) and the Qwen3 tokenizer fixture.
+
+mod common;
+#[path = "common/dynamo.rs"]
+mod dynamo;
+
+use std::time::{Duration, Instant};
+
+use dynamo::*;
+use serde_json::json;
+
+/// Upper bound for any one exchange: a hung request fails the test instead of stalling CI.
+const T: Duration = Duration::from_secs(30);
+
+fn delta(before: &[u64], after: &[u64]) -> Vec<u64> {
+    before.iter().zip(after).map(|(b, a)| a - b).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chat_and_completions_through_the_chain_are_served_by_the_worker_our_epp_named() {
+    // The fleet file names only the last worker, so the id our EPP puts in
+    // x-dynamo-worker-instance-id is known; the direct-mode frontend must serve exactly it.
+    let named = 2;
+    let chain = InteropChain::start(DynamoOptions::default(), &[named]).await;
+    let dy = &chain.dynamo;
+    for (path, body) in [
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 8}),
+        ),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "The three longest rivers are", "max_tokens": 8})),
+    ] {
+        let before = dy.served_all().await;
+        let r = chain.post(path, &body, T).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        let j = r.json();
+        assert!(!j["choices"].as_array().unwrap().is_empty(), "{path}: {j}");
+        assert!((1..=8).contains(&j["usage"]["completion_tokens"].as_u64().unwrap()), "{path}: {j}");
+        assert!(j["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{path}: {j}");
+        assert_eq!(dy.wait_frontend_routed_to(&r.x_request_id).await, Some(dy.workers[named].id), "{path}");
+        let mut want = vec![0; dy.workers.len()];
+        want[named] = 1;
+        assert_eq!(delta(&before, &dy.served_all().await), want, "{path}: only the named worker serves");
+    }
+    // Both went through our EPP, not around it.
+    assert_eq!(chain.epp.metric("dynamo_epp_requests_total{outcome=\"routed\"}").await, Some(2.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenization() {
+    // Sent to the frontend directly, as our EPP will once it injects token_data.
+    let dy = DynamoFleet::start(DynamoOptions { workers: 2, ..Default::default() }).await;
+    let client = reqwest::Client::new();
+    // 40 ids = 2 full blocks of 16 + 8; nothing like what the chat template makes of "hello".
+    let tokens: Vec<u32> = (0..40).map(|i| 1000 + 7 * i).collect();
+    let send = |path: &'static str, worker: usize, rid: &'static str, body: serde_json::Value| {
+        let (client, url, id) = (client.clone(), dy.frontend_url(path), dy.workers[worker].id);
+        async move {
+            let h = [("x-dynamo-worker-instance-id", id.to_string()), ("x-request-id", rid.to_string())];
+            post_json(&client, &url, &h, &body, T).await
+        }
+    };
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
+    let mut with_tokens = chat.clone();
+    with_tokens["nvext"] = json!({"token_data": tokens});
+
+    let before = dy.served_all().await;
+    let r = send("/v1/chat/completions", 1, "tok-chat", with_tokens).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
+    assert_eq!(delta(&before, &dy.served_all().await), vec![0, 1]);
+    assert_eq!(dy.wait_frontend_routed_to("tok-chat").await, Some(dy.workers[1].id));
+    let log = dy.frontend_log();
+    let skip = log
+        .lines()
+        .find(|l| l.contains("[SIDECAR-SKIP-TOKENIZE]") && l.contains("x_request_id=\"tok-chat\""))
+        .unwrap_or_else(|| panic!("no [SIDECAR-SKIP-TOKENIZE] line for tok-chat:\n{log}"));
+    assert_eq!(field(skip, "token_count"), Some("40"), "{skip}");
+    assert!(skip.contains("first_tokens=[1000, 1007, 1014, 1021, 1028]"), "{skip}");
+
+    // The same ids as a completion on the same worker: its two full blocks are cached there now…
+    let completion = json!({"model": MODEL, "prompt": "ignored", "max_tokens": 4, "nvext": {"token_data": tokens}});
+    let again = send("/v1/completions", 1, "tok-again", completion.clone()).await.json();
+    assert_eq!(again["usage"]["prompt_tokens"], 40, "{again}");
+    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached > 0 && cached % 16 == 0 && cached < 40, "cached_tokens {cached}: {again}");
+    // …and not on the other worker.
+    let elsewhere = send("/v1/completions", 0, "tok-elsewhere", completion).await.json();
+    assert_eq!(elsewhere["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{elsewhere}");
+
+    // Control: without token_data the frontend tokenizes itself (and says so).
+    let r = send("/v1/chat/completions", 1, "tok-none", chat).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_ne!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
+    dy.wait_frontend_routed_to("tok-none").await;
+    let log = dy.frontend_log();
+    let mine: Vec<&str> = log.lines().filter(|l| l.contains("x_request_id=\"tok-none\"")).collect();
+    assert!(mine.iter().any(|l| l.contains("backend_instance_id provided but no token_data; tokenizing prompt")), "{mine:#?}");
+    assert!(!mine.iter().any(|l| l.contains("[SIDECAR-SKIP-TOKENIZE]")), "{mine:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn load_spreads_across_the_real_workers_under_concurrency() {
+    let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
+    let dy = &chain.dynamo;
+    let before = dy.served_all().await;
+    const N: usize = 30;
+    // ~200 decode steps (~1 s at the mocker's real timing): all 30 are in flight together.
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/chat/completions"));
+            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": format!("request {i}")}],
+                              "max_tokens": 200, "stream": true});
+            tokio::spawn(async move { post_json(&client, &url, &[], &body, Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.push(t.await.unwrap());
+    }
+    let mut per_worker = vec![0u64; dy.workers.len()];
+    for r in &replies {
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert!(r.body.trim_end().ends_with("data: [DONE]") && !r.body.contains("\"error\""), "{}", r.body);
+        let id = dy.wait_frontend_routed_to(&r.x_request_id).await.expect("frontend logged no worker");
+        per_worker[dy.worker_index(id).expect("a worker outside the fleet served")] += 1;
+    }
+    // The frontend's log and the workers' own counters agree.
+    assert_eq!(delta(&before, &dy.served_all().await), per_worker);
+    assert!(per_worker.iter().all(|&n| n >= 5), "not spread: {per_worker:?}");
+    let all_overlapped = replies.iter().filter_map(|r| r.first_chunk_at).max().unwrap()
+        < replies.iter().map(|r| r.ended_at).min().unwrap();
+    if all_overlapped {
+        // Least-in-flight with every request open at once can only end even.
+        assert_eq!(per_worker, vec![10, 10, 10]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops_it() {
+    let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
+    let victim = 1;
+    // Nine long streams (1000 decode steps, ~6 s): least-in-flight puts three on each worker.
+    // Each is open once its headers arrive, i.e. once its first token exists.
+    let opening: Vec<_> = (0..9)
+        .map(|i| {
+            let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/completions"));
+            let body = json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 1000, "stream": true});
+            tokio::spawn(async move { open_json(&client, &url, &[], &body, Duration::from_secs(60)).await })
+        })
+        .collect();
+    let mut streams = Vec::new();
+    for o in opening {
+        let r = o.await.unwrap();
+        assert_eq!(r.status(), 200);
+        streams.push(tokio::spawn(read_reply(r)));
+    }
+    let dy = &chain.dynamo;
+    assert_eq!(
+        [dy.in_flight(0).await, dy.in_flight(1).await, dy.in_flight(2).await],
+        [3, 3, 3],
+        "least-in-flight spreads nine concurrent streams evenly"
+    );
+
+    let victim_id = dy.workers[victim].id;
+    let killed_at = Instant::now();
+    dy.kill_worker(victim).await;
+    // Its three streams end (the EPP frees their bookings) quickly.
+    let left = chain.epp.wait_metric("dynamo_epp_active_requests", T, |v| v == 6.0).await;
+    assert_eq!(left, 6.0);
+    let failed_within = killed_at.elapsed();
+    assert!(failed_within < Duration::from_secs(5), "streams on the dead worker took {failed_within:?} to fail");
+
+    // The fleet file still lists the victim, now the least loaded: our EPP names it, and the
+    // frontend answers at once instead of hanging.
+    let sent = Instant::now();
+    let probe = chain
+        .post("/v1/completions", &json!({"model": MODEL, "prompt": "probe", "max_tokens": 4}), Duration::from_secs(10))
+        .await;
+    assert_eq!(probe.status, 503, "{}", probe.body);
+    assert!(probe.ended_at - sent < Duration::from_secs(2), "the dead worker's request took {:?}", probe.ended_at - sent);
+    assert_eq!(dy.wait_frontend_routed_to(&probe.x_request_id).await, Some(victim_id));
+
+    // Once the file drops it, nothing is routed there any more.
+    chain.set_fleet(&[0, 2]).await;
+    for i in 0..6 {
+        let r = chain
+            .post("/v1/completions", &json!({"model": MODEL, "prompt": format!("after {i}"), "max_tokens": 4}), T)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let id = dy.wait_frontend_routed_to(&r.x_request_id).await.unwrap();
+        assert_ne!(id, victim_id);
+    }
+
+    // Every stream ended (none hung): the victim's with an error event soon after the kill, the
+    // others whole.
+    let mut on_victim = 0;
+    for s in streams {
+        let r = s.await.unwrap();
+        if dy.frontend_routed_to(&r.x_request_id) == Some(victim_id) {
+            on_victim += 1;
+            assert!(r.body.contains("\"error\""), "{}", r.body);
+            assert!(r.ended_at - killed_at < Duration::from_secs(5), "a victim stream ended late");
+        } else {
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert!(r.body.trim_end().ends_with("data: [DONE]") && !r.body.contains("\"error\""), "{}", r.body);
+        }
+    }
+    assert_eq!(on_victim, 3);
+}
