@@ -214,3 +214,64 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
     }
     assert_eq!(on_victim, 3);
 }
+
+/// Regenerates tests/fixtures/dynamo-1.6.1 (README.md there): real KV-event messages from real
+/// mockers over NATS core, with the exact token ids that produced them.
+/// `.venv-dynamo/bin/pip install nats-py==2.16.0 msgpack==1.2.4`, then
+/// `cargo test --test interop_dynamo -- --ignored capture_kv_event_fixtures`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "regenerates fixtures; needs nats-py and msgpack in .venv-dynamo"]
+async fn capture_kv_event_fixtures() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let out = common::repo_root().join("tests/fixtures/dynamo-1.6.1");
+    let opts = DynamoOptions { workers: 3, num_gpu_blocks: Some(8), ..Default::default() };
+    let (block_size, namespace) = (opts.block_size, opts.namespace.clone());
+    let dy = DynamoFleet::start(opts).await;
+    let mut capture = tokio::process::Command::new(dynamo_venv().join("bin/python"))
+        .arg(out.join("capture_kv_events.py"))
+        .arg(format!("nats://127.0.0.1:{}", dy.nats_port))
+        .arg(&namespace)
+        .arg(&out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(capture.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("ready"), "needs nats-py and msgpack");
+
+    let a: Vec<u32> = (0..40).map(|i| 1000 + 7 * i).collect(); // 2 full blocks + 8
+    let a_longer: Vec<u32> = a.iter().copied().chain((0..24).map(|i| 5000 + 3 * i)).collect(); // 4 full blocks
+    let b: Vec<u32> = (0..100).map(|i| 20000 + i).collect(); // 6 full blocks
+    let c: Vec<u32> = (0..100).map(|i| 30000 + i).collect(); // 6 more: 8-block capacity evicts b's
+    let steps = [
+        ("prefix A on worker 0: stored, no parent", 0, &a),
+        ("A extended on worker 0: two more blocks, parent = A's last full block", 0, &a_longer),
+        ("A on worker 1: the same block hashes from another worker", 1, &a),
+        ("B on worker 2", 2, &b),
+        ("C on worker 2: capacity 8 blocks, so B's blocks are removed", 2, &c),
+    ];
+    let client = reqwest::Client::new();
+    let mut requests = Vec::new();
+    for (what, worker, tokens) in steps {
+        let body = json!({"model": MODEL, "prompt": "fixture", "max_tokens": 1, "nvext": {"token_data": tokens}});
+        let h = [("x-dynamo-worker-instance-id", dy.workers[worker].id.to_string())];
+        let r = post_json(&client, &dy.frontend_url("/v1/completions"), &h, &body, T).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        requests.push(json!({"what": what, "worker": worker, "token_ids": tokens, "max_tokens": 1, "usage": r.json()["usage"]}));
+        tokio::time::sleep(Duration::from_millis(300)).await; // keeps the messages in step order
+    }
+    drop(capture.stdin.take());
+    let said = lines.next_line().await.unwrap().unwrap_or_default();
+    assert!(capture.wait().await.unwrap().success() && said.starts_with("captured"), "{said}");
+    let scenario = json!({
+        "dynamo": "ai-dynamo 1.6.1 / ai-dynamo-runtime 1.6.1, dynamo.mocker",
+        "namespace": namespace,
+        "block_size": block_size,
+        "num_gpu_blocks": 8,
+        "workers": dy.workers.iter().enumerate().map(|(i, w)| json!({"index": i, "instance_id": w.id})).collect::<Vec<_>>(),
+        "requests": requests,
+    });
+    std::fs::write(out.join("scenario.json"), serde_json::to_string_pretty(&scenario).unwrap() + "\n").unwrap();
+}

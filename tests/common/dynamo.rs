@@ -144,16 +144,16 @@ impl DynamoFleet {
             let log = dir.path().join(format!("mocker-{i}.log"));
             let (out, err) = log_file(&log);
             let mut cmd = Command::new(&python);
-            if let Some(n) = opts.num_gpu_blocks {
-                cmd.args(["--num-gpu-blocks-override", &n.to_string()]);
-            }
-            let child = cmd
-                .args(["-m", "dynamo.mocker", "--model-path"])
+            cmd.args(["-m", "dynamo.mocker", "--model-path"])
                 .arg(&model)
                 .args(["--model-name", MODEL, "--endpoint"])
                 .arg(format!("dyn://{}.backend.generate", opts.namespace))
                 .args(["--block-size", &opts.block_size.to_string()])
-                .args(["--speedup-ratio", &opts.speedup_ratio.to_string()])
+                .args(["--speedup-ratio", &opts.speedup_ratio.to_string()]);
+            if let Some(n) = opts.num_gpu_blocks {
+                cmd.args(["--num-gpu-blocks-override", &n.to_string()]);
+            }
+            let child = cmd
                 .env_clear()
                 .envs(env.iter().map(|(k, v)| (k, v)))
                 // The system server gives each worker its own /metrics: proof of who served.
