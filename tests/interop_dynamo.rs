@@ -55,7 +55,7 @@ async fn chat_and_completions_through_the_chain_are_served_by_the_worker_our_epp
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenization() {
     // Sent to the frontend directly, as our EPP will once it injects token_data.
-    let dy = DynamoFleet::start(DynamoOptions { workers: 2, ..Default::default() }).await;
+    let dy = DynamoFleet::start(DynamoOptions { workers: vec![Mode::Agg; 2], ..Default::default() }).await;
     let client = reqwest::Client::new();
     // 40 ids = 2 full blocks of 16 + 8; nothing like what the chat template makes of "hello".
     let tokens: Vec<u32> = (0..40).map(|i| 1000 + 7 * i).collect();
@@ -76,12 +76,9 @@ async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenizatio
     assert_eq!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
     assert_eq!(delta(&before, &dy.served_all().await), vec![0, 1]);
     assert_eq!(dy.wait_frontend_routed_to("tok-chat").await, Some(dy.workers[1].id));
-    let log = dy.frontend_log();
-    let skip = log
-        .lines()
-        .find(|l| l.contains("[SIDECAR-SKIP-TOKENIZE]") && l.contains("x_request_id=\"tok-chat\""))
-        .unwrap_or_else(|| panic!("no [SIDECAR-SKIP-TOKENIZE] line for tok-chat:\n{log}"));
-    assert_eq!(field(skip, "token_count"), Some("40"), "{skip}");
+    let skip = dy.wait_frontend_line("tok-chat", "[SIDECAR-SKIP-TOKENIZE]").await;
+    let skip = skip.unwrap_or_else(|| panic!("no [SIDECAR-SKIP-TOKENIZE] line for tok-chat:\n{}", dy.frontend_log()));
+    assert_eq!(field(&skip, "token_count"), Some("40"), "{skip}");
     assert!(skip.contains("first_tokens=[1000, 1007, 1014, 1021, 1028]"), "{skip}");
 
     // The same ids as a completion on the same worker: its two full blocks are cached there now…
@@ -98,11 +95,10 @@ async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenizatio
     let r = send("/v1/chat/completions", 1, "tok-none", chat).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_ne!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
-    dy.wait_frontend_routed_to("tok-none").await;
+    let warned = dy.wait_frontend_line("tok-none", "backend_instance_id provided but no token_data; tokenizing prompt").await;
+    assert!(warned.is_some(), "{}", dy.frontend_log());
     let log = dy.frontend_log();
-    let mine: Vec<&str> = log.lines().filter(|l| l.contains("x_request_id=\"tok-none\"")).collect();
-    assert!(mine.iter().any(|l| l.contains("backend_instance_id provided but no token_data; tokenizing prompt")), "{mine:#?}");
-    assert!(!mine.iter().any(|l| l.contains("[SIDECAR-SKIP-TOKENIZE]")), "{mine:#?}");
+    assert!(!log.lines().any(|l| l.contains("x_request_id=\"tok-none\"") && l.contains("[SIDECAR-SKIP-TOKENIZE]")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -215,6 +211,34 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
     assert_eq!(on_victim, 3);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disaggregated_the_frontend_runs_prefill_and_decode_where_the_headers_say() {
+    // The sidecar side of disaggregation, sent to the frontend directly as our EPP will send it.
+    use Mode::{Decode, Prefill};
+    let dy = DynamoFleet::start(DynamoOptions { workers: vec![Prefill, Prefill, Decode, Decode], ..Default::default() }).await;
+    let (client, url) = (reqwest::Client::new(), dy.frontend_url("/v1/completions"));
+    let body = json!({"model": MODEL, "prompt": "split me in two", "max_tokens": 4});
+    let id = |i: usize| dy.workers[i].id.to_string();
+    for (prefill, decode) in [(1, 2), (0, 3)] {
+        let before = dy.served_all().await;
+        let h = [("x-dynamo-prefill-instance-id", id(prefill)), ("x-dynamo-worker-instance-id", id(decode))];
+        let r = post_json(&client, &url, &h, &body, T).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let mut want = vec![0; 4];
+        want[prefill] = 1;
+        want[decode] = 1;
+        assert_eq!(delta(&before, &dy.served_all().await), want, "prefill {prefill}, decode {decode}");
+    }
+    // A decode id alone is refused before any worker runs: always send both (contracts §13).
+    let before = dy.served_all().await;
+    let h = [("x-dynamo-worker-instance-id", id(2)), ("x-request-id", "decode-only".to_string())];
+    let r = post_json(&client, &url, &h, &body, T).await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    let why = dy.wait_frontend_line("decode-only", "Prefill worker ID required").await;
+    assert!(why.is_some(), "{}", dy.frontend_log());
+    assert_eq!(delta(&before, &dy.served_all().await), vec![0; 4]);
+}
+
 /// Regenerates tests/fixtures/dynamo-1.6.1 (README.md there): real KV-event messages from real
 /// mockers over NATS core, with the exact token ids that produced them.
 /// `.venv-dynamo/bin/pip install nats-py==2.16.0 msgpack==1.2.4`, then
@@ -225,7 +249,7 @@ async fn capture_kv_event_fixtures() {
     use tokio::io::{AsyncBufReadExt, BufReader};
 
     let out = common::repo_root().join("tests/fixtures/dynamo-1.6.1");
-    let opts = DynamoOptions { workers: 3, num_gpu_blocks: Some(8), ..Default::default() };
+    let opts = DynamoOptions { num_gpu_blocks: Some(8), ..Default::default() };
     let (block_size, namespace) = (opts.block_size, opts.namespace.clone());
     let dy = DynamoFleet::start(opts).await;
     let mut capture = tokio::process::Command::new(dynamo_venv().join("bin/python"))

@@ -17,7 +17,7 @@ use std::{
 
 use tokio::process::{Child, Command};
 
-use crate::common::{free_port, repo_root, wait_for_port, workers_yaml, Envoy, Epp, EppLink, EppOptions};
+use crate::common::{free_port, repo_root, wait_for_port, Envoy, Epp, EppLink, EppOptions};
 
 /// The served model name every worker registers.
 pub const MODEL: &str = "qwen";
@@ -75,8 +75,43 @@ fn write_model_dir(dir: &Path) {
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 }
 
+/// What a mocker serves (`--disaggregation-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Prefill and decode: registers chat + completions on `{ns}/backend/generate`.
+    Agg,
+    /// Prefill only, on `{ns}/prefill/generate`.
+    Prefill,
+    /// Decode only, on `{ns}/backend/generate`; publishes no KV events.
+    Decode,
+}
+
+impl Mode {
+    fn component(self) -> &'static str {
+        if self == Mode::Prefill { "prefill" } else { "backend" }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Agg => "agg",
+            Mode::Prefill => "prefill",
+            Mode::Decode => "decode",
+        }
+    }
+
+    /// The role in our workers file.
+    fn fleet_role(self) -> &'static str {
+        match self {
+            Mode::Agg => "worker",
+            Mode::Prefill => "prefill",
+            Mode::Decode => "decode",
+        }
+    }
+}
+
 pub struct DynamoOptions {
-    pub workers: usize,
+    /// One mocker process per entry.
+    pub workers: Vec<Mode>,
     pub namespace: String,
     /// Tokens per KV block on the mockers (their `--block-size`).
     pub block_size: u32,
@@ -89,7 +124,7 @@ pub struct DynamoOptions {
 
 impl Default for DynamoOptions {
     fn default() -> Self {
-        DynamoOptions { workers: 3, namespace: "interop".into(), block_size: 16, speedup_ratio: 10.0, num_gpu_blocks: None }
+        DynamoOptions { workers: vec![Mode::Agg; 3], namespace: "interop".into(), block_size: 16, speedup_ratio: 10.0, num_gpu_blocks: None }
     }
 }
 
@@ -97,7 +132,9 @@ impl Default for DynamoOptions {
 pub struct Mocker {
     /// Behind a lock so a test can crash a worker while the fleet is shared.
     child: parking_lot::Mutex<Child>,
-    /// Its runtime instance id: what `x-dynamo-worker-instance-id` must carry.
+    pub mode: Mode,
+    /// Its runtime instance id: what `x-dynamo-worker-instance-id` (or, for a prefill worker,
+    /// `x-dynamo-prefill-instance-id`) must carry.
     pub id: u64,
     /// Its system server (`/metrics`, `/health`).
     pub system_port: u16,
@@ -108,7 +145,7 @@ pub struct DynamoFleet {
     nats: Child,
     pub nats_port: u16,
     pub workers: Vec<Mocker>,
-    frontend: Child,
+    frontend: parking_lot::Mutex<Child>,
     pub frontend_port: u16,
     pub frontend_log: PathBuf,
     pub namespace: String,
@@ -139,7 +176,7 @@ impl DynamoFleet {
         let env = dynamo_env(dir.path(), nats_port);
         let python = venv.join("bin/python");
         let mut workers = Vec::new();
-        for i in 0..opts.workers {
+        for (i, &mode) in opts.workers.iter().enumerate() {
             let system_port = free_port_below_32768();
             let log = dir.path().join(format!("mocker-{i}.log"));
             let (out, err) = log_file(&log);
@@ -147,7 +184,8 @@ impl DynamoFleet {
             cmd.args(["-m", "dynamo.mocker", "--model-path"])
                 .arg(&model)
                 .args(["--model-name", MODEL, "--endpoint"])
-                .arg(format!("dyn://{}.backend.generate", opts.namespace))
+                .arg(format!("dyn://{}.{}.generate", opts.namespace, mode.component()))
+                .args(["--disaggregation-mode", mode.flag()])
                 .args(["--block-size", &opts.block_size.to_string()])
                 .args(["--speedup-ratio", &opts.speedup_ratio.to_string()]);
             if let Some(n) = opts.num_gpu_blocks {
@@ -165,7 +203,7 @@ impl DynamoFleet {
                 .kill_on_drop(true)
                 .spawn()
                 .expect("spawn dynamo.mocker");
-            workers.push(Mocker { child: parking_lot::Mutex::new(child), id: 0, system_port, log });
+            workers.push(Mocker { child: parking_lot::Mutex::new(child), mode, id: 0, system_port, log });
         }
 
         let frontend_port = free_port();
@@ -187,7 +225,7 @@ impl DynamoFleet {
             nats,
             nats_port,
             workers,
-            frontend,
+            frontend: parking_lot::Mutex::new(frontend),
             frontend_port,
             frontend_log,
             namespace: opts.namespace,
@@ -218,15 +256,21 @@ impl DynamoFleet {
     }
 
     /// A workers file for our EPP naming the given workers: explicit ids (Dynamo's, random per
-    /// start), every address the frontend (it is the sidecar for all of them).
+    /// start), roles from the mockers' modes, every address the frontend (it is the sidecar for
+    /// all of them).
     pub fn fleet_yaml(&self, which: &[usize]) -> String {
-        let names: Vec<String> = which.iter().map(|&i| Self::worker_name(i)).collect();
-        let entries: Vec<_> = which
-            .iter()
-            .zip(&names)
-            .map(|(&i, n)| (n.as_str(), self.frontend_addr(), Some(self.workers[i].id)))
-            .collect();
-        workers_yaml(&entries)
+        let mut s = String::from("workers:\n");
+        for &i in which {
+            let w = &self.workers[i];
+            s.push_str(&format!(
+                "  - name: {}\n    address: {}\n    id: {}\n    role: {}\n",
+                Self::worker_name(i),
+                self.frontend_addr(),
+                w.id,
+                w.mode.fleet_role()
+            ));
+        }
+        s
     }
 
     pub fn worker_index(&self, id: u64) -> Option<usize> {
@@ -289,15 +333,25 @@ impl DynamoFleet {
             .find_map(|l| field(l, "worker_id")?.parse().ok())
     }
 
-    /// Polls `frontend_routed_to` until the line is written (logging is asynchronous).
+    /// `frontend_routed_to` once the line is written (logging is asynchronous); `None` after 10 s.
     pub async fn wait_frontend_routed_to(&self, x_request_id: &str) -> Option<u64> {
+        self.poll(|| self.frontend_routed_to(x_request_id)).await
+    }
+
+    /// The frontend's log line for this `x-request-id` that contains `needle`, once written;
+    /// `None` after 10 s.
+    pub async fn wait_frontend_line(&self, x_request_id: &str, needle: &str) -> Option<String> {
+        let tag = format!("x_request_id=\"{x_request_id}\"");
+        self.poll(|| self.frontend_log().lines().find(|l| l.contains(&tag) && l.contains(needle)).map(str::to_string))
+            .await
+    }
+
+    async fn poll<T>(&self, f: impl Fn() -> Option<T>) -> Option<T> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(id) = self.frontend_routed_to(x_request_id) {
-                return Some(id);
-            }
-            if Instant::now() > deadline {
-                return None;
+            let v = f();
+            if v.is_some() || Instant::now() > deadline {
+                return v;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -337,15 +391,15 @@ impl DynamoFleet {
     }
 
     /// Instance ids of `generate` endpoints in `$DYN_FILE_KV/v1/instances`: JSON files named
-    /// `{ns}%2Fbackend%2Fgenerate%2F{id:x}` holding `{"instance_id": …}`.
+    /// `{ns}%2F{backend|prefill}%2Fgenerate%2F{id:x}` holding `{"instance_id": …}`.
     pub fn registered_ids(&self) -> BTreeSet<u64> {
-        let prefix = format!("{}%2Fbackend%2Fgenerate%2F", self.namespace);
+        let prefixes = ["backend", "prefill"].map(|c| format!("{}%2F{c}%2Fgenerate%2F", self.namespace));
         let Ok(entries) = std::fs::read_dir(self.dir.path().join("kv/v1/instances")) else {
             return BTreeSet::new();
         };
         entries
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter(|e| prefixes.iter().any(|p| e.file_name().to_string_lossy().starts_with(p.as_str())))
             .filter_map(|e| {
                 let v: serde_json::Value = serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
                 v["instance_id"].as_u64()
@@ -354,30 +408,36 @@ impl DynamoFleet {
     }
 
     /// The frontend discovers workers asynchronously; it is ready once a request pinned to each
-    /// worker succeeds.
-    async fn wait_frontend_serves_every_worker(&mut self) {
+    /// worker succeeds (with prefill workers: each prefill and each decode worker in some pair).
+    async fn wait_frontend_serves_every_worker(&self) {
+        let of = |m: Mode| -> Vec<u64> { self.workers.iter().filter(|w| w.mode == m).map(|w| w.id).collect() };
+        let (prefill, decode) = (of(Mode::Prefill), of(Mode::Decode));
+        let mut pins: Vec<Vec<(&str, String)>> =
+            of(Mode::Agg).into_iter().map(|id| vec![("x-dynamo-worker-instance-id", id.to_string())]).collect();
+        for k in 0..prefill.len().max(decode.len()) {
+            pins.push(vec![
+                ("x-dynamo-prefill-instance-id", prefill[k % prefill.len()].to_string()),
+                ("x-dynamo-worker-instance-id", decode[k % decode.len()].to_string()),
+            ]);
+        }
         let client = reqwest::Client::new();
         let deadline = Instant::now() + START_DEADLINE;
-        for i in 0..self.workers.len() {
+        let body = serde_json::json!({"model": MODEL, "prompt": "warm up", "max_tokens": 1});
+        for pin in pins {
             loop {
-                let body = serde_json::json!({"model": MODEL, "prompt": "warm up", "max_tokens": 1}).to_string();
-                let r = client
+                let mut req = client
                     .post(self.frontend_url("/v1/completions"))
                     .header("content-type", "application/json")
-                    .header("x-dynamo-worker-instance-id", self.workers[i].id.to_string())
-                    .body(body)
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-                if matches!(&r, Ok(r) if r.status() == 200) {
+                    .body(body.to_string())
+                    .timeout(Duration::from_secs(10));
+                for (k, v) in &pin {
+                    req = req.header(*k, v);
+                }
+                if matches!(req.send().await, Ok(r) if r.status() == 200) {
                     break;
                 }
-                assert!(
-                    self.frontend.try_wait().unwrap().is_none(),
-                    "dynamo.frontend exited: {}",
-                    tail(&self.frontend_log)
-                );
-                assert!(Instant::now() < deadline, "the frontend never served worker {i}: {}", tail(&self.frontend_log));
+                assert!(self.frontend.lock().try_wait().unwrap().is_none(), "dynamo.frontend exited: {}", tail(&self.frontend_log));
+                assert!(Instant::now() < deadline, "the frontend never served {pin:?}: {}", tail(&self.frontend_log));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
