@@ -95,7 +95,8 @@ async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenizatio
     let r = send("/v1/chat/completions", 1, "tok-none", chat).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_ne!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
-    let warned = dy.wait_frontend_line("tok-none", "backend_instance_id provided but no token_data; tokenizing prompt").await;
+    let warned =
+        dy.wait_frontend_line("tok-none", "backend_instance_id provided but no token_data; tokenizing prompt").await;
     assert!(warned.is_some(), "{}", dy.frontend_log());
     let log = dy.frontend_log();
     assert!(!log.lines().any(|l| l.contains("x_request_id=\"tok-none\"") && l.contains("[SIDECAR-SKIP-TOKENIZE]")));
@@ -142,12 +143,12 @@ async fn load_spreads_across_the_real_workers_under_concurrency() {
 async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops_it() {
     let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
     let victim = 1;
-    // Nine long streams (1000 decode steps, ~6 s): least-in-flight puts three on each worker.
+    // Nine long streams (500 decode steps, ~3 s): least-in-flight puts three on each worker.
     // Each is open once its headers arrive, i.e. once its first token exists.
     let opening: Vec<_> = (0..9)
         .map(|i| {
             let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/completions"));
-            let body = json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 1000, "stream": true});
+            let body = json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 500, "stream": true});
             tokio::spawn(async move { open_json(&client, &url, &[], &body, Duration::from_secs(60)).await })
         })
         .collect();
@@ -180,7 +181,11 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
         .post("/v1/completions", &json!({"model": MODEL, "prompt": "probe", "max_tokens": 4}), Duration::from_secs(10))
         .await;
     assert_eq!(probe.status, 503, "{}", probe.body);
-    assert!(probe.ended_at - sent < Duration::from_secs(2), "the dead worker's request took {:?}", probe.ended_at - sent);
+    assert!(
+        probe.ended_at - sent < Duration::from_secs(2),
+        "the dead worker's request took {:?}",
+        probe.ended_at - sent
+    );
     assert_eq!(dy.wait_frontend_routed_to(&probe.x_request_id).await, Some(victim_id));
 
     // Once the file drops it, nothing is routed there any more.
@@ -215,7 +220,9 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
 async fn disaggregated_the_frontend_runs_prefill_and_decode_where_the_headers_say() {
     // The sidecar side of disaggregation, sent to the frontend directly as our EPP will send it.
     use Mode::{Decode, Prefill};
-    let dy = DynamoFleet::start(DynamoOptions { workers: vec![Prefill, Prefill, Decode, Decode], ..Default::default() }).await;
+    let dy =
+        DynamoFleet::start(DynamoOptions { workers: vec![Prefill, Prefill, Decode, Decode], ..Default::default() })
+            .await;
     let (client, url) = (reqwest::Client::new(), dy.frontend_url("/v1/completions"));
     let body = json!({"model": MODEL, "prompt": "split me in two", "max_tokens": 4});
     let id = |i: usize| dy.workers[i].id.to_string();
@@ -283,7 +290,9 @@ async fn capture_kv_event_fixtures() {
         let h = [("x-dynamo-worker-instance-id", dy.workers[worker].id.to_string())];
         let r = post_json(&client, &dy.frontend_url("/v1/completions"), &h, &body, T).await;
         assert_eq!(r.status, 200, "{}", r.body);
-        requests.push(json!({"what": what, "worker": worker, "token_ids": tokens, "max_tokens": 1, "usage": r.json()["usage"]}));
+        requests.push(
+            json!({"what": what, "worker": worker, "token_ids": tokens, "max_tokens": 1, "usage": r.json()["usage"]}),
+        );
         tokio::time::sleep(Duration::from_millis(300)).await; // keeps the messages in step order
     }
     drop(capture.stdin.take());

@@ -88,7 +88,11 @@ pub enum Mode {
 
 impl Mode {
     fn component(self) -> &'static str {
-        if self == Mode::Prefill { "prefill" } else { "backend" }
+        if self == Mode::Prefill {
+            "prefill"
+        } else {
+            "backend"
+        }
     }
 
     fn flag(self) -> &'static str {
@@ -124,7 +128,13 @@ pub struct DynamoOptions {
 
 impl Default for DynamoOptions {
     fn default() -> Self {
-        DynamoOptions { workers: vec![Mode::Agg; 3], namespace: "interop".into(), block_size: 16, speedup_ratio: 10.0, num_gpu_blocks: None }
+        DynamoOptions {
+            workers: vec![Mode::Agg; 3],
+            namespace: "interop".into(),
+            block_size: 16,
+            speedup_ratio: 10.0,
+            num_gpu_blocks: None,
+        }
     }
 }
 
@@ -142,7 +152,7 @@ pub struct Mocker {
 }
 
 pub struct DynamoFleet {
-    nats: Child,
+    _nats: Child,
     pub nats_port: u16,
     pub workers: Vec<Mocker>,
     frontend: parking_lot::Mutex<Child>,
@@ -150,8 +160,6 @@ pub struct DynamoFleet {
     pub frontend_log: PathBuf,
     pub namespace: String,
     pub dir: tempfile::TempDir,
-    /// How long `start` took until every worker was reachable through the frontend.
-    pub started_in: Duration,
 }
 
 impl DynamoFleet {
@@ -222,7 +230,7 @@ impl DynamoFleet {
             .expect("spawn dynamo.frontend");
 
         let mut fleet = DynamoFleet {
-            nats,
+            _nats: nats,
             nats_port,
             workers,
             frontend: parking_lot::Mutex::new(frontend),
@@ -230,7 +238,6 @@ impl DynamoFleet {
             frontend_log,
             namespace: opts.namespace,
             dir,
-            started_in: Duration::ZERO,
         };
         for i in 0..fleet.workers.len() {
             fleet.workers[i].id = fleet.learn_worker_id(i).await;
@@ -239,7 +246,7 @@ impl DynamoFleet {
         assert_eq!(ids.len(), fleet.workers.len(), "worker ids collide: {ids:?}");
         fleet.wait_registered(&ids).await;
         fleet.wait_frontend_serves_every_worker().await;
-        fleet.started_in = t0.elapsed();
+        eprintln!("Dynamo up in {:.1?}: workers {:?}", t0.elapsed(), ids);
         fleet
     }
 
@@ -436,7 +443,11 @@ impl DynamoFleet {
                 if matches!(req.send().await, Ok(r) if r.status() == 200) {
                     break;
                 }
-                assert!(self.frontend.lock().try_wait().unwrap().is_none(), "dynamo.frontend exited: {}", tail(&self.frontend_log));
+                assert!(
+                    self.frontend.lock().try_wait().unwrap().is_none(),
+                    "dynamo.frontend exited: {}",
+                    tail(&self.frontend_log)
+                );
                 assert!(Instant::now() < deadline, "the frontend never served {pin:?}: {}", tail(&self.frontend_log));
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -454,9 +465,7 @@ impl Drop for DynamoFleet {
         if !std::thread::panicking() {
             return;
         }
-        let keep = repo_root().join("target/dynamo-interop-logs").join(
-            self.dir.path().file_name().unwrap(),
-        );
+        let keep = repo_root().join("target/dynamo-interop-logs").join(self.dir.path().file_name().unwrap());
         let _ = std::fs::create_dir_all(&keep);
         for e in std::fs::read_dir(self.dir.path()).into_iter().flatten().flatten() {
             if e.path().extension().is_some_and(|x| x == "log") {
@@ -546,8 +555,7 @@ pub async fn open_json(
 /// Reads a response to its end.
 pub async fn read_reply(mut r: reqwest::Response) -> Reply {
     let status = r.status().as_u16();
-    let x_request_id =
-        r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
+    let x_request_id = r.headers().get("x-request-id").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default();
     let (mut body, mut first_chunk_at) = (Vec::new(), None);
     while let Some(chunk) = r.chunk().await.unwrap_or_else(|e| panic!("reading {}: {e}", r.url())) {
         first_chunk_at.get_or_insert_with(Instant::now);
