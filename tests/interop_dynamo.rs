@@ -103,6 +103,48 @@ async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenizatio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kv_aware_a_prompt_sent_again_goes_where_the_real_kv_events_put_it() {
+    // The EPP indexes the mockers' own KV events (NATS core, msgpack) and routes overlap-first.
+    let chain = InteropChain::start_kv_aware(DynamoOptions::default(), &[0, 1, 2]).await;
+    let dy = &chain.dynamo;
+    let metric = |name: &'static str| {
+        let epp = &chain.epp;
+        async move { epp.metric(name).await.unwrap_or(0.0) }
+    };
+    // The EPP subscribes in the background: prime until a real event has been applied.
+    let deadline = Instant::now() + T;
+    for k in 0u32.. {
+        if metric("dynamo_epp_kv_events_applied_total").await >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no KV event from the mockers reached the EPP");
+        let primer: Vec<u32> = (0..32).map(|i| 90_000 + 100 * k + i).collect();
+        let r = chain.post("/v1/completions", &json!({"model": MODEL, "prompt": primer, "max_tokens": 1}), T).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Three prompts of 8 full blocks each (token ids: the EPP and Dynamo hash the same ids).
+    for p in 0..3u32 {
+        let prompt: Vec<u32> = (0..128).map(|i| 10_000 + 1_000 * p + i).collect();
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
+        let blocks = metric("dynamo_epp_kv_blocks").await;
+        let first = chain.post("/v1/completions", &body, T).await;
+        assert_eq!(first.status, 200, "{}", first.body);
+        assert_eq!(first.json()["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{}", first.body);
+        let cached_on = dy.wait_frontend_routed_to(&first.x_request_id).await.unwrap();
+        // Its 8 blocks reach our index from the worker that cached them…
+        let now = chain.epp.wait_metric("dynamo_epp_kv_blocks", T, |v| v >= blocks + 8.0).await;
+        assert!(now >= blocks + 8.0, "index grew from {blocks} to {now} only");
+        // …so the same prompt goes there again, although all three are idle, and hits the cache.
+        let again = chain.post("/v1/completions", &body, T).await;
+        assert_eq!(again.status, 200, "{}", again.body);
+        assert_eq!(dy.wait_frontend_routed_to(&again.x_request_id).await, Some(cached_on), "prompt {p}");
+        let hit = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        assert!(hit >= 112 && hit % 16 == 0, "cached_tokens {hit}: {}", again.body);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_spreads_across_the_real_workers_under_concurrency() {
     let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
     let dy = &chain.dynamo;
@@ -261,7 +303,7 @@ async fn capture_kv_event_fixtures() {
     let dy = DynamoFleet::start(opts).await;
     let mut capture = tokio::process::Command::new(dynamo_venv().join("bin/python"))
         .arg(out.join("capture_kv_events.py"))
-        .arg(format!("nats://127.0.0.1:{}", dy.nats_port))
+        .arg(dy.nats.url())
         .arg(&namespace)
         .arg(&out)
         .stdin(std::process::Stdio::piped())

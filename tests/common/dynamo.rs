@@ -1,6 +1,6 @@
 //! Real NVIDIA Dynamo 1.6.1 for the interop tests: nats-server (core), `dynamo.mocker` workers and
 //! one `dynamo.frontend --router-mode direct` (the sidecar our EPP talks to through the gateway),
-//! all from `.venv-dynamo` (scripts/setup-dynamo.sh), all bound to 127.0.0.1 on free ports.
+//! Dynamo from `.venv-dynamo` (scripts/setup-dynamo.sh), all bound to 127.0.0.1 on free ports.
 //!
 //! Discovery is `file` (a temp dir), the event plane NATS core. Worker instance ids are random per
 //! start; each worker's id is read from its own Prometheus endpoint (`worker_id` label, hex) and
@@ -17,7 +17,7 @@ use std::{
 
 use tokio::process::{Child, Command};
 
-use crate::common::{free_port, repo_root, wait_for_port, Envoy, Epp, EppLink, EppOptions};
+use crate::common::{free_port, repo_root, Envoy, Epp, EppLink, EppOptions, NatsServer};
 
 /// The served model name every worker registers.
 pub const MODEL: &str = "qwen";
@@ -27,11 +27,7 @@ const START_DEADLINE: Duration = Duration::from_secs(90);
 
 pub fn dynamo_venv() -> PathBuf {
     let venv = repo_root().join(".venv-dynamo");
-    assert!(
-        venv.join("bin/python").exists() && venv.join("bin/nats-server").exists(),
-        "{} is missing; run scripts/setup-dynamo.sh",
-        venv.display()
-    );
+    assert!(venv.join("bin/python").exists(), "{} is missing; run scripts/setup-dynamo.sh", venv.display());
     venv
 }
 
@@ -152,8 +148,7 @@ pub struct Mocker {
 }
 
 pub struct DynamoFleet {
-    _nats: Child,
-    pub nats_port: u16,
+    pub nats: NatsServer,
     pub workers: Vec<Mocker>,
     frontend: parking_lot::Mutex<Child>,
     pub frontend_port: u16,
@@ -170,18 +165,9 @@ impl DynamoFleet {
         let model = dir.path().join("model");
         write_model_dir(&model);
 
-        // NATS core only: the event plane needs no JetStream.
-        let nats_port = free_port();
-        let nats = Command::new(venv.join("bin/nats-server"))
-            .args(["-a", "127.0.0.1", "-p", &nats_port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log_file(&dir.path().join("nats.log")).1)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn nats-server");
-        wait_for_port(nats_port, Duration::from_secs(10)).await;
-
-        let env = dynamo_env(dir.path(), nats_port);
+        // The event plane uses NATS core only (JetStream, on in this server, goes unused).
+        let nats = NatsServer::start().await;
+        let env = dynamo_env(dir.path(), &nats.url());
         let python = venv.join("bin/python");
         let mut workers = Vec::new();
         for (i, &mode) in opts.workers.iter().enumerate() {
@@ -230,8 +216,7 @@ impl DynamoFleet {
             .expect("spawn dynamo.frontend");
 
         let mut fleet = DynamoFleet {
-            _nats: nats,
-            nats_port,
+            nats,
             workers,
             frontend: parking_lot::Mutex::new(frontend),
             frontend_port,
@@ -504,8 +489,33 @@ impl Reply {
 impl InteropChain {
     /// Dynamo per `opts`; our EPP's fleet file names the workers in `fleet` (indices).
     pub async fn start(opts: DynamoOptions, fleet: &[usize]) -> InteropChain {
+        Self::start_with(opts, fleet, |_| vec![]).await
+    }
+
+    /// Like `start`, and our EPP learns the workers' caches from their real KV events on the
+    /// fleet's NATS core event plane.
+    pub async fn start_kv_aware(opts: DynamoOptions, fleet: &[usize]) -> InteropChain {
+        let block_size = opts.block_size.to_string();
+        Self::start_with(opts, fleet, |dy| {
+            vec![
+                ("DYN_EVENT_PLANE".into(), "nats".into()),
+                ("NATS_SERVER".into(), dy.nats.url()),
+                ("DYN_NAMESPACE".into(), dy.namespace.clone()),
+                ("DYN_COMPONENT_NAME".into(), "backend".into()),
+                ("DYN_KV_CACHE_BLOCK_SIZE".into(), block_size),
+            ]
+        })
+        .await
+    }
+
+    async fn start_with(
+        opts: DynamoOptions,
+        fleet: &[usize],
+        epp_env: impl FnOnce(&DynamoFleet) -> Vec<(String, String)>,
+    ) -> InteropChain {
         let dynamo = DynamoFleet::start(opts).await;
-        let epp = Epp::start(&dynamo.fleet_yaml(fleet), EppOptions::default()).await;
+        let epp_opts = EppOptions { env: epp_env(&dynamo), ..Default::default() };
+        let epp = Epp::start(&dynamo.fleet_yaml(fleet), epp_opts).await;
         let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
         InteropChain { dynamo, epp, envoy, client }
@@ -568,14 +578,14 @@ pub async fn read_reply(mut r: reqwest::Response) -> Reply {
 /// Environment shared by the frontend and the mockers. Everything Dynamo listens on is pinned to
 /// loopback (its defaults bind 0.0.0.0); HOME is the temp dir so the frontend's model-card cache
 /// stays per test.
-fn dynamo_env(dir: &Path, nats_port: u16) -> HashMap<&'static str, String> {
+fn dynamo_env(dir: &Path, nats_url: &str) -> HashMap<&'static str, String> {
     HashMap::from([
         ("PATH", std::env::var("PATH").unwrap_or_default()),
         ("HOME", dir.display().to_string()),
         ("DYN_DISCOVERY_BACKEND", "file".into()),
         ("DYN_FILE_KV", dir.join("kv").display().to_string()),
         ("DYN_EVENT_PLANE", "nats".into()),
-        ("NATS_SERVER", format!("nats://127.0.0.1:{nats_port}")),
+        ("NATS_SERVER", nats_url.to_string()),
         ("DYN_REQUEST_PLANE", "tcp".into()),
         ("DYN_TCP_RPC_HOST", "127.0.0.1".into()),
         ("DYN_TCP_RESPONSE_STREAM_HOST", "127.0.0.1".into()),
