@@ -288,6 +288,71 @@ async fn disaggregated_the_frontend_runs_prefill_and_decode_where_the_headers_sa
     assert_eq!(delta(&before, &dy.served_all().await), vec![0; 4]);
 }
 
+/// Our NATS-core decoder on the real payloads in tests/fixtures/dynamo-1.6.1, against Python
+/// msgpack's reading of the same bytes (kv-events.json); our block hashes of the token ids that
+/// produced them against the engine's.
+#[test]
+fn the_nats_decoder_reads_real_dynamo_kv_events() {
+    use dynamo_epp::kv::{
+        events::{nats, KvCacheEventData, ResidencyDomain, StorageTier},
+        hash,
+    };
+    let dir = common::repo_root().join("tests/fixtures/dynamo-1.6.1");
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let messages: Vec<serde_json::Value> = serde_json::from_slice(&read("kv-events.json")).unwrap();
+    let scenario: serde_json::Value = serde_json::from_slice(&read("scenario.json")).unwrap();
+    let u = |v: &serde_json::Value| v.as_u64().unwrap_or_else(|| panic!("not a u64: {v}"));
+    let (mut stored, mut removed) = (std::collections::HashMap::new(), 0);
+    for m in &messages {
+        let env = nats::decode(&read(m["file"].as_str().unwrap())).unwrap();
+        let e = &m["envelope"];
+        assert_eq!(
+            (env.publisher_id, env.sequence, env.published_at),
+            (u(&e["publisher_id"]), u(&e["sequence"]), u(&e["published_at"]))
+        );
+        let want = m["payload"].as_array().unwrap();
+        assert_eq!(env.events.len(), want.len(), "{}", m["file"]);
+        for (got, want) in env.events.iter().zip(want) {
+            assert_eq!(got.worker_id.0, u(&want["worker_id"]));
+            assert_eq!((got.storage_tier, got.residency_domain), (StorageTier::Device, Some(ResidencyDomain::Worker)));
+            assert_eq!(
+                (got.event.event_id, got.event.dp_rank as u64),
+                (u(&want["event"]["event_id"]), u(&want["event"]["dp_rank"]))
+            );
+            let data = &want["event"]["data"];
+            match &got.event.data {
+                KvCacheEventData::Stored(s) => {
+                    let w = &data["stored"];
+                    assert_eq!(s.parent_hash.map(|p| p.0), w["parent_hash"].as_u64());
+                    let blocks = w["blocks"].as_array().unwrap();
+                    assert_eq!(s.blocks.len(), blocks.len());
+                    for (b, wb) in s.blocks.iter().zip(blocks) {
+                        assert_eq!((b.block_hash.0, b.tokens_hash.0), (u(&wb["block_hash"]), u(&wb["tokens_hash"])));
+                        stored.insert(b.block_hash.0, b.tokens_hash.0);
+                    }
+                }
+                KvCacheEventData::Removed(r) => {
+                    let w: Vec<u64> = data["removed"]["block_hashes"].as_array().unwrap().iter().map(u).collect();
+                    assert_eq!(r.block_hashes.iter().map(|h| h.0).collect::<Vec<_>>(), w);
+                    removed += 1;
+                }
+                other => panic!("unexpected {other:?} for {data}"),
+            }
+        }
+    }
+    assert_eq!((stored.len(), removed), (16, 1), "the fixtures' stored blocks and removals");
+    // Every full block of every prompt sent is in the engine's events under our hashes:
+    // tokens_hash = our local hash, block_hash = our sequence hash.
+    let block_size = u(&scenario["block_size"]) as usize;
+    for r in scenario["requests"].as_array().unwrap() {
+        let tokens: Vec<u32> = r["token_ids"].as_array().unwrap().iter().map(|t| u(t) as u32).collect();
+        let local = hash::local_block_hashes(&tokens, block_size, hash::XXH3_SEED);
+        for (l, s) in local.iter().zip(hash::seq_hashes(&local)) {
+            assert_eq!(stored.get(&s.0), Some(&l.0), "{}", r["what"]);
+        }
+    }
+}
+
 /// Regenerates tests/fixtures/dynamo-1.6.1 (README.md there): real KV-event messages from real
 /// mockers over NATS core, with the exact token ids that produced them.
 /// `.venv-dynamo/bin/pip install nats-py==2.16.0 msgpack==1.2.4`, then
