@@ -93,7 +93,10 @@ fn benches(c: &mut Criterion) {
     let mut g = c.benchmark_group("replay_20_turns");
     g.sample_size(10);
     g.throughput(Throughput::Bytes(total as u64));
-    g.bench_function("uncached", |b| b.iter(|| turns.iter().map(|t| tok.encode_uncached(t, false).unwrap().len()).sum::<usize>()));
+    g.bench_function("tokenizers_encode_fast", |b| {
+        b.iter(|| turns.iter().map(|t| tok.inner().encode_fast(t.as_str(), false).unwrap().get_ids().len()).sum::<usize>())
+    });
+    g.bench_function("ours_uncached", |b| b.iter(|| turns.iter().map(|t| tok.encode_uncached(t, false).unwrap().len()).sum::<usize>()));
     g.bench_function("segment_cache", |b| {
         b.iter(|| {
             tok.clear_cache();

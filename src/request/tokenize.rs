@@ -11,7 +11,9 @@ use std::sync::Arc;
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use parking_lot::Mutex;
 use rayon::prelude::*;
-use tokenizers::Tokenizer;
+use tokenizers::{normalizers::NormalizerWrapper, Tokenizer};
+// The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
+use unicode_normalization_alignments::{is_nfc_quick, IsNormalized};
 
 /// Bytes of overhead charged per cache entry on top of its ids (key, links, allocation).
 const ENTRY_OVERHEAD: usize = 64;
@@ -39,6 +41,9 @@ pub struct TextTokenizer {
     /// Ids the post-processor puts before and after a single sequence (`add_special_tokens`).
     frame: Option<(Vec<u32>, Vec<u32>)>,
     cache: Option<SegmentCache>,
+    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text):
+    /// normalizing them changes nothing but costs a copy and per-byte alignments.
+    without_nfc: Option<Tokenizer>,
 }
 
 impl TextTokenizer {
@@ -50,7 +55,12 @@ impl TextTokenizer {
         let splitter = splitter_for(&tok);
         let frame = frame_of(&tok);
         let cache = (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes));
-        TextTokenizer { tok, splitter, frame, cache }
+        let without_nfc = matches!(tok.get_normalizer(), Some(NormalizerWrapper::NFC(_))).then(|| {
+            let mut t = tok.clone();
+            t.with_normalizer(None::<NormalizerWrapper>);
+            t
+        });
+        TextTokenizer { tok, splitter, frame, cache, without_nfc }
     }
 
     pub fn inner(&self) -> &Tokenizer {
@@ -131,8 +141,11 @@ impl TextTokenizer {
     }
 
     fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
-        self.tok
-            .encode_fast(text, add_special)
+        let tok = match &self.without_nfc {
+            Some(t) if is_nfc_quick(text.chars()) == IsNormalized::Yes => t,
+            _ => &self.tok,
+        };
+        tok.encode_fast(text, add_special)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| EncodeError(e.to_string()))
     }
