@@ -80,12 +80,13 @@ fn benches(c: &mut Criterion) {
     }
     g.finish();
 
-    // 20 turns of ~2 KB each: every request resends the whole conversation so far.
-    let convo = chat(&prose, 40 << 10, 20);
+    // 20 turns: request t resends the conversation so far (user, assistant, …) and ends with
+    // the new user message; messages are ~1 KB, so the last request is ~40 KB.
+    let convo = chat(&prose, 40 << 10, 39);
     let turns: Vec<String> = (1..=20)
         .map(|t| {
             let mut upto = convo.clone();
-            upto.messages.truncate(t);
+            upto.messages.truncate(2 * t - 1);
             template(&model).render(&upto).unwrap()
         })
         .collect();
