@@ -10,10 +10,21 @@ use std::sync::Arc;
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use parking_lot::Mutex;
-use tokenizers::Tokenizer;
+use rayon::prelude::*;
+use tokenizers::{normalizers::NormalizerWrapper, Tokenizer};
+// The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
+use unicode_normalization_alignments::{is_nfc_quick, IsNormalized};
 
 /// Bytes of overhead charged per cache entry on top of its ids (key, links, allocation).
 const ENTRY_OVERHEAD: usize = 64;
+/// New text below this is encoded on the calling thread; above, pieces go to all cores.
+const PARALLEL_MIN_BYTES: usize = 8 * 1024;
+
+/// One cut of the text: an added token, or a text piece's ids.
+enum Piece {
+    Added(u32),
+    Ids(Arc<[u32]>),
+}
 
 /// The `tokenizers` library refused a text (rare: e.g. an unknown token without `unk`).
 #[derive(Clone, Debug, thiserror::Error)]
@@ -30,6 +41,9 @@ pub struct TextTokenizer {
     /// Ids the post-processor puts before and after a single sequence (`add_special_tokens`).
     frame: Option<(Vec<u32>, Vec<u32>)>,
     cache: Option<SegmentCache>,
+    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text):
+    /// normalizing them changes nothing but costs a copy and per-byte alignments.
+    without_nfc: Option<Tokenizer>,
 }
 
 impl TextTokenizer {
@@ -41,7 +55,12 @@ impl TextTokenizer {
         let splitter = splitter_for(&tok);
         let frame = frame_of(&tok);
         let cache = (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes));
-        TextTokenizer { tok, splitter, frame, cache }
+        let without_nfc = matches!(tok.get_normalizer(), Some(NormalizerWrapper::NFC(_))).then(|| {
+            let mut t = tok.clone();
+            t.with_normalizer(None::<NormalizerWrapper>);
+            t
+        });
+        TextTokenizer { tok, splitter, frame, cache, without_nfc }
     }
 
     pub fn inner(&self) -> &Tokenizer {
@@ -59,47 +78,74 @@ impl TextTokenizer {
     }
 
     fn encode_with(&self, text: &str, add_special: bool, cache: Option<&SegmentCache>) -> Result<Vec<u32>, EncodeError> {
-        let (Some((matcher, ids)), Some((pre, post))) = (&self.splitter, &self.frame) else {
+        let (Some((matcher, added)), Some((pre, post))) = (&self.splitter, &self.frame) else {
             return self.whole(text, add_special);
         };
-        let mut out = Vec::with_capacity(text.len() / 3 + 8);
+        // Cut at added tokens, as the library does.
+        let mut cuts: Vec<Result<u32, &str>> = Vec::new();
+        let mut at = 0;
+        for m in matcher.find_iter(text) {
+            cuts.push(Err(&text[at..m.start()]));
+            cuts.push(Ok(added[m.pattern().as_usize()]));
+            at = m.end();
+        }
+        cuts.push(Err(&text[at..]));
+        // Take each text piece from the cache or mark it for encoding.
+        let mut pieces: Vec<Piece> = Vec::with_capacity(cuts.len());
+        let mut misses: Vec<(usize, &str, u128)> = Vec::new();
+        for cut in cuts {
+            match cut {
+                Ok(id) => pieces.push(Piece::Added(id)),
+                Err("") => {}
+                Err(s) => {
+                    let key = cache.map_or(0, |_| xxhash_rust::xxh3::xxh3_128(s.as_bytes()));
+                    match cache.and_then(|c| c.get(key, s.len())) {
+                        Some(ids) => pieces.push(Piece::Ids(ids)),
+                        None => {
+                            misses.push((pieces.len(), s, key));
+                            pieces.push(Piece::Ids(Arc::from([])));
+                        }
+                    }
+                }
+            }
+        }
+        // Pieces are independent, so a request with much new text spreads them over the cores.
+        let miss_bytes: usize = misses.iter().map(|(_, s, _)| s.len()).sum();
+        let encoded: Vec<Vec<u32>> = if misses.len() > 1 && miss_bytes >= PARALLEL_MIN_BYTES {
+            misses.par_iter().map(|(_, s, _)| self.whole(s, false)).collect::<Result<_, _>>()?
+        } else {
+            misses.iter().map(|(_, s, _)| self.whole(s, false)).collect::<Result<_, _>>()?
+        };
+        for ((slot, s, key), ids) in misses.iter().zip(encoded) {
+            let ids: Arc<[u32]> = ids.into();
+            if let Some(c) = cache {
+                c.put(*key, s.len(), ids.clone());
+            }
+            pieces[*slot] = Piece::Ids(ids);
+        }
+        let n: usize = pieces.iter().map(|p| if let Piece::Ids(i) = p { i.len() } else { 1 }).sum();
+        let mut out = Vec::with_capacity(n + pre.len() + post.len());
         if add_special {
             out.extend_from_slice(pre);
         }
-        let mut at = 0;
-        for m in matcher.find_iter(text) {
-            self.segment(&text[at..m.start()], cache, &mut out)?;
-            out.push(ids[m.pattern().as_usize()]);
-            at = m.end();
+        for p in &pieces {
+            match p {
+                Piece::Added(id) => out.push(*id),
+                Piece::Ids(ids) => out.extend_from_slice(ids),
+            }
         }
-        self.segment(&text[at..], cache, &mut out)?;
         if add_special {
             out.extend_from_slice(post);
         }
         Ok(out)
     }
 
-    fn segment(&self, piece: &str, cache: Option<&SegmentCache>, out: &mut Vec<u32>) -> Result<(), EncodeError> {
-        if piece.is_empty() {
-            return Ok(());
-        }
-        let Some(cache) = cache else {
-            out.extend(self.whole(piece, false)?);
-            return Ok(());
-        };
-        let key = xxhash_rust::xxh3::xxh3_128(piece.as_bytes());
-        if cache.get_into(key, piece.len(), out) {
-            return Ok(());
-        }
-        let ids = self.whole(piece, false)?;
-        out.extend_from_slice(&ids);
-        cache.put(key, piece.len(), ids);
-        Ok(())
-    }
-
     fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
-        self.tok
-            .encode_fast(text, add_special)
+        let tok = match &self.without_nfc {
+            Some(t) if is_nfc_quick(text.chars()) == IsNormalized::Yes => t,
+            _ => &self.tok,
+        };
+        tok.encode_fast(text, add_special)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| EncodeError(e.to_string()))
     }
@@ -182,25 +228,18 @@ impl SegmentCache {
         ids * 4 + ENTRY_OVERHEAD
     }
 
-    fn get_into(&self, key: u128, len: usize, out: &mut Vec<u32>) -> bool {
-        let ids = {
-            let mut c = self.inner.lock();
-            match c.map.get(&key) {
-                Some(e) if e.len == len => e.ids.clone(),
-                _ => return false,
-            }
-        };
-        out.extend_from_slice(&ids);
-        true
+    fn get(&self, key: u128, len: usize) -> Option<Arc<[u32]>> {
+        let mut c = self.inner.lock();
+        c.map.get(&key).filter(|e| e.len == len).map(|e| e.ids.clone())
     }
 
-    fn put(&self, key: u128, len: usize, ids: Vec<u32>) {
+    fn put(&self, key: u128, len: usize, ids: Arc<[u32]>) {
         let cost = Self::cost(ids.len());
         if cost > self.budget {
             return;
         }
         let mut c = self.inner.lock();
-        if let Some(old) = c.map.put(key, Entry { len, ids: ids.into() }) {
+        if let Some(old) = c.map.put(key, Entry { len, ids }) {
             c.bytes -= Self::cost(old.ids.len());
         }
         c.bytes += cost;
@@ -226,17 +265,17 @@ mod tests {
     fn cache_evicts_least_recently_used_within_budget() {
         let c = SegmentCache::new(3 * SegmentCache::cost(10));
         for k in 0..3u128 {
-            c.put(k, 1, vec![k as u32; 10]);
+            c.put(k, 1, vec![k as u32; 10].into());
         }
-        let mut out = Vec::new();
-        assert!(c.get_into(0, 1, &mut out)); // 0 is now the most recent
-        c.put(3, 1, vec![3; 10]);
+        assert!(c.get(0, 1).is_some()); // 0 is now the most recent
+        c.put(3, 1, vec![3; 10].into());
         assert_eq!(c.usage().0, 3);
-        assert!(!c.get_into(1, 1, &mut out), "1 was least recently used");
-        assert!(c.get_into(0, 1, &mut out) && c.get_into(3, 1, &mut out));
-        assert!(!c.get_into(3, 2, &mut out), "length mismatch is a miss");
+        assert!(c.get(1, 1).is_none(), "1 was least recently used");
+        assert_eq!(c.get(3, 1).as_deref(), Some(&[3u32; 10][..]));
+        assert!(c.get(0, 1).is_some());
+        assert!(c.get(3, 2).is_none(), "length mismatch is a miss");
         assert!(c.usage().1 <= 3 * SegmentCache::cost(10));
-        c.put(9, 1, vec![0; 1000]); // larger than the whole budget: not cached
-        assert!(!c.get_into(9, 1, &mut out));
+        c.put(9, 1, vec![0; 1000].into()); // larger than the whole budget: not cached
+        assert!(c.get(9, 1).is_none());
     }
 }
