@@ -84,7 +84,7 @@ fn settings(url: &str, consumer: &str, reset: bool) -> PlaneSettings {
     }
 }
 
-const STREAM: &str = "namespace-dynamo-component-backend-kv-events";
+const STREAM: &str = KV_STREAM;
 
 /// A Stored event in Dynamo's JSON (contracts §5.5), written out by hand.
 fn stored_json(worker: u64, id: u64) -> Vec<u8> {
@@ -92,20 +92,6 @@ fn stored_json(worker: u64, id: u64) -> Vec<u8> {
         "parent_hash": null, "blocks": [{"block_hash": id, "tokens_hash": 1000 + id, "mm_extra_info": null}]}}, "dp_rank": 0}})
     .to_string()
     .into_bytes()
-}
-
-/// The stream as Dynamo's publisher creates it, so events can be published before the EPP runs.
-async fn publisher(url: &str) -> jetstream::Context {
-    let client = async_nats::connect(url).await.unwrap();
-    let js = jetstream::new(client);
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec![format!("{STREAM}.*")],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    js
 }
 
 async fn publish_all(js: &jetstream::Context, msgs: impl IntoIterator<Item = Vec<u8>>) {
@@ -140,7 +126,7 @@ async fn wait_acked(js: &jetstream::Context, consumer: &str, through: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
     let nats = NatsServer::start().await;
-    let js = publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     // Published before the subscriber exists, with two malformed messages among them.
     let mut msgs: Vec<Vec<u8>> = (1..=30).map(|i| stored_json(7, i)).collect();
     msgs.insert(10, b"{not json".to_vec());
@@ -173,7 +159,7 @@ async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_reset_states_starts_from_the_end() {
     let nats = NatsServer::start().await;
-    let js = publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     publish_all(&js, (1..=10).map(|i| stored_json(7, i))).await;
     // A consumer that read nothing yet, then reset: the 10 old events are skipped.
     let rec = Arc::new(Recorder::default());
@@ -195,7 +181,7 @@ async fn jetstream_reset_states_starts_from_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_survives_a_nats_restart_without_losing_events() {
     let mut nats = NatsServer::start().await;
-    let js = publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     let rec = Arc::new(Recorder::default());
     let task = tokio::spawn(kv_plane::jetstream::run(settings(&nats.url(), "epp-x", false), rec.clone()));
     publish_all(&js, (1..=100).map(|i| stored_json(7, i))).await;
@@ -203,7 +189,7 @@ async fn jetstream_survives_a_nats_restart_without_losing_events() {
 
     nats.restart().await;
     // A fresh publisher connection after the restart (the old one reconnects on its own too).
-    let js = publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     publish_all(&js, (101..=200).map(|i| stored_json(7, i))).await;
     rec.wait_for(200, Duration::from_secs(60)).await;
     let mut ids = rec.ids();
@@ -216,7 +202,7 @@ async fn jetstream_survives_a_nats_restart_without_losing_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_applies_100k_events_in_order() {
     let nats = NatsServer::start().await;
-    let js = publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     const N: u64 = 100_000;
     publish_all(&js, (1..=N).map(|i| stored_json(7, i))).await;
     let rec = Arc::new(Recorder::default());

@@ -255,7 +255,8 @@ impl Index {
         let mut done: Vec<(Holder, u32)> = Vec::new();
         if let Some(&first) = hashes.first() {
             if let Some(mut slot) = self.find_child(ROOT, first.0) {
-                let mut active: Vec<Holder> = self.holders_of(slot).to_vec();
+                let mut cur = self.holders_of(slot);
+                let mut active: Vec<Holder> = cur.to_vec();
                 let mut depth = 1u32;
                 for &h in &hashes[1..] {
                     let Some(next) = self.find_child(slot, h.0) else { break };
@@ -265,7 +266,8 @@ impl Index {
                         if !next_holders.contains(active[0]) {
                             break;
                         }
-                    } else {
+                    } else if !next_holders.same_as(&cur) {
+                        // (Equal holder lists, as along a shared prefix, keep `active` as is.)
                         active.retain(|a| {
                             let keep = next_holders.contains(*a);
                             if !keep {
@@ -278,22 +280,21 @@ impl Index {
                         }
                     }
                     slot = next;
+                    cur = next_holders;
                     depth += 1;
                 }
                 done.extend(active.iter().map(|&a| (a, depth)));
             }
         }
+        // Sorted by holder id, a rank's tiers are adjacent.
+        done.sort_unstable_by_key(|&(h, _)| h);
         let mut out: Vec<Overlap> = Vec::new();
         for (holder, depth) in done {
             let Some(worker) = self.ranks[(holder >> 2) as usize] else { continue };
-            let o = match out.iter_mut().find(|o| o.worker == worker) {
-                Some(o) => o,
-                None => {
-                    out.push(Overlap { worker, blocks: [0; 4] });
-                    out.last_mut().expect("just pushed")
-                }
-            };
-            o.blocks[(holder & 3) as usize] = depth;
+            if out.last().is_none_or(|o| o.worker != worker) {
+                out.push(Overlap { worker, blocks: [0; 4] });
+            }
+            out.last_mut().expect("pushed above").blocks[(holder & 3) as usize] = depth;
         }
         out
     }
@@ -485,6 +486,15 @@ enum Holders<'a> {
 }
 
 impl Holders<'_> {
+    fn same_as(&self, other: &Holders) -> bool {
+        match (self, other) {
+            (Holders::None, Holders::None) => true,
+            (Holders::One(a), Holders::One(b)) => a == b,
+            (Holders::Many(a), Holders::Many(b)) => a == b,
+            _ => false,
+        }
+    }
+
     fn contains(&self, h: Holder) -> bool {
         match *self {
             Holders::None => false,

@@ -568,3 +568,20 @@ impl NatsServer {
         std::fs::read_to_string(self.dir.path().join("nats.log")).unwrap_or_default()
     }
 }
+
+/// Dynamo's legacy KV-event stream for namespace `dynamo`, component `backend`.
+pub const KV_STREAM: &str = "namespace-dynamo-component-backend-kv-events";
+
+/// A JetStream publisher with the KV-event stream created as Dynamo's publisher creates it,
+/// so events can be published before the EPP runs.
+pub async fn kv_event_publisher(url: &str) -> async_nats::jetstream::Context {
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: KV_STREAM.into(),
+        subjects: vec![format!("{KV_STREAM}.*")],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js
+}
