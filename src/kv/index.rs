@@ -62,14 +62,21 @@ impl Block {
     fn cont(&self) -> bool {
         self.meta & CONT != 0
     }
+    /// The holder, `NONE`, or `MANY | list index`.
     fn payload(&self) -> u32 {
-        self.meta & PAYLOAD
+        self.meta & !CONT
     }
 }
 
 /// An engine hash as a 12-byte-entry map key (u64 would pad the entry to 16).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 struct ExtKey([u32; 2]);
+
+impl std::hash::Hash for ExtKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        h.write_u64(self.0[0] as u64 | (self.0[1] as u64) << 32);
+    }
+}
 
 impl From<ExternalBlockHash> for ExtKey {
     fn from(h: ExternalBlockHash) -> Self {
@@ -111,7 +118,7 @@ pub struct Index {
     side: FxHashMap<(u32, u64), u32>,
     side_parent: FxHashMap<u32, u32>,
     side_children: FxHashMap<u32, u32>,
-    spill: Vec<Vec<Holder>>,
+    spill: Vec<HolderSet>,
     spill_free: Vec<u32>,
     ranks: Vec<Option<WorkerRank>>,
     rank_slots: FxHashMap<WorkerRank, u32>,
@@ -182,6 +189,7 @@ impl Index {
                 None => return Err("unknown_parent"),
             },
         };
+        let mut memo = None;
         for &(ext, local) in blocks {
             let child = match self.find_child(p, local.0) {
                 Some(c) => c,
@@ -193,10 +201,10 @@ impl Index {
                 prev => {
                     // One holding per engine hash: a block two engine hashes name is held
                     // twice (holder lists are multisets) and stays until both are removed.
-                    self.add_holder(child, holder);
+                    self.change_holders(child, holder, true, &mut memo);
                     if let Some(old) = prev {
                         // The engine reused a hash for other content: that block is gone.
-                        self.drop_holding(old, holder);
+                        self.drop_holding(old, holder, &mut None);
                     }
                 }
             }
@@ -209,10 +217,11 @@ impl Index {
     pub fn remove(&mut self, wr: WorkerRank, tier: StorageTier, hashes: &[ExternalBlockHash]) {
         let Some(&rs) = self.rank_slots.get(&wr) else { return };
         let holder = rs << 2 | tier.index() as u32;
+        let mut memo = None;
         for &h in hashes {
             let Some(st) = self.holders[holder as usize].as_mut() else { return };
             if let Some(slot) = st.ext.remove(&h.into()) {
-                self.drop_holding(slot, holder);
+                self.drop_holding(slot, holder, &mut memo);
             }
         }
     }
@@ -223,8 +232,9 @@ impl Index {
         for tier in 0..4 {
             let holder = rs << 2 | tier;
             if let Some(st) = self.holders[holder as usize].take() {
+                let mut memo = None;
                 for (_, slot) in st.ext {
-                    self.drop_holding(slot, holder);
+                    self.drop_holding(slot, holder, &mut memo);
                 }
             }
         }
@@ -266,8 +276,9 @@ impl Index {
                         if !next_holders.contains(active[0]) {
                             break;
                         }
-                    } else if !next_holders.same_as(&cur) {
-                        // (Equal holder lists, as along a shared prefix, keep `active` as is.)
+                    } else if self.blocks[next as usize].payload() != self.blocks[slot as usize].payload() && !next_holders.same_as(&cur) {
+                        // (Equal holder lists, as along a shared prefix, keep `active` as is;
+                        // lists shared by both blocks compare by id.)
                         active.retain(|a| {
                             let keep = next_holders.contains(*a);
                             if !keep {
@@ -348,11 +359,20 @@ impl Index {
         self.blocks.get(slot as usize + 1).is_some_and(|b| b.cont())
     }
 
+    /// Grows the slab by a quarter at a time: doubling would leave a third of it unused on
+    /// average, and the slab is most of the index.
+    fn push_block(&mut self, b: Block) {
+        if self.blocks.len() == self.blocks.capacity() {
+            self.blocks.reserve_exact((self.blocks.len() / 4).max(1024));
+        }
+        self.blocks.push(b);
+    }
+
     fn add_child(&mut self, parent: u32, hash: u64) -> u32 {
         if parent != ROOT && !self.has_implicit_child(parent) {
             let next = parent as usize + 1;
             if next == self.blocks.len() {
-                self.blocks.push(Block::new(hash, true));
+                self.push_block(Block::new(hash, true));
                 return next as u32;
             }
             if self.blocks[next].is_free() {
@@ -369,7 +389,7 @@ impl Index {
                 }
                 Some(_) => continue,
                 None => {
-                    self.blocks.push(Block::new(hash, false));
+                    self.push_block(Block::new(hash, false));
                     break self.blocks.len() as u32 - 1;
                 }
             }
@@ -385,7 +405,7 @@ impl Index {
         let b = &self.blocks[slot as usize];
         match b.payload() {
             NONE => Holders::None,
-            p if b.meta & MANY != 0 => Holders::Many(&self.spill[p as usize]),
+            p if p & MANY != 0 => Holders::Many(&self.spill[(p & PAYLOAD) as usize].list),
             p => Holders::One(p),
         }
     }
@@ -395,51 +415,92 @@ impl Index {
         b.meta = (b.meta & CONT) | payload;
     }
 
-    fn add_holder(&mut self, slot: u32, holder: Holder) {
-        match self.holders_of(slot) {
-            Holders::None => self.set_payload(slot, holder),
-            Holders::One(h) => {
-                let list = if h < holder { vec![h, holder] } else { vec![holder, h] };
-                let idx = match self.spill_free.pop() {
-                    Some(i) => {
-                        self.spill[i as usize] = list;
-                        i
-                    }
-                    None => {
-                        self.spill.push(list);
-                        self.spill.len() as u32 - 1
-                    }
-                };
-                self.set_payload(slot, MANY | idx);
+    /// Adds (`add`) or takes off one holding of `holder` on `slot`. Holder lists of several
+    /// holders are shared by consecutive blocks with the same holders (copy on write): a
+    /// store or removal along a chain makes each distinct change once and `memo` replays it
+    /// for the next block, and lookups compare list ids instead of lists.
+    fn change_holders(&mut self, slot: u32, holder: Holder, add: bool, memo: &mut Option<Memo>) {
+        let from = self.blocks[slot as usize].payload();
+        if let Some(m) = *memo {
+            if m.from == from && m.holder == holder && m.add == add {
+                self.retain_set(m.to);
+                self.release_set(from);
+                self.set_payload(slot, m.to);
+                return;
             }
-            Holders::Many(_) => {
-                let idx = self.blocks[slot as usize].payload() as usize;
-                let list = &mut self.spill[idx];
-                let pos = list.partition_point(|&x| x <= holder);
-                list.insert(pos, holder);
+        }
+        let to = match (self.holders_of(slot), add) {
+            (Holders::None, true) => holder,
+            (Holders::None, false) => from,
+            (Holders::One(a), true) => self.new_set(if a < holder { vec![a, holder] } else { vec![holder, a] }),
+            (Holders::One(a), false) => if a == holder { NONE } else { from },
+            (Holders::Many(list), _) => {
+                let pos = if add { Ok(list.partition_point(|&x| x <= holder)) } else { list.binary_search(&holder).map_err(|_| ()) };
+                match pos {
+                    Err(()) => from,
+                    Ok(_) if !add && list.len() == 2 => list[usize::from(list[0] == holder)],
+                    Ok(pos) => {
+                        let idx = (from & PAYLOAD) as usize;
+                        if self.spill[idx].refs == 1 {
+                            let list = &mut self.spill[idx].list;
+                            if add { list.insert(pos, holder) } else { list.remove(pos); }
+                            from
+                        } else {
+                            let mut list = self.spill[idx].list.clone();
+                            if add { list.insert(pos, holder) } else { list.remove(pos); }
+                            self.new_set(list)
+                        }
+                    }
+                }
+            }
+        };
+        // An in-place change (`to == from`) touched a list no other block has: nothing to
+        // replay.
+        *memo = None;
+        if to != from {
+            self.release_set(from);
+            self.set_payload(slot, to);
+            *memo = Some(Memo { from, holder, add, to });
+        }
+    }
+
+    /// A new shared list (one user), as a payload.
+    fn new_set(&mut self, list: Vec<Holder>) -> u32 {
+        let set = HolderSet { refs: 1, list };
+        let idx = match self.spill_free.pop() {
+            Some(i) => {
+                self.spill[i as usize] = set;
+                i
+            }
+            None => {
+                self.spill.push(set);
+                self.spill.len() as u32 - 1
+            }
+        };
+        MANY | idx
+    }
+
+    fn retain_set(&mut self, payload: u32) {
+        if payload & MANY != 0 {
+            self.spill[(payload & PAYLOAD) as usize].refs += 1;
+        }
+    }
+
+    fn release_set(&mut self, payload: u32) {
+        if payload & MANY != 0 {
+            let idx = payload & PAYLOAD;
+            let set = &mut self.spill[idx as usize];
+            set.refs -= 1;
+            if set.refs == 0 {
+                set.list = Vec::new();
+                self.spill_free.push(idx);
             }
         }
     }
 
-    /// Takes `holder` off a block and frees whatever that leaves empty.
-    fn drop_holding(&mut self, slot: u32, holder: Holder) {
-        match self.holders_of(slot) {
-            Holders::One(h) if h == holder => self.set_payload(slot, NONE),
-            Holders::Many(_) => {
-                let idx = self.blocks[slot as usize].payload();
-                let list = &mut self.spill[idx as usize];
-                if let Ok(pos) = list.binary_search(&holder) {
-                    list.remove(pos);
-                }
-                if list.len() == 1 {
-                    let last = list[0];
-                    self.spill[idx as usize] = Vec::new();
-                    self.spill_free.push(idx);
-                    self.set_payload(slot, last);
-                }
-            }
-            _ => {}
-        }
+    /// Takes one holding of `holder` off a block and frees whatever that leaves empty.
+    fn drop_holding(&mut self, slot: u32, holder: Holder, memo: &mut Option<Memo>) {
+        self.change_holders(slot, holder, false, memo);
         self.prune(slot);
     }
 
@@ -447,7 +508,7 @@ impl Index {
     fn prune(&mut self, mut slot: u32) {
         while slot != ROOT {
             let b = self.blocks[slot as usize];
-            if b.is_free() || b.meta & !CONT != NONE || self.has_implicit_child(slot) || self.side_children.contains_key(&slot) {
+            if b.is_free() || b.payload() != NONE || self.has_implicit_child(slot) || self.side_children.contains_key(&slot) {
                 return;
             }
             let parent = if b.cont() {
@@ -474,6 +535,23 @@ impl Index {
             slot = parent;
         }
     }
+}
+
+/// A list of several holders, shared by the blocks that have exactly these holders.
+#[derive(Default)]
+struct HolderSet {
+    refs: u32,
+    /// Sorted; a holder appears once per engine hash naming the block.
+    list: Vec<Holder>,
+}
+
+/// One holder-list change, replayed on the next block that starts from the same list.
+#[derive(Clone, Copy)]
+struct Memo {
+    from: u32,
+    holder: Holder,
+    add: bool,
+    to: u32,
 }
 
 /// The holders of one block.
@@ -676,10 +754,10 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u64..3, 0usize..2, proptest::option::of(0u64..40), 0u64..40, proptest::collection::vec(0u64..4, 1..6))
+            4 => (0u64..5, 0usize..2, proptest::option::of(0u64..40), 0u64..40, proptest::collection::vec(0u64..4, 1..6))
                 .prop_map(|(w, t, parent, ext0, locals)| Op::Store { w, t, parent, ext0, locals }),
-            3 => (0u64..3, 0usize..2, proptest::collection::vec(0u64..45, 1..6)).prop_map(|(w, t, ext)| Op::Remove { w, t, ext }),
-            1 => (0u64..3).prop_map(|w| Op::Clear { w }),
+            3 => (0u64..5, 0usize..2, proptest::collection::vec(0u64..45, 1..6)).prop_map(|(w, t, ext)| Op::Remove { w, t, ext }),
+            1 => (0u64..5).prop_map(|w| Op::Clear { w }),
         ]
     }
 
