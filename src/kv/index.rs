@@ -14,7 +14,8 @@
 //!
 //! Invariants: a live block has holders or children (empty leaves are freed at once, up the
 //! chain); `CONT` is set only on live blocks whose parent is the previous slot; every `side`
-//! entry has its reverse in `side_parent` and is counted in `side_children`.
+//! entry has its reverse in `side_parent` and is counted in `side_children`, and a block's
+//! `SIDE` flag says that count is not zero (so appending a chain needs no map probe).
 
 use std::{collections::HashMap, hash::BuildHasherDefault};
 
@@ -34,7 +35,9 @@ const ROOT: u32 = u32::MAX;
 const CONT: u32 = 1 << 31;
 /// `meta`: the payload is an index into `spill`.
 const MANY: u32 = 1 << 30;
-const PAYLOAD: u32 = MANY - 1;
+/// `meta`: this block has children linked through `side`.
+const SIDE: u32 = 1 << 29;
+const PAYLOAD: u32 = SIDE - 1;
 /// Payload of a live block nobody holds (an interior node kept for its children).
 const NONE: u32 = PAYLOAD;
 /// `meta` of a free slot.
@@ -64,7 +67,7 @@ impl Block {
     }
     /// The holder, `NONE`, or `MANY | list index`.
     fn payload(&self) -> u32 {
-        self.meta & !CONT
+        self.meta & (MANY | PAYLOAD)
     }
 }
 
@@ -267,6 +270,7 @@ impl Index {
             if let Some(mut slot) = self.find_child(ROOT, first.0) {
                 let mut cur = self.holders_of(slot);
                 let mut active: Vec<Holder> = cur.to_vec();
+                done.reserve(active.len());
                 let mut depth = 1u32;
                 for &h in &hashes[1..] {
                     let Some(next) = self.find_child(slot, h.0) else { break };
@@ -297,9 +301,12 @@ impl Index {
                 done.extend(active.iter().map(|&a| (a, depth)));
             }
         }
-        // Sorted by holder id, a rank's tiers are adjacent.
-        done.sort_unstable_by_key(|&(h, _)| h);
-        let mut out: Vec<Overlap> = Vec::new();
+        // Sorted by holder id, a rank's tiers are adjacent (often sorted already: holder
+        // lists are).
+        if !done.is_sorted_by_key(|&(h, _)| h) {
+            done.sort_unstable_by_key(|&(h, _)| h);
+        }
+        let mut out: Vec<Overlap> = Vec::with_capacity(done.len());
         for (holder, depth) in done {
             let Some(worker) = self.ranks[(holder >> 2) as usize] else { continue };
             if out.last().is_none_or(|o| o.worker != worker) {
@@ -351,6 +358,9 @@ impl Index {
                     return Some(parent + 1);
                 }
             }
+            if self.blocks[parent as usize].meta & SIDE == 0 {
+                return None;
+            }
         }
         self.side.get(&(parent, hash)).copied()
     }
@@ -398,6 +408,9 @@ impl Index {
         self.side.insert((parent, hash), slot);
         self.side_parent.insert(slot, parent);
         *self.side_children.entry(parent).or_default() += 1;
+        if parent != ROOT {
+            self.blocks[parent as usize].meta |= SIDE;
+        }
         slot
     }
 
@@ -412,7 +425,7 @@ impl Index {
 
     fn set_payload(&mut self, slot: u32, payload: u32) {
         let b = &mut self.blocks[slot as usize];
-        b.meta = (b.meta & CONT) | payload;
+        b.meta = (b.meta & (CONT | SIDE)) | payload;
     }
 
     /// Adds (`add`) or takes off one holding of `holder` on `slot`. Holder lists of several
@@ -508,7 +521,7 @@ impl Index {
     fn prune(&mut self, mut slot: u32) {
         while slot != ROOT {
             let b = self.blocks[slot as usize];
-            if b.is_free() || b.payload() != NONE || self.has_implicit_child(slot) || self.side_children.contains_key(&slot) {
+            if b.is_free() || b.payload() != NONE || b.meta & SIDE != 0 || self.has_implicit_child(slot) {
                 return;
             }
             let parent = if b.cont() {
@@ -520,6 +533,9 @@ impl Index {
                 *n -= 1;
                 if *n == 0 {
                     self.side_children.remove(&parent);
+                    if parent != ROOT {
+                        self.blocks[parent as usize].meta &= !SIDE;
+                    }
                 }
                 parent
             };
