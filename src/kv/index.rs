@@ -10,24 +10,22 @@
 //! - A block stored right after its parent in the slab is that parent's *implicit* child (flag
 //!   `CONT`): long chains, the common case, need no per-block map entry, and walking them is a
 //!   sequential scan. Other parent → child links (branch points, the roots) live in `side`.
-//! - Each holder maps engine hashes to slab slots (12-byte entries), for parents and removals.
+//! - Each holder maps engine hashes to slab slots ([`ExtMap`], 12-byte entries), for parents
+//!   and removals.
 //!
 //! Invariants: a live block has holders or children (empty leaves are freed at once, up the
 //! chain); `CONT` is set only on live blocks whose parent is the previous slot; every `side`
 //! entry has its reverse in `side_parent` and is counted in `side_children`, and a block's
 //! `SIDE` flag says that count is not zero (so appending a chain needs no map probe).
 
-use std::{collections::HashMap, hash::BuildHasherDefault};
-
-use rustc_hash::{FxHashMap, FxHasher};
+use rustc_hash::FxHashMap;
 
 use super::{
+    ext_map::ExtMap,
     events::{ExternalBlockHash, KvCacheEventData, ResidencyDomain, RouterEvent, StorageTier},
     hash::LocalBlockHash,
 };
 use crate::workers::{DpRank, WorkerId, WorkerRank};
-
-type Fx = BuildHasherDefault<FxHasher>;
 
 /// Parent id of the roots' links.
 const ROOT: u32 = u32::MAX;
@@ -71,22 +69,6 @@ impl Block {
     }
 }
 
-/// An engine hash as a 12-byte-entry map key (u64 would pad the entry to 16).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct ExtKey([u32; 2]);
-
-impl std::hash::Hash for ExtKey {
-    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
-        h.write_u64(self.0[0] as u64 | (self.0[1] as u64) << 32);
-    }
-}
-
-impl From<ExternalBlockHash> for ExtKey {
-    fn from(h: ExternalBlockHash) -> Self {
-        ExtKey([h.0 as u32, (h.0 >> 32) as u32])
-    }
-}
-
 /// One (worker, rank, tier): id = `rank_slot << 2 | tier`.
 type Holder = u32;
 
@@ -109,7 +91,7 @@ pub struct Applied {
 
 #[derive(Default)]
 struct HolderState {
-    ext: HashMap<ExtKey, u32, Fx>,
+    ext: ExtMap,
 }
 
 #[derive(Default)]
@@ -187,7 +169,7 @@ impl Index {
         let Some(holder) = self.holder_id(wr, tier) else { return Err("too_many_workers") };
         let mut p = match parent {
             None => ROOT,
-            Some(ph) => match self.find_parent(holder, ph.into()) {
+            Some(ph) => match self.find_parent(holder, ph.0) {
                 Some(s) => s,
                 None => return Err("unknown_parent"),
             },
@@ -199,7 +181,7 @@ impl Index {
                 None => self.add_child(p, local.0),
             };
             let st = self.holders[holder as usize].as_mut().expect("holder state exists");
-            match st.ext.insert(ext.into(), child) {
+            match st.ext.insert(ext.0, child) {
                 Some(old) if old == child => {}
                 prev => {
                     // One holding per engine hash: a block two engine hashes name is held
@@ -223,7 +205,7 @@ impl Index {
         let mut memo = None;
         for &h in hashes {
             let Some(st) = self.holders[holder as usize].as_mut() else { return };
-            if let Some(slot) = st.ext.remove(&h.into()) {
+            if let Some(slot) = st.ext.remove(h.0) {
                 self.drop_holding(slot, holder, &mut memo);
             }
         }
@@ -236,7 +218,7 @@ impl Index {
             let holder = rs << 2 | tier;
             if let Some(st) = self.holders[holder as usize].take() {
                 let mut memo = None;
-                for (_, slot) in st.ext {
+                for slot in st.ext.values() {
                     self.drop_holding(slot, holder, &mut memo);
                 }
             }
@@ -344,11 +326,11 @@ impl Index {
 
     /// A parent is looked up in the same tier first, then in the rank's other tiers (an
     /// offloaded block's parent may still be on the device).
-    fn find_parent(&self, holder: Holder, ph: ExtKey) -> Option<u32> {
+    fn find_parent(&self, holder: Holder, ph: u64) -> Option<u32> {
         let base = holder & !3;
         std::iter::once(holder)
             .chain((0..4).map(|t| base | t).filter(|&h| h != holder))
-            .find_map(|h| self.holders[h as usize].as_ref()?.ext.get(&ph).copied())
+            .find_map(|h| self.holders[h as usize].as_ref()?.ext.get(ph))
     }
 
     fn find_child(&self, parent: u32, hash: u64) -> Option<u32> {
