@@ -4,9 +4,9 @@
 //!
 //! Block size 16, 100 workers, sequences of `seq_blocks` blocks (512 or 128) until ~1 M
 //! (worker, block) pairs; sequence i lives on worker i mod 100; its first 25 % is the shared
-//! prefix of one of 4 seeded prefix groups, the rest unique. Each sequence is one Stored event
-//! (engine hashes distinct per worker, as vLLM's are). Queries: a stored sequence (full hit),
-//! a group prefix then new blocks, and unknown blocks (miss).
+//! prefix of one of 4 seeded prefix groups, the rest unique. Each sequence is one Stored event.
+//! Queries: a stored sequence (full hit), a group prefix then new blocks, and unknown blocks
+//! (miss). Every subject must answer a full hit, a shared prefix and a miss correctly first.
 #![allow(dead_code)] // each bench uses a different part
 
 use std::{
@@ -106,10 +106,12 @@ pub fn build(seq_blocks: usize, queries: usize) -> Workload {
         let g = rng.random_range(0..GROUPS);
         let mut locals = groups[g].clone();
         locals.extend((prefix_len..seq_blocks).map(|_| rng.random::<u64>()));
-        // Engine hashes name a block's whole prefix on one worker: a shared prefix stored
-        // twice on the same worker carries the same hashes, other workers' differ.
-        let identity = |p: usize| if p < prefix_len { mix(g as u64 * 1_000_003 + p as u64) } else { mix((i as u64) << 20 | p as u64) ^ 0xABCD };
-        let ext: Vec<u64> = (0..seq_blocks).map(|p| mix(identity(p) ^ mix(worker + 1))).collect();
+        // Engine hashes name a block's whole prefix, the same on every worker, as Dynamo's
+        // publishers make them (contracts §13). Dynamo's compressed tree relies on that: with
+        // per-worker hashes (vLLM's own) it loses the suffixes stored after a shared prefix.
+        let ext: Vec<u64> = (0..seq_blocks)
+            .map(|p| if p < prefix_len { mix(g as u64 * 1_000_003 + p as u64) } else { mix((i as u64) << 20 | p as u64) ^ 0xABCD })
+            .collect();
         distinct.extend(ext.iter().map(|&e| (worker, e)));
         let blocks = ext
             .iter()
@@ -177,7 +179,8 @@ pub trait Subject {
     fn empty(&self) -> Self::Ix;
     /// Applies the events; everything is applied when it returns.
     fn ingest(&self, ix: &mut Self::Ix, evs: &[Self::Ev]);
-    /// Workers with a non-empty overlap (the caller only needs the work done).
+    /// The longest overlap any worker has (checked once, so every subject is seen to have
+    /// applied the workload).
     fn lookup(&self, ix: &Self::Ix, q: &[LocalBlockHash]) -> usize;
 }
 
@@ -206,6 +209,8 @@ pub fn bench_subject<S: Subject>(c: &mut criterion::Criterion, w: &Workload, s: 
     let mut ix = s.empty();
     s.ingest(&mut ix, &stores);
     let bytes_per_residency = (allocated() - before) as f64 / w.residencies as f64;
+    let (hit, partial, miss) = (s.lookup(&ix, &w.full_hit[0]), s.lookup(&ix, &w.prefix_then_new[0]), s.lookup(&ix, &w.miss[0]));
+    assert_eq!((hit, partial, miss), (w.seq_blocks, w.seq_blocks / 4, 0), "{} did not apply the workload", s.name());
 
     let mut g = c.benchmark_group(format!("index-{}", w.seq_blocks));
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(6));
@@ -312,6 +317,6 @@ impl Subject for Ours {
         }
     }
     fn lookup(&self, ix: &Self::Ix, q: &[LocalBlockHash]) -> usize {
-        ix.overlaps(q).len()
+        ix.overlaps(q).iter().map(|o| o.blocks[0] as usize).max().unwrap_or(0)
     }
 }
