@@ -12,6 +12,7 @@ use common::*;
 use serde_json::json;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+const STREAM: &str = KV_STREAM;
 
 /// Dynamo's local block hash, straight from the reference definition (contracts §6): xxh3-64,
 /// seed 1337, over the block's token ids as u32 little-endian.
@@ -37,7 +38,7 @@ async fn send(chain: &Chain, body: String) {
 async fn a_request_goes_to_the_worker_whose_cache_holds_its_prefix() {
     let nats = NatsServer::start().await;
     // The worker publishes before the EPP starts (the stream is Dynamo's, created by it).
-    let js = jetstream_publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     let prompt: Vec<u32> = (1000..1000 + 16 * 8).collect();
     let blocks: Vec<_> = prompt
         .chunks(16)

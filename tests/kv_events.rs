@@ -96,6 +96,7 @@ fn settings(url: &str, consumer: &str, reset: bool) -> PlaneSettings {
     }
 }
 
+const STREAM: &str = KV_STREAM;
 
 /// A Stored event in Dynamo's JSON (contracts §5.5), written out by hand.
 fn stored_json(worker: u64, id: u64) -> Vec<u8> {
@@ -104,7 +105,6 @@ fn stored_json(worker: u64, id: u64) -> Vec<u8> {
     .to_string()
     .into_bytes()
 }
-
 
 async fn publish_all(js: &jetstream::Context, msgs: impl IntoIterator<Item = Vec<u8>>) {
     let mut acks = Vec::new();
@@ -138,7 +138,7 @@ async fn wait_acked(js: &jetstream::Context, consumer: &str, through: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
     let nats = NatsServer::start().await;
-    let js = jetstream_publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     // Published before the subscriber exists, with two malformed messages among them.
     let mut msgs: Vec<Vec<u8>> = (1..=30).map(|i| stored_json(7, i)).collect();
     msgs.insert(10, b"{not json".to_vec());
@@ -171,7 +171,7 @@ async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_reset_states_starts_from_the_end() {
     let nats = NatsServer::start().await;
-    let js = jetstream_publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     publish_all(&js, (1..=10).map(|i| stored_json(7, i))).await;
     // A consumer that read nothing yet, then reset: the 10 old events are skipped.
     let rec = Arc::new(Recorder::default());
@@ -193,7 +193,7 @@ async fn jetstream_reset_states_starts_from_the_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_survives_a_nats_restart_without_losing_events() {
     let mut nats = NatsServer::start().await;
-    let js = jetstream_publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     let rec = Arc::new(Recorder::default());
     let task = tokio::spawn(kv_plane::jetstream::run(settings(&nats.url(), "epp-x", false), rec.clone()));
     publish_all(&js, (1..=100).map(|i| stored_json(7, i))).await;
@@ -201,7 +201,7 @@ async fn jetstream_survives_a_nats_restart_without_losing_events() {
 
     nats.restart().await;
     // A fresh publisher connection after the restart (the old one reconnects on its own too).
-    let js = jetstream_publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     publish_all(&js, (101..=200).map(|i| stored_json(7, i))).await;
     rec.wait_for_distinct(200, Duration::from_secs(60)).await;
     let mut ids = rec.ids();
@@ -214,7 +214,7 @@ async fn jetstream_survives_a_nats_restart_without_losing_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jetstream_applies_100k_events_in_order() {
     let nats = NatsServer::start().await;
-    let js = jetstream_publisher(&nats.url()).await;
+    let js = kv_event_publisher(&nats.url()).await;
     const N: u64 = 100_000;
     publish_all(&js, (1..=N).map(|i| stored_json(7, i))).await;
     let rec = Arc::new(Recorder::default());

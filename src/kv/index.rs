@@ -10,23 +10,22 @@
 //! - A block stored right after its parent in the slab is that parent's *implicit* child (flag
 //!   `CONT`): long chains, the common case, need no per-block map entry, and walking them is a
 //!   sequential scan. Other parent → child links (branch points, the roots) live in `side`.
-//! - Each holder maps engine hashes to slab slots (12-byte entries), for parents and removals.
+//! - Each holder maps engine hashes to slab slots ([`ExtMap`], 12-byte entries), for parents
+//!   and removals.
 //!
 //! Invariants: a live block has holders or children (empty leaves are freed at once, up the
 //! chain); `CONT` is set only on live blocks whose parent is the previous slot; every `side`
-//! entry has its reverse in `side_parent` and is counted in `side_children`.
+//! entry has its reverse in `side_parent` and is counted in `side_children`, and a block's
+//! `SIDE` flag says that count is not zero (so appending a chain needs no map probe).
 
-use std::{collections::HashMap, hash::BuildHasherDefault};
-
-use rustc_hash::{FxHashMap, FxHasher};
+use rustc_hash::FxHashMap;
 
 use super::{
+    ext_map::ExtMap,
     events::{ExternalBlockHash, KvCacheEventData, ResidencyDomain, RouterEvent, StorageTier},
     hash::LocalBlockHash,
 };
 use crate::workers::{DpRank, WorkerId, WorkerRank};
-
-type Fx = BuildHasherDefault<FxHasher>;
 
 /// Parent id of the roots' links.
 const ROOT: u32 = u32::MAX;
@@ -34,7 +33,9 @@ const ROOT: u32 = u32::MAX;
 const CONT: u32 = 1 << 31;
 /// `meta`: the payload is an index into `spill`.
 const MANY: u32 = 1 << 30;
-const PAYLOAD: u32 = MANY - 1;
+/// `meta`: this block has children linked through `side`.
+const SIDE: u32 = 1 << 29;
+const PAYLOAD: u32 = SIDE - 1;
 /// Payload of a live block nobody holds (an interior node kept for its children).
 const NONE: u32 = PAYLOAD;
 /// `meta` of a free slot.
@@ -62,18 +63,9 @@ impl Block {
     fn cont(&self) -> bool {
         self.meta & CONT != 0
     }
+    /// The holder, `NONE`, or `MANY | list index`.
     fn payload(&self) -> u32 {
-        self.meta & PAYLOAD
-    }
-}
-
-/// An engine hash as a 12-byte-entry map key (u64 would pad the entry to 16).
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct ExtKey([u32; 2]);
-
-impl From<ExternalBlockHash> for ExtKey {
-    fn from(h: ExternalBlockHash) -> Self {
-        ExtKey([h.0 as u32, (h.0 >> 32) as u32])
+        self.meta & (MANY | PAYLOAD)
     }
 }
 
@@ -99,7 +91,7 @@ pub struct Applied {
 
 #[derive(Default)]
 struct HolderState {
-    ext: HashMap<ExtKey, u32, Fx>,
+    ext: ExtMap,
 }
 
 #[derive(Default)]
@@ -111,7 +103,7 @@ pub struct Index {
     side: FxHashMap<(u32, u64), u32>,
     side_parent: FxHashMap<u32, u32>,
     side_children: FxHashMap<u32, u32>,
-    spill: Vec<Vec<Holder>>,
+    spill: Vec<HolderSet>,
     spill_free: Vec<u32>,
     ranks: Vec<Option<WorkerRank>>,
     rank_slots: FxHashMap<WorkerRank, u32>,
@@ -177,26 +169,27 @@ impl Index {
         let Some(holder) = self.holder_id(wr, tier) else { return Err("too_many_workers") };
         let mut p = match parent {
             None => ROOT,
-            Some(ph) => match self.find_parent(holder, ph.into()) {
+            Some(ph) => match self.find_parent(holder, ph.0) {
                 Some(s) => s,
                 None => return Err("unknown_parent"),
             },
         };
+        let mut memo = None;
         for &(ext, local) in blocks {
             let child = match self.find_child(p, local.0) {
                 Some(c) => c,
                 None => self.add_child(p, local.0),
             };
             let st = self.holders[holder as usize].as_mut().expect("holder state exists");
-            match st.ext.insert(ext.into(), child) {
+            match st.ext.insert(ext.0, child) {
                 Some(old) if old == child => {}
                 prev => {
                     // One holding per engine hash: a block two engine hashes name is held
                     // twice (holder lists are multisets) and stays until both are removed.
-                    self.add_holder(child, holder);
+                    self.change_holders(child, holder, true, &mut memo);
                     if let Some(old) = prev {
                         // The engine reused a hash for other content: that block is gone.
-                        self.drop_holding(old, holder);
+                        self.drop_holding(old, holder, &mut None);
                     }
                 }
             }
@@ -209,10 +202,11 @@ impl Index {
     pub fn remove(&mut self, wr: WorkerRank, tier: StorageTier, hashes: &[ExternalBlockHash]) {
         let Some(&rs) = self.rank_slots.get(&wr) else { return };
         let holder = rs << 2 | tier.index() as u32;
+        let mut memo = None;
         for &h in hashes {
             let Some(st) = self.holders[holder as usize].as_mut() else { return };
-            if let Some(slot) = st.ext.remove(&h.into()) {
-                self.drop_holding(slot, holder);
+            if let Some(slot) = st.ext.remove(h.0) {
+                self.drop_holding(slot, holder, &mut memo);
             }
         }
     }
@@ -223,8 +217,9 @@ impl Index {
         for tier in 0..4 {
             let holder = rs << 2 | tier;
             if let Some(st) = self.holders[holder as usize].take() {
-                for (_, slot) in st.ext {
-                    self.drop_holding(slot, holder);
+                let mut memo = None;
+                for slot in st.ext.values() {
+                    self.drop_holding(slot, holder, &mut memo);
                 }
             }
         }
@@ -255,7 +250,9 @@ impl Index {
         let mut done: Vec<(Holder, u32)> = Vec::new();
         if let Some(&first) = hashes.first() {
             if let Some(mut slot) = self.find_child(ROOT, first.0) {
-                let mut active: Vec<Holder> = self.holders_of(slot).to_vec();
+                let mut cur = self.holders_of(slot);
+                let mut active: Vec<Holder> = cur.to_vec();
+                done.reserve(active.len());
                 let mut depth = 1u32;
                 for &h in &hashes[1..] {
                     let Some(next) = self.find_child(slot, h.0) else { break };
@@ -265,7 +262,9 @@ impl Index {
                         if !next_holders.contains(active[0]) {
                             break;
                         }
-                    } else {
+                    } else if self.blocks[next as usize].payload() != self.blocks[slot as usize].payload() && !next_holders.same_as(&cur) {
+                        // (Equal holder lists, as along a shared prefix, keep `active` as is;
+                        // lists shared by both blocks compare by id.)
                         active.retain(|a| {
                             let keep = next_holders.contains(*a);
                             if !keep {
@@ -278,22 +277,24 @@ impl Index {
                         }
                     }
                     slot = next;
+                    cur = next_holders;
                     depth += 1;
                 }
                 done.extend(active.iter().map(|&a| (a, depth)));
             }
         }
-        let mut out: Vec<Overlap> = Vec::new();
+        // Sorted by holder id, a rank's tiers are adjacent (often sorted already: holder
+        // lists are).
+        if !done.is_sorted_by_key(|&(h, _)| h) {
+            done.sort_unstable_by_key(|&(h, _)| h);
+        }
+        let mut out: Vec<Overlap> = Vec::with_capacity(done.len());
         for (holder, depth) in done {
             let Some(worker) = self.ranks[(holder >> 2) as usize] else { continue };
-            let o = match out.iter_mut().find(|o| o.worker == worker) {
-                Some(o) => o,
-                None => {
-                    out.push(Overlap { worker, blocks: [0; 4] });
-                    out.last_mut().expect("just pushed")
-                }
-            };
-            o.blocks[(holder & 3) as usize] = depth;
+            if out.last().is_none_or(|o| o.worker != worker) {
+                out.push(Overlap { worker, blocks: [0; 4] });
+            }
+            out.last_mut().expect("pushed above").blocks[(holder & 3) as usize] = depth;
         }
         out
     }
@@ -325,11 +326,11 @@ impl Index {
 
     /// A parent is looked up in the same tier first, then in the rank's other tiers (an
     /// offloaded block's parent may still be on the device).
-    fn find_parent(&self, holder: Holder, ph: ExtKey) -> Option<u32> {
+    fn find_parent(&self, holder: Holder, ph: u64) -> Option<u32> {
         let base = holder & !3;
         std::iter::once(holder)
             .chain((0..4).map(|t| base | t).filter(|&h| h != holder))
-            .find_map(|h| self.holders[h as usize].as_ref()?.ext.get(&ph).copied())
+            .find_map(|h| self.holders[h as usize].as_ref()?.ext.get(ph))
     }
 
     fn find_child(&self, parent: u32, hash: u64) -> Option<u32> {
@@ -339,6 +340,9 @@ impl Index {
                     return Some(parent + 1);
                 }
             }
+            if self.blocks[parent as usize].meta & SIDE == 0 {
+                return None;
+            }
         }
         self.side.get(&(parent, hash)).copied()
     }
@@ -347,11 +351,20 @@ impl Index {
         self.blocks.get(slot as usize + 1).is_some_and(|b| b.cont())
     }
 
+    /// Grows the slab by a quarter at a time: doubling would leave a third of it unused on
+    /// average, and the slab is most of the index.
+    fn push_block(&mut self, b: Block) {
+        if self.blocks.len() == self.blocks.capacity() {
+            self.blocks.reserve_exact((self.blocks.len() / 4).max(1024));
+        }
+        self.blocks.push(b);
+    }
+
     fn add_child(&mut self, parent: u32, hash: u64) -> u32 {
         if parent != ROOT && !self.has_implicit_child(parent) {
             let next = parent as usize + 1;
             if next == self.blocks.len() {
-                self.blocks.push(Block::new(hash, true));
+                self.push_block(Block::new(hash, true));
                 return next as u32;
             }
             if self.blocks[next].is_free() {
@@ -368,7 +381,7 @@ impl Index {
                 }
                 Some(_) => continue,
                 None => {
-                    self.blocks.push(Block::new(hash, false));
+                    self.push_block(Block::new(hash, false));
                     break self.blocks.len() as u32 - 1;
                 }
             }
@@ -377,6 +390,9 @@ impl Index {
         self.side.insert((parent, hash), slot);
         self.side_parent.insert(slot, parent);
         *self.side_children.entry(parent).or_default() += 1;
+        if parent != ROOT {
+            self.blocks[parent as usize].meta |= SIDE;
+        }
         slot
     }
 
@@ -384,61 +400,102 @@ impl Index {
         let b = &self.blocks[slot as usize];
         match b.payload() {
             NONE => Holders::None,
-            p if b.meta & MANY != 0 => Holders::Many(&self.spill[p as usize]),
+            p if p & MANY != 0 => Holders::Many(&self.spill[(p & PAYLOAD) as usize].list),
             p => Holders::One(p),
         }
     }
 
     fn set_payload(&mut self, slot: u32, payload: u32) {
         let b = &mut self.blocks[slot as usize];
-        b.meta = (b.meta & CONT) | payload;
+        b.meta = (b.meta & (CONT | SIDE)) | payload;
     }
 
-    fn add_holder(&mut self, slot: u32, holder: Holder) {
-        match self.holders_of(slot) {
-            Holders::None => self.set_payload(slot, holder),
-            Holders::One(h) => {
-                let list = if h < holder { vec![h, holder] } else { vec![holder, h] };
-                let idx = match self.spill_free.pop() {
-                    Some(i) => {
-                        self.spill[i as usize] = list;
-                        i
-                    }
-                    None => {
-                        self.spill.push(list);
-                        self.spill.len() as u32 - 1
-                    }
-                };
-                self.set_payload(slot, MANY | idx);
+    /// Adds (`add`) or takes off one holding of `holder` on `slot`. Holder lists of several
+    /// holders are shared by consecutive blocks with the same holders (copy on write): a
+    /// store or removal along a chain makes each distinct change once and `memo` replays it
+    /// for the next block, and lookups compare list ids instead of lists.
+    fn change_holders(&mut self, slot: u32, holder: Holder, add: bool, memo: &mut Option<Memo>) {
+        let from = self.blocks[slot as usize].payload();
+        if let Some(m) = *memo {
+            if m.from == from && m.holder == holder && m.add == add {
+                self.retain_set(m.to);
+                self.release_set(from);
+                self.set_payload(slot, m.to);
+                return;
             }
-            Holders::Many(_) => {
-                let idx = self.blocks[slot as usize].payload() as usize;
-                let list = &mut self.spill[idx];
-                let pos = list.partition_point(|&x| x <= holder);
-                list.insert(pos, holder);
+        }
+        let to = match (self.holders_of(slot), add) {
+            (Holders::None, true) => holder,
+            (Holders::None, false) => from,
+            (Holders::One(a), true) => self.new_set(if a < holder { vec![a, holder] } else { vec![holder, a] }),
+            (Holders::One(a), false) => if a == holder { NONE } else { from },
+            (Holders::Many(list), _) => {
+                let pos = if add { Ok(list.partition_point(|&x| x <= holder)) } else { list.binary_search(&holder).map_err(|_| ()) };
+                match pos {
+                    Err(()) => from,
+                    Ok(_) if !add && list.len() == 2 => list[usize::from(list[0] == holder)],
+                    Ok(pos) => {
+                        let idx = (from & PAYLOAD) as usize;
+                        if self.spill[idx].refs == 1 {
+                            let list = &mut self.spill[idx].list;
+                            if add { list.insert(pos, holder) } else { list.remove(pos); }
+                            from
+                        } else {
+                            let mut list = self.spill[idx].list.clone();
+                            if add { list.insert(pos, holder) } else { list.remove(pos); }
+                            self.new_set(list)
+                        }
+                    }
+                }
+            }
+        };
+        // An in-place change (`to == from`) touched a list no other block has: nothing to
+        // replay.
+        *memo = None;
+        if to != from {
+            self.release_set(from);
+            self.set_payload(slot, to);
+            *memo = Some(Memo { from, holder, add, to });
+        }
+    }
+
+    /// A new shared list (one user), as a payload.
+    fn new_set(&mut self, list: Vec<Holder>) -> u32 {
+        let set = HolderSet { refs: 1, list };
+        let idx = match self.spill_free.pop() {
+            Some(i) => {
+                self.spill[i as usize] = set;
+                i
+            }
+            None => {
+                self.spill.push(set);
+                self.spill.len() as u32 - 1
+            }
+        };
+        MANY | idx
+    }
+
+    fn retain_set(&mut self, payload: u32) {
+        if payload & MANY != 0 {
+            self.spill[(payload & PAYLOAD) as usize].refs += 1;
+        }
+    }
+
+    fn release_set(&mut self, payload: u32) {
+        if payload & MANY != 0 {
+            let idx = payload & PAYLOAD;
+            let set = &mut self.spill[idx as usize];
+            set.refs -= 1;
+            if set.refs == 0 {
+                set.list = Vec::new();
+                self.spill_free.push(idx);
             }
         }
     }
 
-    /// Takes `holder` off a block and frees whatever that leaves empty.
-    fn drop_holding(&mut self, slot: u32, holder: Holder) {
-        match self.holders_of(slot) {
-            Holders::One(h) if h == holder => self.set_payload(slot, NONE),
-            Holders::Many(_) => {
-                let idx = self.blocks[slot as usize].payload();
-                let list = &mut self.spill[idx as usize];
-                if let Ok(pos) = list.binary_search(&holder) {
-                    list.remove(pos);
-                }
-                if list.len() == 1 {
-                    let last = list[0];
-                    self.spill[idx as usize] = Vec::new();
-                    self.spill_free.push(idx);
-                    self.set_payload(slot, last);
-                }
-            }
-            _ => {}
-        }
+    /// Takes one holding of `holder` off a block and frees whatever that leaves empty.
+    fn drop_holding(&mut self, slot: u32, holder: Holder, memo: &mut Option<Memo>) {
+        self.change_holders(slot, holder, false, memo);
         self.prune(slot);
     }
 
@@ -446,7 +503,7 @@ impl Index {
     fn prune(&mut self, mut slot: u32) {
         while slot != ROOT {
             let b = self.blocks[slot as usize];
-            if b.is_free() || b.meta & !CONT != NONE || self.has_implicit_child(slot) || self.side_children.contains_key(&slot) {
+            if b.is_free() || b.payload() != NONE || b.meta & SIDE != 0 || self.has_implicit_child(slot) {
                 return;
             }
             let parent = if b.cont() {
@@ -458,6 +515,9 @@ impl Index {
                 *n -= 1;
                 if *n == 0 {
                     self.side_children.remove(&parent);
+                    if parent != ROOT {
+                        self.blocks[parent as usize].meta &= !SIDE;
+                    }
                 }
                 parent
             };
@@ -475,6 +535,23 @@ impl Index {
     }
 }
 
+/// A list of several holders, shared by the blocks that have exactly these holders.
+#[derive(Default)]
+struct HolderSet {
+    refs: u32,
+    /// Sorted; a holder appears once per engine hash naming the block.
+    list: Vec<Holder>,
+}
+
+/// One holder-list change, replayed on the next block that starts from the same list.
+#[derive(Clone, Copy)]
+struct Memo {
+    from: u32,
+    holder: Holder,
+    add: bool,
+    to: u32,
+}
+
 /// The holders of one block.
 #[derive(Clone, Copy)]
 enum Holders<'a> {
@@ -485,6 +562,15 @@ enum Holders<'a> {
 }
 
 impl Holders<'_> {
+    fn same_as(&self, other: &Holders) -> bool {
+        match (self, other) {
+            (Holders::None, Holders::None) => true,
+            (Holders::One(a), Holders::One(b)) => a == b,
+            (Holders::Many(a), Holders::Many(b)) => a == b,
+            _ => false,
+        }
+    }
+
     fn contains(&self, h: Holder) -> bool {
         match *self {
             Holders::None => false,
@@ -666,10 +752,10 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            4 => (0u64..3, 0usize..2, proptest::option::of(0u64..40), 0u64..40, proptest::collection::vec(0u64..4, 1..6))
+            4 => (0u64..5, 0usize..2, proptest::option::of(0u64..40), 0u64..40, proptest::collection::vec(0u64..4, 1..6))
                 .prop_map(|(w, t, parent, ext0, locals)| Op::Store { w, t, parent, ext0, locals }),
-            3 => (0u64..3, 0usize..2, proptest::collection::vec(0u64..45, 1..6)).prop_map(|(w, t, ext)| Op::Remove { w, t, ext }),
-            1 => (0u64..3).prop_map(|w| Op::Clear { w }),
+            3 => (0u64..5, 0usize..2, proptest::collection::vec(0u64..45, 1..6)).prop_map(|(w, t, ext)| Op::Remove { w, t, ext }),
+            1 => (0u64..5).prop_map(|w| Op::Clear { w }),
         ]
     }
 

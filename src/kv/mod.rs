@@ -3,6 +3,7 @@
 //! `crate::kv_plane`.
 
 pub mod events;
+mod ext_map;
 pub mod hash;
 pub mod index;
 pub mod predicted;

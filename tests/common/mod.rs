@@ -641,16 +641,16 @@ pub async fn epp_start_failure(env: &[(&str, &std::ffi::OsStr)]) -> std::process
 
 // ---------------------------------------------------------------- JetStream publishing
 
-/// Dynamo's default KV-event stream (namespace `dynamo`, component `backend`).
-pub const STREAM: &str = "namespace-dynamo-component-backend-kv-events";
+/// Dynamo's legacy KV-event stream for namespace `dynamo`, component `backend`.
+pub const KV_STREAM: &str = "namespace-dynamo-component-backend-kv-events";
 
-/// A JetStream context with the stream created as Dynamo's publisher creates it, so events can
-/// be published before the EPP runs.
-pub async fn jetstream_publisher(url: &str) -> async_nats::jetstream::Context {
+/// A JetStream publisher with the KV-event stream created as Dynamo's publisher creates it,
+/// so events can be published before the EPP runs.
+pub async fn kv_event_publisher(url: &str) -> async_nats::jetstream::Context {
     let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
-        name: STREAM.into(),
-        subjects: vec![format!("{STREAM}.*")],
+        name: KV_STREAM.into(),
+        subjects: vec![format!("{KV_STREAM}.*")],
         ..Default::default()
     })
     .await
