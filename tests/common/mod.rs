@@ -546,15 +546,24 @@ pub struct NatsServer {
 impl NatsServer {
     pub async fn start() -> NatsServer {
         let mut s = NatsServer { child: None, port: free_port(), monitor_port: free_port(), dir: tempfile::tempdir().unwrap() };
-        s.launch().await;
-        s
+        // A port picked free can be taken by a parallel test before nats-server binds it:
+        // then it exits at once, and new ports are tried.
+        for _ in 0..5 {
+            if s.launch().await {
+                return s;
+            }
+            s.port = free_port();
+            s.monitor_port = free_port();
+        }
+        panic!("nats-server could not bind: {}", s.log());
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    async fn launch(&mut self) {
+    /// Starts nats-server and waits until JetStream answers; false if it exited (port taken).
+    async fn launch(&mut self) -> bool {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nats.log")).unwrap();
         let child = Command::new(nats_bin())
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string(), "-sd"])
@@ -570,7 +579,11 @@ impl NatsServer {
         let url = format!("http://127.0.0.1:{}/healthz?js-enabled-only=true", self.monitor_port);
         loop {
             if reqwest::get(&url).await.is_ok_and(|r| r.status().is_success()) {
-                return;
+                return true;
+            }
+            if self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(Some(_)))) {
+                self.child = None;
+                return false;
             }
             assert!(Instant::now() < deadline, "nats-server did not become ready: {}", self.log());
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -587,7 +600,7 @@ impl NatsServer {
     /// Stops and starts again with the same port and JetStream store.
     pub async fn restart(&mut self) {
         self.stop().await;
-        self.launch().await;
+        assert!(self.launch().await, "nats-server did not restart on its port: {}", self.log());
     }
 
     pub fn log(&self) -> String {
