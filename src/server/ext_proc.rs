@@ -232,8 +232,7 @@ impl StreamState {
 
     async fn route_body(&mut self) -> bool {
         let started = Instant::now();
-        let path = self.header(":path").unwrap_or("").to_string();
-        let api = Api::from_path(&path);
+        let api = Api::from_path(self.header(":path").unwrap_or(""));
         let mut req = self.routing_request();
         let mut body = std::mem::take(&mut self.body);
         if let Some(api) = api {
@@ -250,7 +249,7 @@ impl StreamState {
         let decided = {
             let mut router = self.app.router.lock();
             let d = router.route(&req, started, &mut rand::rng());
-            self.app.metrics.active_requests.set(router.active_requests() as i64);
+            self.app.note_active(&router);
             d
         };
         let d = match decided {
@@ -309,7 +308,7 @@ impl StreamState {
         if let Some(id) = self.booking.take() {
             let mut router = self.app.router.lock();
             router.on_end(id, Instant::now());
-            self.app.metrics.active_requests.set(router.active_requests() as i64);
+            self.app.note_active(&router);
         }
     }
 }

@@ -65,7 +65,12 @@ impl App {
         let mut r = self.router.lock();
         r.set_fleet(fleet);
         self.metrics.workers.set(n as i64);
-        self.metrics.active_requests.set(r.active_requests() as i64);
+        self.note_active(&r);
+    }
+
+    /// Mirrors the router's booked-request count into the gauge; call with the lock held.
+    pub fn note_active(&self, router: &Router) {
+        self.metrics.active_requests.set(router.active_requests() as i64);
     }
 }
 
