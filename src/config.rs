@@ -5,7 +5,7 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{builder::BoolishValueParser, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
+use clap::{builder::{BoolishValueParser, TypedValueParser}, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -138,6 +138,102 @@ pub struct Config {
     #[arg(long = "max-predicted-blocks", env = "DYN_EPP_MAX_PREDICTED_BLOCKS", default_value_t = 4_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_predicted_blocks: u64,
 
+    // ---------------------------------------------------------------- Scheduler (issue 5)
+    // Dynamo's cost model and its switches (contracts §8, §9 A and C), admission control,
+    // disaggregation and replica sync. Defaults are Dynamo's.
+    /// Credit per device-cached prefix block against the prompt's prefill cost.
+    #[arg(long = "overlap-score-credit", env = "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT", default_value = "1.0", value_parser = non_negative)]
+    pub overlap_credit: f64,
+
+    /// Cuts the credit as a worker's active prefill rises above the least-loaded eligible one's.
+    #[arg(long = "overlap-score-credit-decay", env = "DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT_DECAY", default_value = "0.0", value_parser = non_negative)]
+    pub credit_decay: f64,
+
+    /// Weight of host-memory cached blocks beyond the device prefix.
+    #[arg(long = "host-cache-hit-weight", env = "DYN_ROUTER_HOST_CACHE_HIT_WEIGHT", default_value = "0.75", value_parser = non_negative)]
+    pub host_cache_hit_weight: f64,
+
+    /// Weight of disk cached blocks beyond the host prefix.
+    #[arg(long = "disk-cache-hit-weight", env = "DYN_ROUTER_DISK_CACHE_HIT_WEIGHT", default_value = "0.25", value_parser = non_negative)]
+    pub disk_cache_hit_weight: f64,
+
+    /// Scales the prompt-side (prefill) cost after cache credits.
+    #[arg(long = "prefill-load-scale", env = "DYN_ROUTER_PREFILL_LOAD_SCALE", default_value = "1.0", value_parser = non_negative)]
+    pub prefill_load_scale: f64,
+
+    /// Block-equivalent cost per active request on a worker.
+    #[arg(long = "decode-active-request-weight", env = "DYN_ROUTER_DECODE_ACTIVE_REQUEST_WEIGHT", default_value = "0.0", value_parser = non_negative)]
+    pub decode_active_request_weight: f64,
+
+    /// Deprecated: non-zero sets the prefill load scale, 0 also zeroes the credit.
+    #[arg(long = "kv-overlap-score-weight", env = "DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT", value_parser = non_negative, hide = true)]
+    pub deprecated_overlap_weight: Option<f64>,
+
+    /// Deprecated older spelling of DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT.
+    #[arg(long = "overlap-score-weight", env = "DYN_OVERLAP_SCORE_WEIGHT", value_parser = non_negative, hide = true)]
+    pub deprecated_overlap_weight_old: Option<f64>,
+
+    /// 0 = the cheapest worker wins (ties at random); > 0 = softmax sampling at this temperature.
+    #[arg(long = "router-temperature", env = "DYN_ROUTER_TEMPERATURE", default_value = "0.0", value_parser = non_negative)]
+    pub temperature: f64,
+
+    /// Count each worker's active KV blocks (decode load).
+    #[arg(long = "track-active-blocks", env = "DYN_ROUTER_TRACK_ACTIVE_BLOCKS", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub track_active_blocks: bool,
+
+    /// Add a block of decode load each time a streamed response crosses a block boundary.
+    #[arg(long = "track-output-blocks", env = "DYN_ROUTER_TRACK_OUTPUT_BLOCKS", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub track_output_blocks: bool,
+
+    /// Count the prompt tokens each worker still has to prefill.
+    #[arg(long = "track-prefill-tokens", env = "DYN_ROUTER_TRACK_PREFILL_TOKENS", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub track_prefill_tokens: bool,
+
+    /// Shared prompt prefixes on one worker count once in its active blocks; false = never.
+    #[arg(long = "assume-kv-reuse", env = "DYN_ROUTER_ASSUME_KV_REUSE", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub assume_kv_reuse: bool,
+
+    /// Bookings whose end was never seen are dropped after this many seconds.
+    #[arg(long = "active-request-expiry-secs", env = "DYN_ROUTER_ACTIVE_REQUEST_EXPIRY_SECS", default_value = "300", value_parser = positive_secs)]
+    pub active_request_expiry_secs: f64,
+
+    /// With no prefill workers: true = refuse requests (503), false = serve them aggregated.
+    #[arg(long = "enforce-disagg", env = "DYN_ENFORCE_DISAGG", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub enforce_disagg: bool,
+
+    /// `none` or `token-capacity` (skip workers over the thresholds below; setting any
+    /// threshold enables it).
+    #[arg(long = "admission-control", env = "DYN_ADMISSION_CONTROL", value_enum, default_value = "none")]
+    pub admission_control: AdmissionControl,
+
+    /// A worker rank is busy above this fraction of its total KV blocks in active blocks.
+    #[arg(long = "active-decode-blocks-threshold", env = "DYN_ACTIVE_DECODE_BLOCKS_THRESHOLD", value_parser = non_negative)]
+    pub decode_blocks_threshold: Option<f64>,
+
+    /// A worker rank is busy above this many active prefill tokens.
+    #[arg(long = "active-prefill-tokens-threshold", env = "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD")]
+    pub prefill_tokens_threshold: Option<u64>,
+
+    /// A worker rank is busy above this fraction of its max_num_batched_tokens in prefill tokens.
+    #[arg(long = "active-prefill-tokens-threshold-frac", env = "DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC", value_parser = non_negative)]
+    pub prefill_tokens_threshold_frac: Option<f64>,
+
+    /// KV blocks per worker rank when the fleet entry does not say (decode-blocks threshold).
+    #[arg(long = "total-kv-blocks", env = "DYN_EPP_TOTAL_KV_BLOCKS")]
+    pub total_kv_blocks: Option<u64>,
+
+    /// Batch token budget per worker rank when the fleet entry does not say.
+    #[arg(long = "max-num-batched-tokens", env = "DYN_EPP_MAX_NUM_BATCHED_TOKENS")]
+    pub max_num_batched_tokens: Option<u64>,
+
+    /// HTTP status when every worker is busy: 429 (with Retry-After) or 503.
+    #[arg(long = "overload-status", env = "DYN_EPP_OVERLOAD_STATUS", default_value = "429", value_parser = clap::builder::PossibleValuesParser::new(["429", "503"]).map(|s| s.parse::<u16>().expect("listed values")))]
+    pub overload_status: u16,
+
+    /// Share booked load with other EPP replicas over NATS core.
+    #[arg(long = "replica-sync", env = "DYN_ROUTER_REPLICA_SYNC", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub replica_sync: bool,
+
     // ---- Fleet discovery and drop-in for the Dynamo operator (contracts §1.4, §4). ----------
     // Kept together at the end: where the fleet comes from, then what the operator renders for
     // its EPP container that we accept but do not need.
@@ -194,6 +290,20 @@ pub enum EventPlane {
     Nats,
     /// The engines' own ZMQ sockets (`kv_events` in the workers file).
     Zmq,
+}
+
+/// `DYN_ADMISSION_CONTROL`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AdmissionControl {
+    None,
+    TokenCapacity,
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
+        _ => Err("a finite number ≥ 0".into()),
+    }
 }
 
 fn positive_secs(s: &str) -> Result<f64, String> {
@@ -276,6 +386,69 @@ impl Config {
             predicted_ttl: self.router_predicted_ttl_secs.map(Duration::from_secs_f64),
             max_predicted_blocks: self.max_predicted_blocks as usize,
         }
+    }
+
+    /// The scheduler's settings from these values (deprecated aliases applied as upstream
+    /// does: a non-zero overlap score weight becomes the prefill load scale, 0 also zeroes
+    /// the credit).
+    pub fn sched_settings(&self) -> crate::sched::SchedSettings {
+        use crate::sched::{admission::{Capacity, Thresholds}, cost::CostWeights};
+        let mut weights = CostWeights {
+            overlap_credit: self.overlap_credit,
+            credit_decay: self.credit_decay,
+            host_weight: self.host_cache_hit_weight,
+            disk_weight: self.disk_cache_hit_weight,
+            prefill_load_scale: self.prefill_load_scale,
+            decode_active_request_weight: self.decode_active_request_weight,
+            track_prefill_tokens: self.track_prefill_tokens,
+        };
+        match self.deprecated_overlap_weight.or(self.deprecated_overlap_weight_old) {
+            Some(w) if w > 0.0 => weights.prefill_load_scale = w,
+            Some(_) => {
+                weights.prefill_load_scale = 0.0;
+                weights.overlap_credit = 0.0;
+            }
+            None => {}
+        }
+        let thresholds = Thresholds {
+            decode_blocks_frac: self.decode_blocks_threshold,
+            prefill_tokens: self.prefill_tokens_threshold,
+            prefill_tokens_frac: self.prefill_tokens_threshold_frac,
+        };
+        crate::sched::SchedSettings {
+            weights,
+            temperature: self.temperature,
+            track_active_blocks: self.track_active_blocks,
+            track_output_blocks: self.track_output_blocks,
+            assume_kv_reuse: self.assume_kv_reuse,
+            expiry: Duration::from_secs_f64(self.active_request_expiry_secs),
+            admission: (self.admission_control == AdmissionControl::TokenCapacity || thresholds.any()).then_some(thresholds),
+            default_capacity: Capacity { total_kv_blocks: self.total_kv_blocks, max_num_batched_tokens: self.max_num_batched_tokens },
+            enforce_disagg: self.enforce_disagg,
+        }
+    }
+
+    /// Settings that are accepted but deserve a warning at start-up.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        for (name, v) in [
+            ("DYN_ROUTER_KV_OVERLAP_SCORE_WEIGHT", self.deprecated_overlap_weight),
+            ("DYN_OVERLAP_SCORE_WEIGHT", self.deprecated_overlap_weight_old),
+        ] {
+            if let Some(v) = v {
+                w.push(format!(
+                    "{name}={v} is deprecated: it sets DYN_ROUTER_PREFILL_LOAD_SCALE (0 also zeroes DYN_ROUTER_KV_OVERLAP_SCORE_CREDIT); use those instead"
+                ));
+            }
+        }
+        let s = self.sched_settings();
+        if self.admission_control == AdmissionControl::TokenCapacity && !s.admission.is_some_and(|t| t.any()) {
+            w.push("DYN_ADMISSION_CONTROL=token-capacity but no DYN_ACTIVE_*_THRESHOLD is set: nothing is limited".into());
+        }
+        if self.track_output_blocks && !self.track_active_blocks {
+            w.push("DYN_ROUTER_TRACK_OUTPUT_BLOCKS needs DYN_ROUTER_TRACK_ACTIVE_BLOCKS: output blocks are not tracked".into());
+        }
+        w
     }
 
     /// The durable consumer name: explicit, else the pod's name, else a fixed one; reduced to

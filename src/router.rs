@@ -1,17 +1,16 @@
-//! The routing facade: the one place the server (and later the simulator and benches) asks for
-//! a decision and reports a request's lifecycle. Pure and synchronous: time and randomness are
+//! The routing facade: the one place the server (and the simulator and benches) asks for a
+//! decision and reports a request's lifecycle. Pure and synchronous: time and randomness are
 //! passed in, no I/O happens here.
 //!
-//! It also owns the KV cache state: the index fed by events ([`Router::apply`]) and, in
-//! approximate mode or with a predicted TTL, the router's own remembered decisions.
-//!
-//! Until the scheduler lands, a decision is overlap-first: the eligible worker rank holding
-//! the longest prefix of the request's blocks (host and disk tiers weighted 0.75 and 0.25
-//! beyond the device prefix, as Dynamo weighs them), then the fewest in-flight requests, then
-//! uniformly at random.
+//! It owns the KV cache state (the index fed by events through [`Router::apply`] and, in
+//! approximate mode or with a predicted TTL, the router's own remembered decisions) and the
+//! active sequences: the load of every request booked here or, with replica sync, by a peer.
+//! A decision scores every eligible (worker, rank) with Dynamo's cost model
+//! ([`crate::sched::cost`]), skips busy workers, and picks the cheapest (or samples by
+//! temperature); with prefill workers in the fleet it picks a prefill worker first.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -21,9 +20,17 @@ use rand::Rng;
 use crate::{
     kv::{
         events::RouterEvent,
-        hash::{hash_seed, local_block_hashes, LocalBlockHash},
+        hash::{hash_seed, local_block_hashes, seq_hashes, LocalBlockHash},
         index::{Applied, Index, Overlap},
         predicted::Predicted,
+    },
+    sched::{
+        active::{ActiveSequences, Booking as ActiveBooking, RankLoad},
+        admission::{rank_is_busy, Capacity},
+        cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
+        disagg::Stage,
+        select::select,
+        SchedSettings,
     },
     workers::{Fleet, Role, Worker, WorkerRank},
 };
@@ -56,12 +63,15 @@ impl RoutingMode {
 }
 
 /// The router's answer for one request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Decision {
     pub decode: Target,
     pub prefill: Option<Target>,
     pub mode: RoutingMode,
     pub booking: BookingId,
+    /// Prompt tokens the chosen worker (the prefill worker when disaggregated) is expected to
+    /// have cached: the prediction the engine's `cached_tokens` later confirms or not.
+    pub predicted_cached_tokens: u64,
 }
 
 /// One entry of a gateway subset hint: `ip:port`, or a bare `ip` matching any port.
@@ -91,7 +101,7 @@ impl EndpointMatch {
 /// What the router needs to know about a request.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingRequest {
-    /// The prompt's token ids (empty until tokenization is wired in).
+    /// The prompt's token ids; empty when no tokenizer is configured (then load alone decides).
     pub tokens: Vec<u32>,
     /// Tenant / cache namespace: salts the block hashes.
     pub cache_salt: Option<String>,
@@ -99,6 +109,8 @@ pub struct RoutingRequest {
     pub lora: Option<String>,
     /// Gateway subset hint; `None` = every worker is eligible.
     pub subset: Option<Vec<EndpointMatch>>,
+    /// Expected output tokens (`nvext.agent_hints.osl`): decays output-block growth.
+    pub osl: Option<u32>,
 }
 
 impl RoutingRequest {
@@ -114,11 +126,52 @@ pub enum RouteError {
     NoWorkers,
     #[error("the gateway's endpoint subset matches no known worker")]
     SubsetMatchesNone,
+    #[error("every eligible worker is at capacity; retry shortly")]
+    Overloaded,
+    #[error("prefill routing is unavailable: no prefill workers, and DYN_ENFORCE_DISAGG=true")]
+    PrefillUnavailable,
 }
 
+/// One candidate as the cost model saw it (for the decision, the Explain RPC and benches).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Scored {
+    pub target: Target,
+    pub load: CandidateLoad,
+    pub terms: CostTerms,
+    /// Skipped by admission control: the worker is over a threshold on every rank.
+    pub busy: bool,
+}
+
+/// What one booked request holds in the active sequences.
 #[derive(Clone, Copy, Debug)]
 struct Booking {
-    worker: WorkerRank,
+    /// Active-sequence id of the decode (or aggregated) part.
+    decode: u64,
+    /// Active-sequence id of the prefill part, freed at the first response chunk.
+    prefill: Option<u64>,
+    osl: Option<u32>,
+}
+
+/// A change to this replica's active sequences, for its peers (replica sync).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeerEvent {
+    /// Unique per sending replica.
+    pub request_id: String,
+    pub worker: WorkerRank,
+    pub data: PeerEventData,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeerEventData {
+    Add {
+        /// Sequence hashes of the booked prompt blocks (`None` = none tracked).
+        blocks: Option<Vec<u64>>,
+        /// Prompt tokens the worker still has to prefill.
+        prefill_tokens: u64,
+        expected_output_tokens: Option<u32>,
+    },
+    PrefillCompleted,
+    Free,
 }
 
 /// How the router learns what the workers have cached.
@@ -166,30 +219,66 @@ impl KvState {
     }
 }
 
-impl Default for KvState {
-    fn default() -> Self {
-        KvState::new(KvSettings::default())
-    }
+/// Stale bookings are looked for at most this often (a sweep walks every active request).
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+/// A request as the scorer needs it, computed once per decision.
+struct Query {
+    hashes: Vec<LocalBlockHash>,
+    /// Sequence hashes of the full prompt blocks, the identity active blocks are counted by.
+    blocks: Vec<u64>,
+    isl: u64,
+    overlaps: HashMap<WorkerRank, TierOverlap>,
 }
 
 /// The routing state shared by every stream.
-#[derive(Default)]
 pub struct Router {
     workers: Vec<Worker>,
     loaded: bool,
-    in_flight: HashMap<WorkerRank, u32>,
+    sched: SchedSettings,
+    active: ActiveSequences,
     bookings: HashMap<BookingId, Booking>,
     next_booking: u64,
+    /// Next active-sequence id (ours and peers' share the space).
+    next_seq: u64,
+    last_sweep: Option<Instant>,
     kv: KvState,
+    /// Replica sync: our changes waiting to be published (`None` = sync off), and the peers'
+    /// bookings by (replica, request id).
+    outbox: Option<Vec<PeerEvent>>,
+    peer_seqs: HashMap<(u64, String), u64>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Router::new(KvSettings::default(), SchedSettings::default())
+    }
 }
 
 impl Router {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(kv: KvSettings, sched: SchedSettings) -> Self {
+        Router {
+            workers: Vec::new(),
+            loaded: false,
+            sched,
+            active: ActiveSequences::new(sched.expiry),
+            bookings: HashMap::new(),
+            next_booking: 0,
+            next_seq: 0,
+            last_sweep: None,
+            kv: KvState::new(kv),
+            outbox: None,
+            peer_seqs: HashMap::new(),
+        }
     }
 
-    pub fn with_kv(settings: KvSettings) -> Self {
-        Router { kv: KvState::new(settings), ..Self::default() }
+    /// Starts collecting our booking changes for the peers ([`Router::take_peer_events`]).
+    pub fn enable_replica_sync(&mut self) {
+        self.outbox.get_or_insert_with(Vec::new);
+    }
+
+    pub fn settings(&self) -> &SchedSettings {
+        &self.sched
     }
 
     /// Replaces the fleet. Bookings and cached blocks of workers that left are dropped with
@@ -197,22 +286,29 @@ impl Router {
     pub fn set_fleet(&mut self, fleet: Fleet) {
         self.workers = fleet.workers;
         self.loaded = true;
-        let live: std::collections::HashSet<WorkerRank> =
-            self.workers.iter().flat_map(Worker::ranks).collect();
-        self.bookings.retain(|_, b| live.contains(&b.worker));
-        self.in_flight.retain(|w, _| live.contains(w));
+        let live: HashSet<WorkerRank> = self.workers.iter().flat_map(Worker::ranks).collect();
+        self.active.retain_workers(|w| live.contains(w));
+        self.forget_ended();
         let block_size = fleet.block_size.unwrap_or(self.kv.settings.default_block_size);
         if block_size != self.kv.block_size {
             self.kv = KvState::new(self.kv.settings);
             self.kv.block_size = block_size;
         }
-        let ids: std::collections::HashSet<_> = self.workers.iter().map(|w| w.id).collect();
+        let ids: HashSet<_> = self.workers.iter().map(|w| w.id).collect();
         for gone in self.kv.index.workers().into_iter().filter(|w| !ids.contains(w)) {
             self.kv.index.remove_worker(gone);
             if let Some(p) = &mut self.kv.predicted {
                 p.remove_worker(gone);
             }
         }
+    }
+
+    /// Drops bookings and peer entries whose active sequences are gone (expired, or their
+    /// worker left).
+    fn forget_ended(&mut self) {
+        let active = &self.active;
+        self.bookings.retain(|_, b| active.contains(b.decode));
+        self.peer_seqs.retain(|_, s| active.contains(*s));
     }
 
     /// The fleet as last set.
@@ -235,38 +331,18 @@ impl Router {
         self.kv.index.block_count()
     }
 
-    /// Forgets remembered decisions whose time is up (also done lazily on every route).
+    /// Forgets remembered decisions and bookings whose time is up (also done lazily on every
+    /// route).
     pub fn expire(&mut self, now: Instant) {
         if let Some(p) = &mut self.kv.predicted {
             p.expire(now);
         }
-    }
-
-    /// The request's block hashes under the current block size and its LoRA / salt seed.
-    fn request_hashes(&self, req: &RoutingRequest) -> Vec<LocalBlockHash> {
-        let seed = hash_seed(req.lora.as_deref(), req.cache_salt.as_deref());
-        local_block_hashes(&req.tokens, self.kv.block_size as usize, seed)
-    }
-
-    /// Effective cached blocks per worker rank: the larger of indexed and predicted.
-    fn overlap_scores(&self, hashes: &[LocalBlockHash]) -> HashMap<WorkerRank, f64> {
-        let mut out = HashMap::new();
-        if hashes.is_empty() {
-            return out;
-        }
-        let mut add = |os: Vec<Overlap>| {
-            for o in os {
-                let e = out.entry(o.worker).or_insert(0.0f64);
-                *e = e.max(effective_blocks(&o));
+        if self.last_sweep.is_none_or(|t| now.saturating_duration_since(t) >= EXPIRY_SWEEP) {
+            self.last_sweep = Some(now);
+            if self.active.expire(now) > 0 {
+                self.forget_ended();
             }
-        };
-        if self.kv.settings.use_kv_events {
-            add(self.kv.index.overlaps(hashes));
         }
-        if let Some(p) = &self.kv.predicted {
-            add(p.overlaps(hashes));
-        }
-        out
     }
 
     /// True once a fleet source has delivered its first complete view.
@@ -278,91 +354,300 @@ impl Router {
         self.workers.len()
     }
 
-    /// Requests booked and not yet ended.
+    /// Requests booked here and not yet ended.
     pub fn active_requests(&self) -> usize {
         self.bookings.len()
     }
 
-    /// Picks and books a worker for a request that carries a body.
+    /// A rank's load as the cost model reads it (ours and, with replica sync, the peers').
+    pub fn load(&self, w: &WorkerRank) -> RankLoad {
+        self.active.load(w)
+    }
+
+    /// The request's hashes and per-rank cached prefix, computed once per decision.
+    fn query(&self, req: &RoutingRequest) -> Query {
+        let seed = hash_seed(req.lora.as_deref(), req.cache_salt.as_deref());
+        let hashes = local_block_hashes(&req.tokens, self.kv.block_size as usize, seed);
+        let mut overlaps: HashMap<WorkerRank, TierOverlap> = HashMap::new();
+        if !hashes.is_empty() {
+            let mut add = |os: Vec<Overlap>| {
+                for o in os {
+                    let t = tiers(&o);
+                    let e = overlaps.entry(o.worker).or_default();
+                    *e = TierOverlap { device: e.device.max(t.device), host: e.host.max(t.host), disk: e.disk.max(t.disk) };
+                }
+            };
+            if self.kv.settings.use_kv_events {
+                add(self.kv.index.overlaps(&hashes));
+            }
+            if let Some(p) = &self.kv.predicted {
+                add(p.overlaps(&hashes));
+            }
+        }
+        let blocks = seq_hashes(&hashes).into_iter().map(|s| s.0).collect();
+        Query { hashes, blocks, isl: req.tokens.len() as u64, overlaps }
+    }
+
+    /// Every eligible rank of `stage`'s pool, with its cost terms and busy flag.
+    fn score(&self, stage: Stage, req: &RoutingRequest, q: &Query) -> Vec<Scored> {
+        let rules = stage.rules(&self.sched);
+        // Without token ids (no tokenizer configured) only the request count tells load apart.
+        let weights = if q.isl == 0 {
+            CostWeights { decode_active_request_weight: rules.weights.decode_active_request_weight.max(1.0), ..rules.weights }
+        } else {
+            rules.weights
+        };
+        let pool: Vec<&Worker> =
+            self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)).collect();
+        let loads: Vec<(Target, RankLoad)> = pool
+            .iter()
+            .flat_map(|w| w.ranks().map(|r| (Target { worker: r, endpoint: w.endpoint }, self.active.load(&r))))
+            .collect();
+        let min_prefill = loads.iter().map(|(_, l)| l.active_prefill_tokens).min().unwrap_or(0);
+        let input = CostInput { block_size: self.kv.block_size, isl: q.isl, min_active_prefill_tokens: min_prefill };
+        let busy_workers = self.busy_workers(&pool);
+        loads
+            .into_iter()
+            .map(|(target, l)| {
+                let new_blocks = match (rules.track_active_blocks, rules.assume_kv_reuse) {
+                    (false, _) => 0,
+                    // Random tracking hashes are new everywhere.
+                    (true, false) => q.blocks.len() as u64,
+                    (true, true) => self.active.new_blocks(&target.worker, &q.blocks),
+                };
+                let load = CandidateLoad {
+                    overlap: q.overlaps.get(&target.worker).copied().unwrap_or_default(),
+                    active_prefill_tokens: l.active_prefill_tokens,
+                    active_decode_blocks: if rules.track_active_blocks { l.active_decode_blocks } else { 0.0 },
+                    new_blocks,
+                    active_requests: l.active_requests,
+                };
+                let busy = busy_workers.contains(&target.worker.id);
+                Scored { target, load, terms: cost_terms(&weights, &input, &load), busy }
+            })
+            .collect()
+    }
+
+    /// Workers over an admission threshold on every one of their ranks.
+    fn busy_workers(&self, pool: &[&Worker]) -> HashSet<crate::workers::WorkerId> {
+        let Some(t) = &self.sched.admission else { return HashSet::new() };
+        pool.iter()
+            .filter(|w| {
+                let cap = Capacity {
+                    total_kv_blocks: w.total_kv_blocks.or(self.sched.default_capacity.total_kv_blocks),
+                    max_num_batched_tokens: w.max_num_batched_tokens.or(self.sched.default_capacity.max_num_batched_tokens),
+                };
+                w.ranks().all(|r| rank_is_busy(t, &cap, &self.active.load(&r)))
+            })
+            .map(|w| w.id)
+            .collect()
+    }
+
+    /// Chooses among the scored candidates: busy ones are skipped.
+    fn choose(&self, req: &RoutingRequest, scored: &[Scored], rng: &mut impl Rng) -> Result<Scored, RouteError> {
+        if scored.is_empty() {
+            return Err(if self.workers.is_empty() || req.subset.is_none() {
+                RouteError::NoWorkers
+            } else {
+                RouteError::SubsetMatchesNone
+            });
+        }
+        let open: Vec<&Scored> = scored.iter().filter(|s| !s.busy).collect();
+        let costs: Vec<f64> = open.iter().map(|s| s.terms.logit).collect();
+        select(&costs, self.sched.temperature, rng).map(|i| *open[i]).ok_or(RouteError::Overloaded)
+    }
+
+    /// Whether this request is served disaggregated: prefill workers it may use exist.
+    fn disaggregates(&self, req: &RoutingRequest) -> bool {
+        self.workers.iter().any(|w| w.role == Role::Prefill && req.allows(w.endpoint))
+    }
+
+    /// Every candidate the decision would weigh, without booking anything: the decode (or
+    /// aggregated) pool, and the prefill pool when disaggregated.
+    pub fn explain(&self, req: &RoutingRequest) -> (Vec<Scored>, Vec<Scored>) {
+        let q = self.query(req);
+        if self.disaggregates(req) {
+            (self.score(Stage::Decode, req, &q), self.score(Stage::Prefill, req, &q))
+        } else {
+            (self.score(Stage::Aggregated, req, &q), Vec::new())
+        }
+    }
+
+    /// Picks and books a worker (and a prefill worker when disaggregated) for a request that
+    /// carries a body. A rejected request books nothing.
     pub fn route(&mut self, req: &RoutingRequest, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         self.expire(now);
-        let hashes = self.request_hashes(req);
-        let scores = self.overlap_scores(&hashes);
-        let decode = self.select(req, rng, |w| scores.get(&w).copied().unwrap_or(0.0))?;
+        let q = self.query(req);
+        let disagg = self.disaggregates(req);
+        if !disagg && self.sched.enforce_disagg {
+            return Err(RouteError::PrefillUnavailable);
+        }
+        let prefill = if disagg { Some(self.choose(req, &self.score(Stage::Prefill, req, &q), rng)?) } else { None };
+        let stage = if disagg { Stage::Decode } else { Stage::Aggregated };
+        let decode = self.choose(req, &self.score(stage, req, &q), rng)?;
+
+        // The worker that runs the prompt books its prefill tokens; the decode side of a
+        // disaggregated request books only its blocks.
+        let cached = |s: &Scored| s.terms.cached_tokens.min(q.isl);
+        let sched = self.sched;
+        let prefill_tokens = |s: &Scored, st: Stage| {
+            if st.rules(&sched).weights.track_prefill_tokens { q.isl - cached(s) } else { 0 }
+        };
+        let rules = stage.rules(&self.sched);
+        let decode_blocks: Vec<u64> = match (rules.track_active_blocks, rules.assume_kv_reuse) {
+            (false, _) => Vec::new(),
+            (true, true) => q.blocks.clone(),
+            (true, false) => (0..q.blocks.len()).map(|_| rng.random()).collect(),
+        };
         let booking = BookingId(self.next_booking);
         self.next_booking += 1;
-        *self.in_flight.entry(decode.worker).or_default() += 1;
-        self.bookings.insert(booking, Booking { worker: decode.worker });
+        let decode_seq = self.book(booking, "", decode.target.worker, decode_blocks, prefill_tokens(&decode, stage), q.isl, req.osl, now);
+        let prefill_seq = prefill.map(|p| {
+            self.book(booking, ":prefill", p.target.worker, Vec::new(), prefill_tokens(&p, Stage::Prefill), q.isl, None, now)
+        });
+        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl });
+
+        let cache_holder = prefill.unwrap_or(decode);
         if let Some(p) = &mut self.kv.predicted {
-            p.record(decode.worker, &hashes, now);
+            p.record(cache_holder.target.worker, &q.hashes, now);
         }
-        Ok(Decision { decode, prefill: None, mode: RoutingMode::Aggregated, booking })
+        Ok(Decision {
+            decode: decode.target,
+            prefill: prefill.map(|p| p.target),
+            mode: if disagg { RoutingMode::Disaggregated } else { RoutingMode::Aggregated },
+            booking,
+            predicted_cached_tokens: cached(&cache_holder),
+        })
     }
 
-    /// Picks a worker for a body-less request (`GET /v1/models`); nothing is booked.
+    /// Adds one active sequence (and tells the peers); returns its id.
+    #[allow(clippy::too_many_arguments)]
+    fn book(
+        &mut self,
+        booking: BookingId,
+        part: &str,
+        worker: WorkerRank,
+        blocks: Vec<u64>,
+        prefill_tokens: u64,
+        isl: u64,
+        osl: Option<u32>,
+        now: Instant,
+    ) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.active.add(seq, ActiveBooking { worker, blocks: &blocks, prefill_tokens, isl }, now);
+        if let Some(out) = &mut self.outbox {
+            out.push(PeerEvent {
+                request_id: format!("{}{part}", booking.0),
+                worker,
+                data: PeerEventData::Add {
+                    blocks: (!blocks.is_empty()).then_some(blocks),
+                    prefill_tokens,
+                    expected_output_tokens: osl,
+                },
+            });
+        }
+        seq
+    }
+
+    /// Tells the peers that our active sequence `seq` changed.
+    fn publish(&mut self, booking: BookingId, part: &str, seq: u64, data: PeerEventData) {
+        let Some(out) = &mut self.outbox else { return };
+        if let Some(worker) = self.active.worker_of(seq) {
+            out.push(PeerEvent { request_id: format!("{}{part}", booking.0), worker, data });
+        }
+    }
+
+    /// Picks a worker for a body-less request (`GET /v1/models`): the least loaded; nothing
+    /// is booked.
     pub fn pick_any(&self, req: &RoutingRequest, rng: &mut impl Rng) -> Result<Target, RouteError> {
-        self.select(req, rng, |_| 0.0)
+        let q = Query { hashes: Vec::new(), blocks: Vec::new(), isl: 0, overlaps: HashMap::new() };
+        self.choose(req, &self.score(Stage::Aggregated, req, &q), rng).map(|s| s.target)
     }
 
-    /// The first non-empty response chunk arrived: prefill is done.
-    pub fn on_first_token(&mut self, _booking: BookingId, _now: Instant) {}
+    /// The first non-empty response chunk arrived: prefill is done (and a prefill worker's
+    /// part of the request is over).
+    pub fn on_first_token(&mut self, booking: BookingId, _now: Instant) {
+        let Some(b) = self.bookings.get_mut(&booking) else { return };
+        let (decode, prefill) = (b.decode, b.prefill.take());
+        self.publish(booking, "", decode, PeerEventData::PrefillCompleted);
+        self.active.mark_prefill_completed(decode);
+        if let Some(p) = prefill {
+            self.publish(booking, ":prefill", p, PeerEventData::Free);
+            self.active.free(p);
+        }
+    }
+
+    /// `generated` response tokens have streamed so far (output-block tracking).
+    pub fn on_output(&mut self, booking: BookingId, generated: u64) {
+        if !(self.sched.track_output_blocks && self.sched.track_active_blocks) {
+            return;
+        }
+        if let Some(b) = self.bookings.get(&booking) {
+            self.active.record_output(b.decode, generated, self.kv.block_size, b.osl);
+        }
+    }
 
     /// The response ended, failed or was cancelled: release everything the request held.
     pub fn on_end(&mut self, booking: BookingId, _now: Instant) {
-        if let Some(b) = self.bookings.remove(&booking) {
-            if let Some(n) = self.in_flight.get_mut(&b.worker) {
-                *n -= 1;
-                if *n == 0 {
-                    self.in_flight.remove(&b.worker);
+        let Some(b) = self.bookings.remove(&booking) else { return };
+        if let Some(p) = b.prefill {
+            self.publish(booking, ":prefill", p, PeerEventData::Free);
+            self.active.free(p);
+        }
+        self.publish(booking, "", b.decode, PeerEventData::Free);
+        self.active.free(b.decode);
+    }
+
+    /// Our booking changes since the last call, for the peers (empty when sync is off).
+    pub fn take_peer_events(&mut self) -> Vec<PeerEvent> {
+        self.outbox.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// Applies a peer replica's booking change to our view of the workers' load.
+    pub fn apply_peer(&mut self, replica: u64, ev: PeerEvent, now: Instant) {
+        let key = (replica, ev.request_id);
+        match ev.data {
+            PeerEventData::Add { blocks, prefill_tokens, .. } => {
+                if self.peer_seqs.contains_key(&key) || !self.workers.iter().any(|w| w.ranks().any(|r| r == ev.worker)) {
+                    return;
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let blocks = blocks.unwrap_or_default();
+                let isl = blocks.len() as u64 * self.kv.block_size as u64;
+                self.active.add(seq, ActiveBooking { worker: ev.worker, blocks: &blocks, prefill_tokens, isl }, now);
+                self.peer_seqs.insert(key, seq);
+            }
+            PeerEventData::PrefillCompleted => {
+                if let Some(&seq) = self.peer_seqs.get(&key) {
+                    self.active.mark_prefill_completed(seq);
+                }
+            }
+            PeerEventData::Free => {
+                if let Some(seq) = self.peer_seqs.remove(&key) {
+                    self.active.free(seq);
                 }
             }
         }
     }
 
-    /// The eligible rank with the highest `overlap`, then the fewest in-flight requests.
-    fn select(&self, req: &RoutingRequest, rng: &mut impl Rng, overlap: impl Fn(WorkerRank) -> f64) -> Result<Target, RouteError> {
-        if self.workers.is_empty() {
-            return Err(RouteError::NoWorkers);
-        }
-        // Prefill-only workers never take a whole request.
-        let mut best: Option<(f64, u32, Target)> = None;
-        let mut ties = 0u32;
-        for w in self.workers.iter().filter(|w| w.role != Role::Prefill && req.allows(w.endpoint)) {
-            for rank in w.ranks() {
-                let load = self.in_flight.get(&rank).copied().unwrap_or(0);
-                let score = overlap(rank);
-                let t = Target { worker: rank, endpoint: w.endpoint };
-                match best {
-                    Some((s, l, _)) if score < s || (score == s && load > l) => {}
-                    Some((s, l, _)) if score == s && load == l => {
-                        // Reservoir sampling keeps every tied rank equally likely.
-                        ties += 1;
-                        if rng.random_range(0..ties) == 0 {
-                            best = Some((score, load, t));
-                        }
-                    }
-                    _ => {
-                        best = Some((score, load, t));
-                        ties = 1;
-                    }
-                }
+    /// A peer replica went silent (or away): its bookings no longer load our view.
+    pub fn forget_peer(&mut self, replica: u64) {
+        let gone: Vec<(u64, String)> = self.peer_seqs.keys().filter(|(r, _)| *r == replica).cloned().collect();
+        for k in gone {
+            if let Some(seq) = self.peer_seqs.remove(&k) {
+                self.active.free(seq);
             }
         }
-        best.map(|(_, _, t)| t).ok_or(if req.subset.is_some() {
-            RouteError::SubsetMatchesNone
-        } else {
-            RouteError::NoWorkers
-        })
     }
 }
 
-/// Cached blocks a rank offers, tiers beyond the device prefix counting 0.75 (host) and
-/// 0.25 (disk), as Dynamo's default weights do; external storage is not counted yet.
-fn effective_blocks(o: &Overlap) -> f64 {
-    let [dev, host, disk, _] = o.blocks.map(f64::from);
-    let host_extra = (host - dev).max(0.0);
-    let disk_extra = (disk - dev.max(host)).max(0.0);
-    dev + 0.75 * host_extra + 0.25 * disk_extra
+/// A rank's cached prefix per tier, lower tiers counting only the blocks beyond the faster
+/// tiers' prefix (the cost model weighs them 0.75 and 0.25).
+fn tiers(o: &Overlap) -> TierOverlap {
+    let [dev, host, disk, _] = o.blocks;
+    TierOverlap { device: dev, host: host.saturating_sub(dev), disk: disk.saturating_sub(dev.max(host)) }
 }
 
 #[cfg(test)]
@@ -386,7 +671,7 @@ mod tests {
     }
 
     fn router(ws: Vec<Worker>) -> Router {
-        let mut r = Router::new();
+        let mut r = Router::default();
         r.set_fleet(Fleet { block_size: None, workers: ws });
         r
     }
@@ -406,7 +691,7 @@ mod tests {
             r.on_end(d.booking, now); // a second end is harmless
         }
         assert_eq!(r.active_requests(), 0);
-        assert!(r.in_flight.is_empty());
+        assert!(r.active.is_empty());
     }
 
     #[test]
@@ -439,7 +724,7 @@ mod tests {
     #[test]
     fn prefill_workers_are_not_picked_and_empty_fleet_errors() {
         let mut rng = SmallRng::seed_from_u64(1);
-        assert_eq!(Router::new().pick_any(&RoutingRequest::default(), &mut rng), Err(RouteError::NoWorkers));
+        assert_eq!(Router::default().pick_any(&RoutingRequest::default(), &mut rng), Err(RouteError::NoWorkers));
         let r = router(vec![worker(1, 1, Role::Prefill, 1), worker(2, 2, Role::Decode, 1)]);
         for _ in 0..10 {
             let t = r.pick_any(&RoutingRequest::default(), &mut rng).unwrap();
@@ -511,7 +796,7 @@ mod tests {
     #[test]
     fn approximate_mode_sends_a_repeated_prompt_to_the_same_worker_until_the_ttl() {
         let settings = KvSettings { use_kv_events: false, approx_ttl: Duration::from_secs(120), ..Default::default() };
-        let mut r = Router::with_kv(settings);
+        let mut r = Router::new(settings, SchedSettings::default());
         r.set_fleet(Fleet { block_size: Some(16), workers: (1..=4).map(|i| worker(i, i as u16, Role::Worker, 1)).collect() });
         let mut rng = SmallRng::seed_from_u64(9);
         let t0 = Instant::now();

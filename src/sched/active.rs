@@ -193,6 +193,10 @@ impl ActiveSequences {
         self.requests.is_empty()
     }
 
+    pub fn contains(&self, id: u64) -> bool {
+        self.requests.contains_key(&id)
+    }
+
     pub fn worker_of(&self, id: u64) -> Option<WorkerRank> {
         self.requests.get(&id).map(|a| a.worker)
     }

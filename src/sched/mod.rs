@@ -4,4 +4,49 @@
 pub mod active;
 pub mod admission;
 pub mod cost;
+pub mod disagg;
 pub mod select;
+
+use std::time::Duration;
+
+use admission::{Capacity, Thresholds};
+use cost::CostWeights;
+
+/// How the scheduler decides (contracts §8, §9 A and C); built once from the `Config`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SchedSettings {
+    pub weights: CostWeights,
+    /// 0 = lowest cost wins (ties at random); > 0 = softmax over normalized costs.
+    pub temperature: f64,
+    /// Count each rank's active KV blocks (decode load).
+    pub track_active_blocks: bool,
+    /// Add placeholder blocks as responses stream (needs active blocks).
+    pub track_output_blocks: bool,
+    /// Book prompt blocks by their real sequence hashes (shared prefixes count once on a rank);
+    /// false = random hashes, every booking's blocks are its own.
+    pub assume_kv_reuse: bool,
+    /// Bookings whose end was never seen are dropped after this long.
+    pub expiry: Duration,
+    /// Token-capacity admission; `None` = every worker always admits.
+    pub admission: Option<Thresholds>,
+    /// Capacity of workers whose fleet entry does not declare it.
+    pub default_capacity: Capacity,
+    /// With no prefill workers: true = refuse (503), false = serve aggregated.
+    pub enforce_disagg: bool,
+}
+
+impl Default for SchedSettings {
+    fn default() -> Self {
+        SchedSettings {
+            weights: CostWeights::default(),
+            temperature: 0.0,
+            track_active_blocks: true,
+            track_output_blocks: false,
+            assume_kv_reuse: true,
+            expiry: Duration::from_secs(300),
+            admission: None,
+            default_capacity: Capacity::default(),
+            enforce_disagg: false,
+        }
+    }
+}

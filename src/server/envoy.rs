@@ -172,12 +172,14 @@ pub fn pass_trailers(request: bool) -> ProcessingResponse {
 }
 
 /// An immediate HTTP answer to the client; the request reaches no worker.
-pub fn immediate(status: u16, json_body: Vec<u8>, details: &str) -> ProcessingResponse {
+pub fn immediate(status: u16, json_body: Vec<u8>, details: &str, extra: &[(&str, String)]) -> ProcessingResponse {
+    let mut set_headers = vec![set_header("content-type", "application/json")];
+    set_headers.extend(extra.iter().map(|(k, v)| set_header(k, v)));
     ProcessingResponse {
         response: Some(Response::ImmediateResponse(ImmediateResponse {
             status: Some(HttpStatus { code: status as i32 }),
             headers: Some(HeaderMutation {
-                set_headers: vec![set_header("content-type", "application/json")],
+                set_headers,
                 remove_headers: vec![],
             }),
             body: json_body,

@@ -20,7 +20,14 @@ pub enum EppError {
     NoRoute(#[from] RouteError),
     #[error("tokenization did not finish within {ms} ms")]
     TokenizerTimeout { ms: u64 },
+    /// Admission control found every eligible worker busy (429 or 503, `DYN_EPP_OVERLOAD_STATUS`).
+    #[error("every eligible worker is at capacity; retry after {RETRY_AFTER_SECS} s")]
+    Overloaded { status: u16 },
 }
+
+/// The `Retry-After` an overloaded answer carries: bookings free within a decode step or two,
+/// so a second is long enough for capacity to reappear and short enough not to idle it.
+pub const RETRY_AFTER_SECS: u32 = 1;
 
 impl From<PrepareError> for EppError {
     fn from(e: PrepareError) -> Self {
@@ -50,6 +57,7 @@ impl EppError {
             EppError::Tokenizer(_) => 500,
             EppError::NoRoute(_) => 503,
             EppError::TokenizerTimeout { .. } => 504,
+            EppError::Overloaded { status } => *status,
         }
     }
 
@@ -64,7 +72,17 @@ impl EppError {
             EppError::Tokenizer(_) => "tokenizer_error",
             EppError::NoRoute(RouteError::NoWorkers) => "no_workers",
             EppError::NoRoute(RouteError::SubsetMatchesNone) => "subset_matches_no_worker",
+            EppError::NoRoute(RouteError::PrefillUnavailable) => "prefill_unavailable",
+            EppError::NoRoute(RouteError::Overloaded) | EppError::Overloaded { .. } => "overloaded",
             EppError::TokenizerTimeout { .. } => "tokenizer_timeout",
+        }
+    }
+
+    /// Headers the answer carries beyond its content type.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            EppError::Overloaded { .. } => vec![("retry-after", RETRY_AFTER_SECS.to_string())],
+            _ => Vec::new(),
         }
     }
 
@@ -72,6 +90,7 @@ impl EppError {
     pub fn body(&self) -> Vec<u8> {
         let kind = match self.status() {
             404 => "NotFoundError",
+            429 => "rate_limit_error",
             s if s < 500 => "invalid_request_error",
             500 => "internal_error",
             504 => "timeout_error",
@@ -103,6 +122,12 @@ mod tests {
         assert!(v["error"]["message"].as_str().unwrap().contains("messages"));
         assert_eq!(EppError::BodyTooLarge { limit: 1 }.status(), 413);
         assert_eq!(EppError::from(RouteError::NoWorkers).status(), 503);
+        let busy = EppError::Overloaded { status: 429 };
+        assert_eq!((busy.status(), busy.code(), busy.headers()), (429, "overloaded", vec![("retry-after", "1".to_string())]));
+        let v: serde_json::Value = serde_json::from_slice(&busy.body()).unwrap();
+        assert_eq!(v["error"]["type"], "rate_limit_error");
+        assert_eq!(EppError::Overloaded { status: 503 }.status(), 503);
+        assert_eq!(EppError::from(RouteError::PrefillUnavailable).status(), 503);
     }
 
     #[test]

@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Status, Streaming};
 
-use super::{envoy, error::EppError, App};
+use super::{envoy, error::EppError, sse::OutputCounter, App};
 use crate::{
     request::{openai::Api, Prepared},
-    router::{BookingId, Decision, EndpointMatch, RoutingRequest},
+    router::{BookingId, Decision, EndpointMatch, RouteError, RoutingRequest},
 };
 
 type Sent = Result<ProcessingResponse, Status>;
@@ -82,6 +82,8 @@ struct StreamState {
     echo_response_body: bool,
     booking: Option<BookingId>,
     first_token_seen: bool,
+    /// Streamed response tokens, when output blocks are tracked.
+    output: Option<OutputCounter>,
 }
 
 impl Drop for StreamState {
@@ -106,6 +108,7 @@ impl StreamState {
             echo_response_body: true,
             booking: None,
             first_token_seen: false,
+            output: None,
         }
     }
 
@@ -226,7 +229,14 @@ impl StreamState {
                 self.app.metrics.outcome("passthrough");
                 self.send(envoy::route_headers(&t.endpoint.to_string(), &[])).await
             }
-            Err(e) => self.reject(e.into()).await,
+            Err(e) => self.reject(self.route_error(e)).await,
+        }
+    }
+
+    fn route_error(&self, e: RouteError) -> EppError {
+        match e {
+            RouteError::Overloaded => EppError::Overloaded { status: self.app.overload_status },
+            e => e.into(),
         }
     }
 
@@ -241,6 +251,7 @@ impl StreamState {
                     req.tokens = p.tokens;
                     req.cache_salt = p.cache_salt;
                     req.lora = p.lora;
+                    req.osl = p.hints.osl;
                     body = p.body;
                 }
                 Err(e) => return self.reject(e).await,
@@ -254,9 +265,12 @@ impl StreamState {
         };
         let d = match decided {
             Ok(d) => d,
-            Err(e) => return self.reject(e.into()).await,
+            Err(e) => return self.reject(self.route_error(e)).await,
         };
         self.booking = Some(d.booking);
+        if self.app.count_output {
+            self.output = Some(OutputCounter::default());
+        }
         let extra = if api.is_some() { dynamo_headers(&d) } else { Vec::new() };
         let headers = envoy::route_headers(&d.decode.endpoint.to_string(), &extra);
         self.app.metrics.decision_seconds.observe(started.elapsed().as_secs_f64());
@@ -286,6 +300,11 @@ impl StreamState {
                 self.app.router.lock().on_first_token(id, Instant::now());
             }
         }
+        if let (Some(counter), Some(id)) = (&mut self.output, self.booking) {
+            if counter.feed(&b.body) {
+                self.app.router.lock().on_output(id, counter.tokens());
+            }
+        }
         if b.end_of_stream {
             self.finish();
         }
@@ -300,7 +319,7 @@ impl StreamState {
     async fn reject(&mut self, e: EppError) -> bool {
         tracing::info!(status = e.status(), error = %e, path = self.header(":path").unwrap_or(""), "request rejected");
         self.app.metrics.outcome(e.code());
-        self.send(envoy::immediate(e.status(), e.body(), e.code())).await
+        self.send(envoy::immediate(e.status(), e.body(), e.code(), &e.headers())).await
     }
 
     /// Releases the booking, once.

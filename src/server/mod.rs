@@ -7,6 +7,7 @@ pub mod ext_proc;
 pub mod health;
 mod kv;
 pub mod metrics;
+mod sse;
 pub mod tls;
 
 use std::{future::IntoFuture, net::SocketAddr, sync::Arc, time::Duration};
@@ -47,6 +48,10 @@ pub struct App {
     /// Checks and tokenizes bodies; its work runs in `pool`.
     pub prep: Arc<Preprocessor>,
     pub pool: WorkPool,
+    /// Status of an answer when every worker is busy (`DYN_EPP_OVERLOAD_STATUS`).
+    pub overload_status: u16,
+    /// Count streamed response tokens for output-block tracking.
+    pub count_output: bool,
 }
 
 impl App {
@@ -57,6 +62,8 @@ impl App {
             max_body_bytes,
             prep: Arc::new(prep),
             pool,
+            overload_status: 429,
+            count_output: false,
         }
     }
 
@@ -152,7 +159,18 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl std::future::Future<Output = ()> 
 
 /// Runs the EPP until SIGTERM (or Ctrl-C) has been handled and every stream has drained.
 pub async fn run(cfg: Config) -> Result<(), StartError> {
-    let app = Arc::new(App::new(Router::with_kv(cfg.kv_settings()), cfg.max_body_bytes, preprocessor(&cfg)?, work_pool(&cfg)));
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
+    let sched = cfg.sched_settings();
+    let mut router = Router::new(cfg.kv_settings(), sched);
+    if cfg.replica_sync {
+        router.enable_replica_sync();
+    }
+    let mut app = App::new(router, cfg.max_body_bytes, preprocessor(&cfg)?, work_pool(&cfg));
+    app.overload_status = cfg.overload_status;
+    app.count_output = sched.track_output_blocks && sched.track_active_blocks;
+    let app = Arc::new(app);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, false).await;
 
