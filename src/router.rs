@@ -832,4 +832,107 @@ mod tests {
         r.set_fleet(Fleet { block_size: Some(32), workers: vec![worker(2, 2, Role::Worker, 1)] });
         assert_eq!((r.block_size(), r.kv_blocks()), (32, 0));
     }
+
+    // ---------------------------------------------------------------- disaggregation, peers
+
+    #[test]
+    fn prefill_load_is_booked_until_the_first_chunk_so_prefills_spread() {
+        // Upstream's EPP left the prefill pick unbooked and sent 83 prefills to one worker.
+        let mut r = router(vec![worker(1, 1, Role::Prefill, 1), worker(2, 2, Role::Prefill, 1), worker(3, 3, Role::Decode, 1)]);
+        let mut rng = SmallRng::seed_from_u64(4);
+        let now = Instant::now();
+        let mut per = HashMap::new();
+        let mut ds = Vec::new();
+        for i in 0..10u32 {
+            let req = RoutingRequest { tokens: (i * 1000..i * 1000 + 64).collect(), ..Default::default() };
+            let d = r.route(&req, now, &mut rng).unwrap();
+            assert_eq!((d.mode, d.decode.worker.id), (RoutingMode::Disaggregated, WorkerId(3)));
+            *per.entry(d.prefill.unwrap().worker.id).or_insert(0) += 1;
+            ds.push(d);
+        }
+        assert_eq!(per.values().copied().collect::<Vec<_>>(), vec![5, 5], "{per:?}");
+        let p1 = WorkerRank { id: WorkerId(1), dp_rank: DpRank(0) };
+        let d3 = WorkerRank { id: WorkerId(3), dp_rank: DpRank(0) };
+        assert_eq!(r.load(&p1).active_prefill_tokens, 5 * 64);
+        // The decode side books blocks, never prefill tokens.
+        assert_eq!((r.load(&d3).active_prefill_tokens, r.load(&d3).active_decode_blocks), (0, 40.0));
+        for d in &ds {
+            r.on_first_token(d.booking, now);
+        }
+        assert_eq!(r.load(&p1), RankLoad::default());
+        assert_eq!(r.load(&d3).active_requests, 10);
+        for d in &ds {
+            r.on_end(d.booking, now);
+        }
+        assert_eq!(r.load(&d3), RankLoad::default());
+        assert_eq!(r.active_requests(), 0);
+    }
+
+    #[test]
+    fn a_cancel_before_the_first_chunk_frees_the_prefill_booking_too() {
+        let mut r = router(vec![worker(1, 1, Role::Prefill, 1), worker(2, 2, Role::Decode, 1)]);
+        let mut rng = SmallRng::seed_from_u64(4);
+        let d = r.route(&tokens(64), Instant::now(), &mut rng).unwrap();
+        r.on_end(d.booking, Instant::now());
+        assert!(r.active.is_empty());
+    }
+
+    #[test]
+    fn peer_bookings_load_our_view_until_freed_or_forgotten() {
+        let mut r = router(vec![worker(1, 1, Role::Worker, 1), worker(2, 2, Role::Worker, 1)]);
+        let now = Instant::now();
+        let w1 = WorkerRank { id: WorkerId(1), dp_rank: DpRank(0) };
+        let add = |id: &str| PeerEvent {
+            request_id: id.into(),
+            worker: w1,
+            data: PeerEventData::Add { blocks: Some(vec![1, 2, 3]), prefill_tokens: 48, expected_output_tokens: None },
+        };
+        r.apply_peer(7, add("a"), now);
+        r.apply_peer(7, add("a"), now); // a duplicate is ignored
+        r.apply_peer(8, add("a"), now); // the same id from another replica is another request
+        assert_eq!(r.load(&w1), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 96, active_requests: 2 });
+        // Our own decisions now avoid worker 1.
+        let mut rng = SmallRng::seed_from_u64(1);
+        for _ in 0..5 {
+            let d = r.route(&tokens(32), now, &mut rng).unwrap();
+            assert_eq!(d.decode.worker.id, WorkerId(2));
+            r.on_end(d.booking, now);
+        }
+        r.apply_peer(7, PeerEvent { request_id: "a".into(), worker: w1, data: PeerEventData::PrefillCompleted }, now);
+        assert_eq!(r.load(&w1).active_prefill_tokens, 48);
+        r.apply_peer(7, PeerEvent { request_id: "a".into(), worker: w1, data: PeerEventData::Free }, now);
+        assert_eq!(r.load(&w1).active_requests, 1);
+        r.forget_peer(8);
+        assert_eq!(r.load(&w1), RankLoad::default());
+        // Unknown workers are not booked.
+        let gone = WorkerRank { id: WorkerId(99), dp_rank: DpRank(0) };
+        r.apply_peer(7, PeerEvent { worker: gone, ..add("b") }, now);
+        assert_eq!(r.load(&gone), RankLoad::default());
+    }
+
+    #[test]
+    fn our_changes_are_published_only_with_sync_on() {
+        let mut r = router(vec![worker(1, 1, Role::Prefill, 1), worker(2, 2, Role::Decode, 1)]);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        let d = r.route(&tokens(64), now, &mut rng).unwrap();
+        r.on_end(d.booking, now);
+        assert!(r.take_peer_events().is_empty());
+        r.enable_replica_sync();
+        let d = r.route(&tokens(64), now, &mut rng).unwrap();
+        r.on_first_token(d.booking, now);
+        r.on_end(d.booking, now);
+        let evs = r.take_peer_events();
+        let kinds: Vec<(&str, WorkerId, &PeerEventData)> = evs.iter().map(|e| (e.request_id.as_str(), e.worker.id, &e.data)).collect();
+        let id = d.booking.0.to_string();
+        let pid = format!("{id}:prefill");
+        assert!(matches!(kinds[0], (i, WorkerId(2), PeerEventData::Add { prefill_tokens: 0, .. }) if i == id), "{kinds:?}");
+        assert!(matches!(kinds[1], (i, WorkerId(1), PeerEventData::Add { prefill_tokens: 64, blocks: None, .. }) if i == pid), "{kinds:?}");
+        assert_eq!(kinds[2..].iter().map(|k| (k.0, k.2.clone())).collect::<Vec<_>>(), vec![
+            (id.as_str(), PeerEventData::PrefillCompleted),
+            (pid.as_str(), PeerEventData::Free),
+            (id.as_str(), PeerEventData::Free),
+        ]);
+        assert!(r.take_peer_events().is_empty());
+    }
 }
