@@ -935,4 +935,81 @@ mod tests {
         ]);
         assert!(r.take_peer_events().is_empty());
     }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Route(u32),
+        FirstToken(usize),
+        Output(usize, u64),
+        End(usize),
+        PeerAdd(u64, u8, u64),
+        PeerDone(u64, u8),
+        PeerFree(u64, u8),
+        Forget(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..6u32).prop_map(Op::Route),
+            (0..12usize).prop_map(Op::FirstToken),
+            (0..12usize, 0..100u64).prop_map(|(i, g)| Op::Output(i, g)),
+            (0..12usize).prop_map(Op::End),
+            (0..3u64, 0..4u8, 1..4u64).prop_map(|(r, id, w)| Op::PeerAdd(r, id, w)),
+            (0..3u64, 0..4u8).prop_map(|(r, id)| Op::PeerDone(r, id)),
+            (0..3u64, 0..4u8).prop_map(|(r, id)| Op::PeerFree(r, id)),
+            (0..3u64).prop_map(Op::Forget),
+        ]
+    }
+
+    proptest::proptest! {
+        // Whatever the interleaving of decisions (aggregated and disaggregated), first chunks,
+        // output, ends, cancels and peers' changes: once all have ended, no load is left.
+        #[test]
+        fn every_counter_returns_to_zero(ops in proptest::collection::vec(op(), 0..80), disagg: bool) {
+            let mut ws = vec![worker(1, 1, Role::Worker, 2), worker(2, 2, Role::Decode, 1)];
+            if disagg {
+                ws.push(worker(3, 3, Role::Prefill, 1));
+            }
+            let settings = SchedSettings { track_output_blocks: true, ..Default::default() };
+            let mut r = Router::new(KvSettings::default(), settings);
+            r.set_fleet(Fleet { block_size: Some(4), workers: ws });
+            let mut rng = SmallRng::seed_from_u64(2);
+            let now = Instant::now();
+            let mut booked = Vec::new();
+            for o in &ops {
+                match *o {
+                    Op::Route(p) => booked.push(r.route(&RoutingRequest { tokens: (0..p * 5).collect(), osl: Some(50), ..Default::default() }, now, &mut rng).unwrap().booking),
+                    Op::FirstToken(i) => if let Some(b) = booked.get(i) { r.on_first_token(*b, now) },
+                    Op::Output(i, g) => if let Some(b) = booked.get(i) { r.on_output(*b, g) },
+                    Op::End(i) => if let Some(b) = booked.get(i) { r.on_end(*b, now) },
+                    Op::PeerAdd(rep, id, w) => r.apply_peer(rep, PeerEvent {
+                        request_id: id.to_string(),
+                        worker: WorkerRank { id: WorkerId(w), dp_rank: DpRank(0) },
+                        data: PeerEventData::Add { blocks: Some(vec![id as u64, 9]), prefill_tokens: 7, expected_output_tokens: None },
+                    }, now),
+                    Op::PeerDone(rep, id) | Op::PeerFree(rep, id) => {
+                        let data = if matches!(o, Op::PeerDone(..)) { PeerEventData::PrefillCompleted } else { PeerEventData::Free };
+                        for w in 1..4 {
+                            r.apply_peer(rep, PeerEvent { request_id: id.to_string(), worker: WorkerRank { id: WorkerId(w), dp_rank: DpRank(0) }, data: data.clone() }, now);
+                        }
+                    }
+                    Op::Forget(rep) => r.forget_peer(rep),
+                }
+            }
+            for b in &booked {
+                r.on_end(*b, now);
+            }
+            for rep in 0..3 {
+                r.forget_peer(rep);
+            }
+            proptest::prop_assert_eq!(r.active_requests(), 0);
+            proptest::prop_assert!(r.active.is_empty());
+            for w in r.workers().to_vec().iter().flat_map(|w| w.ranks().collect::<Vec<_>>()) {
+                let l = r.load(&w);
+                proptest::prop_assert_eq!((l.active_prefill_tokens, l.active_requests), (0, 0));
+                proptest::prop_assert!(l.active_decode_blocks.abs() < 1e-9, "{:?}", l);
+            }
+        }
+    }
 }
