@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Status, Streaming};
 
-use super::{envoy, error::EppError, sse::OutputCounter, App};
+use super::{envoy, error::EppError, sse::ResponseScan, App};
 use crate::{
     request::{openai::Api, Prepared},
     router::{BookingId, Decision, EndpointMatch, RouteError, RoutingRequest},
@@ -82,8 +82,10 @@ struct StreamState {
     echo_response_body: bool,
     booking: Option<BookingId>,
     first_token_seen: bool,
-    /// Streamed response tokens, when output blocks are tracked.
-    output: Option<OutputCounter>,
+    /// Token counts read from the response of a routed request.
+    scan: Option<ResponseScan>,
+    /// Cached prompt tokens the decision expected on the worker that runs the prompt.
+    predicted_cached: u64,
 }
 
 impl Drop for StreamState {
@@ -108,7 +110,8 @@ impl StreamState {
             echo_response_body: true,
             booking: None,
             first_token_seen: false,
-            output: None,
+            scan: None,
+            predicted_cached: 0,
         }
     }
 
@@ -268,8 +271,10 @@ impl StreamState {
             Err(e) => return self.reject(self.route_error(e)).await,
         };
         self.booking = Some(d.booking);
-        if self.app.count_output {
-            self.output = Some(OutputCounter::default());
+        if api.is_some() {
+            self.scan = Some(ResponseScan::default());
+            self.predicted_cached = d.predicted_cached_tokens;
+            self.app.metrics.predicted_cached_tokens.observe(d.predicted_cached_tokens as f64);
         }
         let extra = if api.is_some() { dynamo_headers(&d) } else { Vec::new() };
         let headers = envoy::route_headers(&d.decode.endpoint.to_string(), &extra);
@@ -300,9 +305,9 @@ impl StreamState {
                 self.app.router.lock().on_first_token(id, Instant::now());
             }
         }
-        if let (Some(counter), Some(id)) = (&mut self.output, self.booking) {
-            if counter.feed(&b.body) {
-                self.app.router.lock().on_output(id, counter.tokens());
+        if let (Some(scan), Some(id)) = (&mut self.scan, self.booking) {
+            if scan.feed(&b.body, b.end_of_stream) && self.app.count_output {
+                self.app.router.lock().on_output(id, scan.tokens());
             }
         }
         if b.end_of_stream {
@@ -322,8 +327,11 @@ impl StreamState {
         self.send(envoy::immediate(e.status(), e.body(), e.code(), &e.headers())).await
     }
 
-    /// Releases the booking, once.
+    /// Releases the booking and records the engine's actual cache hit, once.
     fn finish(&mut self) {
+        if let Some(actual) = self.scan.take().and_then(|s| s.cached_tokens()) {
+            self.app.metrics.cache_hit(self.predicted_cached, actual);
+        }
         if let Some(id) = self.booking.take() {
             let mut router = self.app.router.lock();
             router.on_end(id, Instant::now());

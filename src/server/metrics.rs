@@ -37,6 +37,18 @@ pub struct Metrics {
     pub kv_events_lost: Counter,
     /// Blocks in the KV index.
     pub kv_blocks: Gauge,
+    /// Prompt tokens each decision expected the chosen worker to have cached.
+    pub predicted_cached_tokens: Histogram,
+    /// Prompt tokens the engine reported served from cache (`usage.prompt_tokens_details`).
+    pub actual_cached_tokens: Histogram,
+    /// Summed over responses that report cached tokens: predicted and actual, so
+    /// `rate(actual) / rate(predicted)` is the prediction's accuracy.
+    pub cached_tokens_compared: Family<SourceLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: &'static str,
 }
 
 impl Metrics {
@@ -52,6 +64,11 @@ impl Metrics {
         let kv_events_rejected = Family::<ReasonLabel, Counter>::default();
         let kv_events_lost = Counter::default();
         let kv_blocks = Gauge::default();
+        // 0, then 16 .. ~1 M tokens.
+        let tokens = || Histogram::new(std::iter::once(0.0).chain(prometheus_client::metrics::histogram::exponential_buckets(16.0, 4.0, 9)));
+        let predicted_cached_tokens = tokens();
+        let actual_cached_tokens = tokens();
+        let cached_tokens_compared = Family::<SourceLabel, Counter>::default();
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("inflight_streams", "Open ext_proc streams", inflight_streams.clone());
@@ -61,6 +78,13 @@ impl Metrics {
         registry.register("kv_events_rejected", "KV events or messages not applied, by reason", kv_events_rejected.clone());
         registry.register("kv_events_lost", "KV events or messages lost in transit (id or sequence gaps)", kv_events_lost.clone());
         registry.register("kv_blocks", "Blocks in the KV index", kv_blocks.clone());
+        registry.register("predicted_cached_tokens", "Prompt tokens each decision expected cached on the chosen worker", predicted_cached_tokens.clone());
+        registry.register("actual_cached_tokens", "Prompt tokens the engine reported served from its cache", actual_cached_tokens.clone());
+        registry.register(
+            "cached_tokens_compared",
+            "Cached prompt tokens, predicted and actual, over responses that report them",
+            cached_tokens_compared.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -72,7 +96,17 @@ impl Metrics {
             kv_events_rejected,
             kv_events_lost,
             kv_blocks,
+            predicted_cached_tokens,
+            actual_cached_tokens,
+            cached_tokens_compared,
         }
+    }
+
+    /// A response reported its cached prompt tokens: record them beside the prediction.
+    pub fn cache_hit(&self, predicted: u64, actual: u64) {
+        self.actual_cached_tokens.observe(actual as f64);
+        self.cached_tokens_compared.get_or_create(&SourceLabel { source: "predicted" }).inc_by(predicted);
+        self.cached_tokens_compared.get_or_create(&SourceLabel { source: "actual" }).inc_by(actual);
     }
 
     pub fn kv_rejected(&self, reason: &'static str) {

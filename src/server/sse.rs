@@ -1,77 +1,90 @@
-//! Counting generated tokens in a streamed OpenAI response, for output-block tracking.
+//! Reading a response's token counts as it passes: generated tokens for output-block tracking
+//! and the engine's cached prompt tokens, the actual hit our prediction is measured against.
 //!
 //! A streamed response is server-sent events, one `data: {json}` per chunk and normally one
 //! token per chunk; when an engine reports `usage.completion_tokens` (the last chunk with
 //! `stream_options.include_usage`, or a non-streamed body) that exact count wins. The scan is
-//! byte-level and keeps only the few bytes that may straddle two body chunks.
+//! line-based and keeps only the unfinished line between chunks.
 
 const DATA: &[u8] = b"data:";
 const DONE: &[u8] = b"[DONE]";
-const USAGE: &[u8] = b"\"completion_tokens\":";
-/// Longer lines (a non-streamed body) are not SSE events; they are skipped, not buffered.
+const COMPLETION_TOKENS: &[u8] = b"\"completion_tokens\":";
+const CACHED_TOKENS: &[u8] = b"\"cached_tokens\":";
+/// Longer lines (a large non-streamed body) are not SSE events: only their end is kept, where
+/// OpenAI bodies put `usage`.
 const MAX_LINE: usize = 64 << 10;
+const KEEP_TAIL: usize = 1024;
 
+/// What a response said about its tokens, read as it streams by.
 #[derive(Default)]
-pub struct OutputCounter {
+pub struct ResponseScan {
     events: u64,
-    usage: Option<u64>,
+    completion_tokens: Option<u64>,
+    cached_tokens: Option<u64>,
     /// The unfinished last line of the previous chunk.
     partial: Vec<u8>,
-    /// Inside a line longer than `MAX_LINE`.
-    skipping: bool,
+    /// `partial` lost its start (line over `MAX_LINE`).
+    truncated: bool,
 }
 
-impl OutputCounter {
-    /// Scans one response body chunk; true when the count changed.
-    pub fn feed(&mut self, chunk: &[u8]) -> bool {
+impl ResponseScan {
+    /// Scans one response body chunk (`end`: the last one); true when the token count changed.
+    pub fn feed(&mut self, chunk: &[u8], end: bool) -> bool {
         let before = self.tokens();
         let mut rest = chunk;
         while let Some(nl) = rest.iter().position(|&b| b == b'\n') {
             let (piece, after) = rest.split_at(nl);
-            if !std::mem::take(&mut self.skipping) {
-                if self.partial.is_empty() {
-                    self.line(piece);
-                } else {
-                    let mut l = std::mem::take(&mut self.partial);
-                    l.extend_from_slice(piece);
-                    self.line(&l);
-                }
-            } else {
-                self.partial.clear();
-            }
+            self.partial.extend_from_slice(piece);
+            self.end_line();
             rest = &after[1..];
         }
-        if !self.skipping {
-            if self.partial.len() + rest.len() > MAX_LINE {
-                self.partial.clear();
-                self.skipping = true;
-            } else {
-                self.partial.extend_from_slice(rest);
-            }
+        self.partial.extend_from_slice(rest);
+        if self.partial.len() > MAX_LINE {
+            self.partial.drain(..self.partial.len() - KEEP_TAIL);
+            self.truncated = true;
+        }
+        if end {
+            self.end_line();
         }
         self.tokens() != before
     }
 
-    fn line(&mut self, l: &[u8]) {
-        let Some(data) = l.strip_prefix(DATA) else { return };
-        let data = data.trim_ascii();
-        if data.is_empty() || data == DONE {
-            return;
-        }
-        self.events += 1;
-        if let Some(p) = data.windows(USAGE.len()).rposition(|w| w == USAGE) {
-            let n = data[p + USAGE.len()..].trim_ascii_start();
-            let digits = &n[..n.iter().take_while(|c| c.is_ascii_digit()).count()];
-            if let Some(v) = std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()) {
-                self.usage = Some(v);
+    fn end_line(&mut self) {
+        let line = std::mem::take(&mut self.partial);
+        let whole = !std::mem::take(&mut self.truncated);
+        let mut text = line.trim_ascii();
+        if let (true, Some(data)) = (whole, text.strip_prefix(DATA)) {
+            text = data.trim_ascii();
+            if text.is_empty() || text == DONE {
+                return;
             }
+            self.events += 1;
+        }
+        if let Some(n) = number_after(text, COMPLETION_TOKENS) {
+            self.completion_tokens = Some(n);
+        }
+        if let Some(n) = number_after(text, CACHED_TOKENS) {
+            self.cached_tokens = Some(n);
         }
     }
 
     /// Tokens generated so far: the engine's own count once it reported one.
     pub fn tokens(&self) -> u64 {
-        self.usage.unwrap_or(self.events)
+        self.completion_tokens.unwrap_or(self.events)
     }
+
+    /// Prompt tokens the engine served from its cache (`usage.prompt_tokens_details`), if told.
+    pub fn cached_tokens(&self) -> Option<u64> {
+        self.cached_tokens
+    }
+}
+
+/// The number after the last `key` in `text`.
+fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let p = text.windows(key.len()).rposition(|w| w == key)?;
+    let n = text[p + key.len()..].trim_ascii_start();
+    let digits = &n[..n.iter().take_while(|c| c.is_ascii_digit()).count()];
+    std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
 #[cfg(test)]
@@ -91,33 +104,46 @@ mod tests {
     fn counts_events_across_any_split_and_ignores_done() {
         let body = sse(7);
         for split in 1..body.len() {
-            let mut c = OutputCounter::default();
-            c.feed(&body[..split]);
-            c.feed(&body[split..]);
+            let mut c = ResponseScan::default();
+            c.feed(&body[..split], false);
+            c.feed(&body[split..], true);
             assert_eq!(c.tokens(), 7, "split at {split}");
         }
-        let mut c = OutputCounter::default();
+        let mut c = ResponseScan::default();
         for b in body.chunks(3) {
-            c.feed(b);
+            c.feed(b, false);
         }
         assert_eq!(c.tokens(), 7);
     }
 
     #[test]
-    fn usage_gives_the_exact_count_and_only_line_starts_are_events() {
-        let mut c = OutputCounter::default();
-        c.feed(&sse(3)[..]);
-        assert!(c.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":42}}\n\n"));
-        assert_eq!(c.tokens(), 42);
-        let mut c = OutputCounter::default();
-        assert!(!c.feed(b"{\"text\":\"data: x\"}\n"));
-        assert_eq!(c.tokens(), 0);
-        // A non-streamed body far beyond the line limit is skipped, not buffered.
-        let mut c = OutputCounter::default();
-        let big = vec![b'x'; MAX_LINE + 10];
-        assert!(!c.feed(&big));
-        assert!(c.partial.is_empty());
-        assert!(c.feed(b"tail\ndata: {}\n"));
-        assert_eq!(c.tokens(), 1);
+    fn usage_gives_exact_counts_in_streams_and_plain_bodies() {
+        let mut c = ResponseScan::default();
+        c.feed(&sse(3), false);
+        assert!(c.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":50,\"completion_tokens\":42,\"prompt_tokens_details\":{\"cached_tokens\":32}}}\n\n", false));
+        assert_eq!((c.tokens(), c.cached_tokens()), (42, Some(32)));
+        // A non-streamed body: no newline, usage at the end, known once the body ends.
+        let body = br#"{"choices":[{"message":{"content":"data: not an event"}}],"usage":{"prompt_tokens":9,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":0}}}"#;
+        let mut c = ResponseScan::default();
+        assert!(!c.feed(&body[..40], false));
+        assert!(c.feed(&body[40..], true));
+        assert_eq!((c.tokens(), c.cached_tokens()), (4, Some(0)));
+        let mut c = ResponseScan::default();
+        c.feed(b"{\"choices\":[]}", true);
+        assert_eq!((c.tokens(), c.cached_tokens()), (0, None));
+    }
+
+    #[test]
+    fn a_huge_plain_body_keeps_only_its_end() {
+        let mut body = br#"{"choices":[{"message":{"content":""#.to_vec();
+        body.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE));
+        body.extend_from_slice(br#""}}],"usage":{"completion_tokens":7,"prompt_tokens_details":{"cached_tokens":16}}}"#);
+        let mut c = ResponseScan::default();
+        for piece in body.chunks(10_000) {
+            c.feed(piece, false);
+            assert!(c.partial.len() <= MAX_LINE + 10_000);
+        }
+        c.feed(b"", true);
+        assert_eq!((c.tokens(), c.cached_tokens()), (7, Some(16)));
     }
 }
