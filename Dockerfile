@@ -16,8 +16,9 @@ ENV CARGO_PROFILE_RELEASE_LTO=fat \
 
 COPY Cargo.toml Cargo.lock build.rs ./
 # One stub per target declared in Cargo.toml (tests/deploy_dockerfile.rs keeps this list honest).
-RUN mkdir -p src benches \
+RUN mkdir -p src/bin benches \
  && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > src/bin/dynamo-epp-sim.rs \
  && touch src/lib.rs \
  && echo 'fn main() {}' > benches/ext_proc_stream.rs \
  && echo 'fn main() {}' > benches/envoy_load.rs \

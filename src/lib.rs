@@ -10,4 +10,5 @@ pub mod request;
 pub mod router;
 pub mod sched;
 pub mod server;
+pub mod sim;
 pub mod workers;

@@ -1,0 +1,133 @@
+//! dynamo-epp-sim: replays a Mooncake trace against simulated engines and compares routing
+//! policies (our router with KV events, approximate mode, baselines, and any extra router
+//! configurations) on the same arrivals. Prints a Markdown table; writes JSON and a PNG chart.
+//!
+//!   dynamo-epp-sim --trace ../shared/traces/mooncake_conversation.jsonl --workers 8
+
+use std::path::PathBuf;
+
+use clap::Parser;
+use dynamo_epp::{
+    config::Config,
+    sim::{self, engine::EngineParams, report, NamedPolicy, Policy, SimConfig},
+};
+
+#[derive(Parser, Debug)]
+#[command(name = "dynamo-epp-sim", about = "Trace-driven routing-quality simulator for dynamo-epp")]
+struct Args {
+    /// Mooncake-format trace (JSON lines).
+    #[arg(long)]
+    trace: PathBuf,
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Replay only the first N requests.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// Divide arrival times by this (more load).
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// KV blocks per worker.
+    #[arg(long, default_value_t = 16_384)]
+    kv_blocks: u32,
+    /// Tokens per KV block (also the router's block size).
+    #[arg(long, default_value_t = 64)]
+    block_tokens: u32,
+    /// Token budget of one scheduler pass.
+    #[arg(long, default_value_t = 8_192)]
+    max_batch_tokens: u32,
+    /// Running requests per worker at most.
+    #[arg(long, default_value_t = 256)]
+    max_running: usize,
+    /// Prefill time coefficients a,b,c (ms = a·T² + b·T + c).
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [4.209989e-07, 1.518344e-02, 16.50142])]
+    prefill_ms: Vec<f64>,
+    /// Decode time coefficients a,b,c (ms = max(1, a·p² + b·p + c)).
+    #[arg(long, value_delimiter = ',', num_args = 3, default_values_t = [-25.74, 54.01, 5.74])]
+    decode_ms: Vec<f64>,
+    /// Decoding context (tokens) at which p = 1.
+    #[arg(long, default_value_t = 1_048_576.0)]
+    decode_context_norm: f64,
+    /// Delay before KV events reach the router (ms).
+    #[arg(long, default_value_t = 0.0)]
+    event_delay_ms: f64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Another router configuration to compare: `NAME=FLAGS`, flags as dynamo-epp takes them,
+    /// e.g. `tuned=--router-temperature 0.05`. Repeatable.
+    #[arg(long = "extra")]
+    extra: Vec<String>,
+    /// Only these policies (names), in this order; default: all.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Write the reports as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw TTFT CDFs and reuse into this PNG.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+}
+
+fn main() -> std::process::ExitCode {
+    let a = Args::parse();
+    match run(a) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dynamo-epp-sim: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(a: Args) -> Result<(), String> {
+    let mut trace = sim::trace::load(&a.trace).map_err(|e| e.to_string())?;
+    if let Some(n) = a.requests {
+        trace.truncate(n);
+    }
+    if a.workers == 0 || a.speedup <= 0.0 || a.block_tokens == 0 || 512 % a.block_tokens != 0 {
+        return Err("--workers and --speedup must be positive and --block-tokens must divide 512".into());
+    }
+    let cfg = SimConfig {
+        workers: a.workers,
+        engine: EngineParams {
+            kv_blocks: a.kv_blocks,
+            block_tokens: a.block_tokens,
+            max_batch_tokens: a.max_batch_tokens,
+            max_running: a.max_running,
+            prefill_ms: [a.prefill_ms[0], a.prefill_ms[1], a.prefill_ms[2]],
+            decode_ms: [a.decode_ms[0], a.decode_ms[1], a.decode_ms[2]],
+            decode_context_norm: a.decode_context_norm,
+        },
+        speedup: a.speedup,
+        event_delay_ms: a.event_delay_ms,
+        seed: a.seed,
+    };
+    let mut policies = sim::standard_policies();
+    for e in &a.extra {
+        let (name, flags) = e.split_once('=').ok_or_else(|| format!("--extra {e:?}: expected NAME=FLAGS"))?;
+        let c = Config::from_args(std::iter::once("dynamo-epp").chain(flags.split_whitespace())).map_err(|(m, _)| m)?;
+        policies.push(NamedPolicy { name: name.into(), policy: Policy::Router { kv: c.kv_settings(), sched: c.sched_settings() } });
+    }
+    if !a.only.is_empty() {
+        policies = a
+            .only
+            .iter()
+            .map(|n| policies.iter().find(|p| &p.name == n).cloned().ok_or_else(|| format!("--only: no policy named {n:?}")))
+            .collect::<Result<_, _>>()?;
+    }
+    let reports = sim::run(&trace, &cfg, &policies);
+    print!("{}", report::markdown(&reports));
+    let wall: f64 = reports.iter().map(|r| r.wall_seconds).sum();
+    println!("\n{} requests, {} workers, ideal reuse {:.1} %, simulated in {wall:.1} s", trace.len(), cfg.workers, 100.0 * reports[0].ideal_reuse);
+    if let Some(p) = &a.json {
+        let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "config": {
+            "workers": cfg.workers, "engine": cfg.engine, "speedup": cfg.speedup, "event_delay_ms": cfg.event_delay_ms, "seed": cfg.seed,
+        }, "policies": reports });
+        std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
+    }
+    if let Some(p) = &a.chart {
+        if !report::chart(&reports, p).map_err(|e| e.to_string())? {
+            eprintln!("dynamo-epp-sim: no DejaVu font found; the chart has no labels");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,315 @@
+//! The routing-quality simulator: replays a Mooncake trace against N simulated engines
+//! (`engine.rs`) in virtual time, with the same [`Router`] the server uses deciding where each
+//! request goes, fed by the engines' KV events. Baseline policies (round-robin, random,
+//! least-loaded) run on the same arrivals. Deterministic for a seed.
+
+pub mod engine;
+pub mod report;
+pub mod trace;
+
+use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+use crate::{
+    kv::{
+        events::{
+            ExternalBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlockData,
+            RouterEvent, StorageTier,
+        },
+        hash::{local_block_hashes, seq_hashes, XXH3_SEED},
+    },
+    router::{BookingId, KvSettings, RouteError, Router, RoutingRequest},
+    sched::SchedSettings,
+    workers::{Fleet, Role, Worker, WorkerId},
+};
+use engine::{Engine, EngineEvent, EngineParams, EngineRequest};
+use report::{PolicyReport, RequestOutcome};
+use trace::TraceRequest;
+
+/// How a policy picks a worker.
+#[derive(Clone, Debug)]
+pub enum Policy {
+    /// Our router with these settings (KV events on or off per `kv`).
+    Router { kv: KvSettings, sched: SchedSettings },
+    RoundRobin,
+    Random,
+    /// Fewest queued + running requests, ties at random.
+    LeastLoaded,
+}
+
+/// A named policy to compare.
+#[derive(Clone, Debug)]
+pub struct NamedPolicy {
+    pub name: String,
+    pub policy: Policy,
+}
+
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub workers: usize,
+    pub engine: EngineParams,
+    /// Arrival times are divided by this.
+    pub speedup: f64,
+    /// Delay before a KV event reaches the router, ms (0 = at once).
+    pub event_delay_ms: f64,
+    pub seed: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig { workers: 8, engine: EngineParams::default(), speedup: 1.0, event_delay_ms: 0.0, seed: 42 }
+    }
+}
+
+/// The policies every run compares: Dynamo-compatible defaults with KV events, approximate
+/// mode, and the baselines.
+pub fn standard_policies() -> Vec<NamedPolicy> {
+    let kv = |use_kv_events| KvSettings { use_kv_events, ..KvSettings::default() };
+    vec![
+        NamedPolicy { name: "kv-events".into(), policy: Policy::Router { kv: kv(true), sched: SchedSettings::default() } },
+        NamedPolicy { name: "approximate".into(), policy: Policy::Router { kv: kv(false), sched: SchedSettings::default() } },
+        NamedPolicy { name: "round-robin".into(), policy: Policy::RoundRobin },
+        NamedPolicy { name: "random".into(), policy: Policy::Random },
+        NamedPolicy { name: "least-loaded".into(), policy: Policy::LeastLoaded },
+    ]
+}
+
+/// A request prepared once for every policy: its tokens are only needed by the router, its
+/// block hashes by the engines.
+struct Prepared {
+    arrival_us: u64,
+    tokens: Vec<u32>,
+    engine: EngineRequest,
+}
+
+fn prepare(trace: &[TraceRequest], cfg: &SimConfig) -> Vec<Prepared> {
+    let bt = cfg.engine.block_tokens as usize;
+    trace
+        .iter()
+        .enumerate()
+        .map(|(id, r)| {
+            let tokens = r.tokens();
+            let local = local_block_hashes(&tokens, bt, XXH3_SEED);
+            let seq = seq_hashes(&local);
+            let blocks = seq.iter().zip(&local).map(|(s, l)| (s.0, l.0)).collect();
+            Prepared {
+                arrival_us: (r.timestamp as f64 * 1000.0 / cfg.speedup) as u64,
+                tokens,
+                engine: EngineRequest { id, isl: r.input_length, osl: r.output_length.max(1), blocks },
+            }
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    /// Ordered so that at equal times passes end before arrivals are routed, and KV events
+    /// arrive before both.
+    Kv(usize),
+    PassEnd(usize),
+    Arrival(usize),
+}
+
+/// Runs every policy over the same arrivals and returns one report each.
+pub fn run(trace: &[TraceRequest], cfg: &SimConfig, policies: &[NamedPolicy]) -> Vec<PolicyReport> {
+    let prepared = prepare(trace, cfg);
+    let ideal = trace::ideal_reuse(trace, cfg.engine.block_tokens);
+    policies.iter().map(|p| run_policy(&prepared, cfg, p, ideal)).collect()
+}
+
+struct State<'a> {
+    cfg: &'a SimConfig,
+    engines: Vec<Engine>,
+    router: Option<Router>,
+    bookings: Vec<Option<BookingId>>,
+    outcomes: Vec<RequestOutcome>,
+    queue: BinaryHeap<Reverse<(u64, Event, u64)>>,
+    kv_batches: Vec<(usize, Vec<EngineEvent>)>,
+    seq: u64,
+    epoch: Instant,
+    event_ids: Vec<u64>,
+}
+
+impl State<'_> {
+    fn push(&mut self, at: u64, ev: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((at, ev, self.seq)));
+    }
+
+    fn instant(&self, us: u64) -> Instant {
+        self.epoch + Duration::from_micros(us)
+    }
+
+    /// Starts a pass on an idle engine if it has work.
+    fn kick(&mut self, w: usize, now: u64) {
+        if self.engines[w].is_busy() {
+            return;
+        }
+        let mut evs = Vec::new();
+        if let Some(ms) = self.engines[w].start_pass(&mut evs) {
+            self.push(now + (ms * 1000.0).round().max(1.0) as u64, Event::PassEnd(w));
+        }
+        self.deliver(w, evs, now);
+    }
+
+    /// Hands engine events to the router (now or after the configured delay) and to the stats.
+    fn deliver(&mut self, w: usize, evs: Vec<EngineEvent>, now: u64) {
+        let mut kv = Vec::new();
+        for e in evs {
+            match e {
+                EngineEvent::FirstToken { id, reused } => {
+                    let o = &mut self.outcomes[id];
+                    o.first_token_us = Some(now);
+                    o.reused_tokens = reused;
+                    if let (Some(r), Some(b)) = (&mut self.router, self.bookings[id]) {
+                        r.on_first_token(b, self.epoch + Duration::from_micros(now));
+                    }
+                }
+                EngineEvent::Finished { id } => {
+                    self.outcomes[id].finished_us = Some(now);
+                    if let (Some(r), Some(b)) = (&mut self.router, self.bookings[id].take()) {
+                        r.on_end(b, self.epoch + Duration::from_micros(now));
+                    }
+                }
+                e => kv.push(e),
+            }
+        }
+        if kv.is_empty() || self.router.is_none() {
+            return;
+        }
+        if self.cfg.event_delay_ms <= 0.0 {
+            self.apply_kv(w, kv);
+        } else {
+            self.kv_batches.push((w, kv));
+            let at = now + (self.cfg.event_delay_ms * 1000.0) as u64;
+            self.push(at, Event::Kv(self.kv_batches.len() - 1));
+        }
+    }
+
+    fn apply_kv(&mut self, w: usize, evs: Vec<EngineEvent>) {
+        let Some(router) = &mut self.router else { return };
+        for e in evs {
+            self.event_ids[w] += 1;
+            let data = match e {
+                EngineEvent::Stored(blocks) => KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: blocks.first().and_then(|b| b.2).map(ExternalBlockHash),
+                    start_position: None,
+                    blocks: blocks
+                        .iter()
+                        .map(|&(s, l, _)| KvCacheStoredBlockData {
+                            block_hash: ExternalBlockHash(s),
+                            tokens_hash: crate::kv::hash::LocalBlockHash(l),
+                            mm_extra_info: None,
+                        })
+                        .collect(),
+                }),
+                EngineEvent::Removed(hashes) => {
+                    KvCacheEventData::Removed(KvCacheRemoveData { block_hashes: hashes.into_iter().map(ExternalBlockHash).collect() })
+                }
+                _ => continue,
+            };
+            router.apply(&RouterEvent {
+                worker_id: WorkerId(w as u64),
+                storage_tier: StorageTier::Device,
+                residency_domain: None,
+                event: KvCacheEvent { event_id: self.event_ids[w], data, dp_rank: 0 },
+            });
+        }
+    }
+}
+
+fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f64) -> PolicyReport {
+    let started = std::time::Instant::now();
+    let workers: Vec<Worker> = (0..cfg.workers)
+        .map(|i| Worker {
+            id: WorkerId(i as u64),
+            name: format!("sim-{i}"),
+            endpoint: SocketAddr::from(([10, 0, 0, 1], 8000 + i as u16)),
+            role: Role::Worker,
+            dp_start_rank: 0,
+            dp_size: 1,
+            total_kv_blocks: Some(cfg.engine.kv_blocks as u64),
+            max_num_batched_tokens: Some(cfg.engine.max_batch_tokens as u64),
+            kv_events: None,
+        })
+        .collect();
+    let router = match &p.policy {
+        Policy::Router { kv, sched } => {
+            let mut r = Router::new(*kv, *sched);
+            r.set_fleet(Fleet { block_size: Some(cfg.engine.block_tokens), workers });
+            Some(r)
+        }
+        _ => None,
+    };
+    let mut st = State {
+        cfg,
+        engines: (0..cfg.workers).map(|_| Engine::new(cfg.engine)).collect(),
+        router,
+        bookings: vec![None; prepared.len()],
+        outcomes: prepared.iter().map(|r| RequestOutcome::new(r.arrival_us, r.engine.isl, r.engine.osl)).collect(),
+        queue: BinaryHeap::new(),
+        kv_batches: Vec::new(),
+        seq: 0,
+        epoch: Instant::now(),
+        event_ids: vec![0; cfg.workers],
+    };
+    let mut rng = SmallRng::seed_from_u64(cfg.seed);
+    let mut rr = 0usize;
+    for (i, r) in prepared.iter().enumerate() {
+        st.push(r.arrival_us, Event::Arrival(i));
+    }
+    while let Some(Reverse((now, ev, _))) = st.queue.pop() {
+        match ev {
+            Event::Kv(b) => {
+                let (w, evs) = std::mem::take(&mut st.kv_batches[b]);
+                st.apply_kv(w, evs);
+            }
+            Event::PassEnd(w) => {
+                let mut evs = Vec::new();
+                st.engines[w].end_pass(&mut evs);
+                st.deliver(w, evs, now);
+                st.kick(w, now);
+            }
+            Event::Arrival(i) => {
+                let r = &prepared[i];
+                let w = match &p.policy {
+                    Policy::Router { .. } => {
+                        let req = RoutingRequest { tokens: r.tokens.clone(), osl: Some(r.engine.osl), ..Default::default() };
+                        let at = st.instant(now);
+                        match st.router.as_mut().expect("router policy").route(&req, at, &mut rng) {
+                            Ok(d) => {
+                                st.bookings[i] = Some(d.booking);
+                                d.decode.worker.id.0 as usize
+                            }
+                            Err(RouteError::Overloaded) => {
+                                st.outcomes[i].rejected = true;
+                                continue;
+                            }
+                            Err(e) => panic!("simulated fleet cannot fail to route: {e}"),
+                        }
+                    }
+                    Policy::RoundRobin => {
+                        rr = (rr + 1) % cfg.workers;
+                        rr
+                    }
+                    Policy::Random => rng.random_range(0..cfg.workers),
+                    Policy::LeastLoaded => {
+                        let min = st.engines.iter().map(Engine::load).min().unwrap_or(0);
+                        let tied: Vec<usize> = (0..cfg.workers).filter(|&w| st.engines[w].load() == min).collect();
+                        tied[rng.random_range(0..tied.len())]
+                    }
+                };
+                st.outcomes[i].worker = w;
+                st.engines[w].enqueue(r.engine.clone());
+                st.kick(w, now);
+            }
+        }
+    }
+    PolicyReport::new(&p.name, &st.outcomes, ideal, started.elapsed())
+}
