@@ -234,6 +234,12 @@ pub struct Config {
     #[arg(long = "replica-sync", env = "DYN_ROUTER_REPLICA_SYNC", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub replica_sync: bool,
 
+    /// Replica sync: a peer EPP not heard from for this many seconds is gone and its bookings
+    /// are dropped (peers send a heartbeat every second; Dynamo's own replicas send none and
+    /// are only aged out by DYN_ROUTER_ACTIVE_REQUEST_EXPIRY_SECS).
+    #[arg(long = "replica-timeout-secs", env = "DYN_EPP_REPLICA_TIMEOUT_SECS", default_value = "5", value_parser = replica_timeout)]
+    pub replica_timeout_secs: f64,
+
     // ---- Fleet discovery and drop-in for the Dynamo operator (contracts §1.4, §4). ----------
     // Kept together at the end: where the fleet comes from, then what the operator renders for
     // its EPP container that we accept but do not need.
@@ -310,6 +316,14 @@ fn positive_secs(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v > 0.0 && v.is_finite() && v < 1e9 => Ok(v),
         _ => Err("a positive number of seconds".into()),
+    }
+}
+
+/// At least two heartbeat periods (1 s), so one late heartbeat does not drop a live peer.
+fn replica_timeout(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (2.0..1e9).contains(&v) => Ok(v),
+        _ => Err("a number of seconds, at least 2 (peers send a heartbeat every second)".into()),
     }
 }
 
@@ -553,6 +567,8 @@ mod tests {
         let kv = c.kv_settings();
         assert_eq!((kv.default_block_size, kv.approx_ttl, kv.predicted_ttl), (16, Duration::from_secs(120), None));
         assert_eq!(c.kv_consumer(), "dynamo-epp");
+        assert!(!c.replica_sync);
+        assert_eq!(c.replica_timeout_secs, 5.0);
         let c = Config::from_args(["dynamo-epp", "--pod-name", "epp-7f.x", "--router-predicted-ttl-secs", "2.5"]).unwrap();
         assert_eq!(c.kv_consumer(), "epp-7f_x");
         assert_eq!(c.kv_settings().predicted_ttl, Some(Duration::from_millis(2500)));
@@ -609,6 +625,7 @@ mod tests {
             (vec!["--discovery", "etcd"], vec!["DYN_DISCOVERY", "etcd", "kubernetes"]),
             (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),
             (vec!["--inject-tokens", "perhaps"], vec!["DYN_EPP_INJECT_TOKENS", "perhaps"]),
+            (vec!["--replica-timeout-secs", "1.5"], vec!["DYN_EPP_REPLICA_TIMEOUT_SECS", "at least 2"]),
         ] {
             let (msg, code) = Config::from_args(std::iter::once("dynamo-epp").chain(args.clone())).unwrap_err();
             assert_eq!(code, 2, "{args:?}");

@@ -307,7 +307,7 @@ fn the_nats_decoder_reads_real_dynamo_kv_events() {
         let env = nats::decode(&read(m["file"].as_str().unwrap())).unwrap();
         let e = &m["envelope"];
         assert_eq!(
-            (env.publisher_id, env.sequence, env.published_at),
+            (env.header.publisher_id, env.header.sequence, env.header.published_at),
             (u(&e["publisher_id"]), u(&e["sequence"]), u(&e["published_at"]))
         );
         let want = m["payload"].as_array().unwrap();

@@ -1,12 +1,12 @@
 //! Dynamo's event plane on NATS core: a plain subscription (no persistence; the transport
 //! sequence of each publisher reveals what was lost while disconnected).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::StreamExt;
 
 use super::{EventSink, PlaneSettings, RETRY};
-use crate::kv::events::nats::{decode, subject};
+use crate::kv::events::nats::{decode, subject, Gaps, KV_TOPIC};
 
 pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
     loop {
@@ -24,19 +24,17 @@ async fn session(s: &PlaneSettings, sink: &dyn EventSink) -> Result<(), Box<dyn 
         .connect(&s.nats_url)
         .await?;
     // The client resubscribes by itself after a reconnect.
-    let subj = subject(&s.namespace, &s.component, "generate");
+    let subj = subject(&s.namespace, &s.component, "generate", KV_TOPIC);
     let mut sub = client.subscribe(subj.clone()).await?;
     tracing::info!(subject = %subj, "consuming NATS KV events");
-    let mut last_seq: HashMap<u64, u64> = HashMap::new();
+    let mut gaps = Gaps::default();
     while let Some(m) = sub.next().await {
         match decode(&m.payload) {
             Ok(env) => {
-                if let Some(prev) = last_seq.insert(env.publisher_id, env.sequence) {
-                    if env.sequence > prev + 1 {
-                        let n = env.sequence - prev - 1;
-                        tracing::warn!(publisher = env.publisher_id, lost = n, "NATS KV event messages lost");
-                        sink.lost(n);
-                    }
+                let n = gaps.missed(&env.header);
+                if n > 0 {
+                    tracing::warn!(publisher = env.header.publisher_id, lost = n, "NATS KV event messages lost");
+                    sink.lost(n);
                 }
                 sink.apply(&env.events);
             }

@@ -5,6 +5,7 @@ pub mod active;
 pub mod admission;
 pub mod cost;
 pub mod disagg;
+pub mod replica;
 pub mod select;
 
 use std::time::Duration;

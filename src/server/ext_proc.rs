@@ -303,6 +303,7 @@ impl StreamState {
             self.first_token_seen = true;
             if let Some(id) = self.booking {
                 self.app.router.lock().on_first_token(id, Instant::now());
+                self.app.peer_events.notify_one();
             }
         }
         if let (Some(scan), Some(id)) = (&mut self.scan, self.booking) {

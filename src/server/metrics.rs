@@ -17,6 +17,12 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RankLabel {
+    pub worker: String,
+    pub dp_rank: u32,
+}
+
 pub struct Metrics {
     registry: Registry,
     /// Requests by how they ended at the picker: routed, passthrough, or an error code.
@@ -37,6 +43,16 @@ pub struct Metrics {
     pub kv_events_lost: Counter,
     /// Blocks in the KV index.
     pub kv_blocks: Gauge,
+    /// Active requests per worker rank as routing sees them (ours and the peers'), set at scrape.
+    pub worker_active_requests: Family<RankLabel, Gauge>,
+    /// Replica sync: our booking changes sent to the peers.
+    pub replica_events_published: Counter,
+    /// Replica sync: peers' booking changes applied to our view.
+    pub replica_events_applied: Counter,
+    /// Replica sync: changes not sent or not applied, by reason.
+    pub replica_events_dropped: Family<ReasonLabel, Counter>,
+    /// Replica sync: peer EPPs heard from recently (those sending heartbeats).
+    pub replica_peers: Gauge,
     /// Prompt tokens each decision expected the chosen worker to have cached.
     pub predicted_cached_tokens: Histogram,
     /// Prompt tokens the engine reported served from cache (`usage.prompt_tokens_details`).
@@ -69,6 +85,11 @@ impl Metrics {
         let predicted_cached_tokens = tokens();
         let actual_cached_tokens = tokens();
         let cached_tokens_compared = Family::<SourceLabel, Counter>::default();
+        let worker_active_requests = Family::<RankLabel, Gauge>::default();
+        let replica_events_published = Counter::default();
+        let replica_events_applied = Counter::default();
+        let replica_events_dropped = Family::<ReasonLabel, Counter>::default();
+        let replica_peers = Gauge::default();
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("inflight_streams", "Open ext_proc streams", inflight_streams.clone());
@@ -85,6 +106,15 @@ impl Metrics {
             "Cached prompt tokens, predicted and actual, over responses that report them",
             cached_tokens_compared.clone(),
         );
+        registry.register(
+            "worker_active_requests",
+            "Active requests per worker rank, this replica's and its peers'",
+            worker_active_requests.clone(),
+        );
+        registry.register("replica_events_published", "Booking changes published to peer replicas", replica_events_published.clone());
+        registry.register("replica_events_applied", "Peer replicas' booking changes applied", replica_events_applied.clone());
+        registry.register("replica_events_dropped", "Booking changes not published or not applied, by reason", replica_events_dropped.clone());
+        registry.register("replica_peers", "Peer replicas heard from within DYN_EPP_REPLICA_TIMEOUT_SECS", replica_peers.clone());
         Metrics {
             registry,
             requests,
@@ -99,6 +129,23 @@ impl Metrics {
             predicted_cached_tokens,
             actual_cached_tokens,
             cached_tokens_compared,
+            worker_active_requests,
+            replica_events_published,
+            replica_events_applied,
+            replica_events_dropped,
+            replica_peers,
+        }
+    }
+
+    pub fn replica_dropped(&self, reason: &'static str, n: u64) {
+        self.replica_events_dropped.get_or_create(&ReasonLabel { reason }).inc_by(n);
+    }
+
+    /// Replaces the per-rank active-request gauges (departed workers disappear).
+    pub fn set_worker_loads(&self, loads: impl IntoIterator<Item = (RankLabel, u32)>) {
+        self.worker_active_requests.clear();
+        for (label, n) in loads {
+            self.worker_active_requests.get_or_create(&label).set(n as i64);
         }
     }
 

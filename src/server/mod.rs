@@ -7,6 +7,7 @@ pub mod ext_proc;
 pub mod health;
 mod kv;
 pub mod metrics;
+mod replica;
 mod sse;
 pub mod tls;
 
@@ -14,7 +15,10 @@ use std::{future::IntoFuture, net::SocketAddr, sync::Arc, time::Duration};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use parking_lot::Mutex;
-use tokio::{net::TcpListener, sync::watch};
+use tokio::{
+    net::TcpListener,
+    sync::{watch, Notify},
+};
 use tonic::transport::{server::TcpIncoming, Server};
 
 use crate::{
@@ -32,7 +36,7 @@ use crate::{
         Fleet,
     },
 };
-use metrics::Metrics;
+use metrics::{Metrics, RankLabel};
 
 /// Descriptor set of Envoy's ext_proc service (built by build.rs) for gRPC reflection.
 pub const EXT_PROC_DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ext_proc_descriptor.bin"));
@@ -52,6 +56,8 @@ pub struct App {
     pub overload_status: u16,
     /// Count streamed response tokens for output-block tracking.
     pub count_output: bool,
+    /// Signalled when our bookings changed: replica sync publishes them.
+    pub peer_events: Notify,
 }
 
 impl App {
@@ -64,6 +70,7 @@ impl App {
             pool,
             overload_status: 429,
             count_output: false,
+            peer_events: Notify::new(),
         }
     }
 
@@ -75,9 +82,24 @@ impl App {
         self.note_active(&r);
     }
 
-    /// Mirrors the router's booked-request count into the gauge; call with the lock held.
+    /// Mirrors the router's booked-request count into the gauge and wakes the replica-sync
+    /// publisher; call with the lock held after a booking changed.
     pub fn note_active(&self, router: &Router) {
         self.metrics.active_requests.set(router.active_requests() as i64);
+        self.peer_events.notify_one();
+    }
+
+    /// The metrics text, with per-rank loads read now rather than on every request.
+    pub fn render_metrics(&self) -> String {
+        let loads: Vec<(RankLabel, u32)> = {
+            let r = self.router.lock();
+            r.workers()
+                .iter()
+                .flat_map(|w| w.ranks().map(|rank| (RankLabel { worker: w.name.clone(), dp_rank: rank.dp_rank.0 }, r.load(&rank).active_requests)))
+                .collect()
+        };
+        self.metrics.set_worker_loads(loads);
+        self.metrics.render()
     }
 }
 
@@ -178,6 +200,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         tracing::info!(setting, value = %value, "accepted for the Dynamo operator; ignored");
     }
     kv::start(&cfg, app.clone());
+    if cfg.replica_sync {
+        replica::start(&cfg, app.clone());
+    }
     start_fleet_source(&cfg, &app).await?;
 
     let grpc = bind(&cfg, cfg.grpc_port).await?;
@@ -241,7 +266,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             axum::routing::get(move || {
                 let app = app.clone();
                 async move {
-                    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.metrics.render())
+                    ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], app.render_metrics())
                 }
             }),
         );
