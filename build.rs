@@ -1,7 +1,8 @@
-//! Compiles a protobuf descriptor set for gRPC reflection of Envoy's ext_proc service.
-//!
-//! The `.proto` sources are the ones shipped inside the `envoy-types` crate (no vendored copies);
-//! cargo metadata tells where that crate's sources are. protox is pure Rust, so no `protoc` is needed.
+//! Protobuf at build time, pure Rust (protox; no `protoc`):
+//! - a descriptor set for gRPC reflection of Envoy's ext_proc service, from the `.proto` sources
+//!   shipped inside the `envoy-types` crate (no vendored copies; cargo metadata tells where);
+//! - our own debug API (`proto/dynamo/epp/v1/debug.proto`): its Rust types and tonic service, and
+//!   its descriptor set for reflection.
 
 use std::{env, path::PathBuf, process::Command};
 
@@ -41,6 +42,12 @@ fn main() {
     .map(|d| root.join(d));
     let fds = protox::compile(["envoy/service/ext_proc/v3/external_processor.proto"], includes)
         .expect("compile ext_proc protos");
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("ext_proc_descriptor.bin");
-    std::fs::write(out, prost::Message::encode_to_vec(&fds)).unwrap();
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    std::fs::write(out_dir.join("ext_proc_descriptor.bin"), prost::Message::encode_to_vec(&fds)).unwrap();
+
+    println!("cargo:rerun-if-changed=proto");
+    // google/protobuf/struct.proto comes with protox.
+    let debug = protox::compile(["dynamo/epp/v1/debug.proto"], ["proto"]).expect("compile proto/dynamo/epp/v1/debug.proto");
+    std::fs::write(out_dir.join("debug_descriptor.bin"), prost::Message::encode_to_vec(&debug)).unwrap();
+    tonic_prost_build::configure().compile_fds(debug).expect("generate the debug service");
 }

@@ -7,13 +7,14 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use clap::{builder::{BoolishValueParser, TypedValueParser}, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
     Text,
     Json,
 }
 
-#[derive(Clone, Debug, Parser)]
+#[derive(Clone, Debug, Parser, serde::Serialize)]
 #[command(name = "dynamo-epp", version, about = "Endpoint picker (Envoy ext_proc) for NVIDIA Dynamo")]
 pub struct Config {
     /// Serve ext_proc over TLS with a self-signed certificate (ALPN h2); false = plaintext h2c.
@@ -280,7 +281,8 @@ pub struct Config {
 /// The pool API group we watch (`inference.networking.k8s.io/v1`).
 pub const POOL_GROUP: &str = "inference.networking.k8s.io";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Discovery {
     Auto,
     Kubernetes,
@@ -288,7 +290,8 @@ pub enum Discovery {
 }
 
 /// `DYN_EVENT_PLANE`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum EventPlane {
     /// Legacy durable JetStream stream, JSON events.
     Jetstream,
@@ -299,7 +302,8 @@ pub enum EventPlane {
 }
 
 /// `DYN_ADMISSION_CONTROL`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum AdmissionControl {
     None,
     TokenCapacity,
@@ -330,7 +334,7 @@ fn replica_timeout(s: &str) -> Result<f64, String> {
 /// Arguments and environment the Dynamo operator renders for its EPP container (Go EPP flags,
 /// Dynamo runtime settings). Accepted so the operator's spec starts us unchanged; none changes
 /// what we do, and the ones set are logged as ignored at start-up.
-#[derive(Clone, Debug, Default, clap::Args)]
+#[derive(Clone, Debug, Default, clap::Args, serde::Serialize)]
 #[command(next_help_heading = "Accepted for the Dynamo operator, ignored")]
 pub struct OperatorCompat {
     /// Go EPP log verbosity (use RUST_LOG).

@@ -1,6 +1,7 @@
 //! The I/O edge toward the gateway: the ext_proc gRPC server, health, reflection, metrics and
 //! the shutdown sequence.
 
+pub mod debug;
 pub mod envoy;
 pub mod error;
 pub mod ext_proc;
@@ -251,6 +252,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             .register_encoded_file_descriptor_set(EXT_PROC_DESCRIPTOR)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
+    // The gRPC port also serves the debug API.
+    let grpc_reflection = || reflection().register_encoded_file_descriptor_set(debug::DEBUG_DESCRIPTOR);
 
     let health_server = Server::builder()
         .add_service(health_service)
@@ -292,8 +295,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     );
     builder
         .add_service(ext_proc)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?)
+        .add_service(debug::proto::debug_server::DebugServer::new(debug::DebugService::new(app.clone(), &cfg)))
+        .add_service(grpc_reflection().build_v1()?)
+        .add_service(grpc_reflection().build_v1alpha()?)
         .serve_with_incoming_shutdown(incoming(grpc), stopped(&stop_rx))
         .await?;
     let _ = health_task.await;
