@@ -180,19 +180,11 @@ async fn load_spreads_across_the_real_workers_under_concurrency(chain: &InteropC
     // ~200 decode steps (~1 s at the mocker's real timing): all 30 are in flight together.
     // Prompts of equal length, several blocks each, different from the first block on: the
     // cost weighs a request by its blocks.
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/chat/completions"));
-            let content = format!("Request {i:02}: ") + &"tell me about the rivers of the world, ".repeat(6);
-            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": content}],
-                              "max_tokens": 200, "stream": true});
-            tokio::spawn(async move { post_json(&client, &url, &[], &body, Duration::from_secs(60)).await })
-        })
-        .collect();
-    let mut replies = Vec::new();
-    for t in tasks {
-        replies.push(t.await.unwrap());
-    }
+    let bodies = (0..N).map(|i| {
+        let content = format!("Request {i:02}: ") + &"tell me about the rivers of the world, ".repeat(6);
+        json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 200, "stream": true})
+    });
+    let replies = chain.post_concurrently("/v1/chat/completions", bodies, Duration::from_secs(60)).await;
     let mut per_worker = vec![0u64; dy.workers.len()];
     for r in &replies {
         assert_eq!(r.status, 200, "{}", r.body);
@@ -318,17 +310,12 @@ async fn disaggregated_through_our_epp_prefill_and_decode_run_on_our_picks() {
     chain.set_fleet(&[0, 1, 2, 3]).await;
     let before = dy.served_all().await;
     const N: usize = 8;
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/completions"));
-            let prompt = format!("Request {i}: ") + &"a long prompt to prefill somewhere, ".repeat(20);
-            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 50});
-            tokio::spawn(async move { post_json(&client, &url, &[], &body, T).await })
-        })
-        .collect();
+    let bodies = (0..N).map(|i| {
+        let prompt = format!("Request {i}: ") + &"a long prompt to prefill somewhere, ".repeat(20);
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 50})
+    });
     let mut per_worker = vec![0u64; 4];
-    for t in tasks {
-        let r = t.await.unwrap();
+    for r in chain.post_concurrently("/v1/completions", bodies, T).await {
         assert_eq!(r.status, 200, "{}", r.body);
         let hops = dy.wait_frontend_workers(&r.x_request_id, 2).await;
         let [p, d] = hops.iter().map(|&id| dy.worker_index(id).unwrap()).collect::<Vec<_>>()[..] else {

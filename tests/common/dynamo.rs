@@ -544,6 +544,27 @@ impl InteropChain {
         assert_eq!(got, n, "the EPP did not reload the fleet file");
     }
 
+    /// POSTs every body through Envoy at once; the replies in the bodies' order.
+    pub async fn post_concurrently(
+        &self,
+        path: &str,
+        bodies: impl IntoIterator<Item = serde_json::Value>,
+        timeout: Duration,
+    ) -> Vec<Reply> {
+        let tasks: Vec<_> = bodies
+            .into_iter()
+            .map(|body| {
+                let (client, url) = (self.client.clone(), self.envoy.url(path));
+                tokio::spawn(async move { post_json(&client, &url, &[], &body, timeout).await })
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for t in tasks {
+            replies.push(t.await.unwrap());
+        }
+        replies
+    }
+
     /// POSTs JSON through Envoy; the whole exchange is bounded by `timeout`.
     pub async fn post(&self, path: &str, body: &serde_json::Value, timeout: Duration) -> Reply {
         post_json(&self.client, &self.envoy.url(path), &[], body, timeout).await
