@@ -77,7 +77,10 @@ async fn held_requests_spread_evenly_by_booked_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disaggregated_requests_carry_prefill_headers_and_spread_prefill_load() {
     let s = Setup::start(&[("p1", 11, "role: prefill"), ("p2", 12, "role: prefill"), ("d1", 21, "role: decode\ndp_size: 2")], &[]).await;
-    let held: Vec<_> = (0..4).map(|i| s.hold(format!("disaggregated prompt {i}"))).collect();
+    // A few blocks each: the decode side books only whole blocks, so shorter prompts would tie
+    // the decode ranks and leave their split to chance.
+    let prompt = |i| format!("disaggregated prompt {i}: ") + &"decode load is counted in whole blocks. ".repeat(4);
+    let held: Vec<_> = (0..4).map(|i| s.hold(prompt(i))).collect();
     s.wait_seen(4).await;
     // Only the decode worker receives traffic; the prefill worker is named in headers.
     assert!(s.workers[0].seen().is_empty() && s.workers[1].seen().is_empty());

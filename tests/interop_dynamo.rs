@@ -24,15 +24,18 @@ fn delta(before: &[u64], after: &[u64]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chat_and_completions_through_the_chain_are_served_by_the_worker_our_epp_named() {
-    // The fleet file names only the last worker, so the id our EPP puts in
+    // The fleet file names only the second worker, so the id our EPP puts in
     // x-dynamo-worker-instance-id is known; the direct-mode frontend must serve exactly it.
-    let named = 2;
-    let chain = InteropChain::start(DynamoOptions::default(), &[named]).await;
+    let named = 1;
+    let opts = DynamoOptions { workers: vec![Mode::Agg; 2], ..Default::default() };
+    let chain = InteropChain::start(opts, &[named]).await;
     let dy = &chain.dynamo;
     for (path, body) in [
         (
             "/v1/chat/completions",
-            json!({"model": MODEL, "messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 8}),
+            json!({"model": MODEL, "messages": [{"role": "system", "content": "Be brief."},
+                                                 {"role": "user", "content": "Name three rivers, café-style: ñ, 日本, 🙂."}],
+                   "max_tokens": 8}),
         ),
         ("/v1/completions", json!({"model": MODEL, "prompt": "The three longest rivers are", "max_tokens": 8})),
     ] {
@@ -42,127 +45,146 @@ async fn chat_and_completions_through_the_chain_are_served_by_the_worker_our_epp
         let j = r.json();
         assert!(!j["choices"].as_array().unwrap().is_empty(), "{path}: {j}");
         assert!((1..=8).contains(&j["usage"]["completion_tokens"].as_u64().unwrap()), "{path}: {j}");
-        assert!(j["usage"]["prompt_tokens"].as_u64().unwrap() > 0, "{path}: {j}");
         assert_eq!(dy.wait_frontend_routed_to(&r.x_request_id).await, Some(dy.workers[named].id), "{path}");
         let mut want = vec![0; dy.workers.len()];
         want[named] = 1;
         assert_eq!(delta(&before, &dy.served_all().await), want, "{path}: only the named worker serves");
+
+        // Our EPP tokenized the prompt and sent the ids as nvext.token_data: the frontend used
+        // them instead of tokenizing, and the engine saw exactly that many prompt tokens.
+        let skip = dy.wait_frontend_line(&r.x_request_id, "[SIDECAR-SKIP-TOKENIZE]").await;
+        let skip = skip.unwrap_or_else(|| panic!("{path}: no [SIDECAR-SKIP-TOKENIZE]:\n{}", dy.frontend_log()));
+        let ours: u64 = field(&skip, "token_count").unwrap().parse().unwrap();
+        assert_eq!(j["usage"]["prompt_tokens"], ours, "{path}: {skip}");
+        // The reference: the same body straight to the frontend, which tokenizes it itself.
+        let rid = format!("reference{}", path.replace('/', "-"));
+        let h = [("x-dynamo-worker-instance-id", dy.workers[named].id.to_string()), ("x-request-id", rid.clone())];
+        let reference = post_json(&chain.client, &dy.frontend_url(path), &h, &body, T).await;
+        assert_eq!(reference.status, 200, "{path}: {}", reference.body);
+        let tokenized = dy.wait_frontend_line(&rid, "no token_data; tokenizing prompt").await;
+        assert!(tokenized.is_some(), "{path}: the reference was not tokenized by Dynamo:\n{}", dy.frontend_log());
+        assert_eq!(reference.json()["usage"]["prompt_tokens"], ours, "{path}: Dynamo counts the prompt differently");
     }
     // Both went through our EPP, not around it.
     assert_eq!(chain.epp.metric("dynamo_epp_requests_total{outcome=\"routed\"}").await, Some(2.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn the_frontend_takes_nvext_token_data_as_the_prompt_and_skips_tokenization() {
-    // Sent to the frontend directly, as our EPP will once it injects token_data.
-    let dy = DynamoFleet::start(DynamoOptions { workers: vec![Mode::Agg; 2], ..Default::default() }).await;
-    let client = reqwest::Client::new();
-    // 40 ids = 2 full blocks of 16 + 8; nothing like what the chat template makes of "hello".
-    let tokens: Vec<u32> = (0..40).map(|i| 1000 + 7 * i).collect();
-    let send = |path: &'static str, worker: usize, rid: &'static str, body: serde_json::Value| {
-        let (client, url, id) = (client.clone(), dy.frontend_url(path), dy.workers[worker].id);
-        async move {
-            let h = [("x-dynamo-worker-instance-id", id.to_string()), ("x-request-id", rid.to_string())];
-            post_json(&client, &url, &h, &body, T).await
-        }
-    };
-    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4});
-    let mut with_tokens = chat.clone();
-    with_tokens["nvext"] = json!({"token_data": tokens});
-
-    let before = dy.served_all().await;
-    let r = send("/v1/chat/completions", 1, "tok-chat", with_tokens).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
-    assert_eq!(delta(&before, &dy.served_all().await), vec![0, 1]);
-    assert_eq!(dy.wait_frontend_routed_to("tok-chat").await, Some(dy.workers[1].id));
-    let skip = dy.wait_frontend_line("tok-chat", "[SIDECAR-SKIP-TOKENIZE]").await;
-    let skip = skip.unwrap_or_else(|| panic!("no [SIDECAR-SKIP-TOKENIZE] line for tok-chat:\n{}", dy.frontend_log()));
-    assert_eq!(field(&skip, "token_count"), Some("40"), "{skip}");
-    assert!(skip.contains("first_tokens=[1000, 1007, 1014, 1021, 1028]"), "{skip}");
-
-    // The same ids as a completion on the same worker: its two full blocks are cached there now…
-    let completion = json!({"model": MODEL, "prompt": "ignored", "max_tokens": 4, "nvext": {"token_data": tokens}});
-    let again = send("/v1/completions", 1, "tok-again", completion.clone()).await.json();
-    assert_eq!(again["usage"]["prompt_tokens"], 40, "{again}");
-    let cached = again["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
-    assert!(cached > 0 && cached % 16 == 0 && cached < 40, "cached_tokens {cached}: {again}");
-    // …and not on the other worker.
-    let elsewhere = send("/v1/completions", 0, "tok-elsewhere", completion).await.json();
-    assert_eq!(elsewhere["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{elsewhere}");
-
-    // Control: without token_data the frontend tokenizes itself (and says so).
-    let r = send("/v1/chat/completions", 1, "tok-none", chat).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_ne!(r.json()["usage"]["prompt_tokens"], 40, "{}", r.body);
-    let warned =
-        dy.wait_frontend_line("tok-none", "backend_instance_id provided but no token_data; tokenizing prompt").await;
-    assert!(warned.is_some(), "{}", dy.frontend_log());
-    let log = dy.frontend_log();
-    assert!(!log.lines().any(|l| l.contains("x_request_id=\"tok-none\"") && l.contains("[SIDECAR-SKIP-TOKENIZE]")));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kv_aware_a_prompt_sent_again_goes_where_the_real_kv_events_put_it() {
     // The EPP indexes the mockers' own KV events (NATS core, msgpack) and routes overlap-first.
+    // Prompts are text: our EPP tokenizes them and hands Dynamo the ids (nvext.token_data), so
+    // the engine caches, and reports in its events, blocks of exactly the ids we hash.
     let chain = InteropChain::start_kv_aware(DynamoOptions::default(), &[0, 1, 2]).await;
     let dy = &chain.dynamo;
-    let metric = |name: &'static str| {
+    let block = 16;
+    let metric = |name: String| {
         let epp = &chain.epp;
-        async move { epp.metric(name).await.unwrap_or(0.0) }
+        async move { epp.metric(&name).await.unwrap_or(0.0) }
     };
+    let compared = |source: &str| metric(format!("dynamo_epp_cached_tokens_compared_total{{source=\"{source}\"}}"));
     // The EPP subscribes in the background: prime until a real event has been applied.
     let deadline = Instant::now() + T;
     for k in 0u32.. {
-        if metric("dynamo_epp_kv_events_applied_total").await >= 1.0 {
+        if metric("dynamo_epp_kv_events_applied_total".into()).await >= 1.0 {
             break;
         }
         assert!(Instant::now() < deadline, "no KV event from the mockers reached the EPP");
-        let primer: Vec<u32> = (0..32).map(|i| 90_000 + 100 * k + i).collect();
+        let primer = format!("Primer {k}: warming the event plane. ").repeat(4);
         let r = chain.post("/v1/completions", &json!({"model": MODEL, "prompt": primer, "max_tokens": 1}), T).await;
         assert_eq!(r.status, 200, "{}", r.body);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Three prompts of 8 full blocks each (token ids: the EPP and Dynamo hash the same ids).
     for p in 0..3u32 {
-        let prompt: Vec<u32> = (0..128).map(|i| 10_000 + 1_000 * p + i).collect();
-        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
-        let blocks = metric("dynamo_epp_kv_blocks").await;
+        // Well over 8 blocks, different from the first block on: 137 tokens, and for prompt 1
+        // 192, exactly 12 blocks.
+        let repeat = if p == 1 { 17 } else { 12 };
+        let sentence = format!("The river number {p} flows past the old mill. ");
+        let prompt = format!("Document {p}. ") + &sentence.repeat(repeat);
+        // The last one streams, so the cached tokens are read from a real SSE stream's usage chunk.
+        let stream = p == 2;
+        let mut body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1});
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let blocks = metric("dynamo_epp_kv_blocks".into()).await;
         let first = chain.post("/v1/completions", &body, T).await;
         assert_eq!(first.status, 200, "{}", first.body);
-        assert_eq!(first.json()["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{}", first.body);
+        let usage = usage_of(&first.body);
+        let full = usage["prompt_tokens"].as_u64().unwrap() / block * block;
+        assert!(full >= 8 * block, "{usage}");
+        assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0, "{}", first.body);
         let cached_on = dy.wait_frontend_routed_to(&first.x_request_id).await.unwrap();
-        // Its 8 blocks reach our index from the worker that cached them…
-        let now = chain.epp.wait_metric("dynamo_epp_kv_blocks", T, |v| v >= blocks + 8.0).await;
-        assert!(now >= blocks + 8.0, "index grew from {blocks} to {now} only");
+        // Its blocks reach our index from the worker that cached them…
+        let want = blocks + (full / block) as f64;
+        let now = chain.epp.wait_metric("dynamo_epp_kv_blocks", T, |v| v >= want).await;
+        assert!(now >= want, "index grew from {blocks} to {now} only, want {want}");
         // …so the same prompt goes there again, although all three are idle, and hits the cache.
+        let (predicted, actual, sum, count) = (
+            compared("predicted").await,
+            compared("actual").await,
+            metric("dynamo_epp_actual_cached_tokens_sum".into()).await,
+            metric("dynamo_epp_actual_cached_tokens_count".into()).await,
+        );
         let again = chain.post("/v1/completions", &body, T).await;
         assert_eq!(again.status, 200, "{}", again.body);
         assert_eq!(dy.wait_frontend_routed_to(&again.x_request_id).await, Some(cached_on), "prompt {p}");
-        let hit = again.json()["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
-        assert!(hit >= 112 && hit % 16 == 0, "cached_tokens {hit}: {}", again.body);
+        let hit = usage_of(&again.body)["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        assert!(hit > 0 && hit % block == 0, "cached_tokens {hit}: {}", again.body);
+
+        // Our EPP read that hit from the response as it passed and put it beside its prediction.
+        let counted = chain.epp.wait_metric("dynamo_epp_actual_cached_tokens_count", T, |v| v >= count + 1.0).await;
+        assert_eq!(counted, count + 1.0, "prompt {p}: the EPP did not read cached_tokens from the response");
+        assert_eq!(metric("dynamo_epp_actual_cached_tokens_sum".into()).await - sum, hit as f64, "prompt {p}");
+        assert_eq!(compared("actual").await - actual, hit as f64, "prompt {p}");
+        // We predict every full prompt block cached (the index holds them all on this worker).
+        // The engine reuses them too but must compute at least the last prompt token, so for a
+        // prompt ending exactly on a block boundary it computes that last block again: then it
+        // reports one block less than we predicted, otherwise exactly our prediction.
+        let predicted = compared("predicted").await - predicted;
+        assert_eq!(predicted, full as f64, "prompt {p}: predicted");
+        let n = usage["prompt_tokens"].as_u64().unwrap();
+        assert_eq!(n % block == 0, p == 1, "prompt {p} has {n} tokens: the block-boundary case is not covered");
+        let recomputed = if n % block == 0 { block } else { 0 };
+        assert_eq!(hit, full - recomputed, "prompt {p}: predicted {predicted}, the engine reused {hit}");
     }
 }
 
+/// The `usage` object of a plain JSON body or of a stream's usage chunk.
+fn usage_of(body: &str) -> serde_json::Value {
+    if !body.starts_with("data:") {
+        return serde_json::from_str::<serde_json::Value>(body).unwrap()["usage"].clone();
+    }
+    body.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l.strip_prefix("data:")?.trim()).ok())
+        .map(|j| j["usage"].clone())
+        .find(|u| !u.is_null())
+        .unwrap_or_else(|| panic!("no usage chunk in {body}"))
+}
+
+/// One fleet at the mocker's real timing for both (a fleet costs more to start than either
+/// part takes): load spreads, then a worker is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn load_spreads_across_the_real_workers_under_concurrency() {
+async fn at_real_timing_load_spreads_then_a_killed_worker_fails_fast_and_leaves_routing() {
     let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
+    load_spreads_across_the_real_workers_under_concurrency(&chain).await;
+    // Every booking of the first part is released before the second counts them.
+    assert_eq!(chain.epp.wait_metric("dynamo_epp_active_requests", T, |v| v == 0.0).await, 0.0);
+    a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops_it(&chain).await;
+}
+
+async fn load_spreads_across_the_real_workers_under_concurrency(chain: &InteropChain) {
     let dy = &chain.dynamo;
     let before = dy.served_all().await;
     const N: usize = 30;
     // ~200 decode steps (~1 s at the mocker's real timing): all 30 are in flight together.
-    let tasks: Vec<_> = (0..N)
-        .map(|i| {
-            let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/chat/completions"));
-            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": format!("request {i}")}],
-                              "max_tokens": 200, "stream": true});
-            tokio::spawn(async move { post_json(&client, &url, &[], &body, Duration::from_secs(60)).await })
-        })
-        .collect();
-    let mut replies = Vec::new();
-    for t in tasks {
-        replies.push(t.await.unwrap());
-    }
+    // Prompts of equal length, several blocks each, different from the first block on: the
+    // cost weighs a request by its blocks.
+    let bodies = (0..N).map(|i| {
+        let content = format!("Request {i:02}: ") + &"tell me about the rivers of the world, ".repeat(6);
+        json!({"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 200, "stream": true})
+    });
+    let replies = chain.post_concurrently("/v1/chat/completions", bodies, Duration::from_secs(60)).await;
     let mut per_worker = vec![0u64; dy.workers.len()];
     for r in &replies {
         assert_eq!(r.status, 200, "{}", r.body);
@@ -176,21 +198,24 @@ async fn load_spreads_across_the_real_workers_under_concurrency() {
     let all_overlapped = replies.iter().filter_map(|r| r.first_chunk_at).max().unwrap()
         < replies.iter().map(|r| r.ended_at).min().unwrap();
     if all_overlapped {
-        // Least-in-flight with every request open at once can only end even.
-        assert_eq!(per_worker, vec![10, 10, 10]);
+        // Every decision saw every earlier request still booked. A request weighs its b prompt
+        // blocks, about 2b while its prefill is pending (until its first chunk); when a worker
+        // took its n-th request its cost, ≥ b·(n−1), was the least, so every other worker held
+        // ≥ (n−1)/2 requests then: with 30 requests none ends below 7.
+        assert!(per_worker.iter().all(|&n| n >= 7), "uneven although all overlapped: {per_worker:?}");
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops_it() {
-    let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
+async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops_it(chain: &InteropChain) {
     let victim = 1;
-    // Nine long streams (500 decode steps, ~3 s): least-in-flight puts three on each worker.
-    // Each is open once its headers arrive, i.e. once its first token exists.
+    // Nine long streams (500 decode steps, ~3 s) with prompts of a few blocks: a worker with
+    // none costs nothing, so each worker gets some. Each is open once its headers arrive, i.e.
+    // once its first token exists.
     let opening: Vec<_> = (0..9)
         .map(|i| {
             let (client, url) = (chain.client.clone(), chain.envoy.url("/v1/completions"));
-            let body = json!({"model": MODEL, "prompt": format!("long {i}"), "max_tokens": 500, "stream": true});
+            let prompt = format!("Long stream {i}: ") + &"keep talking about rivers, ".repeat(8);
+            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 500, "stream": true});
             tokio::spawn(async move { open_json(&client, &url, &[], &body, Duration::from_secs(60)).await })
         })
         .collect();
@@ -201,22 +226,20 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
         streams.push(tokio::spawn(read_reply(r)));
     }
     let dy = &chain.dynamo;
-    assert_eq!(
-        [dy.in_flight(0).await, dy.in_flight(1).await, dy.in_flight(2).await],
-        [3, 3, 3],
-        "least-in-flight spreads nine concurrent streams evenly"
-    );
+    let held = [dy.in_flight(0).await, dy.in_flight(1).await, dy.in_flight(2).await];
+    assert!(held.iter().sum::<u64>() == 9 && held.iter().all(|&n| n >= 1), "streams per worker: {held:?}");
 
     let victim_id = dy.workers[victim].id;
     let killed_at = Instant::now();
     dy.kill_worker(victim).await;
-    // Its three streams end (the EPP frees their bookings) quickly.
-    let left = chain.epp.wait_metric("dynamo_epp_active_requests", T, |v| v == 6.0).await;
-    assert_eq!(left, 6.0);
+    // Its streams end (the EPP frees their bookings) quickly.
+    let survivors = (9 - held[victim]) as f64;
+    let left = chain.epp.wait_metric("dynamo_epp_active_requests", T, |v| v == survivors).await;
+    assert_eq!(left, survivors);
     let failed_within = killed_at.elapsed();
     assert!(failed_within < Duration::from_secs(5), "streams on the dead worker took {failed_within:?} to fail");
 
-    // The fleet file still lists the victim, now the least loaded: our EPP names it, and the
+    // The fleet file still lists the victim, now the only one without load: our EPP names it, and the
     // frontend answers at once instead of hanging.
     let sent = Instant::now();
     let probe = chain
@@ -255,33 +278,63 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
             assert!(r.body.trim_end().ends_with("data: [DONE]") && !r.body.contains("\"error\""), "{}", r.body);
         }
     }
-    assert_eq!(on_victim, 3);
+    assert_eq!(on_victim, held[victim]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn disaggregated_the_frontend_runs_prefill_and_decode_where_the_headers_say() {
-    // The sidecar side of disaggregation, sent to the frontend directly as our EPP will send it.
+async fn disaggregated_through_our_epp_prefill_and_decode_run_on_our_picks() {
     use Mode::{Decode, Prefill};
-    let dy =
-        DynamoFleet::start(DynamoOptions { workers: vec![Prefill, Prefill, Decode, Decode], ..Default::default() })
-            .await;
-    let (client, url) = (reqwest::Client::new(), dy.frontend_url("/v1/completions"));
-    let body = json!({"model": MODEL, "prompt": "split me in two", "max_tokens": 4});
-    let id = |i: usize| dy.workers[i].id.to_string();
-    for (prefill, decode) in [(1, 2), (0, 3)] {
+    // Real timing, so that concurrent requests overlap in prefill and in decode.
+    let workers = vec![Prefill, Prefill, Decode, Decode];
+    let opts = DynamoOptions { workers, speedup_ratio: 1.0, ..Default::default() };
+    // The fleet file first names one prefill and one decode worker: our picks are known.
+    let chain = InteropChain::start(opts, &[1, 2]).await;
+    let dy = &chain.dynamo;
+    for (path, body) in [
+        ("/v1/completions", json!({"model": MODEL, "prompt": "split me in two", "max_tokens": 4})),
+        (
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "split"}], "max_tokens": 4}),
+        ),
+    ] {
         let before = dy.served_all().await;
-        let h = [("x-dynamo-prefill-instance-id", id(prefill)), ("x-dynamo-worker-instance-id", id(decode))];
-        let r = post_json(&client, &url, &h, &body, T).await;
-        assert_eq!(r.status, 200, "{}", r.body);
-        let mut want = vec![0; 4];
-        want[prefill] = 1;
-        want[decode] = 1;
-        assert_eq!(delta(&before, &dy.served_all().await), want, "prefill {prefill}, decode {decode}");
+        let r = chain.post(path, &body, T).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        // Prefill runs first, then decode: the frontend's two direct hops for this request.
+        assert_eq!(dy.wait_frontend_workers(&r.x_request_id, 2).await, [dy.workers[1].id, dy.workers[2].id], "{path}");
+        assert_eq!(delta(&before, &dy.served_all().await), vec![0, 1, 1, 0], "{path}: prefill on 1, decode on 2");
     }
-    // A decode id alone is refused before any worker runs: always send both (contracts §13).
+
+    // All four: concurrent requests spread prefill over both prefill workers (prefill load is
+    // booked on the pick until the first chunk) and decode over both decode workers.
+    chain.set_fleet(&[0, 1, 2, 3]).await;
     let before = dy.served_all().await;
-    let h = [("x-dynamo-worker-instance-id", id(2)), ("x-request-id", "decode-only".to_string())];
-    let r = post_json(&client, &url, &h, &body, T).await;
+    const N: usize = 8;
+    let bodies = (0..N).map(|i| {
+        let prompt = format!("Request {i}: ") + &"a long prompt to prefill somewhere, ".repeat(20);
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 50})
+    });
+    let mut per_worker = vec![0u64; 4];
+    for r in chain.post_concurrently("/v1/completions", bodies, T).await {
+        assert_eq!(r.status, 200, "{}", r.body);
+        let hops = dy.wait_frontend_workers(&r.x_request_id, 2).await;
+        let [p, d] = hops.iter().map(|&id| dy.worker_index(id).unwrap()).collect::<Vec<_>>()[..] else {
+            panic!("{hops:?}")
+        };
+        assert!(dy.workers[p].mode == Prefill && dy.workers[d].mode == Decode, "prefill {p}, decode {d}");
+        per_worker[p] += 1;
+        per_worker[d] += 1;
+    }
+    // The frontend's log and the workers' own counters agree.
+    assert_eq!(delta(&before, &dy.served_all().await), per_worker);
+    assert!(per_worker.iter().all(|&n| n >= 2), "not spread (prefill 0, 1, decode 2, 3): {per_worker:?}");
+
+    // Dynamo's side of the contract, sent to the frontend directly: a decode id alone is refused
+    // before any worker runs, so our EPP always sends both.
+    let before = dy.served_all().await;
+    let h = [("x-dynamo-worker-instance-id", dy.workers[2].id.to_string()), ("x-request-id", "decode-only".into())];
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 4});
+    let r = post_json(&chain.client, &dy.frontend_url("/v1/completions"), &h, &body, T).await;
     assert_eq!(r.status, 500, "{}", r.body);
     let why = dy.wait_frontend_line("decode-only", "Prefill worker ID required").await;
     assert!(why.is_some(), "{}", dy.frontend_log());

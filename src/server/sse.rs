@@ -146,4 +146,26 @@ mod tests {
         c.feed(b"", true);
         assert_eq!((c.tokens(), c.cached_tokens()), (7, Some(16)));
     }
+
+    /// A streamed completion exactly as Dynamo 1.6.1's frontend sent it from a mocker (with
+    /// `stream_options.include_usage`, captured by tests/interop_dynamo.rs): the usage chunk has
+    /// no choices and comes after the finish chunk.
+    #[test]
+    fn reads_a_real_dynamo_stream() {
+        let body = r#"data: {"id":"cmpl-400993ef-9fe6-4422-ae1e-97f956b5b084","choices":[{"text":"File","index":0}],"created":1795676305,"model":"qwen","system_fingerprint":null,"object":"text_completion","usage":null}
+
+data: {"id":"cmpl-400993ef-9fe6-4422-ae1e-97f956b5b084","choices":[{"text":"","index":0,"finish_reason":"length"}],"created":1795676305,"model":"qwen","system_fingerprint":null,"object":"text_completion","usage":null}
+
+data: {"id":"cmpl-400993ef-9fe6-4422-ae1e-97f956b5b084","choices":[],"created":1795676305,"model":"qwen","system_fingerprint":null,"object":"text_completion","usage":{"prompt_tokens":137,"completion_tokens":1,"total_tokens":138,"prompt_tokens_details":{"audio_tokens":null,"cached_tokens":128}}}
+
+data: [DONE]
+
+"#;
+        for split in 1..body.len() {
+            let mut c = ResponseScan::default();
+            c.feed(&body.as_bytes()[..split], false);
+            c.feed(&body.as_bytes()[split..], true);
+            assert_eq!((c.tokens(), c.cached_tokens()), (1, Some(128)), "split at {split}");
+        }
+    }
 }

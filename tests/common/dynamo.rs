@@ -17,7 +17,7 @@ use std::{
 
 use tokio::process::{Child, Command};
 
-use crate::common::{free_port, repo_root, Envoy, Epp, EppLink, EppOptions, NatsServer};
+use crate::common::{free_port, repo_root, tokenizer_fixtures, Envoy, Epp, EppLink, EppOptions, NatsServer};
 
 /// The served model name every worker registers.
 pub const MODEL: &str = "qwen";
@@ -31,22 +31,12 @@ pub fn dynamo_venv() -> PathBuf {
     venv
 }
 
-/// The Qwen3 tokenizer fixture: `$TOKENIZER_FIXTURES/qwen3`, else `../shared/fixtures/tokenizers/qwen3`
-/// beside the repo.
-pub fn qwen3_tokenizer_dir() -> PathBuf {
-    let root = std::env::var_os("TOKENIZER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/fixtures/tokenizers"));
-    let dir = root.join("qwen3");
-    assert!(dir.join("tokenizer.json").exists(), "no Qwen3 tokenizer at {} (set TOKENIZER_FIXTURES)", dir.display());
-    dir
-}
-
 /// A model directory the mocker accepts: the tokenizer fixture plus a `config.json` (Qwen3-0.6B's
 /// shape; the mocker only needs it to exist and parse, it loads no weights).
 fn write_model_dir(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    let tok = qwen3_tokenizer_dir();
+    let tok = tokenizer_fixtures().join("qwen3");
+    assert!(tok.join("tokenizer.json").exists(), "no Qwen3 tokenizer at {} (set TOKENIZER_FIXTURES)", tok.display());
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::os::unix::fs::symlink(tok.join(f), dir.join(f)).unwrap();
     }
@@ -243,6 +233,12 @@ impl DynamoFleet {
         format!("http://127.0.0.1:{}{path}", self.frontend_port)
     }
 
+    /// The model directory every Dynamo process loads (the Qwen3 tokenizer fixture); our EPP
+    /// tokenizes with the same files.
+    pub fn model_dir(&self) -> PathBuf {
+        self.dir.path().join("model")
+    }
+
     pub fn worker_name(i: usize) -> String {
         format!("mocker-{i}")
     }
@@ -328,6 +324,18 @@ impl DynamoFleet {
     /// `frontend_routed_to` once the line is written (logging is asynchronous); `None` after 10 s.
     pub async fn wait_frontend_routed_to(&self, x_request_id: &str) -> Option<u64> {
         self.poll(|| self.frontend_routed_to(x_request_id)).await
+    }
+
+    /// Every worker the frontend's direct router sent the request to, in order (a disaggregated
+    /// request: its prefill worker, then its decode worker), once `n` are logged; fewer after 10 s.
+    pub async fn wait_frontend_workers(&self, x_request_id: &str, n: usize) -> Vec<u64> {
+        let tag = format!("x_request_id=\"{x_request_id}\"");
+        let selected = || -> Vec<u64> {
+            let log = self.frontend_log();
+            let lines = log.lines().filter(|l| l.contains(&tag) && l.contains("Selected worker"));
+            lines.filter_map(|l| field(l, "worker_id")?.parse().ok()).collect()
+        };
+        self.poll(|| Some(selected()).filter(|ids| ids.len() >= n)).await.unwrap_or_else(selected)
     }
 
     /// The frontend's log line for this `x-request-id` that contains `needle`, once written;
@@ -514,7 +522,14 @@ impl InteropChain {
         epp_env: impl FnOnce(&DynamoFleet) -> Vec<(String, String)>,
     ) -> InteropChain {
         let dynamo = DynamoFleet::start(opts).await;
-        let epp_opts = EppOptions { env: epp_env(&dynamo), ..Default::default() };
+        // As deployed: our EPP tokenizes with the served model's files and injects
+        // nvext.token_data, so the frontend skips its own tokenization.
+        let mut env = vec![
+            ("DYN_MODEL_PATH".into(), dynamo.model_dir().display().to_string()),
+            ("DYN_MODEL_NAME".into(), MODEL.into()),
+        ];
+        env.extend(epp_env(&dynamo));
+        let epp_opts = EppOptions { env, ..Default::default() };
         let epp = Epp::start(&dynamo.fleet_yaml(fleet), epp_opts).await;
         let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
@@ -527,6 +542,27 @@ impl InteropChain {
         let n = fleet.len() as f64;
         let got = self.epp.wait_metric("dynamo_epp_workers", Duration::from_secs(10), |v| v == n).await;
         assert_eq!(got, n, "the EPP did not reload the fleet file");
+    }
+
+    /// POSTs every body through Envoy at once; the replies in the bodies' order.
+    pub async fn post_concurrently(
+        &self,
+        path: &str,
+        bodies: impl IntoIterator<Item = serde_json::Value>,
+        timeout: Duration,
+    ) -> Vec<Reply> {
+        let tasks: Vec<_> = bodies
+            .into_iter()
+            .map(|body| {
+                let (client, url) = (self.client.clone(), self.envoy.url(path));
+                tokio::spawn(async move { post_json(&client, &url, &[], &body, timeout).await })
+            })
+            .collect();
+        let mut replies = Vec::new();
+        for t in tasks {
+            replies.push(t.await.unwrap());
+        }
+        replies
     }
 
     /// POSTs JSON through Envoy; the whole exchange is bounded by `timeout`.
