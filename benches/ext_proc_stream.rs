@@ -6,10 +6,12 @@
 //! empty mutations (and echoing bodies, as full-duplex requires), so the ratio is what picking
 //! costs on top of bare tonic.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc};
+use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dynamo_epp::{
+    request::{pool::WorkPool, Preprocessor},
+    router::Router,
     server::{envoy, ext_proc::ExtProc, App},
     workers::{Fleet, Role, Worker, WorkerId},
 };
@@ -126,7 +128,9 @@ fn bench(c: &mut Criterion) {
     let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string();
     let msgs = stream_messages(body.as_bytes());
     let (ours, base) = rt.block_on(async {
-        let app = Arc::new(App::new(16 << 20));
+        // As the binary runs without DYN_MODEL_PATH: bodies are checked, not tokenized.
+        let prep = Preprocessor { model: None, served_model: None, lora_adapters: vec![], inject: false };
+        let app = Arc::new(App::new(Router::new(), 16 << 20, prep, WorkPool::new(0, Duration::from_secs(30))));
         app.set_fleet(Fleet {
             block_size: Some(16),
             workers: (0..8)
@@ -139,6 +143,7 @@ fn bench(c: &mut Criterion) {
                     dp_size: 1,
                     total_kv_blocks: None,
                     max_num_batched_tokens: None,
+                    kv_events: None,
                 })
                 .collect(),
         });

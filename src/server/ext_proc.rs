@@ -52,12 +52,13 @@ impl ExternalProcessor for ExtProc {
     ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(32);
-        let app = self.app.clone();
-        tokio::spawn(async move {
-            let mut s = StreamState::new(app, tx);
-            s.run(inbound).await;
-        });
-        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        let mut s = StreamState::new(self.app.clone(), tx);
+        // The state machine runs inside the response stream, so the server's own per-stream
+        // task drives both directions: no task of ours and no cross-task wake-up per message
+        // (measured: a spawned task cost ~3 extra thread wake-ups per request). A gateway reset
+        // drops the response stream and, with it, the state (its Drop releases the booking).
+        let driver = futures_util::stream::once(async move { s.run(inbound).await }).filter_map(|()| None);
+        Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx).merge(driver))))
     }
 }
 
