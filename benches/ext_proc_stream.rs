@@ -130,7 +130,7 @@ fn bench(c: &mut Criterion) {
     let (ours, base) = rt.block_on(async {
         // As the binary runs without DYN_MODEL_PATH: bodies are checked, not tokenized.
         let prep = Preprocessor { model: None, served_model: None, lora_adapters: vec![], inject: false };
-        let app = Arc::new(App::new(Router::new(), 16 << 20, prep, WorkPool::new(0, Duration::from_secs(30))));
+        let app = Arc::new(App::new(Router::default(), 16 << 20, prep, WorkPool::new(0, Duration::from_secs(30))));
         app.set_fleet(Fleet {
             block_size: Some(16),
             workers: (0..8)
