@@ -23,6 +23,7 @@ RUN mkdir -p src benches \
  && echo 'fn main() {}' > benches/envoy_load.rs \
  && echo 'fn main() {}' > benches/index.rs \
  && echo 'fn main() {}' > benches/tokenize.rs \
+ && echo 'fn main() {}' > benches/decision.rs \
  && cargo fetch --locked \
  && cargo build --release --locked --offline --bin dynamo-epp
 
