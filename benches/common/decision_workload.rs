@@ -200,16 +200,21 @@ pub struct Row {
     pub name: &'static str,
     pub topology: Topology,
     pub decisions: Vec<(&'static str, Duration, Duration)>,
+    /// Where each full hit went, and how many went to their holder.
+    pub full_hit_choices: Vec<WorkerRank>,
+    pub to_holder: usize,
 }
 
-/// Checks the subject sends full hits to their holder, then times decisions: criterion
+/// Checks the subject sends most full hits to the rank holding them (≥ 3/4; the holder wins by
+/// its prefill credit unless its load is unusually high; at random it would be ~1 %), so it is
+/// seen to have applied the workload, then times decisions: criterion
 /// (mean, spread) and one-by-one timing for p50/p99.
 pub fn bench_decider<D: Decider>(c: &mut criterion::Criterion, w: &DecisionWorkload, d: &mut D) -> Row {
     let kinds: Vec<(&'static str, Vec<D::Req>)> =
         w.kinds().into_iter().map(|(kind, qs)| (kind, qs.iter().map(|q| d.prepare(q)).collect())).collect();
-    for (q, holder) in kinds[0].1.iter().zip(&w.full_hit_holder).take(20) {
-        assert_eq!(d.decide(q), *holder, "{} did not send a full hit to its holder", d.name());
-    }
+    let full_hit_choices: Vec<WorkerRank> = kinds[0].1.iter().map(|q| d.decide(q)).collect();
+    let to_holder = full_hit_choices.iter().zip(&w.full_hit_holder).filter(|(a, b)| a == b).count();
+    assert!(to_holder * 4 >= full_hit_choices.len() * 3, "{} sent only {to_holder} full hits to their holder", d.name());
     let mut g = c.benchmark_group(format!("decision-{}", w.topology.label()));
     g.sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
     for (kind, qs) in &kinds {
@@ -237,7 +242,7 @@ pub fn bench_decider<D: Decider>(c: &mut criterion::Criterion, w: &DecisionWorkl
             (*kind, ts[ts.len() / 2], ts[ts.len() * 99 / 100])
         })
         .collect();
-    Row { name: d.name(), topology: w.topology, decisions }
+    Row { name: d.name(), topology: w.topology, decisions, full_hit_choices, to_holder }
 }
 
 fn us(d: Duration) -> f64 {
@@ -246,15 +251,15 @@ fn us(d: Duration) -> f64 {
 
 /// The percentiles table; with a baseline subject, each row also shows ours ÷ baseline.
 pub fn print_rows(rows: &[Row], baseline: Option<&str>) {
-    println!("\n| router | fleet | full hit p50/p99 µs | prefix+new p50/p99 µs | miss p50/p99 µs |");
-    println!("|---|---|---:|---:|---:|");
+    println!("\n| router | fleet | full hit p50/p99 µs | prefix+new p50/p99 µs | miss p50/p99 µs | full hits to holder |");
+    println!("|---|---|---:|---:|---:|---:|");
     for r in rows {
         let cells: Vec<String> = r.decisions.iter().map(|(_, a, b)| format!("{:.2} / {:.2}", us(*a), us(*b))).collect();
-        println!("| {} | {} | {} |", r.name, r.topology.label(), cells.join(" | "));
+        println!("| {} | {} | {} | {}/{} |", r.name, r.topology.label(), cells.join(" | "), r.to_holder, r.full_hit_choices.len());
     }
     let Some(base) = baseline else { return };
-    println!("\n| fleet | ratio ours/{base} | full hit p50 / p99 | prefix+new p50 / p99 | miss p50 / p99 |");
-    println!("|---|---|---:|---:|---:|");
+    println!("\n| fleet | ratio ours/{base} | full hit p50 / p99 | prefix+new p50 / p99 | miss p50 / p99 | same full-hit choice |");
+    println!("|---|---|---:|---:|---:|---:|");
     for r in rows.iter().filter(|r| r.name != base) {
         let Some(b) = rows.iter().find(|b| b.name == base && b.topology.label() == r.topology.label()) else { continue };
         let cells: Vec<String> = r
@@ -263,7 +268,8 @@ pub fn print_rows(rows: &[Row], baseline: Option<&str>) {
             .zip(&b.decisions)
             .map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", us(*a50) / us(*b50), us(*a99) / us(*b99)))
             .collect();
-        println!("| {} | {} | {} |", r.topology.label(), r.name, cells.join(" | "));
+        let same = r.full_hit_choices.iter().zip(&b.full_hit_choices).filter(|(x, y)| x == y).count();
+        println!("| {} | {} | {} | {same}/{} |", r.topology.label(), r.name, cells.join(" | "), r.full_hit_choices.len());
     }
 }
 

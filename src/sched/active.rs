@@ -186,6 +186,8 @@ impl ActiveSequences {
     pub fn new_blocks(&self, w: &WorkerRank, blocks: &[u64]) -> u64 {
         match self.ranks.get(w) {
             None => blocks.len() as u64,
+            // Most ranks hold none of a prompt: one probe tells.
+            Some(r) if blocks.first().is_none_or(|h| !r.blocks.contains_key(h)) => blocks.len() as u64,
             Some(r) => (blocks.len() - blocks.partition_point(|h| r.blocks.contains_key(h))) as u64,
         }
     }
