@@ -145,7 +145,7 @@ mod dynamo {
         fn decide(&mut self, tokens: &Vec<u32>) -> WorkerRank {
             let opts = BlockHashOptions::default();
             let hashes = compute_block_hash_for_seq(tokens, BS, opts);
-            let token_seq = self.config.compute_seq_hashes_for_tracking(tokens, BS, None, opts, Some(&hashes));
+            let token_seq = self.config.compute_seq_hashes_for_tracking(tokens, BS, None, opts, Some(hashes.as_slice()));
             let tiered = TieredMatchDetails {
                 device: MatchDetails { overlap_scores: self.indexer.backend().find_matches(&hashes, false), ..MatchDetails::default() },
                 lower_tier: HashMap::new(),
