@@ -24,6 +24,7 @@ RUN mkdir -p src/bin benches \
  && echo 'fn main() {}' > benches/envoy_load.rs \
  && echo 'fn main() {}' > benches/index.rs \
  && echo 'fn main() {}' > benches/tokenize.rs \
+ && echo 'fn main() {}' > benches/decision.rs \
  && cargo fetch --locked \
  && cargo build --release --locked --offline --bin dynamo-epp
 

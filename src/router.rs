@@ -16,6 +16,7 @@ use std::{
 };
 
 use rand::Rng;
+use rustc_hash::FxHashMap;
 
 use crate::{
     kv::{
@@ -228,7 +229,7 @@ struct Query {
     /// Sequence hashes of the full prompt blocks, the identity active blocks are counted by.
     blocks: Vec<u64>,
     isl: u64,
-    overlaps: HashMap<WorkerRank, TierOverlap>,
+    overlaps: FxHashMap<WorkerRank, TierOverlap>,
 }
 
 /// The routing state shared by every stream.
@@ -368,7 +369,7 @@ impl Router {
     fn query(&self, req: &RoutingRequest) -> Query {
         let seed = hash_seed(req.lora.as_deref(), req.cache_salt.as_deref());
         let hashes = local_block_hashes(&req.tokens, self.kv.block_size as usize, seed);
-        let mut overlaps: HashMap<WorkerRank, TierOverlap> = HashMap::new();
+        let mut overlaps: FxHashMap<WorkerRank, TierOverlap> = FxHashMap::default();
         if !hashes.is_empty() {
             let mut add = |os: Vec<Overlap>| {
                 for o in os {
@@ -561,7 +562,7 @@ impl Router {
     /// Picks a worker for a body-less request (`GET /v1/models`): the least loaded; nothing
     /// is booked.
     pub fn pick_any(&self, req: &RoutingRequest, rng: &mut impl Rng) -> Result<Target, RouteError> {
-        let q = Query { hashes: Vec::new(), blocks: Vec::new(), isl: 0, overlaps: HashMap::new() };
+        let q = Query { hashes: Vec::new(), blocks: Vec::new(), isl: 0, overlaps: FxHashMap::default() };
         self.choose(req, &self.score(Stage::Aggregated, req, &q), rng).map(|s| s.target)
     }
 

@@ -6,10 +6,9 @@
 //! pick, `mark_prefill_completed` at the first response chunk, `free` at the end; entries older
 //! than the expiry are dropped by `expire` in case an end was never seen.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+use rustc_hash::FxHashMap;
 
 use crate::workers::WorkerRank;
 
@@ -23,7 +22,7 @@ pub struct RankLoad {
 
 #[derive(Default)]
 struct Rank {
-    blocks: HashMap<u64, u32>,
+    blocks: FxHashMap<u64, u32>,
     prefill_tokens: u64,
     requests: u32,
     output_blocks: f64,
@@ -51,7 +50,8 @@ struct Active {
 #[derive(Clone, Debug)]
 pub struct Booking<'a> {
     pub worker: WorkerRank,
-    /// Sequence hashes of the prompt's full blocks (random ones when KV reuse is not assumed).
+    /// Sequence hashes of the prompt's full blocks, from the first (random ones when KV reuse
+    /// is not assumed).
     pub blocks: &'a [u64],
     /// Tokens the worker must prefill (`isl − cached`); 0 when prefill is not tracked.
     pub prefill_tokens: u64,
@@ -59,14 +59,16 @@ pub struct Booking<'a> {
 }
 
 pub struct ActiveSequences {
-    ranks: HashMap<WorkerRank, Rank>,
-    requests: HashMap<u64, Active>,
+    // Keys are router-made (ranks, sequential ids) or already uniform (xxh3 sequence hashes):
+    // the cheap hasher is enough, and a decision does thousands of these lookups.
+    ranks: FxHashMap<WorkerRank, Rank>,
+    requests: FxHashMap<u64, Active>,
     expiry: Duration,
 }
 
 impl ActiveSequences {
     pub fn new(expiry: Duration) -> Self {
-        ActiveSequences { ranks: HashMap::new(), requests: HashMap::new(), expiry }
+        ActiveSequences { ranks: FxHashMap::default(), requests: FxHashMap::default(), expiry }
     }
 
     /// Books request `id`; a repeated id is ignored (returns false).
@@ -177,11 +179,16 @@ impl ActiveSequences {
         })
     }
 
-    /// How many of `blocks` the rank does not hold yet (what booking the request would add).
+    /// How many of `blocks` (a prompt's chain of sequence hashes) the rank does not hold yet:
+    /// what booking the request would add. A sequence hash names its whole prefix and every
+    /// booking holds its chain from the first block, so a rank holds a prefix of any chain and
+    /// its length is found by bisection (a decision asks this of every rank).
     pub fn new_blocks(&self, w: &WorkerRank, blocks: &[u64]) -> u64 {
         match self.ranks.get(w) {
             None => blocks.len() as u64,
-            Some(r) => blocks.iter().filter(|h| !r.blocks.contains_key(h)).count() as u64,
+            // Most ranks hold none of a prompt: one probe tells.
+            Some(r) if blocks.first().is_none_or(|h| !r.blocks.contains_key(h)) => blocks.len() as u64,
+            Some(r) => (blocks.len() - blocks.partition_point(|h| r.blocks.contains_key(h))) as u64,
         }
     }
 
