@@ -65,6 +65,17 @@ async fn held_requests_spread_evenly_by_booked_load() {
     s.wait_seen(30).await;
     let per: Vec<usize> = s.workers.iter().map(|w| w.seen().len()).collect();
     assert_eq!(per, vec![10, 10, 10]);
+    // Per-rank load gauges: every worker holds 10 requests still in prefill (no response yet).
+    let text = s.epp.metrics().await;
+    for name in ["a", "b", "c"] {
+        let gauge = |metric: &str| -> f64 {
+            let prefix = format!("dynamo_epp_{metric}{{worker=\"{name}\",dp_rank=\"0\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(prefix.as_str())).unwrap_or_else(|| panic!("{prefix} in {text}")).parse().unwrap()
+        };
+        assert_eq!(gauge("worker_active_requests"), 10.0);
+        assert!(gauge("worker_active_prefill_tokens") >= 10.0 * 5.0);
+        assert!(gauge("worker_active_blocks") >= 0.0);
+    }
     for w in &s.workers {
         w.release(10);
     }

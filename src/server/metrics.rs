@@ -1,6 +1,9 @@
 //! Prometheus metrics: what operators watch, and what the tests read back.
 
 
+use std::sync::atomic::AtomicU64;
+
+use crate::sched::active::RankLoad;
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -45,6 +48,10 @@ pub struct Metrics {
     pub kv_blocks: Gauge,
     /// Active requests per worker rank as routing sees them (ours and the peers'), set at scrape.
     pub worker_active_requests: Family<RankLabel, Gauge>,
+    /// Active KV blocks per worker rank (decode load), set at scrape.
+    pub worker_active_blocks: Family<RankLabel, Gauge<f64, AtomicU64>>,
+    /// Prompt tokens still to prefill per worker rank, set at scrape.
+    pub worker_active_prefill_tokens: Family<RankLabel, Gauge>,
     /// Replica sync: our booking changes sent to the peers.
     pub replica_events_published: Counter,
     /// Replica sync: peers' booking changes applied to our view.
@@ -86,6 +93,8 @@ impl Metrics {
         let actual_cached_tokens = tokens();
         let cached_tokens_compared = Family::<SourceLabel, Counter>::default();
         let worker_active_requests = Family::<RankLabel, Gauge>::default();
+        let worker_active_blocks = Family::<RankLabel, Gauge<f64, AtomicU64>>::default();
+        let worker_active_prefill_tokens = Family::<RankLabel, Gauge>::default();
         let replica_events_published = Counter::default();
         let replica_events_applied = Counter::default();
         let replica_events_dropped = Family::<ReasonLabel, Counter>::default();
@@ -105,6 +114,12 @@ impl Metrics {
             "cached_tokens_compared",
             "Cached prompt tokens, predicted and actual, over responses that report them",
             cached_tokens_compared.clone(),
+        );
+        registry.register("worker_active_blocks", "Active KV blocks per worker rank (decode load), this replica's and its peers'", worker_active_blocks.clone());
+        registry.register(
+            "worker_active_prefill_tokens",
+            "Prompt tokens still to prefill per worker rank, this replica's and its peers'",
+            worker_active_prefill_tokens.clone(),
         );
         registry.register(
             "worker_active_requests",
@@ -130,6 +145,8 @@ impl Metrics {
             actual_cached_tokens,
             cached_tokens_compared,
             worker_active_requests,
+            worker_active_blocks,
+            worker_active_prefill_tokens,
             replica_events_published,
             replica_events_applied,
             replica_events_dropped,
@@ -142,10 +159,14 @@ impl Metrics {
     }
 
     /// Replaces the per-rank active-request gauges (departed workers disappear).
-    pub fn set_worker_loads(&self, loads: impl IntoIterator<Item = (RankLabel, u32)>) {
+    pub fn set_worker_loads(&self, loads: impl IntoIterator<Item = (RankLabel, RankLoad)>) {
         self.worker_active_requests.clear();
-        for (label, n) in loads {
-            self.worker_active_requests.get_or_create(&label).set(n as i64);
+        self.worker_active_blocks.clear();
+        self.worker_active_prefill_tokens.clear();
+        for (label, l) in loads {
+            self.worker_active_requests.get_or_create(&label).set(l.active_requests as i64);
+            self.worker_active_blocks.get_or_create(&label).set(l.active_decode_blocks);
+            self.worker_active_prefill_tokens.get_or_create(&label).set(l.active_prefill_tokens as i64);
         }
     }
 

@@ -92,11 +92,11 @@ impl App {
 
     /// The metrics text, with per-rank loads read now rather than on every request.
     pub fn render_metrics(&self) -> String {
-        let loads: Vec<(RankLabel, u32)> = {
+        let loads: Vec<(RankLabel, crate::sched::active::RankLoad)> = {
             let r = self.router.lock();
             r.workers()
                 .iter()
-                .flat_map(|w| w.ranks().map(|rank| (RankLabel { worker: w.name.clone(), dp_rank: rank.dp_rank.0 }, r.load(&rank).active_requests)))
+                .flat_map(|w| w.ranks().map(|rank| (RankLabel { worker: w.name.clone(), dp_rank: rank.dp_rank.0 }, r.load(&rank))))
                 .collect()
         };
         self.metrics.set_worker_loads(loads);
