@@ -100,14 +100,20 @@ fn other(n: u32) -> Vec<u32> {
     (100_000..100_000 + n).collect()
 }
 
-/// The common case: worker 1 caches 12 of P's 16 blocks and runs a 4-block request past
-/// its prefill. Defaults: w1 = (16 − 12) + (4 + 16) = 24, w2 = 16 + 16 = 32 → worker 1.
-fn cached_but_busier(args: &[&str]) -> u64 {
+/// Worker 1 caches 12 of P's 16 blocks in `tier` and runs a request of `load_tokens` (past its
+/// prefill when `prefilled`); worker 2 is idle. Where does P go?
+fn scenario(args: &[&str], tier: StorageTier, load_tokens: u32, prefilled: bool) -> u64 {
     let mut b = Bench::new(args);
     let p = prompt();
-    b.cache(1, &p, 12, StorageTier::Device);
-    b.load(1, other(64), true);
+    b.cache(1, &p, 12, tier);
+    b.load(1, other(load_tokens), prefilled);
     b.pick(&p)
+}
+
+/// The common case: a 4-block request past its prefill on worker 1.
+/// Defaults: w1 = (16 − 12) + (4 + 16) = 24, w2 = 16 + 16 = 32 → worker 1.
+fn cached_but_busier(args: &[&str]) -> u64 {
+    scenario(args, StorageTier::Device, 64, true)
 }
 
 #[test]
@@ -156,13 +162,7 @@ fn overlap_score_credit_decay() {
     // Worker 1's request is still prefilling (64 tokens; the least-loaded has 0):
     // default w1 = (64 + 256)/16 − 12 + 20 = 28 < 32; decay 4 halves the credit
     // (1 / (1 + 4·(64/16)/16)) → 20 − 6 + 20 = 34 > 32.
-    let run = |args: &[&str]| {
-        let mut b = Bench::new(args);
-        let p = prompt();
-        b.cache(1, &p, 12, StorageTier::Device);
-        b.load(1, other(64), false);
-        b.pick(&p)
-    };
+    let run = |args: &[&str]| scenario(args, StorageTier::Device, 64, false);
     assert_eq!(run(&[]), 1);
     assert_eq!(run(&["--overlap-score-credit-decay", "4"]), 2);
 }
@@ -171,13 +171,7 @@ fn overlap_score_credit_decay() {
 fn host_and_disk_cache_hit_weights() {
     // 12 blocks on the host tier only: credit 0.75·12 = 9 → w1 = 7 + 20 = 27 < 32;
     // host weight 0 → 16 + 20 = 36 > 32. The disk weight works the same way.
-    let run = |tier, args: &[&str]| {
-        let mut b = Bench::new(args);
-        let p = prompt();
-        b.cache(1, &p, 12, tier);
-        b.load(1, other(64), true);
-        b.pick(&p)
-    };
+    let run = |tier, args: &[&str]| scenario(args, tier, 64, true);
     assert_eq!(run(StorageTier::HostPinned, &[]), 1);
     assert_eq!(run(StorageTier::HostPinned, &["--host-cache-hit-weight", "0"]), 2);
     // Disk at 0.25: credit 3 → 13 + 20 = 33 > 32; weight 1 → 4 + 20 = 24.
@@ -189,13 +183,7 @@ fn host_and_disk_cache_hit_weights() {
 fn track_active_blocks() {
     // Worker 1 runs a 16-block request: with blocks, w1 = 4 + 32 = 36 > w2 = 32;
     // without, w1 = 4 < w2 = 16.
-    let run = |args: &[&str]| {
-        let mut b = Bench::new(args);
-        let p = prompt();
-        b.cache(1, &p, 12, StorageTier::Device);
-        b.load(1, other(256), true);
-        b.pick(&p)
-    };
+    let run = |args: &[&str]| scenario(args, StorageTier::Device, 256, true);
     assert_eq!(run(&[]), 2);
     assert_eq!(run(&["--track-active-blocks", "false"]), 1);
 }
