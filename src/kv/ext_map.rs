@@ -14,6 +14,9 @@ struct Entry {
     value: u32,
 }
 
+/// Fuller tables are smaller but their probe runs span more cache lines.
+const MAX_LOAD_PERCENT: usize = 75;
+
 const VACANT: Entry = Entry { key: [0, 0], value: EMPTY };
 
 #[derive(Default)]
@@ -25,6 +28,11 @@ pub struct ExtMap {
 fn home(key: u64, cap: usize) -> usize {
     let h = (key ^ (key >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     ((h as u128 * cap as u128) >> 64) as usize
+}
+
+/// Most entries `cap` may hold: `MAX_LOAD_PERCENT` %.
+fn over_full(len: usize, cap: usize) -> bool {
+    len * 100 > cap * MAX_LOAD_PERCENT
 }
 
 fn split(key: u64) -> [u32; 2] {
@@ -59,23 +67,53 @@ impl ExtMap {
         self.find(key).map(|i| self.entries[i].value)
     }
 
-    /// Inserts or replaces; returns the previous value.
+    /// Inserts or replaces; returns the previous value. One probe run finds the key or the
+    /// empty entry it goes into.
     pub fn insert(&mut self, key: u64, value: u32) -> Option<u32> {
         debug_assert_ne!(value, EMPTY);
-        if let Some(i) = self.find(key) {
-            return Some(std::mem::replace(&mut self.entries[i].value, value));
-        }
-        if (self.len + 1) * 20 > self.entries.len() * 17 {
+        if over_full(self.len + 1, self.entries.len()) {
             self.grow();
         }
         let cap = self.entries.len();
+        let k = split(key);
         let mut i = home(key, cap);
-        while self.entries[i].value != EMPTY {
+        loop {
+            let e = &mut self.entries[i];
+            if e.value == EMPTY {
+                *e = Entry { key: k, value };
+                self.len += 1;
+                return None;
+            }
+            if e.key == k {
+                return Some(std::mem::replace(&mut e.value, value));
+            }
             i = if i + 1 == cap { 0 } else { i + 1 };
         }
-        self.entries[i] = Entry { key: split(key), value };
-        self.len += 1;
-        None
+    }
+
+    /// Makes room for `additional` more keys now, so that nothing moves while they go in
+    /// (and entries fetched ahead stay where they were fetched).
+    pub fn reserve(&mut self, additional: usize) {
+        let need = self.len + additional;
+        if over_full(need, self.entries.len()) {
+            let mut cap = (self.entries.len() * 3 / 2).max(16);
+            while over_full(need, cap) {
+                cap = cap * 3 / 2;
+            }
+            self.resize(cap);
+        }
+    }
+
+    /// Starts loading the entry where a probe for `key` begins: the tables are far larger
+    /// than the caches, so a chain of stores or removals that asks a few keys ahead overlaps
+    /// their cache misses instead of waiting for each in turn.
+    pub fn prefetch(&self, key: u64) {
+        let cap = self.entries.len();
+        if cap != 0 {
+            let i = home(key, cap);
+            prefetch(&self.entries[i]);
+            prefetch(&self.entries[(i + 5).min(cap - 1)]);
+        }
     }
 
     pub fn remove(&mut self, key: u64) -> Option<u32> {
@@ -104,11 +142,18 @@ impl ExtMap {
     }
 
     fn grow(&mut self) {
-        let cap = (self.entries.len() * 3 / 2).max(16);
+        self.resize((self.entries.len() * 3 / 2).max(16));
+    }
+
+    fn resize(&mut self, cap: usize) {
         let old = std::mem::replace(&mut self.entries, vec![VACANT; cap]);
-        self.len = 0;
+        // Keys are distinct: each goes into the first empty entry from its home.
         for e in old.into_iter().filter(|e| e.value != EMPTY) {
-            self.insert(e.key[0] as u64 | (e.key[1] as u64) << 32, e.value);
+            let mut i = home(e.key[0] as u64 | (e.key[1] as u64) << 32, cap);
+            while self.entries[i].value != EMPTY {
+                i = if i + 1 == cap { 0 } else { i + 1 };
+            }
+            self.entries[i] = e;
         }
     }
 
@@ -116,6 +161,18 @@ impl ExtMap {
     pub fn values(&self) -> impl Iterator<Item = u32> + '_ {
         self.entries.iter().filter(|e| e.value != EMPTY).map(|e| e.value)
     }
+}
+
+/// A cache hint, no effect on results.
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    // SAFETY: a prefetch never faults and changes no memory; SSE is part of x86_64.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>((x as *const T).cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = x;
 }
 
 #[cfg(test)]

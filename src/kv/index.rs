@@ -42,6 +42,8 @@ const NONE: u32 = PAYLOAD;
 const FREE: u32 = PAYLOAD - 1;
 /// Holder ids are `rank_slot << 2 | tier`, below `FREE`.
 const MAX_RANK_SLOTS: u32 = FREE >> 2;
+/// Stores and removals fetch the engine-hash entry this many blocks ahead.
+const PREFETCH: usize = 16;
 
 #[derive(Clone, Copy)]
 struct Block {
@@ -146,8 +148,8 @@ impl Index {
         }
         match &ev.event.data {
             KvCacheEventData::Stored(s) => {
-                let blocks: Vec<_> = s.blocks.iter().map(|b| (b.block_hash, b.tokens_hash)).collect();
-                if let Err(r) = self.store(wr, ev.storage_tier, s.parent_hash, &blocks) {
+                let b = &s.blocks;
+                if let Err(r) = self.store_with(wr, ev.storage_tier, s.parent_hash, b.len(), |i| (b[i].block_hash.0, b[i].tokens_hash.0)) {
                     out.rejected = Some(r);
                 }
             }
@@ -166,6 +168,19 @@ impl Index {
         parent: Option<ExternalBlockHash>,
         blocks: &[(ExternalBlockHash, LocalBlockHash)],
     ) -> Result<(), &'static str> {
+        self.store_with(wr, tier, parent, blocks.len(), |i| (blocks[i].0 .0, blocks[i].1 .0))
+    }
+
+    /// [`Index::store`] of `n` blocks given as `block(i)` = (engine hash, local hash), so an
+    /// event's blocks need no copy.
+    fn store_with(
+        &mut self,
+        wr: WorkerRank,
+        tier: StorageTier,
+        parent: Option<ExternalBlockHash>,
+        n: usize,
+        block: impl Fn(usize) -> (u64, u64),
+    ) -> Result<(), &'static str> {
         let Some(holder) = self.holder_id(wr, tier) else { return Err("too_many_workers") };
         let mut p = match parent {
             None => ROOT,
@@ -174,14 +189,39 @@ impl Index {
                 None => return Err("unknown_parent"),
             },
         };
+        // The holder's engine-hash table is far larger than the caches and each key lands at
+        // random in it: sized once for the event, then each entry is fetched `PREFETCH`
+        // blocks ahead, so the cache misses overlap instead of coming one per block.
+        let st = self.holders[holder as usize].as_mut().expect("holder state exists");
+        st.ext.reserve(n);
+        for i in 0..n.min(PREFETCH) {
+            st.ext.prefetch(block(i).0);
+        }
         let mut memo = None;
-        for &(ext, local) in blocks {
-            let child = match self.find_child(p, local.0) {
+        for i in 0..n {
+            if i + PREFETCH < n {
+                let st = self.holders[holder as usize].as_ref().expect("holder state exists");
+                st.ext.prefetch(block(i + PREFETCH).0);
+            }
+            let (ext, local) = block(i);
+            if p != ROOT && p as usize + 1 == self.blocks.len() && self.blocks[p as usize].meta & SIDE == 0 {
+                // The slab's last block, childless: the rest of the chain is new, each block
+                // the implicit child of the one before and held by this holder alone (the
+                // bulk of a new sequence; no lookup, no holder-list change).
+                self.push_block(Block { hash: [local as u32, (local >> 32) as u32], meta: CONT | holder });
+                p += 1;
+                let st = self.holders[holder as usize].as_mut().expect("holder state exists");
+                if let Some(old) = st.ext.insert(ext, p) {
+                    self.drop_holding(old, holder, &mut None);
+                }
+                continue;
+            }
+            let child = match self.find_child(p, local) {
                 Some(c) => c,
-                None => self.add_child(p, local.0),
+                None => self.add_child(p, local),
             };
             let st = self.holders[holder as usize].as_mut().expect("holder state exists");
-            match st.ext.insert(ext.0, child) {
+            match st.ext.insert(ext, child) {
                 Some(old) if old == child => {}
                 prev => {
                     // One holding per engine hash: a block two engine hashes name is held
@@ -202,9 +242,16 @@ impl Index {
     pub fn remove(&mut self, wr: WorkerRank, tier: StorageTier, hashes: &[ExternalBlockHash]) {
         let Some(&rs) = self.rank_slots.get(&wr) else { return };
         let holder = rs << 2 | tier.index() as u32;
+        let Some(st) = self.holders[holder as usize].as_ref() else { return };
+        for h in hashes.iter().take(PREFETCH) {
+            st.ext.prefetch(h.0);
+        }
         let mut memo = None;
-        for &h in hashes {
+        for (i, &h) in hashes.iter().enumerate() {
             let Some(st) = self.holders[holder as usize].as_mut() else { return };
+            if let Some(ahead) = hashes.get(i + PREFETCH) {
+                st.ext.prefetch(ahead.0);
+            }
             if let Some(slot) = st.ext.remove(h.0) {
                 self.drop_holding(slot, holder, &mut memo);
             }
@@ -248,53 +295,53 @@ impl Index {
     /// The walk stops as soon as no holder continues.
     pub fn overlaps(&self, hashes: &[LocalBlockHash]) -> Vec<Overlap> {
         let mut done: Vec<(Holder, u32)> = Vec::new();
-        if let Some(&first) = hashes.first() {
-            if let Some(mut slot) = self.find_child(ROOT, first.0) {
-                let mut cur = self.holders_of(slot);
-                let mut active: Vec<Holder> = cur.to_vec();
-                done.reserve(active.len());
-                let mut depth = 1u32;
-                for &h in &hashes[1..] {
-                    let Some(next) = self.find_child(slot, h.0) else { break };
-                    let next_holders = self.holders_of(next);
-                    if active.len() == 1 {
-                        // The common long single-holder chain: one comparison per block.
-                        if !next_holders.contains(active[0]) {
-                            break;
-                        }
-                    } else if self.blocks[next as usize].payload() != self.blocks[slot as usize].payload() && !next_holders.same_as(&cur) {
-                        // (Equal holder lists, as along a shared prefix, keep `active` as is;
-                        // lists shared by both blocks compare by id.)
-                        active.retain(|a| {
-                            let keep = next_holders.contains(*a);
-                            if !keep {
-                                done.push((*a, depth));
-                            }
-                            keep
-                        });
-                        if active.is_empty() {
-                            break;
-                        }
+        if let Some(mut slot) = hashes.first().and_then(|h| self.find_child(ROOT, h.0)) {
+            let mut cur = self.holders_of(slot);
+            let mut active: Vec<Holder> = cur.to_vec();
+            done.reserve(active.len());
+            let mut depth = 1;
+            while depth < hashes.len() && !active.is_empty() {
+                // Implicit children with the holders of `slot` keep `active` as it is: one
+                // comparison of hash and meta word per block, the bulk of a long match.
+                let run = self.same_holder_run(slot, &hashes[depth..]);
+                slot += run as u32;
+                depth += run;
+                let Some(&h) = hashes.get(depth) else { break };
+                let Some(next) = self.find_child(slot, h.0) else { break };
+                let next_holders = self.holders_of(next);
+                if active.len() == 1 {
+                    if !next_holders.contains(active[0]) {
+                        break;
                     }
-                    slot = next;
-                    cur = next_holders;
-                    depth += 1;
+                } else if self.blocks[next as usize].payload() != self.blocks[slot as usize].payload() && !next_holders.same_as(&cur) {
+                    // (Equal holder lists, as along a shared prefix, keep `active` as is;
+                    // lists shared by both blocks compare by id.)
+                    active.retain(|a| {
+                        let keep = next_holders.contains(*a);
+                        if !keep {
+                            done.push((*a, depth as u32));
+                        }
+                        keep
+                    });
                 }
-                done.extend(active.iter().map(|&a| (a, depth)));
+                slot = next;
+                cur = next_holders;
+                depth += 1;
             }
+            done.extend(active.iter().map(|&a| (a, depth as u32)));
         }
-        // Sorted by holder id, a rank's tiers are adjacent (often sorted already: holder
-        // lists are).
-        if !done.is_sorted_by_key(|&(h, _)| h) {
-            done.sort_unstable_by_key(|&(h, _)| h);
-        }
-        let mut out: Vec<Overlap> = Vec::with_capacity(done.len());
-        for (holder, depth) in done {
-            let Some(worker) = self.ranks[(holder >> 2) as usize] else { continue };
-            if out.last().is_none_or(|o| o.worker != worker) {
-                out.push(Overlap { worker, blocks: [0; 4] });
-            }
-            out.last_mut().expect("pushed above").blocks[(holder & 3) as usize] = depth;
+        // Sorted by holder id, a rank's tiers are adjacent. `done` is a few sorted runs (one
+        // per step that lost holders), which a stable sort merges in linear time.
+        done.sort_by_key(|&(h, _)| h);
+        let mut out = Vec::with_capacity(done.len());
+        for tiers in done.chunk_by(|a, b| a.0 >> 2 == b.0 >> 2) {
+            let Some(worker) = self.ranks[(tiers[0].0 >> 2) as usize] else { continue };
+            // The tiers' depths gathered in a register, not written one by one into the
+            // entry: reading an entry back whole after narrow writes stalls on store
+            // forwarding, which cost more than the walk when a hundred workers matched.
+            let bits = tiers.iter().fold(0u128, |b, &(holder, depth)| b | (depth as u128) << (32 * (holder & 3)));
+            let blocks = [bits as u32, (bits >> 32) as u32, (bits >> 64) as u32, (bits >> 96) as u32];
+            out.push(Overlap { worker, blocks });
         }
         out
     }
@@ -345,6 +392,14 @@ impl Index {
             }
         }
         self.side.get(&(parent, hash)).copied()
+    }
+
+    /// How many of `hashes` the implicit chain after `slot` matches with `slot`'s holders
+    /// (the same payload: one holder or one shared list).
+    fn same_holder_run(&self, slot: u32, hashes: &[LocalBlockHash]) -> usize {
+        let want = CONT | self.blocks[slot as usize].payload();
+        let after = &self.blocks[slot as usize + 1..];
+        after.iter().zip(hashes).take_while(|(b, h)| b.meta & !SIDE == want && b.hash() == h.0).count()
     }
 
     fn has_implicit_child(&self, slot: u32) -> bool {
