@@ -12,7 +12,7 @@ use crate::{
     request::openai::Api,
     router::{RouteError, RoutingRequest, Scored},
     sched::select::softmax_probabilities,
-    workers::Role,
+    workers::{Role, Worker},
 };
 
 pub mod proto {
@@ -34,50 +34,50 @@ impl DebugService {
         let json = serde_json::to_value(config).expect("the configuration serializes");
         DebugService { app, config: as_struct(json) }
     }
+}
 
-    fn candidates(&self, scored: &[Scored], temperature: f64) -> Vec<Candidate> {
-        let router = self.app.router.lock();
-        let open: Vec<f64> = scored.iter().filter(|s| !s.busy).map(|s| s.terms.logit).collect();
-        let probs = if temperature > 0.0 {
-            softmax_probabilities(&open, temperature)
-        } else {
-            // Ties are broken uniformly at random.
-            let min = open.iter().copied().fold(f64::INFINITY, f64::min);
-            let n = open.iter().filter(|&&c| c == min).count() as f64;
-            open.iter().map(|&c| if c == min { 1.0 / n } else { 0.0 }).collect()
-        };
-        let mut p = probs.into_iter();
-        scored
-            .iter()
-            .map(|s| {
-                let name = router.workers().iter().find(|w| w.id == s.target.worker.id).map(|w| w.name.clone()).unwrap_or_default();
-                let (l, t) = (&s.load, &s.terms);
-                Candidate {
-                    worker_id: s.target.worker.id.0,
-                    dp_rank: s.target.worker.dp_rank.0,
-                    name,
-                    endpoint: s.target.endpoint.to_string(),
-                    overlap_device_blocks: l.overlap.device,
-                    overlap_host_blocks: l.overlap.host,
-                    overlap_disk_blocks: l.overlap.disk,
-                    cached_tokens: t.cached_tokens,
-                    active_prefill_tokens: l.active_prefill_tokens,
-                    active_decode_blocks: l.active_decode_blocks,
-                    new_blocks: l.new_blocks,
-                    active_requests: l.active_requests,
-                    prefill_blocks: t.raw_prefill_blocks,
-                    credit_decay: t.decay,
-                    credit_blocks: t.credit_blocks,
-                    prefill_cost: t.prefill_cost,
-                    decode_blocks: t.decode_blocks,
-                    request_cost: t.request_cost,
-                    cost: t.logit,
-                    busy: s.busy,
-                    probability: if s.busy { 0.0 } else { p.next().unwrap_or(0.0) },
-                }
-            })
-            .collect()
-    }
+/// The scored candidates as the API shows them, with each one's chance of being picked.
+fn candidates(scored: &[Scored], temperature: f64, workers: &[Worker]) -> Vec<Candidate> {
+    let open: Vec<f64> = scored.iter().filter(|s| !s.busy).map(|s| s.terms.logit).collect();
+    let probs = if temperature > 0.0 {
+        softmax_probabilities(&open, temperature)
+    } else {
+        // Ties are broken uniformly at random.
+        let min = open.iter().copied().fold(f64::INFINITY, f64::min);
+        let n = open.iter().filter(|&&c| c == min).count() as f64;
+        open.iter().map(|&c| if c == min { 1.0 / n } else { 0.0 }).collect()
+    };
+    let mut p = probs.into_iter();
+    scored
+        .iter()
+        .map(|s| {
+            let name = workers.iter().find(|w| w.id == s.target.worker.id).map(|w| w.name.clone()).unwrap_or_default();
+            let (l, t) = (&s.load, &s.terms);
+            Candidate {
+                worker_id: s.target.worker.id.0,
+                dp_rank: s.target.worker.dp_rank.0,
+                name,
+                endpoint: s.target.endpoint.to_string(),
+                overlap_device_blocks: l.overlap.device,
+                overlap_host_blocks: l.overlap.host,
+                overlap_disk_blocks: l.overlap.disk,
+                cached_tokens: t.cached_tokens,
+                active_prefill_tokens: l.active_prefill_tokens,
+                active_decode_blocks: l.active_decode_blocks,
+                new_blocks: l.new_blocks,
+                active_requests: l.active_requests,
+                prefill_blocks: t.raw_prefill_blocks,
+                credit_decay: t.decay,
+                credit_blocks: t.credit_blocks,
+                prefill_cost: t.prefill_cost,
+                decode_blocks: t.decode_blocks,
+                request_cost: t.request_cost,
+                cost: t.logit,
+                busy: s.busy,
+                probability: if s.busy { 0.0 } else { p.next().unwrap_or(0.0) },
+            }
+        })
+        .collect()
 }
 
 /// The cheapest open candidate (the most likely pick).
@@ -100,18 +100,20 @@ impl Debug for DebugService {
             Err(e) => return Err(Status::invalid_argument(e.to_string())),
         };
         let req = RoutingRequest { tokens: p.tokens, cache_salt: p.cache_salt, lora: p.lora, osl: p.hints.osl, subset: None };
-        let (decode, prefill, block_size, sched) = {
+        // One look at the router: the scores and the names they refer to.
+        let (decode, prefill, block_size, sched, workers) = {
             let router = self.app.router.lock();
             let (d, p) = router.explain(&req);
-            (d, p, router.block_size(), *router.settings())
+            (d, p, router.block_size(), *router.settings(), router.workers().to_vec())
         };
-        let candidates = self.candidates(&decode, sched.temperature);
-        let prefill_candidates = self.candidates(&prefill, sched.temperature);
-        let error = if candidates.is_empty() {
+        let decode_candidates = candidates(&decode, sched.temperature, &workers);
+        let prefill_candidates = candidates(&prefill, sched.temperature, &workers);
+        let (best_decode, best_prefill) = (cheapest(&decode_candidates), cheapest(&prefill_candidates));
+        let error = if decode_candidates.is_empty() {
             Some(RouteError::NoWorkers)
         } else if prefill.is_empty() && sched.enforce_disagg {
             Some(RouteError::PrefillUnavailable)
-        } else if cheapest(&candidates).is_none() || (!prefill.is_empty() && cheapest(&prefill_candidates).is_none()) {
+        } else if best_decode.is_none() || (!prefill.is_empty() && best_prefill.is_none()) {
             Some(RouteError::Overloaded)
         } else {
             None
@@ -123,9 +125,9 @@ impl Debug for DebugService {
         };
         Ok(Response::new(ExplainResponse {
             routing_mode: mode.into(),
-            decode: error.is_none().then(|| cheapest(&candidates)).flatten(),
-            prefill: error.is_none().then(|| cheapest(&prefill_candidates)).flatten(),
-            candidates,
+            decode: best_decode.filter(|_| error.is_none()),
+            prefill: best_prefill.filter(|_| error.is_none()),
+            candidates: decode_candidates,
             prefill_candidates,
             prompt_tokens: req.tokens.len() as u32,
             block_size,

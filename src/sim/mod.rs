@@ -160,6 +160,7 @@ impl State<'_> {
 
     /// Hands engine events to the router (now or after the configured delay) and to the stats.
     fn deliver(&mut self, w: usize, evs: Vec<EngineEvent>, now: u64) {
+        let at = self.instant(now);
         let mut kv = Vec::new();
         for e in evs {
             match e {
@@ -168,13 +169,13 @@ impl State<'_> {
                     o.first_token_us = Some(now);
                     o.reused_tokens = reused;
                     if let (Some(r), Some(b)) = (&mut self.router, self.bookings[id]) {
-                        r.on_first_token(b, self.epoch + Duration::from_micros(now));
+                        r.on_first_token(b, at);
                     }
                 }
                 EngineEvent::Finished { id } => {
                     self.outcomes[id].finished_us = Some(now);
                     if let (Some(r), Some(b)) = (&mut self.router, self.bookings[id].take()) {
-                        r.on_end(b, self.epoch + Duration::from_micros(now));
+                        r.on_end(b, at);
                     }
                 }
                 e => kv.push(e),
