@@ -15,7 +15,7 @@ struct Entry {
 }
 
 /// Fuller tables are smaller but their probe runs span more cache lines.
-const MAX_LOAD_PERCENT: usize = 75;
+const MAX_LOAD_PERCENT: usize = 85;
 
 const VACANT: Entry = Entry { key: [0, 0], value: EMPTY };
 

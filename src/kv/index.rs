@@ -294,11 +294,14 @@ impl Index {
     /// For a request's local hashes: how many leading blocks each worker rank holds, per tier.
     /// The walk stops as soon as no holder continues.
     pub fn overlaps(&self, hashes: &[LocalBlockHash]) -> Vec<Overlap> {
-        let mut done: Vec<(Holder, u32)> = Vec::new();
+        // Whoever matches at all holds the first block: `reach` lists those holders (sorted,
+        // as holder lists are, so a rank's tiers are adjacent) with how many leading blocks
+        // each holds, filled in as they drop out; `active` indexes the ones still matching.
+        let mut reach: Vec<(Holder, u32)> = Vec::new();
         if let Some(mut slot) = hashes.first().and_then(|h| self.find_child(ROOT, h.0)) {
             let mut cur = self.holders_of(slot);
-            let mut active: Vec<Holder> = cur.to_vec();
-            done.reserve(active.len());
+            reach = cur.to_vec().into_iter().map(|h| (h, 0)).collect();
+            let mut active: Vec<u32> = (0..reach.len() as u32).collect();
             let mut depth = 1;
             while depth < hashes.len() && !active.is_empty() {
                 // Implicit children with the holders of `slot` keep `active` as it is: one
@@ -310,16 +313,18 @@ impl Index {
                 let Some(next) = self.find_child(slot, h.0) else { break };
                 let next_holders = self.holders_of(next);
                 if active.len() == 1 {
-                    if !next_holders.contains(active[0]) {
+                    if !next_holders.contains(reach[active[0] as usize].0) {
                         break;
                     }
                 } else if self.blocks[next as usize].payload() != self.blocks[slot as usize].payload() && !next_holders.same_as(&cur) {
                     // (Equal holder lists, as along a shared prefix, keep `active` as is;
                     // lists shared by both blocks compare by id.)
-                    active.retain(|a| {
-                        let keep = next_holders.contains(*a);
+                    let mut from = 0;
+                    active.retain(|&k| {
+                        let (holder, held) = &mut reach[k as usize];
+                        let keep = next_holders.contains_ascending(*holder, &mut from);
                         if !keep {
-                            done.push((*a, depth as u32));
+                            *held = depth as u32;
                         }
                         keep
                     });
@@ -328,13 +333,12 @@ impl Index {
                 cur = next_holders;
                 depth += 1;
             }
-            done.extend(active.iter().map(|&a| (a, depth as u32)));
+            for &k in &active {
+                reach[k as usize].1 = depth as u32;
+            }
         }
-        // Sorted by holder id, a rank's tiers are adjacent. `done` is a few sorted runs (one
-        // per step that lost holders), which a stable sort merges in linear time.
-        done.sort_by_key(|&(h, _)| h);
-        let mut out = Vec::with_capacity(done.len());
-        for tiers in done.chunk_by(|a, b| a.0 >> 2 == b.0 >> 2) {
+        let mut out = Vec::with_capacity(reach.len());
+        for tiers in reach.chunk_by(|a, b| a.0 >> 2 == b.0 >> 2) {
             let Some(worker) = self.ranks[(tiers[0].0 >> 2) as usize] else { continue };
             // The tiers' depths gathered in a register, not written one by one into the
             // entry: reading an entry back whole after narrow writes stalls on store
@@ -631,6 +635,20 @@ impl Holders<'_> {
             Holders::None => false,
             Holders::One(x) => x == h,
             Holders::Many(l) => l.binary_search(&h).is_ok(),
+        }
+    }
+
+    /// [`Holders::contains`] for holders asked in ascending order: `from` keeps the place
+    /// in the list where the previous one was looked for.
+    fn contains_ascending(&self, h: Holder, from: &mut usize) -> bool {
+        match *self {
+            Holders::Many(l) => {
+                while l.get(*from).is_some_and(|&x| x < h) {
+                    *from += 1;
+                }
+                l.get(*from) == Some(&h)
+            }
+            _ => self.contains(h),
         }
     }
 
