@@ -226,10 +226,21 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 /// A request as the scorer needs it, computed once per decision.
 struct Query {
     hashes: Vec<LocalBlockHash>,
-    /// Sequence hashes of the full prompt blocks, the identity active blocks are counted by.
-    blocks: Vec<u64>,
+    /// Sequence hashes of the full prompt blocks, when replicas share bookings (their wire
+    /// format keys active blocks by them); see [`Query::keys`].
+    seq: Option<Vec<u64>>,
     isl: u64,
     overlaps: FxHashMap<WorkerRank, TierOverlap>,
+}
+
+impl Query {
+    /// The keys active blocks are counted by, one per full prompt block: the sequence hashes
+    /// when replicas share bookings, else the local hashes — in the prompt trie a path of
+    /// local hashes names the prefix just as well, and the sequence-hash chain (a serial xxh3
+    /// per block) is not computed.
+    fn keys(&self) -> &[u64] {
+        self.seq.as_deref().unwrap_or(LocalBlockHash::as_u64s(&self.hashes))
+    }
 }
 
 /// The routing state shared by every stream.
@@ -274,6 +285,7 @@ impl Router {
     }
 
     /// Starts collecting our booking changes for the peers ([`Router::take_peer_events`]).
+    /// Call before routing: from here on bookings are keyed by sequence hashes, as the peers'.
     pub fn enable_replica_sync(&mut self) {
         self.outbox.get_or_insert_with(Vec::new);
     }
@@ -372,6 +384,7 @@ impl Router {
         let mut overlaps: FxHashMap<WorkerRank, TierOverlap> = FxHashMap::default();
         if !hashes.is_empty() {
             let mut add = |os: Vec<Overlap>| {
+                overlaps.reserve(os.len());
                 for o in os {
                     let t = tiers(&o);
                     let e = overlaps.entry(o.worker).or_default();
@@ -385,8 +398,8 @@ impl Router {
                 add(p.overlaps(&hashes));
             }
         }
-        let blocks = seq_hashes(&hashes).into_iter().map(|s| s.0).collect();
-        Query { hashes, blocks, isl: req.tokens.len() as u64, overlaps }
+        let seq = self.outbox.is_some().then(|| seq_hashes(&hashes).into_iter().map(|s| s.0).collect());
+        Query { hashes, seq, isl: req.tokens.len() as u64, overlaps }
     }
 
     /// Every eligible rank of `stage`'s pool, with its cost terms and busy flag.
@@ -398,50 +411,50 @@ impl Router {
         } else {
             rules.weights
         };
-        let pool: Vec<&Worker> =
-            self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)).collect();
-        let loads: Vec<(Target, RankLoad)> = pool
-            .iter()
-            .flat_map(|w| w.ranks().map(|r| (Target { worker: r, endpoint: w.endpoint }, self.active.load(&r))))
-            .collect();
-        let min_prefill = loads.iter().map(|(_, l)| l.active_prefill_tokens).min().unwrap_or(0);
-        let input = CostInput { block_size: self.kv.block_size, isl: q.isl, min_active_prefill_tokens: min_prefill };
-        let busy_workers = self.busy_workers(&pool);
-        loads
-            .into_iter()
-            .map(|(target, l)| {
+        let held = if rules.track_active_blocks && rules.assume_kv_reuse { self.active.held_prefixes(q.keys()) } else { FxHashMap::default() };
+        let chain = q.keys().len() as u64;
+        // One pass gathers each rank's load (a decision visits every rank: no per-rank
+        // allocation), the next prices it against the least active prefill.
+        let mut scored = Vec::with_capacity(self.workers.iter().map(|w| w.dp_size as usize).sum());
+        for w in self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)) {
+            let first = scored.len();
+            for r in w.ranks() {
+                let l = self.active.load(&r);
                 let new_blocks = match (rules.track_active_blocks, rules.assume_kv_reuse) {
                     (false, _) => 0,
                     // Random tracking hashes are new everywhere.
-                    (true, false) => q.blocks.len() as u64,
-                    (true, true) => self.active.new_blocks(&target.worker, &q.blocks),
+                    (true, false) => chain,
+                    (true, true) => chain - held.get(&r).copied().unwrap_or(0),
                 };
                 let load = CandidateLoad {
-                    overlap: q.overlaps.get(&target.worker).copied().unwrap_or_default(),
+                    overlap: q.overlaps.get(&r).copied().unwrap_or_default(),
                     active_prefill_tokens: l.active_prefill_tokens,
                     active_decode_blocks: if rules.track_active_blocks { l.active_decode_blocks } else { 0.0 },
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                let busy = busy_workers.contains(&target.worker.id);
-                Scored { target, load, terms: cost_terms(&weights, &input, &load), busy }
-            })
-            .collect()
+                scored.push(Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: false });
+            }
+            if self.worker_is_busy(w) {
+                scored[first..].iter_mut().for_each(|s| s.busy = true);
+            }
+        }
+        let min_prefill = scored.iter().map(|s| s.load.active_prefill_tokens).min().unwrap_or(0);
+        let input = CostInput { block_size: self.kv.block_size, isl: q.isl, min_active_prefill_tokens: min_prefill };
+        for s in &mut scored {
+            s.terms = cost_terms(&weights, &input, &s.load);
+        }
+        scored
     }
 
-    /// Workers over an admission threshold on every one of their ranks.
-    fn busy_workers(&self, pool: &[&Worker]) -> HashSet<crate::workers::WorkerId> {
-        let Some(t) = &self.sched.admission else { return HashSet::new() };
-        pool.iter()
-            .filter(|w| {
-                let cap = Capacity {
-                    total_kv_blocks: w.total_kv_blocks.or(self.sched.default_capacity.total_kv_blocks),
-                    max_num_batched_tokens: w.max_num_batched_tokens.or(self.sched.default_capacity.max_num_batched_tokens),
-                };
-                w.ranks().all(|r| rank_is_busy(t, &cap, &self.active.load(&r)))
-            })
-            .map(|w| w.id)
-            .collect()
+    /// Admission control: a worker is busy when every one of its ranks is over a threshold.
+    fn worker_is_busy(&self, w: &Worker) -> bool {
+        let Some(t) = &self.sched.admission else { return false };
+        let cap = Capacity {
+            total_kv_blocks: w.total_kv_blocks.or(self.sched.default_capacity.total_kv_blocks),
+            max_num_batched_tokens: w.max_num_batched_tokens.or(self.sched.default_capacity.max_num_batched_tokens),
+        };
+        w.ranks().all(|r| rank_is_busy(t, &cap, &self.active.load(&r)))
     }
 
     /// Chooses among the scored candidates: busy ones are skipped.
@@ -495,16 +508,20 @@ impl Router {
             if st.rules(&sched).weights.track_prefill_tokens { q.isl - cached(s) } else { 0 }
         };
         let rules = stage.rules(&self.sched);
-        let decode_blocks: Vec<u64> = match (rules.track_active_blocks, rules.assume_kv_reuse) {
-            (false, _) => Vec::new(),
-            (true, true) => q.blocks.clone(),
-            (true, false) => (0..q.blocks.len()).map(|_| rng.random()).collect(),
+        let random_blocks: Vec<u64>;
+        let decode_blocks: &[u64] = match (rules.track_active_blocks, rules.assume_kv_reuse) {
+            (false, _) => &[],
+            (true, true) => q.keys(),
+            (true, false) => {
+                random_blocks = (0..q.keys().len()).map(|_| rng.random()).collect();
+                &random_blocks
+            }
         };
         let booking = BookingId(self.next_booking);
         self.next_booking += 1;
         let decode_seq = self.book(booking, "", decode.target.worker, decode_blocks, prefill_tokens(&decode, stage), q.isl, req.osl, now);
         let prefill_seq = prefill.map(|p| {
-            self.book(booking, ":prefill", p.target.worker, Vec::new(), prefill_tokens(&p, Stage::Prefill), q.isl, None, now)
+            self.book(booking, ":prefill", p.target.worker, &[], prefill_tokens(&p, Stage::Prefill), q.isl, None, now)
         });
         self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl });
 
@@ -528,7 +545,7 @@ impl Router {
         booking: BookingId,
         part: &str,
         worker: WorkerRank,
-        blocks: Vec<u64>,
+        blocks: &[u64],
         prefill_tokens: u64,
         isl: u64,
         osl: Option<u32>,
@@ -536,13 +553,13 @@ impl Router {
     ) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.active.add(seq, ActiveBooking { worker, blocks: &blocks, prefill_tokens, isl }, now);
+        self.active.add(seq, ActiveBooking { worker, blocks, prefill_tokens, isl }, now);
         if let Some(out) = &mut self.outbox {
             out.push(PeerEvent {
                 request_id: format!("{}{part}", booking.0),
                 worker,
                 data: PeerEventData::Add {
-                    blocks: (!blocks.is_empty()).then_some(blocks),
+                    blocks: (!blocks.is_empty()).then(|| blocks.to_vec()),
                     prefill_tokens,
                     expected_output_tokens: osl,
                 },
@@ -562,7 +579,7 @@ impl Router {
     /// Picks a worker for a body-less request (`GET /v1/models`): the least loaded; nothing
     /// is booked.
     pub fn pick_any(&self, req: &RoutingRequest, rng: &mut impl Rng) -> Result<Target, RouteError> {
-        let q = Query { hashes: Vec::new(), blocks: Vec::new(), isl: 0, overlaps: FxHashMap::default() };
+        let q = Query { hashes: Vec::new(), seq: None, isl: 0, overlaps: FxHashMap::default() };
         self.choose(req, &self.score(Stage::Aggregated, req, &q), rng).map(|s| s.target)
     }
 

@@ -83,8 +83,10 @@ impl Topology {
 /// One request that is already running when the decisions are timed.
 pub struct Background {
     pub worker: WorkerRank,
-    /// Sequence hashes of its prompt blocks.
+    /// Sequence hashes of its prompt blocks (Dynamo's block keys, and ours with replica sync).
     pub blocks: Vec<u64>,
+    /// Local hashes of the same blocks (our block keys without replica sync).
+    pub local_blocks: Vec<u64>,
     /// True once its first token came: its prompt no longer loads prefill.
     pub prefill_done: bool,
 }
@@ -153,7 +155,7 @@ pub fn build(topology: Topology, queries: usize) -> DecisionWorkload {
                 dp_rank: rank.dp_rank.0,
             },
         });
-        seq_blocks_of.push(seqs);
+        seq_blocks_of.push((seqs, locals.iter().map(|l| l.0).collect::<Vec<u64>>()));
         if wanted.contains(&i) {
             kept.insert(i, t);
         }
@@ -163,7 +165,8 @@ pub fn build(topology: Topology, queries: usize) -> DecisionWorkload {
             let slot = j % slots;
             // A sequence cached on that slot (sequence i lives on slot i mod slots).
             let seq = slot + slots * (j / slots % (n_seqs / slots));
-            Background { worker: topology.rank(slot), blocks: seq_blocks_of[seq].clone(), prefill_done: j % 3 != 0 }
+            let (blocks, local_blocks) = seq_blocks_of[seq].clone();
+            Background { worker: topology.rank(slot), blocks, local_blocks, prefill_done: j % 3 != 0 }
         })
         .collect();
     let full_hit = hit_picks.iter().map(|i| kept[i].clone()).collect();
@@ -293,7 +296,8 @@ impl Ours {
         let now = Instant::now();
         for (j, b) in w.background.iter().enumerate() {
             let ev = |data| PeerEvent { request_id: format!("bg-{j}"), worker: b.worker, data };
-            let add = PeerEventData::Add { blocks: Some(b.blocks.clone()), prefill_tokens: BACKGROUND_PREFILL_TOKENS, expected_output_tokens: None };
+            // Booked as a peer's bookings, in the keys our router counts blocks by (sync is off).
+            let add = PeerEventData::Add { blocks: Some(b.local_blocks.clone()), prefill_tokens: BACKGROUND_PREFILL_TOKENS, expected_output_tokens: None };
             router.apply_peer(1, ev(add), now);
             if b.prefill_done {
                 router.apply_peer(1, ev(PeerEventData::PrefillCompleted), now);

@@ -13,7 +13,17 @@ pub const XXH3_SEED: u64 = 1337;
 /// Hash of one block's tokens (Dynamo's `LocalBlockHash`, the `tokens_hash` of a stored block).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
+#[repr(transparent)]
 pub struct LocalBlockHash(pub u64);
+
+impl LocalBlockHash {
+    /// The hashes as plain integers, without a copy (the active-block keys of a prompt).
+    pub fn as_u64s(hashes: &[LocalBlockHash]) -> &[u64] {
+        // SAFETY: `LocalBlockHash` is `repr(transparent)` over `u64`: same size, alignment and
+        // validity, so the slice may be viewed as `[u64]` for its lifetime.
+        unsafe { std::slice::from_raw_parts(hashes.as_ptr().cast::<u64>(), hashes.len()) }
+    }
+}
 
 /// Hash of a whole prefix up to and including one block (Dynamo's sequence hash).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,8 +1,9 @@
 //! Active sequences: the load each (worker, dp_rank) carries from requests we routed to it.
 //!
-//! Per rank: the distinct KV blocks its requests hold (ref-counted by sequence hash, so a shared
-//! prefix counts once), the prompt tokens still being prefilled, the number of requests, and —
-//! when output tracking is on — placeholder blocks for generated tokens. Lifecycle: `add` at the
+//! Per rank: the distinct KV blocks its requests hold (their chains of block keys in one
+//! [`PromptTrie`], so a shared prefix counts once), the prompt tokens still being prefilled, the
+//! number of requests, and — when output tracking is on — placeholder blocks for generated
+//! tokens. Lifecycle: `add` at the
 //! pick, `mark_prefill_completed` at the first response chunk, `free` at the end; entries older
 //! than the expiry are dropped by `expire` in case an end was never seen.
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 
+use super::prompts::{NodeId, PromptTrie};
 use crate::workers::WorkerRank;
 
 /// Load of one (worker, rank) as the cost model reads it.
@@ -22,7 +24,8 @@ pub struct RankLoad {
 
 #[derive(Default)]
 struct Rank {
-    blocks: FxHashMap<u64, u32>,
+    /// Distinct prompt blocks held (in the trie).
+    blocks: u64,
     prefill_tokens: u64,
     requests: u32,
     output_blocks: f64,
@@ -36,7 +39,8 @@ impl Rank {
 
 struct Active {
     worker: WorkerRank,
-    blocks: Vec<u64>,
+    /// Where its prompt chain ends in the trie (`None`: no blocks tracked).
+    chain_end: Option<NodeId>,
     prefill_tokens: u64,
     started: Instant,
     /// Prompt length, for output block boundaries.
@@ -50,8 +54,8 @@ struct Active {
 #[derive(Clone, Debug)]
 pub struct Booking<'a> {
     pub worker: WorkerRank,
-    /// Sequence hashes of the prompt's full blocks, from the first (random ones when KV reuse
-    /// is not assumed).
+    /// Keys of the prompt's full blocks, from the first: hashes naming the prefix (random ones
+    /// when KV reuse is not assumed).
     pub blocks: &'a [u64],
     /// Tokens the worker must prefill (`isl − cached`); 0 when prefill is not tracked.
     pub prefill_tokens: u64,
@@ -59,16 +63,17 @@ pub struct Booking<'a> {
 }
 
 pub struct ActiveSequences {
-    // Keys are router-made (ranks, sequential ids) or already uniform (xxh3 sequence hashes):
+    // Keys are router-made (ranks, sequential ids) or already uniform (xxh3 block hashes):
     // the cheap hasher is enough, and a decision does thousands of these lookups.
     ranks: FxHashMap<WorkerRank, Rank>,
     requests: FxHashMap<u64, Active>,
+    prompts: PromptTrie,
     expiry: Duration,
 }
 
 impl ActiveSequences {
     pub fn new(expiry: Duration) -> Self {
-        ActiveSequences { ranks: FxHashMap::default(), requests: FxHashMap::default(), expiry }
+        ActiveSequences { ranks: FxHashMap::default(), requests: FxHashMap::default(), prompts: PromptTrie::default(), expiry }
     }
 
     /// Books request `id`; a repeated id is ignored (returns false).
@@ -76,17 +81,16 @@ impl ActiveSequences {
         if self.requests.contains_key(&id) {
             return false;
         }
+        let chain_end = (!b.blocks.is_empty()).then(|| self.prompts.insert(b.worker, b.blocks));
         let rank = self.ranks.entry(b.worker).or_default();
-        for h in b.blocks {
-            *rank.blocks.entry(*h).or_default() += 1;
-        }
+        rank.blocks += chain_end.map_or(0, |(_, added)| added);
         rank.prefill_tokens += b.prefill_tokens;
         rank.requests += 1;
         self.requests.insert(
             id,
             Active {
                 worker: b.worker,
-                blocks: b.blocks.to_vec(),
+                chain_end: chain_end.map(|(end, _)| end),
                 prefill_tokens: b.prefill_tokens,
                 started: now,
                 isl: b.isl,
@@ -132,15 +136,9 @@ impl ActiveSequences {
     /// The request ended (completion, error, cancel): release everything it held.
     pub fn free(&mut self, id: u64) {
         let Some(a) = self.requests.remove(&id) else { return };
+        let released = a.chain_end.map_or(0, |end| self.prompts.remove(a.worker, end));
         let Some(r) = self.ranks.get_mut(&a.worker) else { return };
-        for h in &a.blocks {
-            if let Some(n) = r.blocks.get_mut(h) {
-                *n -= 1;
-                if *n == 0 {
-                    r.blocks.remove(h);
-                }
-            }
-        }
+        r.blocks -= released;
         r.prefill_tokens -= a.prefill_tokens;
         r.requests -= 1;
         r.output_blocks -= a.output_weight;
@@ -173,23 +171,17 @@ impl ActiveSequences {
 
     pub fn load(&self, w: &WorkerRank) -> RankLoad {
         self.ranks.get(w).map_or_else(RankLoad::default, |r| RankLoad {
-            active_decode_blocks: r.blocks.len() as f64 + r.output_blocks,
+            active_decode_blocks: r.blocks as f64 + r.output_blocks,
             active_prefill_tokens: r.prefill_tokens,
             active_requests: r.requests,
         })
     }
 
-    /// How many of `blocks` (a prompt's chain of sequence hashes) the rank does not hold yet:
-    /// what booking the request would add. A sequence hash names its whole prefix and every
-    /// booking holds its chain from the first block, so a rank holds a prefix of any chain and
-    /// its length is found by bisection (a decision asks this of every rank).
-    pub fn new_blocks(&self, w: &WorkerRank, blocks: &[u64]) -> u64 {
-        match self.ranks.get(w) {
-            None => blocks.len() as u64,
-            // Most ranks hold none of a prompt: one probe tells.
-            Some(r) if blocks.first().is_none_or(|h| !r.blocks.contains_key(h)) => blocks.len() as u64,
-            Some(r) => (blocks.len() - blocks.partition_point(|h| r.blocks.contains_key(h))) as u64,
-        }
+    /// Per rank, how many leading blocks of `blocks` (a prompt's chain of block keys) its
+    /// requests hold already: the rest is what booking the request there would add. Ranks
+    /// holding none are absent.
+    pub fn held_prefixes(&self, blocks: &[u64]) -> FxHashMap<WorkerRank, u64> {
+        self.prompts.held_prefixes(blocks)
     }
 
     pub fn len(&self) -> usize {
@@ -227,8 +219,8 @@ mod tests {
         assert!(a.add(2, Booking { worker: wr(1), blocks: &[10, 11, 13], prefill_tokens: 16, isl: 48 }, t));
         assert!(!a.add(2, Booking { worker: wr(1), blocks: &[99], prefill_tokens: 1, isl: 1 }, t));
         assert_eq!(a.load(&wr(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2 });
-        assert_eq!(a.new_blocks(&wr(1), &[10, 11, 14]), 1);
-        assert_eq!(a.new_blocks(&wr(2), &[10, 11, 14]), 3);
+        let held = a.held_prefixes(&[10, 11, 14]);
+        assert_eq!((held.get(&wr(1)), held.get(&wr(2))), (Some(&2), None));
         a.mark_prefill_completed(1);
         assert_eq!(a.load(&wr(1)).active_prefill_tokens, 16);
         a.free(1);
@@ -303,6 +295,7 @@ mod tests {
             }
             prop_assert!(a.is_empty());
             prop_assert!(a.ranks.is_empty());
+            prop_assert!(a.prompts.is_empty());
             for w in 0..3 {
                 prop_assert_eq!(a.load(&wr(w)), RankLoad::default());
             }

@@ -5,6 +5,7 @@ pub mod active;
 pub mod admission;
 pub mod cost;
 pub mod disagg;
+pub mod prompts;
 pub mod replica;
 pub mod select;
 
