@@ -344,6 +344,11 @@ impl Router {
         self.kv.index.block_count()
     }
 
+    /// Heap bytes of the KV index (for the metrics; walks the index).
+    pub fn kv_index_bytes(&self) -> usize {
+        self.kv.index.heap_bytes()
+    }
+
     /// Forgets remembered decisions and bookings whose time is up (also done lazily on every
     /// route).
     pub fn expire(&mut self, now: Instant) {

@@ -59,6 +59,9 @@ async fn a_request_goes_to_the_worker_whose_cache_holds_its_prefix() {
     let chain = Chain::start(&[("w1", Some(1001)), ("w2", Some(1002)), ("w3", Some(1003))], opts).await;
     let applied = chain.epp.wait_metric("dynamo_epp_kv_events_applied_total", Duration::from_secs(20), |v| v >= 1.0).await;
     assert_eq!(applied, 1.0);
+    // The operator's view of the event plane: one lag observation, a non-empty index.
+    assert_eq!(chain.epp.metric("dynamo_epp_kv_event_lag_seconds_count").await, Some(1.0));
+    assert!(chain.epp.metric("dynamo_epp_kv_index_bytes").await.is_some_and(|b| b > 0.0));
 
     // The cached prompt, plus a tail of its own, goes to worker 1002 every time, although
     // the other two are idle (the requests are sequential: equal load).

@@ -10,7 +10,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use async_nats::jetstream;
@@ -33,11 +33,14 @@ struct Recorder {
     rejected: Mutex<HashMap<&'static str, u64>>,
     lost: AtomicU64,
     workers: Mutex<Vec<Worker>>,
+    /// Per applied message, the publication time the transport reported.
+    published: Mutex<Vec<Option<SystemTime>>>,
 }
 
 impl EventSink for Recorder {
-    fn apply(&self, events: &[RouterEvent]) {
+    fn apply(&self, events: &[RouterEvent], published: Option<SystemTime>) {
         self.events.lock().extend_from_slice(events);
+        self.published.lock().push(published);
     }
     fn rejected(&self, reason: &'static str) {
         *self.rejected.lock().entry(reason).or_default() += 1;
@@ -149,6 +152,9 @@ async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
     let task = tokio::spawn(kv_plane::jetstream::run(settings(&nats.url(), "epp-a", false), rec.clone()));
     assert_eq!(rec.wait_for(30, Duration::from_secs(20)).await, 30);
     assert_eq!(rec.ids(), (1..=30).collect::<Vec<_>>());
+    // Each message carries the server's publication time, for the event-lag metric.
+    let recent = |p: &Option<SystemTime>| p.is_some_and(|t| SystemTime::now().duration_since(t).is_ok_and(|d| d < Duration::from_secs(120)));
+    assert!(rec.published.lock().iter().all(recent), "{:?}", rec.published.lock());
     assert_eq!(rec.rejected("invalid_json"), 2);
     // Every message, the malformed ones too, was acknowledged.
     wait_acked(&js, "epp-a", 32).await;
@@ -286,6 +292,7 @@ async fn nats_core_envelopes_are_applied_bad_ones_counted_and_gaps_reported() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     rec.events.lock().clear();
+    rec.published.lock().clear();
     client.publish(subject, envelope(2, 0, 1..=3).into()).await.unwrap();
     client.publish(subject, Bytes::from_static(b"\xc1 not msgpack")).await.unwrap();
     client.publish(subject, envelope(2, 1, 4..=4).into()).await.unwrap();
@@ -295,6 +302,9 @@ async fn nats_core_envelopes_are_applied_bad_ones_counted_and_gaps_reported() {
     assert_eq!(rec.wait_for(6, Duration::from_secs(10)).await, 6);
     assert_eq!(rec.ids(), vec![1, 2, 3, 4, 5, 6]);
     assert!(rec.events.lock().iter().all(|e| matches!(e.event.data, KvCacheEventData::Removed(_))));
+    // The envelope's `published_at` (ms) is the publication time.
+    let at = Some(UNIX_EPOCH + Duration::from_millis(1_760_000_000_000));
+    assert!(rec.published.lock().iter().all(|p| *p == at), "{:?}", rec.published.lock());
     assert_eq!(rec.rejected("invalid_msgpack"), 1);
     assert_eq!(rec.lost.load(Ordering::Relaxed), 3);
     task.abort();
@@ -363,6 +373,7 @@ async fn zmq_engine_events_with_replay_of_a_gap() {
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     rec.events.lock().clear();
+    rec.published.lock().clear();
 
     publ.send(frames(1, vllm_store(100, None, 2))).await.unwrap();
     publ.send(frames(2, b"\x93\x01".to_vec())).await.unwrap(); // truncated msgpack
@@ -398,5 +409,8 @@ async fn zmq_engine_events_with_replay_of_a_gap() {
     assert_eq!(s.blocks[0].tokens_hash.0, 15310707395893867146);
     assert_eq!(rec.rejected("invalid_msgpack"), 1);
     assert_eq!(rec.lost.load(Ordering::Relaxed), 0, "the replay filled the gap");
+    // The batch's `ts` (seconds) is the publication time; the truncated batch has none.
+    let published: Vec<_> = rec.published.lock().iter().copied().filter(Option::is_some).collect();
+    assert_eq!(published, vec![Some(UNIX_EPOCH + Duration::from_secs(1)); 4]);
     task.abort();
 }

@@ -44,6 +44,11 @@ impl ExtMap {
         self.len
     }
 
+    /// Bytes allocated for the entries.
+    pub fn heap_bytes(&self) -> usize {
+        self.entries.capacity() * std::mem::size_of::<Entry>()
+    }
+
     fn find(&self, key: u64) -> Option<usize> {
         let cap = self.entries.len();
         if cap == 0 {

@@ -1,7 +1,10 @@
 //! The legacy JetStream plane: a durable pull consumer on the KV-event stream, so a restarted
 //! EPP resumes where it stopped and misses nothing published meanwhile.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use async_nats::jetstream::{
     self,
@@ -85,7 +88,7 @@ async fn session(s: &PlaneSettings, sink: &dyn EventSink, reset: &mut bool) -> R
             Err(e) => return Err(e.into()),
         };
         match decode(&m.payload) {
-            Ok(ev) => sink.apply(std::slice::from_ref(&ev)),
+            Ok(ev) => sink.apply(std::slice::from_ref(&ev), m.info().ok().map(|i| SystemTime::from(i.published))),
             Err(e) => {
                 tracing::debug!(error = %e, subject = %m.subject, "KV event rejected");
                 sink.rejected(e.reason());

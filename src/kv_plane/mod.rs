@@ -7,7 +7,10 @@ pub mod jetstream;
 pub mod nats;
 pub mod zmq;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use crate::{
     config::{Config, EventPlane},
@@ -20,8 +23,9 @@ const RETRY: Duration = Duration::from_secs(1);
 
 /// Where decoded events go (the server's router, or a test's recorder).
 pub trait EventSink: Send + Sync + 'static {
-    /// Applies the events of one message, in order.
-    fn apply(&self, events: &[RouterEvent]);
+    /// Applies the events of one message, in order; `published` is when the publisher sent
+    /// it, if the transport says (for the event-lag metric).
+    fn apply(&self, events: &[RouterEvent], published: Option<SystemTime>);
     /// A message or event was not applied (`reason` is a metric label).
     fn rejected(&self, reason: &'static str);
     /// `n` messages are known to be lost (transport sequence gap).

@@ -1,7 +1,10 @@
 //! Dynamo's event plane on NATS core: a plain subscription (no persistence; the transport
 //! sequence of each publisher reveals what was lost while disconnected).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use futures_util::StreamExt;
 
@@ -36,7 +39,7 @@ async fn session(s: &PlaneSettings, sink: &dyn EventSink) -> Result<(), Box<dyn 
                     tracing::warn!(publisher = env.header.publisher_id, lost = n, "NATS KV event messages lost");
                     sink.lost(n);
                 }
-                sink.apply(&env.events);
+                sink.apply(&env.events, Some(UNIX_EPOCH + Duration::from_millis(env.header.published_at)));
             }
             Err(e) => {
                 tracing::debug!(error = %e, "KV event message rejected");

@@ -2,7 +2,11 @@
 //! `kv_events` in the fleet; on a sequence gap, missed batches are replayed from the engine's
 //! replay socket when one is configured.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
@@ -93,7 +97,8 @@ fn apply(stream: &mut EngineStream, payload: &[u8], sink: &dyn EventSink) {
         tracing::warn!(worker = %stream.worker, error = %e, "engine KV event rejected");
         sink.rejected(e.reason());
     }
-    sink.apply(&c.events);
+    let published = c.ts.filter(|t| t.is_finite() && *t > 0.0).and_then(|t| UNIX_EPOCH.checked_add(Duration::from_secs_f64(t)));
+    sink.apply(&c.events, published);
 }
 
 /// Asks the engine's replay socket for batches `from..to` and applies them; returns how many

@@ -3,7 +3,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use super::App;
@@ -32,7 +32,10 @@ pub fn start(cfg: &Config, app: Arc<App>) {
 }
 
 impl EventSink for App {
-    fn apply(&self, events: &[RouterEvent]) {
+    fn apply(&self, events: &[RouterEvent], published: Option<SystemTime>) {
+        if let Some(lag) = published.and_then(|p| SystemTime::now().duration_since(p).ok()) {
+            self.metrics.kv_event_lag_seconds.observe(lag.as_secs_f64());
+        }
         let mut router = self.router.lock();
         for ev in events {
             let a = router.apply(ev);

@@ -46,6 +46,10 @@ pub struct Metrics {
     pub kv_events_lost: Counter,
     /// Blocks in the KV index.
     pub kv_blocks: Gauge,
+    /// Heap bytes of the KV index, set at scrape.
+    pub kv_index_bytes: Gauge,
+    /// From a KV event's publication (the transport's or engine's timestamp) to its application.
+    pub kv_event_lag_seconds: Histogram,
     /// Active requests per worker rank as routing sees them (ours and the peers'), set at scrape.
     pub worker_active_requests: Family<RankLabel, Gauge>,
     /// Active KV blocks per worker rank (decode load), set at scrape.
@@ -87,6 +91,10 @@ impl Metrics {
         let kv_events_rejected = Family::<ReasonLabel, Counter>::default();
         let kv_events_lost = Counter::default();
         let kv_blocks = Gauge::default();
+        let kv_index_bytes = Gauge::default();
+        // 100 µs .. ~100 s: loopback delivery is sub-millisecond; a backlog after an outage
+        // drains in seconds.
+        let kv_event_lag_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-4, 4.0, 11));
         // 0, then 16 .. ~1 M tokens.
         let tokens = || Histogram::new(std::iter::once(0.0).chain(prometheus_client::metrics::histogram::exponential_buckets(16.0, 4.0, 9)));
         let predicted_cached_tokens = tokens();
@@ -108,6 +116,12 @@ impl Metrics {
         registry.register("kv_events_rejected", "KV events or messages not applied, by reason", kv_events_rejected.clone());
         registry.register("kv_events_lost", "KV events or messages lost in transit (id or sequence gaps)", kv_events_lost.clone());
         registry.register("kv_blocks", "Blocks in the KV index", kv_blocks.clone());
+        registry.register("kv_index_bytes", "Heap bytes of the KV index", kv_index_bytes.clone());
+        registry.register(
+            "kv_event_lag_seconds",
+            "Time from a KV event's publication to its application to the index (publisher clock)",
+            kv_event_lag_seconds.clone(),
+        );
         registry.register("predicted_cached_tokens", "Prompt tokens each decision expected cached on the chosen worker", predicted_cached_tokens.clone());
         registry.register("actual_cached_tokens", "Prompt tokens the engine reported served from its cache", actual_cached_tokens.clone());
         registry.register(
@@ -141,6 +155,8 @@ impl Metrics {
             kv_events_rejected,
             kv_events_lost,
             kv_blocks,
+            kv_index_bytes,
+            kv_event_lag_seconds,
             predicted_cached_tokens,
             actual_cached_tokens,
             cached_tokens_compared,

@@ -94,6 +94,7 @@ impl App {
     pub fn render_metrics(&self) -> String {
         let loads: Vec<(RankLabel, crate::sched::active::RankLoad)> = {
             let r = self.router.lock();
+            self.metrics.kv_index_bytes.set(r.kv_index_bytes() as i64);
             r.workers()
                 .iter()
                 .flat_map(|w| w.ranks().map(|rank| (RankLabel { worker: w.name.clone(), dp_rank: rank.dp_rank.0 }, r.load(&rank))))

@@ -91,6 +91,8 @@ pub struct EngineStream {
 pub struct Converted {
     pub events: Vec<RouterEvent>,
     pub rejected: Vec<DecodeError>,
+    /// When the engine made the batch (Unix seconds), if it says.
+    pub ts: Option<f64>,
 }
 
 impl EngineStream {
@@ -118,13 +120,14 @@ impl EngineStream {
     /// rejected (and reported), because its token hashes could never match a request's.
     pub fn convert(&mut self, payload: &[u8], block_size: u32) -> Converted {
         let mut out = Converted::default();
-        let (events, dp_rank) = match decode_batch(payload) {
+        let (events, dp_rank, ts) = match decode_batch(payload) {
             Ok(b) => b,
             Err(e) => {
                 out.rejected.push(e);
                 return out;
             }
         };
+        out.ts = ts;
         for ev in &events {
             match convert_event(ev, block_size) {
                 Ok(Some((tier, data))) => {
@@ -149,25 +152,27 @@ fn shape(msg: impl Into<String>) -> DecodeError {
     DecodeError::Shape(msg.into())
 }
 
-/// The events of a batch and its DP rank.
-fn decode_batch(payload: &[u8]) -> Result<(Vec<Value>, u32), DecodeError> {
+/// The events of a batch, its DP rank and its timestamp.
+fn decode_batch(payload: &[u8]) -> Result<(Vec<Value>, u32, Option<f64>), DecodeError> {
     let v = rmpv::decode::read_value(&mut &payload[..]).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
-    let (events, rank) = match v {
+    let (events, rank, ts) = match v {
         Value::Array(mut a) if a.len() >= 2 => {
             let rank = a.get(2).cloned().unwrap_or(Value::Nil);
-            (a.swap_remove(1), rank)
+            let ts = a[0].as_f64();
+            (a.swap_remove(1), rank, ts)
         }
         Value::Map(m) => {
             let get = |k: &str| m.iter().find(|(key, _)| key.as_str() == Some(k)).map(|(_, v)| v.clone());
             let events = get("events").ok_or_else(|| shape("batch map without events"))?;
-            (events, get("data_parallel_rank").or_else(|| get("dp_rank")).unwrap_or(Value::Nil))
+            let ts = get("ts").and_then(|t| t.as_f64());
+            (events, get("data_parallel_rank").or_else(|| get("dp_rank")).unwrap_or(Value::Nil), ts)
         }
         _ => return Err(shape("batch is neither [ts, events, dp_rank] nor a map")),
     };
     let Value::Array(events) = events else { return Err(shape("batch events are not an array")) };
     // Absent or negative rank = rank 0 (no data parallelism).
     let rank = rank.as_u64().and_then(|r| u32::try_from(r).ok()).unwrap_or(0);
-    Ok((events, rank))
+    Ok((events, rank, ts))
 }
 
 /// Field access over both event forms: positional index or map key.
