@@ -48,7 +48,8 @@ impl Setup {
     }
 
     async fn wait_seen(&self, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: five chains of Envoy + EPP start side by side on a loaded 2-core machine.
+        let deadline = Instant::now() + Duration::from_secs(30);
         while self.workers.iter().map(|w| w.seen().len()).sum::<usize>() < n {
             assert!(Instant::now() < deadline, "held requests never reached the workers");
             tokio::time::sleep(Duration::from_millis(20)).await;
