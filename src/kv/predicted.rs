@@ -124,11 +124,7 @@ impl Predicted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workers::DpRank;
 
-    fn wr(id: u64) -> WorkerRank {
-        WorkerRank { id: WorkerId(id), dp_rank: DpRank(0) }
-    }
 
     fn hs(xs: &[u64]) -> Vec<LocalBlockHash> {
         xs.iter().map(|&x| LocalBlockHash(x)).collect()
@@ -144,13 +140,13 @@ mod tests {
     fn decisions_expire_after_the_ttl_unless_touched_again() {
         let t0 = Instant::now();
         let mut p = Predicted::new(Duration::from_secs(120), 1000);
-        p.record(wr(1), &hs(&[1, 2, 3]), t0);
-        p.record(wr(2), &hs(&[1, 2]), t0 + Duration::from_secs(60));
+        p.record(WorkerRank::rank0(1), &hs(&[1, 2, 3]), t0);
+        p.record(WorkerRank::rank0(2), &hs(&[1, 2]), t0 + Duration::from_secs(60));
         assert_eq!(device(&p, &[1, 2, 3, 4]), vec![(1, 3), (2, 2)]);
         p.expire(t0 + Duration::from_secs(119));
         assert_eq!(device(&p, &[1, 2, 3]), vec![(1, 3), (2, 2)]);
         // Worker 1 touches its shared prefix again at 100 s: only block 3 expires at 120 s.
-        p.record(wr(1), &hs(&[1, 2]), t0 + Duration::from_secs(100));
+        p.record(WorkerRank::rank0(1), &hs(&[1, 2]), t0 + Duration::from_secs(100));
         p.expire(t0 + Duration::from_secs(121));
         assert_eq!(device(&p, &[1, 2, 3]), vec![(1, 2), (2, 2)]);
         p.expire(t0 + Duration::from_secs(181));
@@ -165,7 +161,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Predicted::new(Duration::from_secs(120), 10);
         for i in 0..5u64 {
-            p.record(wr(i), &hs(&[100 + i, 200 + i, 300 + i]), t0 + Duration::from_secs(i));
+            p.record(WorkerRank::rank0(i), &hs(&[100 + i, 200 + i, 300 + i]), t0 + Duration::from_secs(i));
         }
         assert!(p.len() <= 10, "{}", p.len());
         assert!(device(&p, &[100]).is_empty(), "the oldest decision went first");
@@ -176,7 +172,7 @@ mod tests {
     fn a_departed_worker_is_forgotten() {
         let t0 = Instant::now();
         let mut p = Predicted::new(Duration::from_secs(5), 100);
-        p.record(wr(1), &hs(&[1, 2]), t0);
+        p.record(WorkerRank::rank0(1), &hs(&[1, 2]), t0);
         p.remove_worker(WorkerId(1));
         assert!(p.is_empty());
         assert!(device(&p, &[1]).is_empty());

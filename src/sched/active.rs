@@ -204,52 +204,48 @@ impl ActiveSequences {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workers::{DpRank, WorkerId};
     use proptest::prelude::*;
 
-    fn wr(i: u64) -> WorkerRank {
-        WorkerRank { id: WorkerId(i), dp_rank: DpRank(0) }
-    }
 
     #[test]
     fn shared_prefix_blocks_count_once_and_prefill_clears_at_first_token() {
         let mut a = ActiveSequences::new(Duration::from_secs(300));
         let t = Instant::now();
-        assert!(a.add(1, Booking { worker: wr(1), blocks: &[10, 11, 12], prefill_tokens: 48, isl: 48 }, t));
-        assert!(a.add(2, Booking { worker: wr(1), blocks: &[10, 11, 13], prefill_tokens: 16, isl: 48 }, t));
-        assert!(!a.add(2, Booking { worker: wr(1), blocks: &[99], prefill_tokens: 1, isl: 1 }, t));
-        assert_eq!(a.load(&wr(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2 });
+        assert!(a.add(1, Booking { worker: WorkerRank::rank0(1), blocks: &[10, 11, 12], prefill_tokens: 48, isl: 48 }, t));
+        assert!(a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[10, 11, 13], prefill_tokens: 16, isl: 48 }, t));
+        assert!(!a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[99], prefill_tokens: 1, isl: 1 }, t));
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2 });
         let held = a.held_prefixes(&[10, 11, 14]);
-        assert_eq!((held.get(&wr(1)), held.get(&wr(2))), (Some(&2), None));
+        assert_eq!((held.get(&WorkerRank::rank0(1)), held.get(&WorkerRank::rank0(2))), (Some(&2), None));
         a.mark_prefill_completed(1);
-        assert_eq!(a.load(&wr(1)).active_prefill_tokens, 16);
+        assert_eq!(a.load(&WorkerRank::rank0(1)).active_prefill_tokens, 16);
         a.free(1);
-        assert_eq!(a.load(&wr(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1 });
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1 });
     }
 
     #[test]
     fn output_blocks_grow_at_boundaries_and_decay_towards_osl() {
         let mut a = ActiveSequences::new(Duration::from_secs(300));
-        a.add(1, Booking { worker: wr(1), blocks: &[1], prefill_tokens: 0, isl: 16 }, Instant::now());
+        a.add(1, Booking { worker: WorkerRank::rank0(1), blocks: &[1], prefill_tokens: 0, isl: 16 }, Instant::now());
         a.record_output(1, 1, 16, None); // 17 tokens: a second block begins
-        assert_eq!(a.load(&wr(1)).active_decode_blocks, 2.0);
+        assert_eq!(a.load(&WorkerRank::rank0(1)).active_decode_blocks, 2.0);
         a.record_output(1, 16, 16, None); // still 2 blocks
-        assert_eq!(a.load(&wr(1)).active_decode_blocks, 2.0);
+        assert_eq!(a.load(&WorkerRank::rank0(1)).active_decode_blocks, 2.0);
         a.record_output(1, 24, 16, Some(32)); // third block at 3/4 of the expected output → 0.25
-        assert_eq!(a.load(&wr(1)).active_decode_blocks, 2.25);
+        assert_eq!(a.load(&WorkerRank::rank0(1)).active_decode_blocks, 2.25);
         a.free(1);
-        assert_eq!(a.load(&wr(1)), RankLoad::default());
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad::default());
     }
 
     #[test]
     fn expiry_drops_only_stale_requests() {
         let mut a = ActiveSequences::new(Duration::from_secs(300));
         let t0 = Instant::now();
-        a.add(1, Booking { worker: wr(1), blocks: &[1], prefill_tokens: 5, isl: 5 }, t0);
-        a.add(2, Booking { worker: wr(1), blocks: &[2], prefill_tokens: 5, isl: 5 }, t0 + Duration::from_secs(200));
+        a.add(1, Booking { worker: WorkerRank::rank0(1), blocks: &[1], prefill_tokens: 5, isl: 5 }, t0);
+        a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[2], prefill_tokens: 5, isl: 5 }, t0 + Duration::from_secs(200));
         assert_eq!(a.expire(t0 + Duration::from_secs(301)), 1);
         assert_eq!(a.worker_of(1), None);
-        assert_eq!(a.worker_of(2), Some(wr(1)));
+        assert_eq!(a.worker_of(2), Some(WorkerRank::rank0(1)));
     }
 
     #[derive(Clone, Debug)]
@@ -279,14 +275,14 @@ mod tests {
             for o in &ops {
                 match o {
                     Op::Add { id, worker, blocks, prefill } => {
-                        a.add(*id, Booking { worker: wr(*worker), blocks, prefill_tokens: *prefill, isl: 40 }, t);
+                        a.add(*id, Booking { worker: WorkerRank::rank0(*worker), blocks, prefill_tokens: *prefill, isl: 40 }, t);
                     }
                     Op::FirstToken(id) => a.mark_prefill_completed(*id),
                     Op::Output(id, g) => a.record_output(*id, *g, 16, Some(64)),
                     Op::Free(id) => a.free(*id),
                 }
                 for w in 0..3 {
-                    let l = a.load(&wr(w));
+                    let l = a.load(&WorkerRank::rank0(w));
                     prop_assert!(l.active_decode_blocks >= -1e-9);
                 }
             }
@@ -297,7 +293,7 @@ mod tests {
             prop_assert!(a.ranks.is_empty());
             prop_assert!(a.prompts.is_empty());
             for w in 0..3 {
-                prop_assert_eq!(a.load(&wr(w)), RankLoad::default());
+                prop_assert_eq!(a.load(&WorkerRank::rank0(w)), RankLoad::default());
             }
         }
     }

@@ -212,30 +212,26 @@ impl PromptTrie {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::workers::{DpRank, WorkerId};
     use proptest::prelude::*;
     use std::collections::{BTreeMap, HashMap, HashSet};
 
-    fn wr(i: u64) -> WorkerRank {
-        WorkerRank { id: WorkerId(i), dp_rank: DpRank(0) }
-    }
 
     #[test]
     fn shared_prefixes_are_held_once_and_released_by_the_last_holder() {
         let mut t = PromptTrie::default();
-        let (a, added) = t.insert(wr(1), &[1, 2, 3, 4]);
+        let (a, added) = t.insert(WorkerRank::rank0(1), &[1, 2, 3, 4]);
         assert_eq!(added, 4);
-        let (b, added) = t.insert(wr(1), &[1, 2, 5]);
+        let (b, added) = t.insert(WorkerRank::rank0(1), &[1, 2, 5]);
         assert_eq!(added, 1, "blocks 1 and 2 are held already");
-        let (c, added) = t.insert(wr(2), &[1, 2]);
+        let (c, added) = t.insert(WorkerRank::rank0(2), &[1, 2]);
         assert_eq!(added, 2);
         let held = t.held_prefixes(&[1, 2, 3, 9]);
-        assert_eq!(held.get(&wr(1)), Some(&3));
-        assert_eq!(held.get(&wr(2)), Some(&2));
-        assert_eq!(t.remove(wr(1), a), 2, "3 and 4 were held by request a only");
-        assert_eq!(t.held_prefixes(&[1, 2, 3]).get(&wr(1)), Some(&2));
-        assert_eq!(t.remove(wr(2), c), 2);
-        assert_eq!(t.remove(wr(1), b), 3);
+        assert_eq!(held.get(&WorkerRank::rank0(1)), Some(&3));
+        assert_eq!(held.get(&WorkerRank::rank0(2)), Some(&2));
+        assert_eq!(t.remove(WorkerRank::rank0(1), a), 2, "3 and 4 were held by request a only");
+        assert_eq!(t.held_prefixes(&[1, 2, 3]).get(&WorkerRank::rank0(1)), Some(&2));
+        assert_eq!(t.remove(WorkerRank::rank0(2), c), 2);
+        assert_eq!(t.remove(WorkerRank::rank0(1), b), 3);
         assert!(t.is_empty());
         assert!(t.held_prefixes(&[1, 2]).is_empty());
     }
@@ -246,7 +242,7 @@ mod tests {
         for (rank, c) in books.values() {
             let n = c.iter().zip(chain).take_while(|(a, b)| a == b).count() as u64;
             if n > 0 {
-                let e = held.entry(wr(*rank)).or_insert(0);
+                let e = held.entry(WorkerRank::rank0(*rank)).or_insert(0);
                 *e = (*e).max(n);
             }
         }
@@ -273,13 +269,13 @@ mod tests {
                 // Keys repeat within and across chains (local hashes do): only the path counts.
                 let chain = tail;
                 if add {
-                    let (end, added) = t.insert(wr(rank), &chain);
+                    let (end, added) = t.insert(WorkerRank::rank0(rank), &chain);
                     *distinct.entry(rank).or_default() += added;
                     books.insert(i, (rank, chain.clone()));
                     ends.insert(i, end);
                 } else if let Some(&k) = books.keys().nth(victim % books.len().max(1)) {
                     let (r, _) = books.remove(&k).unwrap();
-                    *distinct.get_mut(&r).unwrap() -= t.remove(wr(r), ends.remove(&k).unwrap());
+                    *distinct.get_mut(&r).unwrap() -= t.remove(WorkerRank::rank0(r), ends.remove(&k).unwrap());
                 }
                 for r in 0..3 {
                     prop_assert_eq!(distinct.get(&r).copied().unwrap_or(0), model_distinct(&books, r));
@@ -288,7 +284,7 @@ mod tests {
                 prop_assert_eq!(held, model_held(&books, &chain));
             }
             for (k, (r, _)) in std::mem::take(&mut books) {
-                t.remove(wr(r), ends[&k]);
+                t.remove(WorkerRank::rank0(r), ends[&k]);
             }
             prop_assert!(t.is_empty());
             prop_assert_eq!(t.nodes.len(), t.free.len(), "every node is back on the free list");

@@ -34,6 +34,14 @@ pub struct WorkerRank {
     pub dp_rank: DpRank,
 }
 
+#[cfg(test)]
+impl WorkerRank {
+    /// Rank 0 of worker `id`: the unit tests' usual candidate.
+    pub fn rank0(id: u64) -> Self {
+        WorkerRank { id: WorkerId(id), dp_rank: DpRank(0) }
+    }
+}
+
 /// What a worker does in the serving graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
