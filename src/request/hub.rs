@@ -144,6 +144,80 @@ mod tests {
         HubSettings { home: Some(home.to_path_buf()), endpoint: endpoint.into(), token: None, offline }
     }
 
+    /// A stand-in for the Hub on loopback (the real one is out of reach here), answering as it
+    /// does: repo info with the commit `main` is at, ranged `resolve` downloads with the
+    /// `etag` / `x-repo-commit` / `content-range` headers, 404 for files the repo lacks.
+    struct MockHub {
+        rt: tokio::runtime::Runtime,
+        url: String,
+        /// (path, authorization header) of every request.
+        seen: std::sync::Arc<parking_lot::Mutex<Vec<(String, Option<String>)>>>,
+    }
+
+    const COMMIT: &str = "c1899de289a04d12100db370d81485cdf75e47ca";
+
+    fn mock_hub() -> MockHub {
+        use axum::{http::{header, HeaderMap, StatusCode, Uri}, response::IntoResponse};
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let handler = move |uri: Uri, headers: HeaderMap| {
+            let auth = headers.get(header::AUTHORIZATION).map(|v| v.to_str().unwrap().to_string());
+            log.lock().push((uri.path().to_string(), auth));
+            let files = [("tokenizer.json", "{\"model\": {}}"), ("tokenizer_config.json", "{\"eos_token\": \"</s>\"}")];
+            let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).unwrap_or("bytes=0-").to_string();
+            async move {
+                if uri.path() == "/api/models/Org/M/revision/main" {
+                    return format!(r#"{{"sha":"{COMMIT}","siblings":[]}}"#).into_response();
+                }
+                let file = uri.path().strip_prefix(&format!("/Org/M/resolve/{COMMIT}/"));
+                let Some((i, (_, body))) = files.iter().enumerate().find(|(_, (f, _))| Some(*f) == file) else {
+                    return StatusCode::NOT_FOUND.into_response();
+                };
+                let (start, end) = range.trim_start_matches("bytes=").split_once('-').unwrap();
+                let start: usize = start.parse().unwrap();
+                let end = end.parse().unwrap_or(body.len() - 1);
+                let headers = [
+                    ("etag", format!("\"{i:040x}\"")),
+                    ("x-repo-commit", COMMIT.to_string()),
+                    ("content-range", format!("bytes {start}-{end}/{}", body.len())),
+                ];
+                (StatusCode::PARTIAL_CONTENT, headers, body[start..=end].to_string()).into_response()
+            }
+        };
+        rt.spawn(async move { axum::serve(listener, axum::Router::new().fallback(handler)).await.unwrap() });
+        MockHub { rt, url, seen }
+    }
+
+    #[test]
+    fn a_repo_id_is_downloaded_once_into_the_hf_cache_layout() {
+        let hub = mock_hub();
+        let home = tempfile::tempdir().unwrap();
+        let mut settings = settings(home.path(), false, &format!("{}/", hub.url));
+        settings.token = Some("hf_secret".into());
+        let dir = model_dir(Path::new("Org/M"), &settings).unwrap();
+        let repo = home.path().join("hub/models--Org--M");
+        assert_eq!(dir, repo.join("snapshots").join(COMMIT));
+        assert_eq!(std::fs::read_to_string(dir.join("tokenizer.json")).unwrap(), r#"{"model": {}}"#);
+        assert_eq!(std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(), r#"{"eos_token": "</s>"}"#);
+        assert!(dir.join("tokenizer.json").is_symlink(), "snapshot entries point into blobs/");
+        assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap(), COMMIT);
+        let refs: Vec<_> = std::fs::read_dir(repo.join("refs")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(refs, ["main"]);
+        for absent in ["chat_template.jinja", "chat_template.json", "generation_config.json"] {
+            assert!(repo.join(".no_exist").join(COMMIT).join(absent).is_file(), "{absent}");
+        }
+        assert!(hub.seen.lock().iter().all(|(_, auth)| auth.as_deref() == Some("Bearer hf_secret")));
+        // Started again: one request for the commit, nothing downloaded.
+        hub.seen.lock().clear();
+        assert_eq!(model_dir(Path::new("Org/M"), &settings).unwrap(), dir);
+        let paths: Vec<String> = hub.seen.lock().iter().map(|(p, _)| p.clone()).collect();
+        assert_eq!(paths, ["/api/models/Org/M/revision/main"]);
+        hub.rt.shutdown_background();
+    }
+
     #[test]
     fn a_cached_snapshot_is_used_offline_and_when_the_hub_is_unreachable() {
         let home = tempfile::tempdir().unwrap();
