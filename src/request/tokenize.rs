@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 use tokenizers::{normalizers::NormalizerWrapper, Tokenizer};
 // The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
-use unicode_normalization_alignments::{is_nfc_quick, IsNormalized};
+use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 /// Bytes of overhead charged per cache entry on top of its ids (key, links, allocation).
 const ENTRY_OVERHEAD: usize = 64;
@@ -41,8 +41,8 @@ pub struct TextTokenizer {
     /// Ids the post-processor puts before and after a single sequence (`add_special_tokens`).
     frame: Option<(Vec<u32>, Vec<u32>)>,
     cache: Option<SegmentCache>,
-    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text):
-    /// normalizing them changes nothing but costs a copy and per-byte alignments.
+    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text) or
+    /// normalized by us: the library's NFC costs a copy and per-byte alignments.
     without_nfc: Option<Tokenizer>,
 }
 
@@ -141,13 +141,21 @@ impl TextTokenizer {
     }
 
     fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
-        let tok = match &self.without_nfc {
-            Some(t) if is_nfc_quick(text.chars()) == IsNormalized::Yes => t,
-            _ => &self.tok,
+        let ids = |tok: &Tokenizer, text: &str| {
+            tok.encode_fast(text, add_special).map(|e| e.get_ids().to_vec()).map_err(|e| EncodeError(e.to_string()))
         };
-        tok.encode_fast(text, add_special)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EncodeError(e.to_string()))
+        let Some(bare) = &self.without_nfc else { return ids(&self.tok, text) };
+        if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+            return ids(bare, text);
+        }
+        // Normalized here with the library's own tables but without the per-byte alignments
+        // it keeps (most of its NFC cost). Same ids unless an added token is in the text before
+        // or after normalizing: the library matches those on the raw text, so leave it to it.
+        let nfc: String = text.nfc().map(|(c, _)| c).collect();
+        match &self.splitter {
+            Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(bare, &nfc),
+            _ => ids(&self.tok, text),
+        }
     }
 
     /// Empties the segment cache (benches measure cold tokenization with it).
@@ -260,6 +268,26 @@ impl SegmentCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NFC can make an added token out of other text (KELVIN SIGN U+212A → `K`): the library
+    /// matches added tokens before normalizing, so such text must not be normalized by us.
+    #[test]
+    fn text_that_normalizes_into_an_added_token_is_left_to_the_library() {
+        use tokenizers::{models::wordlevel::WordLevel, normalizers::unicode::NFC, pre_tokenizers::whitespace::Whitespace, AddedToken};
+        let vocab = [("K", 0), ("!", 1), ("é", 2), ("[UNK]", 3)].map(|(t, i)| (t.to_string(), i)).into_iter().collect();
+        let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+        let mut tok = Tokenizer::new(model);
+        tok.with_normalizer(Some(NFC));
+        tok.with_pre_tokenizer(Some(Whitespace {}));
+        tok.add_special_tokens(&[AddedToken::from("K!", true)]);
+        let ours = TextTokenizer::new(tok.clone(), 0);
+        assert!(ours.splitter.is_some() && ours.without_nfc.is_some());
+        for text in ["\u{212A}! e\u{301}", "K! e\u{301} \u{212A}!", "e\u{301} K"] {
+            let want = tok.encode_fast(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(ours.encode(text, false).unwrap(), want, "{text:?}");
+        }
+        assert_eq!(ours.encode("\u{212A}! e\u{301}", false).unwrap(), [0, 1, 2], "the Kelvin sign is K, not the added token");
+    }
 
     #[test]
     fn cache_evicts_least_recently_used_within_budget() {
