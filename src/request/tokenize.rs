@@ -6,18 +6,20 @@
 //! piece's ids can be cached under a hash of its text and reused whenever the same piece
 //! reappears, and the concatenation is exactly what encoding the whole text gives.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, OnceLock,
+};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use parking_lot::Mutex;
-use rayon::prelude::*;
 use tokenizers::{normalizers::NormalizerWrapper, Tokenizer};
 // The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
 use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 /// Bytes of overhead charged per cache entry on top of its ids (key, links, allocation).
 const ENTRY_OVERHEAD: usize = 64;
-/// New text below this is encoded on the calling thread; above, pieces go to all cores.
+/// New text below this is encoded on the calling thread alone; above, the cores help.
 const PARALLEL_MIN_BYTES: usize = 8 * 1024;
 
 /// One cut of the text: an added token, or a text piece's ids.
@@ -109,13 +111,8 @@ impl TextTokenizer {
                 }
             }
         }
-        // Pieces are independent, so a request with much new text spreads them over the cores.
-        let miss_bytes: usize = misses.iter().map(|(_, s, _)| s.len()).sum();
-        let encoded: Vec<Vec<u32>> = if misses.len() > 1 && miss_bytes >= PARALLEL_MIN_BYTES {
-            misses.par_iter().map(|(_, s, _)| self.whole(s, false)).collect::<Result<_, _>>()?
-        } else {
-            misses.iter().map(|(_, s, _)| self.whole(s, false)).collect::<Result<_, _>>()?
-        };
+        let texts: Vec<&str> = misses.iter().map(|(_, s, _)| *s).collect();
+        let encoded = self.encode_pieces(&texts)?;
         for ((slot, s, key), ids) in misses.iter().zip(encoded) {
             let ids: Arc<[u32]> = ids.into();
             if let Some(c) = cache {
@@ -138,6 +135,34 @@ impl TextTokenizer {
             out.extend_from_slice(post);
         }
         Ok(out)
+    }
+
+    /// Encodes independent pieces. With much new text, rayon's threads help, taking pieces
+    /// (largest first) from a shared counter while the calling thread takes them too: a plain
+    /// `par_iter` would park the caller until the pool's threads are scheduled, which on a busy
+    /// machine costs more than it gains.
+    fn encode_pieces(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncodeError> {
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        let helpers = rayon::current_num_threads().saturating_sub(1).min(texts.len().saturating_sub(1));
+        if helpers == 0 || bytes < PARALLEL_MIN_BYTES {
+            return texts.iter().map(|t| self.whole(t, false)).collect();
+        }
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_unstable_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let next = AtomicUsize::new(0);
+        let done: Vec<OnceLock<Result<Vec<u32>, EncodeError>>> = texts.iter().map(|_| OnceLock::new()).collect();
+        let work = || {
+            while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let _ = done[i].set(self.whole(texts[i], false));
+            }
+        };
+        rayon::in_place_scope(|s| {
+            for _ in 0..helpers {
+                s.spawn(|_| work());
+            }
+            work();
+        });
+        done.into_iter().map(|d| d.into_inner().expect("every piece is taken once")).collect()
     }
 
     fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
