@@ -62,10 +62,29 @@ pub struct Config {
     pub log_format: LogFormat,
 
     // ---- Tokenization (request/): the served model's files and how prompts are tokenized.
-    /// Model directory in Hugging Face layout (tokenizer.json, tokenizer_config.json, …);
-    /// unset = bodies are checked but neither tokenized nor rewritten.
+    /// Model directory in Hugging Face layout (tokenizer.json, tokenizer_config.json, …), or a
+    /// Hub repo id (`Qwen/Qwen3-0.6B`) fetched into HF_HOME; unset = bodies are checked but
+    /// neither tokenized nor rewritten.
     #[arg(long = "model-path", env = "DYN_MODEL_PATH")]
     pub model_path: Option<PathBuf>,
+
+    /// Hugging Face cache root: repo ids are downloaded to and read from `<it>/hub`
+    /// (default ~/.cache/huggingface).
+    #[arg(long = "hf-home", env = "HF_HOME")]
+    pub hf_home: Option<PathBuf>,
+
+    /// Hub (or mirror) that repo ids are downloaded from.
+    #[arg(long = "hf-endpoint", env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
+
+    /// Token for gated or private repos (else the token file in HF_HOME).
+    #[arg(long = "hf-token", env = "HF_TOKEN", hide_env_values = true)]
+    #[serde(skip_serializing)]
+    pub hf_token: Option<String>,
+
+    /// Never contact the Hub: a repo id must already be in the cache.
+    #[arg(long = "hf-hub-offline", env = "HF_HUB_OFFLINE", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub hf_hub_offline: bool,
 
     /// The served model name; bodies naming another model (and no LoRA adapter) get 404.
     #[arg(long = "model-name", env = "DYN_MODEL_NAME")]
@@ -393,6 +412,17 @@ impl OperatorCompat {
 impl Config {
     pub fn shutdown_propagation(&self) -> Duration {
         Duration::from_secs(self.shutdown_propagation_secs)
+    }
+
+    /// Where and how a repo id in DYN_MODEL_PATH is fetched.
+    pub fn hub_settings(&self) -> crate::request::hub::HubSettings {
+        let home = self.hf_home.clone().or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")));
+        crate::request::hub::HubSettings {
+            home,
+            endpoint: self.hf_endpoint.clone(),
+            token: self.hf_token.clone().filter(|t| !t.is_empty()),
+            offline: self.hf_hub_offline,
+        }
     }
 
     /// The router's KV settings from these values.

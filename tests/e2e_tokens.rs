@@ -62,6 +62,10 @@ async fn workers_receive_transformers_token_ids_and_the_body_otherwise_unchanged
             got["nvext"].as_object_mut().unwrap().remove("token_data");
             assert_eq!(got, body, "{model} {name}: only nvext.token_data may be added");
         }
+        // Every body was tokenized once, small ones inline and chat_32k in the work pool.
+        assert_eq!(chain.epp.metric("dynamo_epp_tokenize_seconds_count").await, Some(8.0), "{model}");
+        let sum = chain.epp.metric("dynamo_epp_tokenize_seconds_sum").await.unwrap();
+        assert!(sum > 0.0 && sum < 8.0 * 5.0, "{model}: {sum}");
     }
 }
 
@@ -176,6 +180,20 @@ async fn huge_bodies_do_not_stall_small_requests() {
     assert!(worst * 4 < first_huge, "worst small latency {worst:?} vs first huge {first_huge:?}");
     let n = token_data(&seen_body(&chain, "\"huge-0\"")).unwrap().len();
     assert!(n > 300_000, "{n} tokens");
+}
+
+#[tokio::test]
+async fn a_repo_id_missing_from_an_offline_cache_stops_start_up_naming_it_and_hf_home() {
+    let home = tempfile::tempdir().unwrap();
+    let out = epp_start_failure(&[
+        ("DYN_MODEL_PATH", "Org/Absent-0.6B".as_ref()),
+        ("HF_HOME", home.path().as_os_str()),
+        ("HF_HUB_OFFLINE", "1".as_ref()),
+    ])
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Org/Absent-0.6B") && err.contains(&format!("HF_HOME={}", home.path().display())), "{err}");
 }
 
 #[tokio::test]

@@ -8,7 +8,9 @@ mod common;
 
 use std::sync::Arc;
 
+use dynamo_epp::config::Config;
 use dynamo_epp::request::{
+    hub,
     model::Model,
     openai::{parse, Api, Input},
     Preprocessor,
@@ -137,6 +139,42 @@ fn qwen3_ids_equal_transformers() {
 #[test]
 fn llama3_1_ids_equal_transformers() {
     parity("llama3_1");
+}
+
+/// `DYN_MODEL_PATH` as a repo id, served offline from a Hugging Face cache laid out as
+/// `huggingface_hub` writes it (blobs, snapshot symlinks, `refs/main`): the same files, so every
+/// corpus body gets the same ids and body as from the mounted directory.
+#[test]
+fn a_repo_id_in_an_offline_hf_cache_tokenizes_like_the_directory() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub/models--Qwen--Qwen3-0.6B");
+    let commit = "c1899de289a04d12100db370d81485cdf75e47ca";
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    for (i, file) in ["tokenizer.json", "tokenizer_config.json"].into_iter().enumerate() {
+        let blob = repo.join("blobs").join(format!("{i:040x}"));
+        std::fs::copy(common::tokenizer_fixtures().join("qwen3").join(file), &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{i:040x}"), snapshot.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    let home_arg = home.path().to_str().unwrap();
+    let args = ["dynamo-epp", "--model-path", "Qwen/Qwen3-0.6B", "--hf-home", home_arg, "--hf-hub-offline", "true"];
+    let cfg = Config::from_args(args).unwrap();
+    let dir = hub::model_dir(cfg.model_path.as_ref().unwrap(), &cfg.hub_settings()).unwrap();
+    assert_eq!(dir, snapshot);
+    let (from_cache, local) = (prep(Arc::new(Model::load(&dir, 0).unwrap())), prep(shared_model("qwen3")));
+    assert!(from_cache.model.as_ref().unwrap().template.is_some());
+    let (_, cases) = golden();
+    for c in cases {
+        let (a, b) = (from_cache.prepare(c.api, None, c.body.clone()), local.prepare(c.api, None, c.body.clone()));
+        match (a, b) {
+            (Ok(a), Ok(b)) => assert!(a.tokens == b.tokens && a.body == b.body, "{}: ids differ", c.name),
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "{}", c.name),
+            (a, b) => panic!("{}: {a:?} vs {b:?}", c.name),
+        }
+    }
 }
 
 /// Our renderer reproduces jinja2's text byte for byte, and cached, uncached and the raw

@@ -4,9 +4,10 @@
 //!
 //! Map: `openai` checks and reads bodies · `json` keeps Python's view of JSON (key order,
 //! `json.dumps`) · `template` renders chat templates · `tokenize` encodes with the segment
-//! cache · `model` loads a model directory · `inject` splices `token_data` · `pool` runs the
-//! CPU work off the reactor.
+//! cache · `model` loads a model directory · `hub` fetches one by repo id · `inject` splices
+//! `token_data` · `pool` runs the CPU work off the reactor.
 
+pub mod hub;
 pub mod inject;
 pub mod json;
 pub mod model;

@@ -1,7 +1,8 @@
-//! A model directory in Hugging Face layout: `tokenizer.json`, `tokenizer_config.json` (special
-//! tokens, chat template), optional `chat_template.jinja` / `chat_template.json` (which win over
-//! the config's template, as in transformers). `generation_config.json` holds sampling defaults
-//! only and is not needed to tokenize.
+//! A model directory in Hugging Face layout (mounted, or a Hub snapshot fetched by `hub`):
+//! `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template), optional
+//! `chat_template.jinja` / `chat_template.json` (which win over the config's template, as in
+//! transformers). `generation_config.json` holds sampling defaults only and is not needed to
+//! tokenize.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +17,10 @@ const SPECIAL_TOKEN_KEYS: [&str; 7] =
 /// Why a model directory cannot be used; names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{0} is not a directory (Hugging Face repo ids are not downloaded: mount the model files and point DYN_MODEL_PATH at them)")]
+    #[error("{0} is neither a directory nor a Hugging Face repo id")]
     NotADirectory(PathBuf),
+    #[error("{repo} is not in the Hugging Face cache of HF_HOME={home} and cannot be downloaded ({reason})")]
+    NotCached { repo: String, home: PathBuf, reason: String },
     #[error("cannot read {path}: {reason}")]
     Unreadable { path: PathBuf, reason: String },
     #[error("invalid chat template in {path}: {reason}")]
@@ -118,8 +121,8 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer.json"), "{").unwrap();
         let e = Model::load(dir.path(), 0).err().unwrap();
         assert!(e.to_string().contains("tokenizer.json"), "{e}");
-        let e = Model::load(&dir.path().join("Qwen/Qwen3-0.6B"), 0).err().unwrap();
-        assert!(e.to_string().contains("not a directory"), "{e}");
+        let e = Model::load(&dir.path().join("missing"), 0).err().unwrap();
+        assert!(e.to_string().contains("neither a directory"), "{e}");
     }
 
     #[test]

@@ -6,18 +6,20 @@
 //! piece's ids can be cached under a hash of its text and reused whenever the same piece
 //! reappears, and the concatenation is exactly what encoding the whole text gives.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc, OnceLock,
+};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use parking_lot::Mutex;
-use rayon::prelude::*;
 use tokenizers::{normalizers::NormalizerWrapper, Tokenizer};
 // The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
-use unicode_normalization_alignments::{is_nfc_quick, IsNormalized};
+use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 /// Bytes of overhead charged per cache entry on top of its ids (key, links, allocation).
 const ENTRY_OVERHEAD: usize = 64;
-/// New text below this is encoded on the calling thread; above, pieces go to all cores.
+/// New text below this is encoded on the calling thread alone; above, the cores help.
 const PARALLEL_MIN_BYTES: usize = 8 * 1024;
 
 /// One cut of the text: an added token, or a text piece's ids.
@@ -41,8 +43,8 @@ pub struct TextTokenizer {
     /// Ids the post-processor puts before and after a single sequence (`add_special_tokens`).
     frame: Option<(Vec<u32>, Vec<u32>)>,
     cache: Option<SegmentCache>,
-    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text):
-    /// normalizing them changes nothing but costs a copy and per-byte alignments.
+    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text) or
+    /// normalized by us: the library's NFC costs a copy and per-byte alignments.
     without_nfc: Option<Tokenizer>,
 }
 
@@ -109,13 +111,8 @@ impl TextTokenizer {
                 }
             }
         }
-        // Pieces are independent, so a request with much new text spreads them over the cores.
-        let miss_bytes: usize = misses.iter().map(|(_, s, _)| s.len()).sum();
-        let encoded: Vec<Vec<u32>> = if misses.len() > 1 && miss_bytes >= PARALLEL_MIN_BYTES {
-            misses.par_iter().map(|(_, s, _)| self.whole(s, false)).collect::<Result<_, _>>()?
-        } else {
-            misses.iter().map(|(_, s, _)| self.whole(s, false)).collect::<Result<_, _>>()?
-        };
+        let texts: Vec<&str> = misses.iter().map(|(_, s, _)| *s).collect();
+        let encoded = self.encode_pieces(&texts)?;
         for ((slot, s, key), ids) in misses.iter().zip(encoded) {
             let ids: Arc<[u32]> = ids.into();
             if let Some(c) = cache {
@@ -140,14 +137,50 @@ impl TextTokenizer {
         Ok(out)
     }
 
-    fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
-        let tok = match &self.without_nfc {
-            Some(t) if is_nfc_quick(text.chars()) == IsNormalized::Yes => t,
-            _ => &self.tok,
+    /// Encodes independent pieces. With much new text, rayon's threads help, taking pieces
+    /// (largest first) from a shared counter while the calling thread takes them too: a plain
+    /// `par_iter` would park the caller until the pool's threads are scheduled, which on a busy
+    /// machine costs more than it gains.
+    fn encode_pieces(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncodeError> {
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        let helpers = rayon::current_num_threads().saturating_sub(1).min(texts.len().saturating_sub(1));
+        if helpers == 0 || bytes < PARALLEL_MIN_BYTES {
+            return texts.iter().map(|t| self.whole(t, false)).collect();
+        }
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_unstable_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let next = AtomicUsize::new(0);
+        let done: Vec<OnceLock<Result<Vec<u32>, EncodeError>>> = texts.iter().map(|_| OnceLock::new()).collect();
+        let work = || {
+            while let Some(&i) = order.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let _ = done[i].set(self.whole(texts[i], false));
+            }
         };
-        tok.encode_fast(text, add_special)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| EncodeError(e.to_string()))
+        rayon::in_place_scope(|s| {
+            for _ in 0..helpers {
+                s.spawn(|_| work());
+            }
+            work();
+        });
+        done.into_iter().map(|d| d.into_inner().expect("every piece is taken once")).collect()
+    }
+
+    fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
+        let ids = |tok: &Tokenizer, text: &str| {
+            tok.encode_fast(text, add_special).map(|e| e.get_ids().to_vec()).map_err(|e| EncodeError(e.to_string()))
+        };
+        let Some(bare) = &self.without_nfc else { return ids(&self.tok, text) };
+        if is_nfc_quick(text.chars()) == IsNormalized::Yes {
+            return ids(bare, text);
+        }
+        // Normalized here with the library's own tables but without the per-byte alignments
+        // it keeps (most of its NFC cost). Same ids unless an added token is in the text before
+        // or after normalizing: the library matches those on the raw text, so leave it to it.
+        let nfc: String = text.nfc().map(|(c, _)| c).collect();
+        match &self.splitter {
+            Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(bare, &nfc),
+            _ => ids(&self.tok, text),
+        }
     }
 
     /// Empties the segment cache (benches measure cold tokenization with it).
@@ -260,6 +293,26 @@ impl SegmentCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// NFC can make an added token out of other text (KELVIN SIGN U+212A → `K`): the library
+    /// matches added tokens before normalizing, so such text must not be normalized by us.
+    #[test]
+    fn text_that_normalizes_into_an_added_token_is_left_to_the_library() {
+        use tokenizers::{models::wordlevel::WordLevel, normalizers::unicode::NFC, pre_tokenizers::whitespace::Whitespace, AddedToken};
+        let vocab = [("K", 0), ("!", 1), ("é", 2), ("[UNK]", 3)].map(|(t, i)| (t.to_string(), i)).into_iter().collect();
+        let model = WordLevel::builder().vocab(vocab).unk_token("[UNK]".into()).build().unwrap();
+        let mut tok = Tokenizer::new(model);
+        tok.with_normalizer(Some(NFC));
+        tok.with_pre_tokenizer(Some(Whitespace {}));
+        tok.add_special_tokens(&[AddedToken::from("K!", true)]);
+        let ours = TextTokenizer::new(tok.clone(), 0);
+        assert!(ours.splitter.is_some() && ours.without_nfc.is_some());
+        for text in ["\u{212A}! e\u{301}", "K! e\u{301} \u{212A}!", "e\u{301} K"] {
+            let want = tok.encode_fast(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(ours.encode(text, false).unwrap(), want, "{text:?}");
+        }
+        assert_eq!(ours.encode("\u{212A}! e\u{301}", false).unwrap(), [0, 1, 2], "the Kelvin sign is K, not the added token");
+    }
 
     #[test]
     fn cache_evicts_least_recently_used_within_budget() {

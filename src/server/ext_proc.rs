@@ -293,10 +293,20 @@ impl StreamState {
     }
 
     /// Checks, tokenizes and rewrites the body (large bodies in the work pool, off the reactor).
+    /// The work itself (not the wait for a pool slot) is timed for `tokenize_seconds`.
     async fn prepare(&self, api: Api, body: Vec<u8>) -> Result<Prepared, EppError> {
-        let prep = self.app.prep.clone();
+        let app = self.app.clone();
         let tenant = self.header("x-tenant-id").map(str::to_string);
-        Ok(self.app.pool.run(body.len(), move || prep.prepare(api, tenant, body)).await??)
+        let bytes = body.len();
+        let job = move || {
+            let started = Instant::now();
+            let prepared = app.prep.prepare(api, tenant, body);
+            if app.prep.model.is_some() && prepared.is_ok() {
+                app.metrics.tokenize_seconds.observe(started.elapsed().as_secs_f64());
+            }
+            prepared
+        };
+        Ok(self.app.pool.run(bytes, job).await??)
     }
 
     async fn on_response_body(&mut self, b: HttpBody) -> bool {

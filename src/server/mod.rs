@@ -25,6 +25,7 @@ use tonic::transport::{server::TcpIncoming, Server};
 use crate::{
     config::Config,
     request::{
+        hub,
         model::{LoadError, Model},
         pool::WorkPool,
         Preprocessor,
@@ -143,8 +144,9 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
             tracing::warn!("DYN_MODEL_PATH unset: requests are routed without tokens and forwarded unchanged");
             None
         }
-        Some(dir) => {
-            let m = Model::load(dir, cfg.token_cache_bytes as usize)?;
+        Some(spec) => {
+            let dir = hub::model_dir(spec, &cfg.hub_settings())?;
+            let m = Model::load(&dir, cfg.token_cache_bytes as usize)?;
             tracing::info!(path = %dir.display(), chat_template = m.template.is_some(), "model files loaded");
             Some(Arc::new(m))
         }
