@@ -46,6 +46,8 @@ pub struct Metrics {
     pub kv_events_lost: Counter,
     /// Blocks in the KV index.
     pub kv_blocks: Gauge,
+    /// Bytes charged to the segment token cache (bounded by DYN_EPP_TOKEN_CACHE_BYTES), set at scrape.
+    pub token_cache_bytes: Gauge,
     /// Active requests per worker rank as routing sees them (ours and the peers'), set at scrape.
     pub worker_active_requests: Family<RankLabel, Gauge>,
     /// Active KV blocks per worker rank (decode load), set at scrape.
@@ -87,6 +89,7 @@ impl Metrics {
         let kv_events_rejected = Family::<ReasonLabel, Counter>::default();
         let kv_events_lost = Counter::default();
         let kv_blocks = Gauge::default();
+        let token_cache_bytes = Gauge::default();
         // 0, then 16 .. ~1 M tokens.
         let tokens = || Histogram::new(std::iter::once(0.0).chain(prometheus_client::metrics::histogram::exponential_buckets(16.0, 4.0, 9)));
         let predicted_cached_tokens = tokens();
@@ -108,6 +111,7 @@ impl Metrics {
         registry.register("kv_events_rejected", "KV events or messages not applied, by reason", kv_events_rejected.clone());
         registry.register("kv_events_lost", "KV events or messages lost in transit (id or sequence gaps)", kv_events_lost.clone());
         registry.register("kv_blocks", "Blocks in the KV index", kv_blocks.clone());
+        registry.register("token_cache_bytes", "Bytes charged to the segment token cache", token_cache_bytes.clone());
         registry.register("predicted_cached_tokens", "Prompt tokens each decision expected cached on the chosen worker", predicted_cached_tokens.clone());
         registry.register("actual_cached_tokens", "Prompt tokens the engine reported served from its cache", actual_cached_tokens.clone());
         registry.register(
@@ -141,6 +145,7 @@ impl Metrics {
             kv_events_rejected,
             kv_events_lost,
             kv_blocks,
+            token_cache_bytes,
             predicted_cached_tokens,
             actual_cached_tokens,
             cached_tokens_compared,
