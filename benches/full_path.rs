@@ -360,20 +360,12 @@ async fn publish_blocks(st: &KvWorkerState, tokens: &[u32]) {
 
 /// CPU seconds (user + system, all threads) a process has used so far.
 fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th overall.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|v| v.parse().unwrap()).collect();
-    (f[0] + f[1]) as f64 / 100.0 // USER_HZ
+    cpu_time(pid).as_secs_f64()
 }
 
 /// (VmRSS, RssAnon) in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        s.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap()).unwrap_or(0)
-    };
-    (field("VmRSS:"), field("RssAnon:"))
+    (status_kib(pid, "VmRSS"), status_kib(pid, "RssAnon"))
 }
 
 fn loadavg() -> String {
@@ -423,18 +415,13 @@ async fn replay(client: &reqwest::Client, url: &str, plan: &[Planned], until: f6
     out
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
-}
-
 /// p50 / p99 latency in ms of the successful outcomes that pass `keep`.
 fn lat(outs: &[Outcome], keep: impl Fn(&Outcome) -> bool) -> (f64, f64, usize) {
     let mut v: Vec<f64> = outs.iter().filter(|o| o.ok && keep(o)).map(|o| o.latency.as_secs_f64() * 1e3).collect();
     v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, 0);
+    }
     (percentile(&v, 50.0), percentile(&v, 99.0), v.len())
 }
 
