@@ -25,6 +25,7 @@ RUN mkdir -p src/bin benches \
  && echo 'fn main() {}' > benches/index.rs \
  && echo 'fn main() {}' > benches/tokenize.rs \
  && echo 'fn main() {}' > benches/decision.rs \
+ && echo 'fn main() {}' > benches/full_path.rs \
  && cargo fetch --locked \
  && cargo build --release --locked --offline --bin dynamo-epp
 

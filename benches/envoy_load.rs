@@ -21,16 +21,6 @@ use std::{
 
 use common::*;
 
-/// CPU time (user + system, all threads) a process has used so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command name; utime and stime are the 14th and 15th overall.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|v| v.parse().unwrap()).collect();
-    let hz = 100; // USER_HZ on Linux
-    Duration::from_millis((f[0] + f[1]) * 1000 / hz)
-}
-
 /// CPU time per request of each process over one path's runs.
 #[derive(Default)]
 struct CpuPerRequest {
@@ -47,12 +37,6 @@ impl CpuPerRequest {
     fn micros(&self, requests: usize) -> Vec<f64> {
         self.used.iter().map(|d| d.as_secs_f64() * 1e6 / requests as f64).collect()
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    // Nearest-rank.
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
 }
 
 /// Sends `n` requests with `concurrency` in flight; returns each request's latency.

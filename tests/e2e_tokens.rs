@@ -204,3 +204,16 @@ async fn a_missing_tokenizer_stops_start_up_naming_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&dir.path().join("tokenizer.json").display().to_string()), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_segment_token_cache_stays_within_its_budget() {
+    // 64 KiB holds about seven of these ~2,000-token messages; twenty distinct ones go through.
+    const BUDGET: f64 = 65536.0;
+    let chain = Chain::start(&[("w0", None)], model_env("qwen3", &[("DYN_EPP_TOKEN_CACHE_BYTES", "65536")])).await;
+    for i in 0..20 {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": format!("{i} {}", "lorem ipsum dolor ".repeat(700))}]});
+        assert_eq!(post(&chain, "/v1/chat/completions", body.to_string()).await.0, 200);
+    }
+    let used = chain.epp.metric("dynamo_epp_token_cache_bytes").await.expect("gauge exported");
+    assert!(used > BUDGET / 2.0 && used <= BUDGET, "{used}");
+}

@@ -19,8 +19,7 @@ use std::{
 use common::*;
 
 fn rss_kib(pid: i32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
+    status_kib(pid as u32, "VmRSS")
 }
 
 #[derive(Default)]

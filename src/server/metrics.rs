@@ -52,6 +52,8 @@ pub struct Metrics {
     pub kv_index_bytes: Gauge,
     /// From a KV event's publication (the transport's or engine's timestamp) to its application.
     pub kv_event_lag_seconds: Histogram,
+    /// Bytes charged to the segment token cache (bounded by DYN_EPP_TOKEN_CACHE_BYTES), set at scrape.
+    pub token_cache_bytes: Gauge,
     /// Active requests per worker rank as routing sees them (ours and the peers'), set at scrape.
     pub worker_active_requests: Family<RankLabel, Gauge>,
     /// Active KV blocks per worker rank (decode load), set at scrape.
@@ -99,6 +101,7 @@ impl Metrics {
         // 100 µs .. ~100 s: loopback delivery is sub-millisecond; a backlog after an outage
         // drains in seconds.
         let kv_event_lag_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-4, 4.0, 11));
+        let token_cache_bytes = Gauge::default();
         // 0, then 16 .. ~1 M tokens.
         let tokens = || Histogram::new(std::iter::once(0.0).chain(prometheus_client::metrics::histogram::exponential_buckets(16.0, 4.0, 9)));
         let predicted_cached_tokens = tokens();
@@ -127,6 +130,7 @@ impl Metrics {
             "Time from a KV event's publication to its application to the index (publisher clock)",
             kv_event_lag_seconds.clone(),
         );
+        registry.register("token_cache_bytes", "Bytes charged to the segment token cache", token_cache_bytes.clone());
         registry.register("predicted_cached_tokens", "Prompt tokens each decision expected cached on the chosen worker", predicted_cached_tokens.clone());
         registry.register("actual_cached_tokens", "Prompt tokens the engine reported served from its cache", actual_cached_tokens.clone());
         registry.register(
@@ -163,6 +167,7 @@ impl Metrics {
             kv_blocks,
             kv_index_bytes,
             kv_event_lag_seconds,
+            token_cache_bytes,
             predicted_cached_tokens,
             actual_cached_tokens,
             cached_tokens_compared,

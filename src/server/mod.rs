@@ -102,6 +102,9 @@ impl App {
                 .collect()
         };
         self.metrics.set_worker_loads(loads);
+        if let Some(m) = &self.prep.model {
+            self.metrics.token_cache_bytes.set(m.tokenizer.cache_usage().1 as i64);
+        }
         self.metrics.render()
     }
 }

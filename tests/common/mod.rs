@@ -46,6 +46,33 @@ pub fn envoy_bin() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
+// ---------------------------------------------------------------- /proc and statistics
+
+/// CPU time (user + system, all threads) a process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th overall.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|v| v.parse().unwrap()).collect();
+    let hz = 100; // USER_HZ on Linux
+    Duration::from_millis((f[0] + f[1]) * 1000 / hz)
+}
+
+/// A `/proc/<pid>/status` memory field in KiB (`VmRSS`, `RssAnon`, …); 0 if absent.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .map(|v| v.trim().trim_end_matches(" kB").trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Nearest-rank percentile of sorted, non-empty values.
+pub fn percentile<T: Copy>(sorted: &[T], p: f64) -> T {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil().max(1.0) as usize;
+    sorted[rank.min(sorted.len()) - 1]
+}
+
 // ---------------------------------------------------------------- mock workers
 
 /// What a mock worker received.
