@@ -13,7 +13,10 @@ use std::sync::{
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use parking_lot::Mutex;
-use tokenizers::{normalizers::NormalizerWrapper, Tokenizer};
+use tokenizers::{
+    normalizers::{unicode::NFC, NormalizerWrapper},
+    Tokenizer,
+};
 // The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
 use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
@@ -35,7 +38,16 @@ pub struct EncodeError(pub String);
 
 /// A tokenizer plus the segment cache.
 pub struct TextTokenizer {
+    /// The file's tokenizer minus an NFC normalizer, which we apply ourselves to the pieces that
+    /// need it (most text is NFC already): the library's NFC costs a copy and per-byte
+    /// alignments.
     tok: Tokenizer,
+    /// Whether the file's normalizer is NFC (taken out of `tok`).
+    nfc: bool,
+    /// The tokenizer exactly as the file defines it, built on first need only (a piece whose
+    /// added tokens change under normalization, and the benches' baseline): a second copy of
+    /// the vocabulary and merges costs tens of MiB.
+    library: OnceLock<Tokenizer>,
     /// Leftmost-longest matcher over the added tokens, as `tokenizers` matches them; `None`
     /// when some added token has matching rules (strip, single-word, normalized) that make
     /// cutting outside the library unsafe: then text is encoded whole, uncached.
@@ -43,9 +55,6 @@ pub struct TextTokenizer {
     /// Ids the post-processor puts before and after a single sequence (`add_special_tokens`).
     frame: Option<(Vec<u32>, Vec<u32>)>,
     cache: Option<SegmentCache>,
-    /// The same tokenizer minus its NFC normalizer, for pieces already in NFC (most text) or
-    /// normalized by us: the library's NFC costs a copy and per-byte alignments.
-    without_nfc: Option<Tokenizer>,
 }
 
 impl TextTokenizer {
@@ -57,16 +66,23 @@ impl TextTokenizer {
         let splitter = splitter_for(&tok);
         let frame = frame_of(&tok);
         let cache = (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes));
-        let without_nfc = matches!(tok.get_normalizer(), Some(NormalizerWrapper::NFC(_))).then(|| {
-            let mut t = tok.clone();
-            t.with_normalizer(None::<NormalizerWrapper>);
-            t
-        });
-        TextTokenizer { tok, splitter, frame, cache, without_nfc }
+        let nfc = matches!(tok.get_normalizer(), Some(NormalizerWrapper::NFC(_)));
+        if nfc {
+            tok.with_normalizer(None::<NormalizerWrapper>);
+        }
+        TextTokenizer { tok, nfc, library: OnceLock::new(), splitter, frame, cache }
     }
 
+    /// The library's tokenizer exactly as the file defines it.
     pub fn inner(&self) -> &Tokenizer {
-        &self.tok
+        if !self.nfc {
+            return &self.tok;
+        }
+        self.library.get_or_init(|| {
+            let mut t = self.tok.clone();
+            t.with_normalizer(Some(NFC));
+            t
+        })
     }
 
     /// Encodes `text` (with the post-processor's special tokens if `add_special_tokens`).
@@ -169,17 +185,16 @@ impl TextTokenizer {
         let ids = |tok: &Tokenizer, text: &str| {
             tok.encode_fast(text, add_special).map(|e| e.get_ids().to_vec()).map_err(|e| EncodeError(e.to_string()))
         };
-        let Some(bare) = &self.without_nfc else { return ids(&self.tok, text) };
-        if is_nfc_quick(text.chars()) == IsNormalized::Yes {
-            return ids(bare, text);
+        if !self.nfc || is_nfc_quick(text.chars()) == IsNormalized::Yes {
+            return ids(&self.tok, text);
         }
         // Normalized here with the library's own tables but without the per-byte alignments
         // it keeps (most of its NFC cost). Same ids unless an added token is in the text before
         // or after normalizing: the library matches those on the raw text, so leave it to it.
         let nfc: String = text.nfc().map(|(c, _)| c).collect();
         match &self.splitter {
-            Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(bare, &nfc),
-            _ => ids(&self.tok, text),
+            Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(&self.tok, &nfc),
+            _ => ids(self.inner(), text),
         }
     }
 
@@ -306,7 +321,7 @@ mod tests {
         tok.with_pre_tokenizer(Some(Whitespace {}));
         tok.add_special_tokens(&[AddedToken::from("K!", true)]);
         let ours = TextTokenizer::new(tok.clone(), 0);
-        assert!(ours.splitter.is_some() && ours.without_nfc.is_some());
+        assert!(ours.splitter.is_some() && ours.nfc);
         for text in ["\u{212A}! e\u{301}", "K! e\u{301} \u{212A}!", "e\u{301} K"] {
             let want = tok.encode_fast(text, false).unwrap().get_ids().to_vec();
             assert_eq!(ours.encode(text, false).unwrap(), want, "{text:?}");
