@@ -252,27 +252,29 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// The percentiles table; with a baseline subject, each row also shows ours ÷ baseline.
-pub fn print_rows(rows: &[Row], baseline: Option<&str>) {
+/// The percentiles table; then, per baseline subject, every other subject's ratio to it.
+pub fn print_rows<'a>(rows: &[Row], baselines: impl IntoIterator<Item = &'a str>) {
     println!("\n| router | fleet | full hit p50/p99 µs | prefix+new p50/p99 µs | miss p50/p99 µs | full hits to holder |");
     println!("|---|---|---:|---:|---:|---:|");
     for r in rows {
         let cells: Vec<String> = r.decisions.iter().map(|(_, a, b)| format!("{:.2} / {:.2}", us(*a), us(*b))).collect();
         println!("| {} | {} | {} | {}/{} |", r.name, r.topology.label(), cells.join(" | "), r.to_holder, r.full_hit_choices.len());
     }
-    let Some(base) = baseline else { return };
-    println!("\n| fleet | ratio ours/{base} | full hit p50 / p99 | prefix+new p50 / p99 | miss p50 / p99 | same full-hit choice |");
-    println!("|---|---|---:|---:|---:|---:|");
-    for r in rows.iter().filter(|r| r.name != base) {
-        let Some(b) = rows.iter().find(|b| b.name == base && b.topology.label() == r.topology.label()) else { continue };
-        let cells: Vec<String> = r
-            .decisions
-            .iter()
-            .zip(&b.decisions)
-            .map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", us(*a50) / us(*b50), us(*a99) / us(*b99)))
-            .collect();
-        let same = r.full_hit_choices.iter().zip(&b.full_hit_choices).filter(|(x, y)| x == y).count();
-        println!("| {} | {} | {} | {same}/{} |", r.topology.label(), r.name, cells.join(" | "), r.full_hit_choices.len());
+    let baselines: Vec<&str> = baselines.into_iter().collect();
+    for base in &baselines {
+        println!("\n| fleet | ratio ours/{base} | full hit p50 / p99 | prefix+new p50 / p99 | miss p50 / p99 | same full-hit choice |");
+        println!("|---|---|---:|---:|---:|---:|");
+        for r in rows.iter().filter(|r| !baselines.contains(&r.name)) {
+            let Some(b) = rows.iter().find(|b| b.name == *base && b.topology.label() == r.topology.label()) else { continue };
+            let cells: Vec<String> = r
+                .decisions
+                .iter()
+                .zip(&b.decisions)
+                .map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", us(*a50) / us(*b50), us(*a99) / us(*b99)))
+                .collect();
+            let same = r.full_hit_choices.iter().zip(&b.full_hit_choices).filter(|(x, y)| x == y).count();
+            println!("| {} | {} | {} | {same}/{} |", r.topology.label(), r.name, cells.join(" | "), r.full_hit_choices.len());
+        }
     }
 }
 

@@ -15,7 +15,20 @@
 //! hand-offs and the request-lifecycle lease around that core are not timed (they only add
 //! to Dynamo's side).
 //!
+//! With `--features dynamo-selection` a third subject is Dynamo's whole select-and-reserve
+//! path, the one its standalone selection service runs per `/select_and_reserve` and
+//! `/reservations/{id}` free (the HTTP and JSON layers aside): `SelectionCore::select_and_reserve`
+//! then `free_reservation` on a core built as Dynamo's own `selection_core` bench builds it,
+//! driven as a caller would, by `block_on` on a current-thread tokio runtime, every await
+//! timed. Beyond the synchronous core it includes the request's normalization (block and
+//! tracking hashes), the async index lookup, the reservation-id claim and index, the
+//! scheduler's admission queue actor and its oneshot replies, the booking handle and
+//! request-lifecycle lease, the response (overlap summary, endpoint) and the free through the
+//! reservation index. The same stores go into its index and the same background requests are
+//! booked on the same ranks (as explicit reservations, 2/3 of them past prefill).
+//!
 //!   cd benches/dynamo-baseline && nice cargo bench --features dynamo --bench decision_vs_dynamo
+//!   cd benches/dynamo-baseline && nice cargo bench --features dynamo-selection --bench decision_vs_dynamo
 
 #[path = "../common/decision_workload.rs"]
 mod decision_workload;
@@ -89,15 +102,18 @@ mod dynamo {
         WorkerWithDpRank::new(w.id.0, w.dp_rank.0)
     }
 
+    /// Our event in Dynamo's type, through the shared wire format (same field names).
+    fn dynamo_event(e: &dynamo_epp::kv::events::RouterEvent) -> DEvent {
+        serde_json::from_str(&serde_json::to_string(e).unwrap()).expect("Dynamo reads our RouterEvent JSON")
+    }
+
     impl Dynamo {
         pub fn new(w: &DecisionWorkload) -> Self {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let config = KvRouterConfig::default();
             let indexer = ThreadPoolIndexer::new(ConcurrentRadixTreeCompressed::new(), 1, BS);
             for e in &w.stores {
-                // Our events in Dynamo's type, through the shared wire format (same field names).
-                let ev: DEvent = serde_json::from_str(&serde_json::to_string(e).unwrap()).expect("Dynamo reads our RouterEvent JSON");
-                indexer.enqueue_event(ev).expect("indexer running");
+                indexer.enqueue_event(dynamo_event(e)).expect("indexer running");
             }
             rt.block_on(indexer.flush_and_wait()).expect("flushed");
             let t = w.topology;
@@ -199,6 +215,151 @@ mod dynamo {
             rank(selected.worker)
         }
     }
+    /// Dynamo's standalone selection service core (`services::selection::SelectionCore`, crate
+    /// feature `standalone-selection`), built as its own `selection_core` bench builds it
+    /// (`try_new_local`, the reference selection policy, every worker upserted with a KV-event
+    /// endpoint), with the default `KvRouterConfig`.
+    #[cfg(feature = "dynamo-selection")]
+    pub mod selection {
+        use std::sync::Arc;
+
+        use super::super::decision_workload::{Decider, DecisionWorkload, BACKGROUND_PREFILL_TOKENS, BLOCK_SIZE};
+        use super::{dynamo_event, BS};
+        use dynamo_epp::workers::{DpRank, WorkerId as OurWorkerId, WorkerRank};
+        use dynamo_kv_router::{
+            services::{
+                indexer::backend::Indexer,
+                selection::{PromptRequest, ReservationRequest, SelectAndReserveRequest, SelectionCacheConfig, SelectionCore, WorkerLifecycle, WorkerRequest},
+            },
+            KvRouterConfig, RoutingPartitionId, WorkerSelectionPolicy,
+        };
+        use tokio_util::sync::CancellationToken;
+
+        /// The partition every worker and request is in (the service's default model and group).
+        const MODEL: &str = "default";
+        const GROUP: &str = "default";
+
+        pub struct Selection {
+            core: SelectionCore,
+            rt: tokio::runtime::Runtime,
+            next_id: u64,
+        }
+
+        impl Selection {
+            pub fn new(w: &DecisionWorkload) -> Self {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+                // More than one indexer thread selects the concurrent index
+                // (`ThreadPoolIndexer<ConcurrentRadixTreeCompressed>`, the service's default with
+                // its 4 threads), the same index the synchronous-core subject reads; the threads
+                // only apply events, all applied before timing.
+                let core = SelectionCore::try_new_local(
+                    KvRouterConfig::default(),
+                    2,
+                    CancellationToken::new(),
+                    SelectionCacheConfig::default(),
+                    Arc::new(|config, role, _| WorkerSelectionPolicy::reference(config.clone(), role.default_selector_label())),
+                )
+                .expect("selection core");
+                let t = w.topology;
+                rt.block_on(async {
+                    // Each rank needs a KV-event endpoint to be schedulable; its ZMQ listener
+                    // stays connected to a silent port (the events come in below, directly).
+                    let workers = (1..=t.workers)
+                        .map(|id| WorkerRequest {
+                            worker_id: id,
+                            endpoint: Some(format!("http://worker-{id}:8000")),
+                            kv_events_endpoints: (0..t.ranks)
+                                .map(|r| (r, format!("tcp://127.0.0.1:{}", 40_000 + (id - 1) * t.ranks as u64 + r as u64)))
+                                .collect(),
+                            block_size: Some(BS),
+                            data_parallel_size: Some(t.ranks),
+                            ..WorkerRequest::default()
+                        })
+                        .collect();
+                    for r in core.upsert_workers(workers).await {
+                        let record = r.expect("worker upserted");
+                        assert!(matches!(record.lifecycle, WorkerLifecycle::Schedulable), "{:?}", record.not_schedulable_reasons);
+                    }
+                    // The scheduler learns its workers in a spawned task watching the catalog;
+                    // this runtime runs it while idle (explicit reservations need it done).
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let key = RoutingPartitionId::new(MODEL, GROUP);
+                    let indexer = core.partition(&key).expect("partition").indexer().clone();
+                    for e in &w.stores {
+                        indexer.apply_event_routed(dynamo_event(e)).await.expect("event applied");
+                    }
+                    let Indexer::Concurrent { primary, .. } = &indexer else { panic!("not the concurrent index") };
+                    primary.flush_and_wait().await.expect("flushed");
+                    // The background as explicit reservations (its HTTP `/reservations`):
+                    // the same blocks on the same ranks with the same prefill load.
+                    for (j, b) in w.background.iter().enumerate() {
+                        let selection_id = format!("bg-{j}");
+                        core.create_reservation(ReservationRequest {
+                            model_name: MODEL.into(),
+                            routing_group: GROUP.into(),
+                            selection_id: selection_id.clone(),
+                            worker_id: Some(b.worker.id.0),
+                            dp_rank: Some(b.worker.dp_rank.0),
+                            prompt: PromptRequest {
+                                sequence_hashes: Some(b.blocks.iter().map(|&h| h as i64).collect()),
+                                isl_tokens: Some(b.blocks.len() * BLOCK_SIZE),
+                                ..PromptRequest::default()
+                            },
+                            router_config_override: None,
+                            expected_output_tokens: None,
+                            effective_prefill_tokens: Some(BACKGROUND_PREFILL_TOKENS as usize),
+                            track_prefill_tokens: Some(true),
+                        })
+                        .await
+                        .expect("background booked");
+                        if b.prefill_done {
+                            core.prefill_complete(&selection_id).await.expect("prefill completed");
+                        }
+                    }
+                });
+                Selection { core, rt, next_id: 0 }
+            }
+        }
+
+        impl Decider for Selection {
+            type Req = Vec<u32>;
+            fn name(&self) -> &'static str {
+                "dynamo select_and_reserve"
+            }
+            fn prepare(&self, tokens: &[u32]) -> Vec<u32> {
+                tokens.to_vec()
+            }
+            fn decide(&mut self, tokens: &Vec<u32>) -> WorkerRank {
+                let selection_id = format!("req-{}", self.next_id);
+                self.next_id += 1;
+                // The request owns its prompt (a server moves it out of the parsed body), so
+                // each decision copies the 32 KB of token ids into it.
+                let req = SelectAndReserveRequest {
+                    model_name: MODEL.into(),
+                    routing_group: GROUP.into(),
+                    selection_id: Some(selection_id.clone()),
+                    prompt: PromptRequest { token_ids: Some(tokens.clone()), ..PromptRequest::default() },
+                    router_config_override: None,
+                    expected_output_tokens: None,
+                    priority_jump: None,
+                    strict_priority: None,
+                    session_id: None,
+                    session_context: None,
+                    affinity_target: None,
+                    pinned_worker: None,
+                    allowed_worker_ids: None,
+                    routing_constraints: Default::default(),
+                };
+                let core = &self.core;
+                let chosen = self.rt.block_on(async {
+                    let chosen = core.select_and_reserve(req).await.expect("a worker is chosen");
+                    core.free_reservation(&selection_id).await.expect("freed");
+                    chosen
+                });
+                WorkerRank { id: OurWorkerId(chosen.worker_id), dp_rank: DpRank(chosen.dp_rank) }
+            }
+        }
+    }
 }
 
 fn main() {
@@ -209,10 +370,12 @@ fn main() {
         rows.push(bench_decider(&mut c, &w, &mut Ours::new(&w)));
         #[cfg(feature = "dynamo")]
         rows.push(bench_decider(&mut c, &w, &mut dynamo::Dynamo::new(&w)));
+        #[cfg(feature = "dynamo-selection")]
+        rows.push(bench_decider(&mut c, &w, &mut dynamo::selection::Selection::new(&w)));
     }
     c.final_summary();
-    #[cfg(feature = "dynamo")]
-    print_rows(&rows, Some("dynamo ThreadPool<CRTC> + DefaultWorkerSelector"));
-    #[cfg(not(feature = "dynamo"))]
-    print_rows(&rows, None);
+    // Ours is shown as a ratio of each Dynamo subject: those after ours in the first fleet's rows.
+    let per_fleet = rows.len() / TOPOLOGIES.len();
+    let baselines: Vec<&str> = rows[1..per_fleet].iter().map(|r| r.name).collect();
+    print_rows(&rows, baselines);
 }
