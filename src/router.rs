@@ -249,7 +249,7 @@ pub struct Router {
     loaded: bool,
     sched: SchedSettings,
     active: ActiveSequences,
-    bookings: HashMap<BookingId, Booking>,
+    bookings: FxHashMap<BookingId, Booking>,
     next_booking: u64,
     /// Next active-sequence id (ours and peers' share the space).
     next_seq: u64,
@@ -274,7 +274,7 @@ impl Router {
             loaded: false,
             sched,
             active: ActiveSequences::new(sched.expiry),
-            bookings: HashMap::new(),
+            bookings: FxHashMap::default(),
             next_booking: 0,
             next_seq: 0,
             last_sweep: None,
@@ -423,23 +423,25 @@ impl Router {
         let mut scored = Vec::with_capacity(self.workers.iter().map(|w| w.dp_size as usize).sum());
         for w in self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)) {
             let first = scored.len();
-            for r in w.ranks() {
+            // `extend` over the ranks writes each candidate straight into the vector.
+            scored.extend(w.ranks().map(|r| {
                 let l = self.active.load(&r);
                 let new_blocks = match (rules.track_active_blocks, rules.assume_kv_reuse) {
                     (false, _) => 0,
                     // Random tracking hashes are new everywhere.
                     (true, false) => chain,
-                    (true, true) => chain - held.get(&r).copied().unwrap_or(0),
+                    // (Empty maps — a miss — are common: skip hashing the key.)
+                    (true, true) => chain - if held.is_empty() { 0 } else { held.get(&r).copied().unwrap_or(0) },
                 };
                 let load = CandidateLoad {
-                    overlap: q.overlaps.get(&r).copied().unwrap_or_default(),
+                    overlap: if q.overlaps.is_empty() { TierOverlap::default() } else { q.overlaps.get(&r).copied().unwrap_or_default() },
                     active_prefill_tokens: l.active_prefill_tokens,
                     active_decode_blocks: if rules.track_active_blocks { l.active_decode_blocks } else { 0.0 },
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                scored.push(Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: false });
-            }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: false }
+            }));
             if self.worker_is_busy(w) {
                 scored[first..].iter_mut().for_each(|s| s.busy = true);
             }
