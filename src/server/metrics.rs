@@ -125,11 +125,7 @@ impl Metrics {
         registry.register("kv_events_lost", "KV events or messages lost in transit (id or sequence gaps)", kv_events_lost.clone());
         registry.register("kv_blocks", "Blocks in the KV index", kv_blocks.clone());
         registry.register("kv_index_bytes", "Heap bytes of the KV index", kv_index_bytes.clone());
-        registry.register(
-            "kv_event_lag_seconds",
-            "Time from a KV event's publication to its application to the index (publisher clock)",
-            kv_event_lag_seconds.clone(),
-        );
+        registry.register("kv_event_lag_seconds", "Time from a KV event's publication to its application (publisher clock)", kv_event_lag_seconds.clone());
         registry.register("token_cache_bytes", "Bytes charged to the segment token cache", token_cache_bytes.clone());
         registry.register("predicted_cached_tokens", "Prompt tokens each decision expected cached on the chosen worker", predicted_cached_tokens.clone());
         registry.register("actual_cached_tokens", "Prompt tokens the engine reported served from its cache", actual_cached_tokens.clone());
