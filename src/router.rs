@@ -423,9 +423,11 @@ impl Router {
         let mut scored = Vec::with_capacity(self.workers.iter().map(|w| w.dp_size as usize).sum());
         for w in self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)) {
             let first = scored.len();
+            let cap = self.capacity(w);
             // `extend` over the ranks writes each candidate straight into the vector.
             scored.extend(w.ranks().map(|r| {
                 let l = self.active.load(&r);
+                let rank_busy = self.sched.admission.as_ref().is_some_and(|t| rank_is_busy(t, &cap, &l));
                 let new_blocks = match (rules.track_active_blocks, rules.assume_kv_reuse) {
                     (false, _) => 0,
                     // Random tracking hashes are new everywhere.
@@ -440,11 +442,11 @@ impl Router {
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: false }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: rank_busy }
             }));
-            if self.worker_is_busy(w) {
-                scored[first..].iter_mut().for_each(|s| s.busy = true);
-            }
+            // Admission control: a worker is busy only when every one of its ranks is.
+            let worker_busy = scored[first..].iter().all(|s| s.busy);
+            scored[first..].iter_mut().for_each(|s| s.busy = worker_busy);
         }
         let min_prefill = scored.iter().map(|s| s.load.active_prefill_tokens).min().unwrap_or(0);
         let input = CostInput { block_size: self.kv.block_size, isl: q.isl, min_active_prefill_tokens: min_prefill };
@@ -454,14 +456,12 @@ impl Router {
         scored
     }
 
-    /// Admission control: a worker is busy when every one of its ranks is over a threshold.
-    fn worker_is_busy(&self, w: &Worker) -> bool {
-        let Some(t) = &self.sched.admission else { return false };
-        let cap = Capacity {
+    /// A worker's capacity for admission control: its own, else the configured default.
+    fn capacity(&self, w: &Worker) -> Capacity {
+        Capacity {
             total_kv_blocks: w.total_kv_blocks.or(self.sched.default_capacity.total_kv_blocks),
             max_num_batched_tokens: w.max_num_batched_tokens.or(self.sched.default_capacity.max_num_batched_tokens),
-        };
-        w.ranks().all(|r| rank_is_busy(t, &cap, &self.active.load(&r)))
+        }
     }
 
     /// Chooses among the scored candidates: busy ones are skipped.
