@@ -190,6 +190,7 @@ impl Engine {
                 budget -= n;
                 prefill_tokens += n as u64;
                 pass.chunks.push((i, n));
+                self.cache_scheduled(i, n, &mut removed, events);
                 i += 1;
                 continue;
             }
@@ -239,6 +240,7 @@ impl Engine {
             prefill_tokens += n as u64;
             pass.chunks.push((self.running.len(), n));
             self.running.push(Running { req: r, computed: reused, pinned: hit, generated, private: needed, reused });
+            self.cache_scheduled(self.running.len() - 1, n, &mut removed, events);
         }
         if !removed.is_empty() {
             events.push(EngineEvent::Removed(removed));
@@ -254,37 +256,9 @@ impl Engine {
     /// Applies the pass that just ended.
     pub fn end_pass(&mut self, events: &mut Vec<EngineEvent>) {
         let Some(pass) = self.pass.take() else { return };
-        let bt = self.p.block_tokens;
         for (i, n) in pass.chunks {
             let r = &mut self.running[i];
             r.computed += n;
-            // Blocks completed by this chunk enter the cache (or join an identical one that
-            // another request stored meanwhile); each unbroken run is one Stored chain.
-            let done = (r.computed / bt) as usize;
-            let mut chain = Vec::new();
-            while r.pinned < done.min(r.req.blocks.len()) {
-                let (s, l) = r.req.blocks[r.pinned];
-                let parent = r.pinned.checked_sub(1).map(|p| r.req.blocks[p].0);
-                match self.cache.get_mut(&s) {
-                    Some(refs) => {
-                        *refs += 1;
-                        self.lru.pop(&s);
-                        if !chain.is_empty() {
-                            events.push(EngineEvent::Stored(std::mem::take(&mut chain)));
-                        }
-                    }
-                    None => {
-                        self.cache.insert(s, 1);
-                        chain.push((s, l, parent));
-                    }
-                }
-                r.pinned += 1;
-                r.private -= 1;
-                self.private -= 1;
-            }
-            if !chain.is_empty() {
-                events.push(EngineEvent::Stored(chain));
-            }
             if !r.prefilling() {
                 // A resumed request already sent its first token.
                 if r.generated == 0 {
@@ -306,6 +280,44 @@ impl Engine {
             }
             let r = self.release(k);
             events.push(EngineEvent::Finished { id: r.req.id });
+        }
+    }
+
+    /// Makes the full blocks that running request `i`'s next `n` prompt tokens complete visible
+    /// in the prefix cache at once, as the mocker (like vLLM) does when it schedules the chunk,
+    /// not when the pass ends: the router hears of them a pass earlier. A block another request
+    /// already stored is joined; each unbroken run of new blocks is one Stored chain.
+    /// Evictions so far are reported first, so a block evicted and stored again in one pass
+    /// ends up cached in the router's view too.
+    fn cache_scheduled(&mut self, i: usize, n: u32, removed: &mut Vec<u64>, events: &mut Vec<EngineEvent>) {
+        if !removed.is_empty() {
+            events.push(EngineEvent::Removed(std::mem::take(removed)));
+        }
+        let r = &mut self.running[i];
+        let done = (((r.computed + n) / self.p.block_tokens) as usize).min(r.req.blocks.len());
+        let mut chain = Vec::new();
+        while r.pinned < done {
+            let (s, l) = r.req.blocks[r.pinned];
+            let parent = r.pinned.checked_sub(1).map(|p| r.req.blocks[p].0);
+            match self.cache.get_mut(&s) {
+                Some(refs) => {
+                    *refs += 1;
+                    self.lru.pop(&s);
+                    if !chain.is_empty() {
+                        events.push(EngineEvent::Stored(std::mem::take(&mut chain)));
+                    }
+                }
+                None => {
+                    self.cache.insert(s, 1);
+                    chain.push((s, l, parent));
+                }
+            }
+            r.pinned += 1;
+            r.private -= 1;
+            self.private -= 1;
+        }
+        if !chain.is_empty() {
+            events.push(EngineEvent::Stored(chain));
         }
     }
 
@@ -378,6 +390,20 @@ mod tests {
         let ev = run_all(&mut e);
         assert!(ev.contains(&EngineEvent::FirstToken { id: 2, reused: 4 }));
         assert!(!ev.iter().any(|x| matches!(x, EngineEvent::Stored(_))));
+    }
+
+    #[test]
+    fn blocks_are_cached_when_scheduled_so_a_request_admitted_in_the_same_pass_reuses_them() {
+        let mut e = Engine::new(EngineParams { kv_blocks: 64, ..params() });
+        e.enqueue(req(1, 9, 1, &[1, 2]));
+        e.enqueue(req(2, 12, 1, &[1, 2, 3]));
+        let mut ev = Vec::new();
+        e.start_pass(&mut ev).unwrap();
+        // Before the pass ends the router already hears of request 1's two blocks; request 2,
+        // admitted behind it in the same pass, finds them and computes only its last block.
+        assert_eq!(ev.first(), Some(&EngineEvent::Stored(vec![(1, 101, None), (2, 102, Some(1))])), "{ev:?}");
+        e.end_pass(&mut ev);
+        assert!(ev.contains(&EngineEvent::FirstToken { id: 2, reused: 8 }), "{ev:?}");
     }
 
     #[test]
