@@ -5,7 +5,9 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use clap::{builder::{BoolishValueParser, TypedValueParser}, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
+use crate::kv::predicted::ApproxCachePolicy;
+
+use clap::{builder::{BoolishValueParser, PossibleValuesParser, TypedValueParser}, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -145,6 +147,12 @@ pub struct Config {
     /// Start from the end of the event stream instead of the durable consumer's position.
     #[arg(long = "router-reset-states", env = "DYN_ROUTER_RESET_STATES", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub router_reset_states: bool,
+
+    /// Approximate mode: how routed requests' blocks are remembered: `ttl` (for
+    /// DYN_ROUTER_TTL_SECS) or `lru` (until each worker's KV capacity forces LRU eviction).
+    #[arg(long = "router-approximate-cache-policy", env = "DYN_ROUTER_APPROXIMATE_CACHE_POLICY", default_value = "ttl",
+        value_parser = PossibleValuesParser::new(["ttl", "lru"]).map(|s| if s == "lru" { ApproxCachePolicy::Lru } else { ApproxCachePolicy::Ttl }))]
+    pub router_approximate_cache_policy: ApproxCachePolicy,
 
     /// Approximate mode: seconds a routed request's blocks count as cached on its worker.
     #[arg(long = "router-ttl-secs", env = "DYN_ROUTER_TTL_SECS", default_value = "120", value_parser = positive_secs)]
@@ -430,6 +438,7 @@ impl Config {
         crate::router::KvSettings {
             default_block_size: self.block_size.unwrap_or(16),
             use_kv_events: self.use_kv_events,
+            approx_policy: self.router_approximate_cache_policy,
             approx_ttl: Duration::from_secs_f64(self.router_ttl_secs),
             predicted_ttl: self.router_predicted_ttl_secs.map(Duration::from_secs_f64),
             max_predicted_blocks: self.max_predicted_blocks as usize,
@@ -549,6 +558,13 @@ impl Config {
                 2,
             ));
         }
+        // As Dynamo: the capacity model replaces events, it does not sit beside them.
+        if cfg.use_kv_events && cfg.router_approximate_cache_policy == ApproxCachePolicy::Lru {
+            return Err((
+                "DYN_ROUTER_APPROXIMATE_CACHE_POLICY=lru (--router-approximate-cache-policy) requires DYN_USE_KV_EVENTS=false: with KV events the cache state comes from the workers".into(),
+                2,
+            ));
+        }
         Ok(cfg)
     }
 }
@@ -655,6 +671,8 @@ mod tests {
             (vec!["--log-filter", "info,[[["], vec!["RUST_LOG"]),
             (vec!["--event-plane", "kafka"], vec!["DYN_EVENT_PLANE", "kafka", "jetstream"]),
             (vec!["--router-ttl-secs", "0"], vec!["DYN_ROUTER_TTL_SECS", "positive"]),
+            (vec!["--use-kv-events", "false", "--router-approximate-cache-policy", "clock"], vec!["DYN_ROUTER_APPROXIMATE_CACHE_POLICY", "clock", "ttl, lru"]),
+            (vec!["--router-approximate-cache-policy", "lru"], vec!["DYN_ROUTER_APPROXIMATE_CACHE_POLICY=lru", "DYN_USE_KV_EVENTS=false"]),
             (vec!["--use-kv-events", "perhaps"], vec!["DYN_USE_KV_EVENTS"]),
             (vec!["--discovery", "etcd"], vec!["DYN_DISCOVERY", "etcd", "kubernetes"]),
             (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),

@@ -23,7 +23,7 @@ use crate::{
         events::RouterEvent,
         hash::{hash_seed, local_block_hashes, seq_hashes, LocalBlockHash},
         index::{Applied, Index, Overlap},
-        predicted::Predicted,
+        predicted::{ApproxCachePolicy, Predicted},
     },
     sched::{
         active::{ActiveSequences, Booking as ActiveBooking, RankLoad},
@@ -151,6 +151,15 @@ struct Booking {
     /// Active-sequence id of the prefill part, freed at the first response chunk.
     prefill: Option<u64>,
     osl: Option<u32>,
+    /// The prompt's blocks pinned in the `lru` cache model (keyed by the booking id).
+    lease: Option<Lease>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Lease {
+    /// The rank that prefills the prompt.
+    rank: WorkerRank,
+    isl: u64,
 }
 
 /// A change to this replica's active sequences, for its peers (replica sync).
@@ -180,12 +189,14 @@ pub enum PeerEventData {
 pub struct KvSettings {
     /// Tokens per block when the fleet source does not say.
     pub default_block_size: u32,
-    /// false = approximate mode: only the router's own decisions, for `approx_ttl`.
+    /// false = approximate mode: only the router's own decisions, kept by `approx_policy`.
     pub use_kv_events: bool,
+    pub approx_policy: ApproxCachePolicy,
+    /// `ttl` policy (and `lru` for ranks of unknown capacity): how long a decision is kept.
     pub approx_ttl: Duration,
     /// With events on: also remember decisions for this long (bursts before events arrive).
     pub predicted_ttl: Option<Duration>,
-    /// Bound on remembered (worker rank, block) pairs.
+    /// Bound on remembered (worker rank, block) pairs (`lru`: on each rank's capacity).
     pub max_predicted_blocks: usize,
 }
 
@@ -194,6 +205,7 @@ impl Default for KvSettings {
         KvSettings {
             default_block_size: 16,
             use_kv_events: true,
+            approx_policy: ApproxCachePolicy::Ttl,
             approx_ttl: Duration::from_secs(120),
             predicted_ttl: None,
             max_predicted_blocks: 4_000_000,
@@ -210,12 +222,25 @@ struct KvState {
 
 impl KvState {
     fn new(settings: KvSettings) -> Self {
-        let ttl = if settings.use_kv_events { settings.predicted_ttl } else { Some(settings.approx_ttl) };
+        // The capacity model stands in for events; with events on, predictions only bridge
+        // the moments before they arrive.
+        let (policy, ttl) = if settings.use_kv_events {
+            (ApproxCachePolicy::Ttl, settings.predicted_ttl)
+        } else {
+            (settings.approx_policy, Some(settings.approx_ttl))
+        };
         KvState {
             settings,
             block_size: settings.default_block_size,
             index: Index::new(),
-            predicted: ttl.map(|t| Predicted::new(t, settings.max_predicted_blocks)),
+            predicted: ttl.map(|t| Predicted::new(policy, t, settings.max_predicted_blocks)),
+        }
+    }
+
+    /// Unpins a booking's blocks in the cache model.
+    fn release(&mut self, booking: BookingId, lease: Option<Lease>) {
+        if let (Some(l), Some(p)) = (lease, &mut self.predicted) {
+            p.release(l.rank, booking.0);
         }
     }
 }
@@ -314,13 +339,30 @@ impl Router {
                 p.remove_worker(gone);
             }
         }
+        let capacities: Vec<_> = self
+            .workers
+            .iter()
+            .flat_map(|w| {
+                let blocks = self.capacity(w).total_kv_blocks;
+                w.ranks().map(move |r| (r, blocks))
+            })
+            .collect();
+        if let Some(p) = &mut self.kv.predicted {
+            p.set_capacities(capacities);
+        }
     }
 
     /// Drops bookings and peer entries whose active sequences are gone (expired, or their
-    /// worker left).
+    /// worker left); a dropped booking's blocks are unpinned, as at its end.
     fn forget_ended(&mut self) {
-        let active = &self.active;
-        self.bookings.retain(|_, b| active.contains(b.decode));
+        let (active, kv) = (&self.active, &mut self.kv);
+        self.bookings.retain(|&id, b| {
+            let live = active.contains(b.decode);
+            if !live {
+                kv.release(id, b.lease);
+            }
+            live
+        });
         self.peer_seqs.retain(|_, s| active.contains(*s));
     }
 
@@ -530,12 +572,15 @@ impl Router {
         let prefill_seq = prefill.map(|p| {
             self.book(booking, ":prefill", p.target.worker, &[], prefill_tokens(&p, Stage::Prefill), q.isl, None, now)
         });
-        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl });
-
         let cache_holder = prefill.unwrap_or(decode);
-        if let Some(p) = &mut self.kv.predicted {
-            p.record(cache_holder.target.worker, &q.hashes, now);
-        }
+        let holder = cache_holder.target.worker;
+        let bs = self.kv.block_size as u64;
+        // Without token ids there is nothing to remember.
+        let lease = match &mut self.kv.predicted {
+            Some(p) if q.isl > 0 => p.acquire(holder, booking.0, &q.hashes, (q.isl % bs != 0) as usize, now).then_some(Lease { rank: holder, isl: q.isl }),
+            _ => None,
+        };
+        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease });
         Ok(Decision {
             decode: decode.target,
             prefill: prefill.map(|p| p.target),
@@ -595,20 +640,27 @@ impl Router {
     pub fn on_first_token(&mut self, booking: BookingId, _now: Instant) {
         let Some(b) = self.bookings.get_mut(&booking) else { return };
         let (decode, prefill) = (b.decode, b.prefill.take());
+        // The prefill worker's request is over: so is its hold on the prompt's blocks.
+        let lease = if prefill.is_some() { b.lease.take() } else { None };
         self.publish(booking, "", decode, PeerEventData::PrefillCompleted);
         self.active.mark_prefill_completed(decode);
         if let Some(p) = prefill {
             self.publish(booking, ":prefill", p, PeerEventData::Free);
             self.active.free(p);
         }
+        self.kv.release(booking, lease);
     }
 
-    /// `generated` response tokens have streamed so far (output-block tracking).
+    /// `generated` response tokens have streamed so far: output blocks take room in the cache
+    /// model, and count as load with output-block tracking.
     pub fn on_output(&mut self, booking: BookingId, generated: u64) {
-        if !(self.sched.track_output_blocks && self.sched.track_active_blocks) {
-            return;
+        let Some(b) = self.bookings.get(&booking) else { return };
+        let bs = self.kv.block_size as u64;
+        if let (Some(l), Some(p)) = (b.lease, &mut self.kv.predicted) {
+            let tokens = l.isl + generated;
+            p.grow(l.rank, booking.0, (tokens / bs) as usize, (tokens % bs != 0) as usize);
         }
-        if let Some(b) = self.bookings.get(&booking) {
+        if self.sched.track_output_blocks && self.sched.track_active_blocks {
             self.active.record_output(b.decode, generated, self.kv.block_size, b.osl);
         }
     }
@@ -616,6 +668,7 @@ impl Router {
     /// The response ended, failed or was cancelled: release everything the request held.
     pub fn on_end(&mut self, booking: BookingId, _now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
+        self.kv.release(booking, b.lease);
         if let Some(p) = b.prefill {
             self.publish(booking, ":prefill", p, PeerEventData::Free);
             self.active.free(p);

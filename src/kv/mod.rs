@@ -6,4 +6,5 @@ pub mod events;
 mod ext_map;
 pub mod hash;
 pub mod index;
+mod lru;
 pub mod predicted;
