@@ -898,6 +898,60 @@ mod tests {
         assert!(seen.len() > 1, "{seen:?}");
     }
 
+    /// Approximate `lru` mode; every worker declares `blocks` of KV capacity.
+    fn lru_router(ws: Vec<Worker>, blocks: u64, expiry: Duration) -> Router {
+        let kv = KvSettings { use_kv_events: false, approx_policy: ApproxCachePolicy::Lru, ..Default::default() };
+        let ws = ws.into_iter().map(|w| Worker { total_kv_blocks: Some(blocks), ..w }).collect();
+        let mut r = Router::new(kv, SchedSettings { expiry, ..Default::default() });
+        r.set_fleet(Fleet { block_size: Some(16), workers: ws });
+        r
+    }
+
+    fn cached_on(r: &Router, id: u64, tokens: &[u32]) -> u32 {
+        let q = RoutingRequest { tokens: tokens.to_vec(), ..Default::default() };
+        let (decode, prefill) = r.explain(&q);
+        decode.iter().chain(&prefill).find(|s| s.target.worker.id == WorkerId(id)).map_or(0, |s| s.load.overlap.device)
+    }
+
+    #[test]
+    fn lru_pins_a_prompt_until_its_prefill_worker_is_done_with_it() {
+        // Prefill worker 1 holds 16 blocks: P and Q (16 each) both run there, pinned over
+        // capacity. P's first chunk ends its prefill: P is released and evicted, Q stays.
+        let mut r = lru_router(vec![worker(1, 1, Role::Prefill, 1), worker(2, 2, Role::Decode, 1)], 16, Duration::from_secs(300));
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        let (p, q): (Vec<u32>, Vec<u32>) = ((0..256).collect(), (1000..1256).collect());
+        let dp = r.route(&RoutingRequest { tokens: p.clone(), ..Default::default() }, now, &mut rng).unwrap();
+        let dq = r.route(&RoutingRequest { tokens: q.clone(), ..Default::default() }, now, &mut rng).unwrap();
+        assert_eq!((cached_on(&r, 1, &p), cached_on(&r, 1, &q), cached_on(&r, 2, &p)), (16, 16, 0));
+        r.on_first_token(dp.booking, now);
+        assert_eq!((cached_on(&r, 1, &p), cached_on(&r, 1, &q)), (0, 16));
+        // The end of a request whose prefill is over releases nothing more.
+        r.on_end(dp.booking, now);
+        r.on_end(dq.booking, now);
+        assert_eq!((cached_on(&r, 1, &p), cached_on(&r, 1, &q)), (0, 16));
+    }
+
+    #[test]
+    fn lru_releases_a_booking_that_expires_without_an_end() {
+        // One worker of 16 blocks; P's end never comes. Until P's booking expires, Q cannot
+        // evict it (Q goes itself at its end); after, the next decision's sweep releases P,
+        // and Q's blocks push it out.
+        let mut r = lru_router(vec![worker(1, 1, Role::Worker, 1)], 16, Duration::from_secs(1));
+        let mut rng = SmallRng::seed_from_u64(1);
+        let t0 = Instant::now();
+        let (p, q): (Vec<u32>, Vec<u32>) = ((0..256).collect(), (1000..1256).collect());
+        r.route(&RoutingRequest { tokens: p.clone(), ..Default::default() }, t0, &mut rng).unwrap();
+        let dq = r.route(&RoutingRequest { tokens: q.clone(), ..Default::default() }, t0, &mut rng).unwrap();
+        r.on_end(dq.booking, t0);
+        assert_eq!((cached_on(&r, 1, &p), cached_on(&r, 1, &q)), (16, 0));
+        let later = t0 + Duration::from_secs(2);
+        let dq = r.route(&RoutingRequest { tokens: q.clone(), ..Default::default() }, later, &mut rng).unwrap();
+        assert_eq!(r.active_requests(), 1);
+        r.on_end(dq.booking, later);
+        assert_eq!((cached_on(&r, 1, &p), cached_on(&r, 1, &q)), (0, 16));
+    }
+
     #[test]
     fn fleet_changes_drop_departed_workers_blocks_and_block_size_changes_reset() {
         let mut r = router((1..=2).map(|i| worker(i, i as u16, Role::Worker, 1)).collect());

@@ -14,6 +14,7 @@ use dynamo_epp::{
     kv::{
         events::{ExternalBlockHash, KvCacheEvent, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData, RouterEvent, StorageTier},
         hash::{local_block_hashes, XXH3_SEED},
+        predicted::ApproxCachePolicy,
     },
     router::{BookingId, EndpointMatch, RouteError, Router, RoutingMode, RoutingRequest},
     workers::{Fleet, Role, Worker, WorkerId},
@@ -337,4 +338,52 @@ fn router_predicted_ttl_secs() {
     };
     assert_eq!(run(&[]).len(), 2);
     assert_eq!(run(&["--router-predicted-ttl-secs", "60"]), [1].into());
+}
+
+/// Worker 1's cached prefix of `tokens`, in blocks, as the next decision would see it.
+fn overlap_on_1(b: &Bench, tokens: &[u32]) -> u32 {
+    let (scored, _) = b.router.explain(&RoutingRequest { tokens: tokens.to_vec(), ..Default::default() });
+    scored.iter().find(|s| s.target.worker.id == WorkerId(1)).unwrap().load.overlap.device
+}
+
+#[test]
+fn router_approximate_cache_policy() {
+    // Approximate mode: P (16 blocks) is served by worker 1 and ends; an hour later (past the
+    // 120 s TTL) worker 1 still holds it under `lru` with a known capacity, and nowhere else.
+    let approx = |extra: &[&'static str]| {
+        let mut b = Bench::new(&[&["--use-kv-events", "false"], extra].concat());
+        let r = b.load(1, prompt(), true);
+        b.router.on_end(r, b.t0);
+        b.t0 += Duration::from_secs(3600);
+        b.router.expire(b.t0);
+        b
+    };
+    assert_eq!(Config::from_args(["dynamo-epp"]).unwrap().kv_settings().approx_policy, ApproxCachePolicy::Ttl);
+    assert_eq!(overlap_on_1(&approx(&["--total-kv-blocks", "40"]), &prompt()), 0);
+    assert_eq!(overlap_on_1(&approx(&["--router-approximate-cache-policy", "lru"]), &prompt()), 0, "no capacity: the TTL applies");
+    let mut b = approx(&["--router-approximate-cache-policy", "lru", "--total-kv-blocks", "40"]);
+    assert_eq!(overlap_on_1(&b, &prompt()), 16);
+    // w1 = 16 − 16 + 16 < w2 = 16 + 16. (P is booked and released again on worker 1.)
+    assert_eq!(b.pick(&prompt()), 1);
+
+    // Capacity pressure on worker 1 (40 blocks), A, B, C of 16 blocks each. A runs and ends:
+    // 32 resident. B runs: 48 > 40 evicts P's last 8 blocks (the oldest release, suffix first).
+    let (a, bb, c): (Vec<u32>, Vec<u32>, Vec<u32>) = ((100_000..100_256).collect(), (200_000..200_256).collect(), (300_000..300_256).collect());
+    let r = b.load(1, a.clone(), true);
+    b.router.on_end(r, b.t0);
+    let r = b.load(1, bb.clone(), true);
+    assert_eq!((overlap_on_1(&b, &prompt()), overlap_on_1(&b, &a)), (8, 16));
+    // B's output fills 4 blocks (64 tokens): 4 more of P go.
+    b.router.on_output(r, 64);
+    assert_eq!(overlap_on_1(&b, &prompt()), 4);
+    b.router.on_end(r, b.t0);
+    // C: 56 > 40 evicts P's last 4, then 12 of A (released before B); B is untouched.
+    let r = b.load(1, c.clone(), true);
+    b.router.on_end(r, b.t0);
+    assert_eq!([overlap_on_1(&b, &prompt()), overlap_on_1(&b, &a), overlap_on_1(&b, &bb), overlap_on_1(&b, &c)], [0, 4, 16, 16]);
+
+    // As in Dynamo, `lru` needs approximate mode.
+    let (msg, code) = Config::from_args(["dynamo-epp", "--router-approximate-cache-policy", "lru"]).unwrap_err();
+    assert_eq!(code, 2);
+    assert!(msg.contains("DYN_USE_KV_EVENTS=false") && msg.lines().count() == 1, "{msg}");
 }
