@@ -34,6 +34,7 @@ fn kv_aware_routing_reuses_more_than_round_robin_on_the_conversation_trace() {
     let (kv, rr) = (by("kv-events"), by("round-robin"));
     assert!(kv.prefix_reuse > 1.5 * rr.prefix_reuse, "kv {} vs rr {}", kv.prefix_reuse, rr.prefix_reuse);
     assert!(by("approximate").prefix_reuse > rr.prefix_reuse);
+    assert!(by("approximate-lru").prefix_reuse > rr.prefix_reuse);
     // Same seed, same result.
     let again = sim::run(&t, &cfg, &sim::standard_policies()[..1]);
     assert_eq!(again[0].ttft_cdf_ms, kv.ttft_cdf_ms);

@@ -23,6 +23,7 @@ use crate::{
             RouterEvent, StorageTier,
         },
         hash::{local_block_hashes, seq_hashes, XXH3_SEED},
+        predicted::ApproxCachePolicy,
     },
     router::{BookingId, KvSettings, RouteError, Router, RoutingRequest},
     sched::SchedSettings,
@@ -68,12 +69,14 @@ impl Default for SimConfig {
 }
 
 /// The policies every run compares: Dynamo-compatible defaults with KV events, approximate
-/// mode, and the baselines.
+/// mode (`ttl` and `lru` cache policies), and the baselines.
 pub fn standard_policies() -> Vec<NamedPolicy> {
     let kv = |use_kv_events| KvSettings { use_kv_events, ..KvSettings::default() };
+    let lru = KvSettings { approx_policy: ApproxCachePolicy::Lru, ..kv(false) };
     vec![
         NamedPolicy { name: "kv-events".into(), policy: Policy::Router { kv: kv(true), sched: SchedSettings::default() } },
         NamedPolicy { name: "approximate".into(), policy: Policy::Router { kv: kv(false), sched: SchedSettings::default() } },
+        NamedPolicy { name: "approximate-lru".into(), policy: Policy::Router { kv: lru, sched: SchedSettings::default() } },
         NamedPolicy { name: "round-robin".into(), policy: Policy::RoundRobin },
         NamedPolicy { name: "random".into(), policy: Policy::Random },
         NamedPolicy { name: "least-loaded".into(), policy: Policy::LeastLoaded },
