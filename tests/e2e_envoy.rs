@@ -353,6 +353,8 @@ async fn invalid_configuration_stops_start_up_with_one_line_and_exit_2() {
         ("DYN_SECURE_SERVING", "sometimes", "DYN_SECURE_SERVING"),
         ("DYN_EPP_MAX_BODY_BYTES", "-1", "DYN_EPP_MAX_BODY_BYTES"),
         ("RUST_LOG", "info,[[", "RUST_LOG"),
+        // With KV events on (the default), as in Dynamo.
+        ("DYN_ROUTER_APPROXIMATE_CACHE_POLICY", "lru", "DYN_USE_KV_EVENTS=false"),
     ] {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_dynamo-epp")).env(var, val).output().await.unwrap();
         assert_eq!(out.status.code(), Some(2), "{var}={val}");
