@@ -11,4 +11,5 @@ pub mod router;
 pub mod sched;
 pub mod server;
 pub mod sim;
+pub mod slab;
 pub mod workers;

@@ -147,16 +147,7 @@ impl RankLru {
 
     fn new_copy(&mut self, hash: Option<u64>, pos: usize) -> u32 {
         let slot = Slot { hash, next: NIL, refs: 1, pos: pos.min(u32::MAX as usize) as u32, epoch: 0 };
-        let s = match self.free.pop() {
-            Some(s) => {
-                self.slots[s as usize] = slot;
-                s
-            }
-            None => {
-                self.slots.push(slot);
-                (self.slots.len() - 1) as u32
-            }
-        };
+        let s = crate::slab::put(&mut self.slots, &mut self.free, slot);
         if let Some(h) = hash {
             // Copies chain in creation order, so prompts reuse the oldest one still resident
             // (chains longer than one are rare: a miss before a block cached elsewhere).

@@ -150,16 +150,7 @@ impl PromptTrie {
     fn attach(&mut self, parent: NodeId, edge: Vec<u64>) -> NodeId {
         let first = edge[0];
         let node = Node { parent, edge, ..Default::default() };
-        let id = match self.free.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = node;
-                id
-            }
-            None => {
-                self.nodes.push(node);
-                (self.nodes.len() - 1) as NodeId
-            }
-        };
+        let id = crate::slab::put(&mut self.nodes, &mut self.free, node);
         self.children_mut(parent).insert(first, id);
         id
     }
