@@ -651,6 +651,13 @@ impl Router {
         self.kv.release(booking, lease);
     }
 
+    /// Whether [`Router::on_output`] does anything: the server then counts response tokens
+    /// (and takes the router's lock per chunk) only when they matter.
+    pub fn wants_output(&self) -> bool {
+        let lru = !self.kv.settings.use_kv_events && self.kv.settings.approx_policy == ApproxCachePolicy::Lru;
+        lru || (self.sched.track_output_blocks && self.sched.track_active_blocks)
+    }
+
     /// `generated` response tokens have streamed so far: output blocks take room in the cache
     /// model, and count as load with output-block tracking.
     pub fn on_output(&mut self, booking: BookingId, generated: u64) {
@@ -911,6 +918,17 @@ mod tests {
         let q = RoutingRequest { tokens: tokens.to_vec(), ..Default::default() };
         let (decode, prefill) = r.explain(&q);
         decode.iter().chain(&prefill).find(|s| s.target.worker.id == WorkerId(id)).map_or(0, |s| s.load.overlap.device)
+    }
+
+    #[test]
+    fn response_tokens_are_wanted_by_the_lru_model_and_by_output_tracking_only() {
+        let lru = KvSettings { use_kv_events: false, approx_policy: ApproxCachePolicy::Lru, ..Default::default() };
+        let tracking = SchedSettings { track_output_blocks: true, ..Default::default() };
+        assert!(!Router::new(KvSettings::default(), SchedSettings::default()).wants_output());
+        assert!(Router::new(lru, SchedSettings::default()).wants_output());
+        assert!(!Router::new(KvSettings { use_kv_events: true, ..lru }, SchedSettings::default()).wants_output());
+        assert!(Router::new(KvSettings::default(), tracking).wants_output());
+        assert!(!Router::new(KvSettings::default(), SchedSettings { track_active_blocks: false, ..tracking }).wants_output());
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub struct App {
     pub pool: WorkPool,
     /// Status of an answer when every worker is busy (`DYN_EPP_OVERLOAD_STATUS`).
     pub overload_status: u16,
-    /// Count streamed response tokens for output-block tracking.
+    /// Count streamed response tokens for the router ([`Router::wants_output`]).
     pub count_output: bool,
     /// Signalled when our bookings changed: replica sync publishes them.
     pub peer_events: Notify,
@@ -196,9 +196,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     if cfg.replica_sync {
         router.enable_replica_sync();
     }
+    let count_output = router.wants_output();
     let mut app = App::new(router, cfg.max_body_bytes, preprocessor(&cfg)?, work_pool(&cfg));
     app.overload_status = cfg.overload_status;
-    app.count_output = sched.track_output_blocks && sched.track_active_blocks;
+    app.count_output = count_output;
     let app = Arc::new(app);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, false).await;
