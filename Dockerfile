@@ -15,8 +15,12 @@ ENV CARGO_PROFILE_RELEASE_LTO=fat \
     CARGO_PROFILE_RELEASE_STRIP=debuginfo
 
 COPY Cargo.toml Cargo.lock build.rs ./
-# One stub per target declared in Cargo.toml (tests/deploy_dockerfile.rs keeps this list honest).
-RUN mkdir -p src/bin benches \
+# `make` builds jemalloc (tikv-jemalloc-sys). One stub per target declared in Cargo.toml
+# (tests/deploy_dockerfile.rs keeps this list honest).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends make=4.3-4.1 \
+ && rm -rf /var/lib/apt/lists/* \
+ && mkdir -p src/bin benches \
  && echo 'fn main() {}' > src/main.rs \
  && echo 'fn main() {}' > src/bin/dynamo-epp-sim.rs \
  && touch src/lib.rs \

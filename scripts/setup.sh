@@ -6,6 +6,11 @@
 # kubernetes-validate (strict core-kind schemas; brings jsonschema and PyYAML) and hadolint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The binary's allocator, jemalloc (tikv-jemalloc-sys), is built from source with make.
+if ! command -v make >/dev/null; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -q && $sudo apt-get install -y -q --no-install-recommends make
+fi
 venv=.venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 need=()

@@ -18,6 +18,10 @@ use std::{
 
 use common::*;
 
+/// What RSS may keep above the warm-up level once traffic has stopped (jemalloc: +13–15 MiB
+/// when it first gets under 16 MiB of slack in the 20 s run; glibc malloc: +61 MiB after 30 s).
+const QUIESCENT_SLACK_KIB: u64 = 32 * 1024;
+
 fn rss_kib(pid: i32) -> u64 {
     status_kib(pid as u32, "VmRSS")
 }
@@ -138,4 +142,16 @@ async fn two_hundred_streams_of_mixed_traffic_survive_nats_restarts() {
     assert!(rss_end < rss[1] + 64 * 1024, "{line}");
     assert_eq!(chain.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(10), |v| v == 0.0).await, 0.0, "{line}");
     assert_eq!(chain.epp.wait_metric("dynamo_epp_inflight_streams", Duration::from_secs(10), |v| v == 0.0).await, 0.0, "{line}");
+    // Quiescent: nothing in flight. The allocator purges freed pages within its decay time (10 s),
+    // so RSS must come back near the warm-up level.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rss_idle = loop {
+        let now = rss_kib(pid);
+        if now < rss_start + QUIESCENT_SLACK_KIB || Instant::now() > deadline {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!("soak {secs} s: EPP RSS MiB after warm-up {} / quiescent {}", rss_start / 1024, rss_idle / 1024);
+    assert!(rss_idle < rss_start + QUIESCENT_SLACK_KIB, "quiescent RSS {} MiB vs {} MiB after warm-up", rss_idle / 1024, rss_start / 1024);
 }
