@@ -498,7 +498,8 @@ impl Router {
         scored
     }
 
-    /// A worker's capacity for admission control: its own, else the configured default.
+    /// A worker's capacity (admission control, the `lru` cache model): its own, else the
+    /// configured default.
     fn capacity(&self, w: &Worker) -> Capacity {
         Capacity {
             total_kv_blocks: w.total_kv_blocks.or(self.sched.default_capacity.total_kv_blocks),
@@ -655,19 +656,25 @@ impl Router {
     /// (and takes the router's lock per chunk) only when they matter.
     pub fn wants_output(&self) -> bool {
         let lru = !self.kv.settings.use_kv_events && self.kv.settings.approx_policy == ApproxCachePolicy::Lru;
-        lru || (self.sched.track_output_blocks && self.sched.track_active_blocks)
+        lru || self.tracks_output_blocks()
+    }
+
+    /// Output blocks count as decode load (`DYN_ROUTER_TRACK_OUTPUT_BLOCKS`, with active blocks).
+    fn tracks_output_blocks(&self) -> bool {
+        self.sched.track_output_blocks && self.sched.track_active_blocks
     }
 
     /// `generated` response tokens have streamed so far: output blocks take room in the cache
     /// model, and count as load with output-block tracking.
     pub fn on_output(&mut self, booking: BookingId, generated: u64) {
+        let tracks = self.tracks_output_blocks();
         let Some(b) = self.bookings.get(&booking) else { return };
         let bs = self.kv.block_size as u64;
         if let (Some(l), Some(p)) = (b.lease, &mut self.kv.predicted) {
             let tokens = l.isl + generated;
             p.grow(l.rank, booking.0, (tokens / bs) as usize, (tokens % bs != 0) as usize);
         }
-        if self.sched.track_output_blocks && self.sched.track_active_blocks {
+        if tracks {
             self.active.record_output(b.decode, generated, self.kv.block_size, b.osl);
         }
     }
