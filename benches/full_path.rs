@@ -23,11 +23,10 @@
 //! one of `--long-convs` ~100k-token conversations (24 messages of 4,096 tokens), resent each
 //! time with a new 1,024-token user turn.
 //!
-//! Workers answer JSON after a fixed decode delay and, from the body's `nvext.token_data`,
-//! publish `stored` events for the prompt's full 16-token blocks not yet cached (parent chain =
-//! engine hash of the previous block, here its sequence hash) and `removed` events when their
-//! LRU cache of `FULL_PATH_WORKER_BLOCKS` blocks evicts; eviction is leaf-first, as vLLM frees a
-//! request's blocks tail-first.
+//! Workers (`tests/common/kv_worker.rs`, shared with the demo) answer JSON after a fixed decode
+//! delay and, from the body's `nvext.token_data`, publish `stored` events for the prompt's full
+//! 16-token blocks not yet cached and `removed` events when their LRU cache of
+//! `FULL_PATH_WORKER_BLOCKS` blocks evicts.
 //!
 //! Run (needs scripts/setup.sh): `cargo bench --bench full_path`; `FULL_PATH_SECS=600 nice -n 5
 //! cargo bench --bench full_path` is the 10-minute run. Options after `--`: `--trace PATH`
@@ -40,7 +39,6 @@
 mod common;
 
 use std::{
-    num::NonZeroUsize,
     path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering::Relaxed},
@@ -49,13 +47,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use axum::{body::Bytes, extract::State, response::Response};
-use common::*;
+use common::{
+    kv_worker::{KvWorker, KvWorkerConfig, WorkerStats},
+    *,
+};
 use dynamo_epp::{
-    kv::{
-        events::{ExternalBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlockData, RouterEvent},
-        hash::{hash_seed, local_block_hashes, seq_hashes},
-    },
     sim::trace::{self, TRACE_BLOCK},
     workers::WorkerId,
 };
@@ -70,8 +66,6 @@ const LONG_HISTORY_IDS: usize = 24 * IDS_PER_MESSAGE;
 const LONG_TURN_IDS: usize = 2;
 /// Long conversations' ids live far above the trace's (< 1e6).
 const LONG_ID_BASE: u64 = 1 << 40;
-/// Blocks per published `stored` event (JetStream messages stay well under 1 MB).
-const BLOCKS_PER_EVENT: usize = 512;
 
 // ---------------------------------------------------------------- options
 
@@ -223,139 +217,6 @@ fn schedule(o: &Opts) -> Vec<Planned> {
     out
 }
 
-// ---------------------------------------------------------------- KV-publishing mock workers
-
-#[derive(Default)]
-struct WorkerStats {
-    requests: AtomicU64,
-    with_tokens: AtomicU64,
-    tokens: AtomicU64,
-    stored_blocks: AtomicU64,
-    removed_blocks: AtomicU64,
-    publish_failures: AtomicU64,
-}
-
-struct Cache {
-    /// Engine block hash (= sequence hash) of every cached block.
-    lru: lru::LruCache<u64, ()>,
-    next_event: u64,
-}
-
-struct KvWorkerState {
-    id: WorkerId,
-    name: String,
-    js: async_nats::jetstream::Context,
-    cache: tokio::sync::Mutex<Cache>,
-    decode: Duration,
-    stats: Arc<WorkerStats>,
-}
-
-struct KvWorker {
-    id: WorkerId,
-    name: String,
-    addr: std::net::SocketAddr,
-}
-
-#[derive(serde::Deserialize)]
-struct WorkerBody {
-    nvext: Option<NvExt>,
-}
-
-#[derive(serde::Deserialize)]
-struct NvExt {
-    #[serde(default)]
-    token_data: Vec<u32>,
-}
-
-impl KvWorker {
-    async fn start(i: usize, js: async_nats::jetstream::Context, o: &Opts, stats: Arc<WorkerStats>) -> KvWorker {
-        let id = WorkerId(1001 + i as u64);
-        let name = format!("w{i}");
-        let state = Arc::new(KvWorkerState {
-            id,
-            name: name.clone(),
-            js,
-            cache: tokio::sync::Mutex::new(Cache { lru: lru::LruCache::new(NonZeroUsize::new(o.worker_blocks).unwrap()), next_event: 0 }),
-            decode: o.decode,
-            stats,
-        });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = axum::Router::new().fallback(worker_handle).layer(axum::extract::DefaultBodyLimit::max(64 << 20)).with_state(state);
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        KvWorker { id, name, addr }
-    }
-}
-
-async fn worker_handle(State(st): State<Arc<KvWorkerState>>, body: Bytes) -> Response {
-    st.stats.requests.fetch_add(1, Relaxed);
-    let tokens = serde_json::from_slice::<WorkerBody>(&body).ok().and_then(|b| b.nvext).map(|n| n.token_data).unwrap_or_default();
-    if !tokens.is_empty() {
-        st.stats.with_tokens.fetch_add(1, Relaxed);
-        st.stats.tokens.fetch_add(tokens.len() as u64, Relaxed);
-        publish_blocks(&st, &tokens).await;
-    }
-    tokio::time::sleep(st.decode).await;
-    let answer = format!(r#"{{"object":"chat.completion","worker":"{}","choices":[{{"index":0,"message":{{"role":"assistant","content":"ok"}},"finish_reason":"stop"}}]}}"#, st.name);
-    Response::builder().header("content-type", "application/json").body(answer.into()).unwrap()
-}
-
-/// What a prefix-caching engine reports after prefill: the new full blocks, then evictions.
-async fn publish_blocks(st: &KvWorkerState, tokens: &[u32]) {
-    let local = local_block_hashes(tokens, BLOCK_SIZE, hash_seed(None, None));
-    let seq: Vec<u64> = seq_hashes(&local).into_iter().map(|s| s.0).collect();
-    let subject = format!("{KV_STREAM}.kv-events");
-    let mut acks = Vec::new();
-    {
-        // One lock over cache update, event ids and the publish call keeps event ids in order.
-        let mut c = st.cache.lock().await;
-        let cached = seq.iter().take_while(|h| c.lru.contains(*h)).count();
-        let mut events = Vec::new();
-        for start in (cached..seq.len()).step_by(BLOCKS_PER_EVENT) {
-            let end = (start + BLOCKS_PER_EVENT).min(seq.len());
-            let blocks = (start..end)
-                .map(|b| KvCacheStoredBlockData { block_hash: ExternalBlockHash(seq[b]), tokens_hash: local[b], mm_extra_info: None })
-                .collect();
-            let parent_hash = start.checked_sub(1).map(|p| ExternalBlockHash(seq[p]));
-            events.push(KvCacheEventData::Stored(KvCacheStoreData { parent_hash, start_position: None, blocks }));
-            st.stats.stored_blocks.fetch_add((end - start) as u64, Relaxed);
-        }
-        // Touch leaf first, root last: the root ends most recently used, so leaves go first.
-        let mut evicted = Vec::new();
-        for &h in seq.iter().rev() {
-            if let Some((k, ())) = c.lru.push(h, ()) {
-                if k != h {
-                    evicted.push(ExternalBlockHash(k));
-                }
-            }
-        }
-        if !evicted.is_empty() {
-            st.stats.removed_blocks.fetch_add(evicted.len() as u64, Relaxed);
-            events.push(KvCacheEventData::Removed(KvCacheRemoveData { block_hashes: evicted }));
-        }
-        for data in events {
-            let ev = RouterEvent {
-                worker_id: st.id,
-                storage_tier: Default::default(),
-                residency_domain: None,
-                event: KvCacheEvent { event_id: c.next_event, data, dp_rank: 0 },
-            };
-            c.next_event += 1;
-            match st.js.publish(subject.clone(), serde_json::to_vec(&ev).unwrap().into()).await {
-                Ok(ack) => acks.push(ack),
-                Err(_) => {
-                    st.stats.publish_failures.fetch_add(1, Relaxed);
-                }
-            }
-        }
-    }
-    for a in acks {
-        if a.await.is_err() {
-            st.stats.publish_failures.fetch_add(1, Relaxed);
-        }
-    }
-}
-
 // ---------------------------------------------------------------- /proc
 
 /// CPU seconds (user + system, all threads) a process has used so far.
@@ -484,9 +345,18 @@ async fn run(o: Opts) {
     let stats = Arc::new(WorkerStats::default());
     let mut workers = Vec::new();
     for i in 0..o.workers {
-        workers.push(KvWorker::start(i, js.clone(), &o, stats.clone()).await);
+        let cfg = KvWorkerConfig {
+            id: WorkerId(1001 + i as u64),
+            name: format!("w{i}"),
+            addr: "127.0.0.1:0".parse().unwrap(),
+            block_size: BLOCK_SIZE,
+            capacity_blocks: o.worker_blocks,
+            decode: o.decode,
+            record: false,
+        };
+        workers.push(KvWorker::start(cfg, js.clone(), stats.clone()).await);
     }
-    let entries: Vec<_> = workers.iter().map(|w| (w.name.as_str(), w.addr, Some(w.id.0))).collect();
+    let entries: Vec<_> = workers.iter().map(|w| (w.name(), w.addr, Some(w.id().0))).collect();
     let yaml = format!("block_size: {BLOCK_SIZE}\n{}", workers_yaml(&entries));
     let mut env: Vec<(String, String)> = vec![
         ("RUST_LOG".into(), "error".into()),

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The local demo chain: Envoy + dynamo-epp + three mock workers from deploy/demo/workers.yaml.
+# The demo: nats-server (JetStream), dynamo-epp with the Qwen3 tokenizer and KV events, mock
+# engines that cache prompts and publish KV events, and Envoy in front (examples/demo.rs).
+#   scripts/demo.sh [AGGREGATED_FLEET] [DISAGGREGATED_FLEET]   (default: deploy/demo/*.yaml)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --release --locked --bin dynamo-epp --example demo
-exec target/release/examples/demo "${1:-deploy/demo/workers.yaml}"
+scripts/setup.sh >/dev/null
+cargo build --locked --quiet --bin dynamo-epp --example demo
+exec target/debug/examples/demo "$@"

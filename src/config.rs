@@ -5,7 +5,7 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use crate::kv::predicted::ApproxCachePolicy;
+use crate::{kv::predicted::ApproxCachePolicy, secret::Secret};
 
 use clap::{builder::{BoolishValueParser, PossibleValuesParser, TypedValueParser}, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
 
@@ -77,12 +77,12 @@ pub struct Config {
 
     /// Hub (or mirror) that repo ids are downloaded from.
     #[arg(long = "hf-endpoint", env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub hf_endpoint: String,
 
     /// Token for gated or private repos (else the token file in HF_HOME).
     #[arg(long = "hf-token", env = "HF_TOKEN", hide_env_values = true)]
-    #[serde(skip_serializing)]
-    pub hf_token: Option<String>,
+    pub hf_token: Option<Secret>,
 
     /// Never contact the Hub: a repo id must already be in the cache.
     #[arg(long = "hf-hub-offline", env = "HF_HUB_OFFLINE", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
@@ -122,9 +122,46 @@ pub struct Config {
     #[arg(long = "event-plane", env = "DYN_EVENT_PLANE", value_enum, default_value = "jetstream")]
     pub event_plane: EventPlane,
 
-    /// NATS server URL (JetStream and NATS core planes).
+    /// NATS server URL (JetStream and NATS core planes, replica sync); `tls://` requires TLS.
+    /// Shown without its `user:password@` part.
     #[arg(long = "nats-server", env = "NATS_SERVER", default_value = "nats://localhost:4222")]
+    #[serde(serialize_with = "crate::secret::serialize_url")]
     pub nats_server: String,
+
+    // NATS authentication and TLS under the names Dynamo's runtime reads
+    // (lib/runtime transports/nats.rs); one method is used, first of: user + password, token,
+    // NKey, credentials file.
+    /// NATS user name (with NATS_AUTH_PASSWORD).
+    #[arg(long = "nats-auth-username", env = "NATS_AUTH_USERNAME")]
+    pub nats_auth_username: Option<String>,
+
+    /// NATS password (with NATS_AUTH_USERNAME).
+    #[arg(long = "nats-auth-password", env = "NATS_AUTH_PASSWORD", hide_env_values = true)]
+    pub nats_auth_password: Option<Secret>,
+
+    /// NATS token.
+    #[arg(long = "nats-auth-token", env = "NATS_AUTH_TOKEN", hide_env_values = true)]
+    pub nats_auth_token: Option<Secret>,
+
+    /// NATS NKey seed (`SU…`).
+    #[arg(long = "nats-auth-nkey", env = "NATS_AUTH_NKEY", hide_env_values = true)]
+    pub nats_auth_nkey: Option<Secret>,
+
+    /// NATS credentials file (user JWT + NKey seed, as `nsc` writes it).
+    #[arg(long = "nats-auth-credentials-file", env = "NATS_AUTH_CREDENTIALS_FILE")]
+    pub nats_auth_credentials_file: Option<PathBuf>,
+
+    /// PEM CA certificate that verifies the NATS server's certificate; set = TLS required.
+    #[arg(long = "nats-tls-ca-cert-path", env = "NATS_TLS_CA_CERT_PATH")]
+    pub nats_tls_ca_cert_path: Option<PathBuf>,
+
+    /// PEM client certificate for mutual TLS (with NATS_TLS_CLIENT_KEY_PATH).
+    #[arg(long = "nats-tls-client-cert-path", env = "NATS_TLS_CLIENT_CERT_PATH")]
+    pub nats_tls_client_cert_path: Option<PathBuf>,
+
+    /// PEM client key for mutual TLS (with NATS_TLS_CLIENT_CERT_PATH).
+    #[arg(long = "nats-tls-client-key-path", env = "NATS_TLS_CLIENT_KEY_PATH")]
+    pub nats_tls_client_key_path: Option<PathBuf>,
 
     /// Dynamo namespace: the workers publish KV events in it (default `dynamo`), and it is the
     /// worker pods' namespace label when DYN_NAMESPACE_PREFIX is unset (default `vllm-agg`, as
@@ -428,7 +465,7 @@ impl Config {
         crate::request::hub::HubSettings {
             home,
             endpoint: self.hf_endpoint.clone(),
-            token: self.hf_token.clone().filter(|t| !t.is_empty()),
+            token: self.hf_token.clone().filter(|t| !t.expose().is_empty()),
             offline: self.hf_hub_offline,
         }
     }
@@ -527,6 +564,22 @@ impl Config {
     }
 
     /// Whether the fleet comes from Kubernetes; `auto`: an explicit workers file wins, else
+    /// How every NATS client of the process connects.
+    pub fn nats(&self) -> crate::nats::NatsConnect {
+        use crate::nats::Auth;
+        let auth = match (&self.nats_auth_username, &self.nats_auth_password) {
+            (Some(u), Some(p)) => Auth::UserPassword(u.clone(), p.clone()),
+            _ => match (&self.nats_auth_token, &self.nats_auth_nkey, &self.nats_auth_credentials_file) {
+                (Some(t), _, _) => Auth::Token(t.clone()),
+                (None, Some(k), _) => Auth::NKey(k.clone()),
+                (None, None, Some(f)) => Auth::CredentialsFile(f.clone()),
+                (None, None, None) => Auth::None,
+            },
+        };
+        let client_cert = self.nats_tls_client_cert_path.clone().zip(self.nats_tls_client_key_path.clone());
+        crate::nats::NatsConnect { url: self.nats_server.clone(), auth, tls_ca: self.nats_tls_ca_cert_path.clone(), client_cert }
+    }
+
     /// Kubernetes inside a cluster.
     pub fn uses_kubernetes(&self) -> bool {
         match self.discovery {
@@ -557,6 +610,16 @@ impl Config {
                 ),
                 2,
             ));
+        }
+        // Halves of a pair: Dynamo silently ignores a lone one; here it is a configuration error.
+        for (a, b, name_a, name_b) in [
+            (cfg.nats_auth_username.is_some(), cfg.nats_auth_password.is_some(), "NATS_AUTH_USERNAME", "NATS_AUTH_PASSWORD"),
+            (cfg.nats_tls_client_cert_path.is_some(), cfg.nats_tls_client_key_path.is_some(), "NATS_TLS_CLIENT_CERT_PATH", "NATS_TLS_CLIENT_KEY_PATH"),
+        ] {
+            if a != b {
+                let (set, unset) = if a { (name_a, name_b) } else { (name_b, name_a) };
+                return Err((format!("{set} is set but {unset} is not: the two go together"), 2));
+            }
         }
         // As Dynamo: the capacity model replaces events, it does not sit beside them.
         if cfg.use_kv_events && cfg.router_approximate_cache_policy == ApproxCachePolicy::Lru {

@@ -6,9 +6,11 @@
 pub mod config;
 pub mod kv;
 pub mod kv_plane;
+pub mod nats;
 pub mod request;
 pub mod router;
 pub mod sched;
+pub mod secret;
 pub mod server;
 pub mod sim;
 pub mod slab;

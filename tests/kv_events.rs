@@ -91,7 +91,7 @@ impl Recorder {
 
 fn settings(url: &str, consumer: &str, reset: bool) -> PlaneSettings {
     PlaneSettings {
-        nats_url: url.into(),
+        nats: dynamo_epp::nats::NatsConnect::plain(url),
         namespace: "dynamo".into(),
         component: "backend".into(),
         consumer: consumer.into(),

@@ -29,7 +29,7 @@ pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
     loop {
         match session(&s, &*sink, &mut reset).await {
             Ok(()) => tracing::warn!("JetStream KV event stream ended; resubscribing"),
-            Err(e) => tracing::warn!(error = %e, url = %s.nats_url, "JetStream KV events unavailable; retrying"),
+            Err(e) => tracing::warn!(error = %e, url = %s.nats.shown_url(), "JetStream KV events unavailable; retrying"),
         }
         tokio::time::sleep(RETRY).await;
     }
@@ -38,11 +38,7 @@ pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn session(s: &PlaneSettings, sink: &dyn EventSink, reset: &mut bool) -> Result<(), BoxError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect()
-        .connect(&s.nats_url)
-        .await?;
+    let client = s.nats.connect(|o| o).await?;
     let js = jetstream::new(client);
     let name = stream_name(&s.namespace, &s.component);
     // Create-or-get, so the EPP and the workers may start in any order.

@@ -39,7 +39,7 @@ pub trait EventSink: Send + Sync + 'static {
 /// The settings every plane needs, taken from the one `Config`.
 #[derive(Clone, Debug)]
 pub struct PlaneSettings {
-    pub nats_url: String,
+    pub nats: crate::nats::NatsConnect,
     pub namespace: String,
     pub component: String,
     pub consumer: String,
@@ -49,7 +49,7 @@ pub struct PlaneSettings {
 impl PlaneSettings {
     pub fn from_config(cfg: &Config) -> Self {
         PlaneSettings {
-            nats_url: cfg.nats_server.clone(),
+            nats: cfg.nats(),
             namespace: cfg.event_namespace().to_string(),
             component: cfg.component.clone(),
             consumer: cfg.kv_consumer(),
@@ -65,7 +65,7 @@ pub fn start(cfg: &Config, sink: Arc<dyn EventSink>) -> Option<tokio::task::Join
         return None;
     }
     let s = PlaneSettings::from_config(cfg);
-    tracing::info!(plane = ?cfg.event_plane, nats = %s.nats_url, namespace = %s.namespace, component = %s.component, "subscribing to KV events");
+    tracing::info!(plane = ?cfg.event_plane, nats = %s.nats.shown_url(), namespace = %s.namespace, component = %s.component, "subscribing to KV events");
     Some(match cfg.event_plane {
         EventPlane::Jetstream => tokio::spawn(jetstream::run(s, sink)),
         EventPlane::Nats => tokio::spawn(nats::run(s, sink)),

@@ -14,18 +14,14 @@ use crate::kv::events::nats::{decode, subject, Gaps, KV_TOPIC};
 pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
     loop {
         if let Err(e) = session(&s, &*sink).await {
-            tracing::warn!(error = %e, url = %s.nats_url, "NATS KV events unavailable; retrying");
+            tracing::warn!(error = %e, url = %s.nats.shown_url(), "NATS KV events unavailable; retrying");
         }
         tokio::time::sleep(RETRY).await;
     }
 }
 
 async fn session(s: &PlaneSettings, sink: &dyn EventSink) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .retry_on_initial_connect()
-        .connect(&s.nats_url)
-        .await?;
+    let client = s.nats.connect(|o| o).await?;
     // The client resubscribes by itself after a reconnect.
     let subj = subject(&s.namespace, &s.component, "generate", KV_TOPIC);
     let mut sub = client.subscribe(subj.clone()).await?;

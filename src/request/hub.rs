@@ -26,7 +26,7 @@ pub struct HubSettings {
     pub home: Option<PathBuf>,
     pub endpoint: String,
     /// `HF_TOKEN`; else the token file `huggingface-cli login` leaves in `HF_HOME`.
-    pub token: Option<String>,
+    pub token: Option<crate::secret::Secret>,
     /// Never contact the Hub: use the cache or fail.
     pub offline: bool,
 }
@@ -51,7 +51,8 @@ pub fn model_dir(spec: &Path, hub: &HubSettings) -> Result<PathBuf, LoadError> {
     } else {
         match download(repo_id, &cache, &repo_dir, hub) {
             Ok(dir) => return Ok(dir),
-            Err(e) => e,
+            // The client's errors quote request URLs, which may carry HF_ENDPOINT's userinfo.
+            Err(e) => crate::secret::redact_urls(&e),
         }
     };
     match cached_snapshot(&repo_dir) {
@@ -92,7 +93,7 @@ fn cached_snapshot(repo_dir: &Path) -> Option<PathBuf> {
 fn download(repo_id: &str, cache: &Cache, repo_dir: &Path, hub: &HubSettings) -> Result<PathBuf, String> {
     let api = ApiBuilder::from_cache(cache.clone())
         .with_endpoint(hub.endpoint.trim_end_matches('/').to_string())
-        .with_token(hub.token.clone().or_else(|| cache.token()))
+        .with_token(hub.token.as_ref().map(|t| t.expose().to_string()).or_else(|| cache.token()))
         .with_progress(false)
         .build()
         .map_err(|e| e.to_string())?;

@@ -46,13 +46,13 @@ pub fn start(cfg: &Config, app: Arc<App>) {
     let events = subject(cfg.event_namespace(), &cfg.component, "generate", TOPIC);
     let beats = format!("{events}.heartbeat");
     let timeout = Duration::from_secs_f64(cfg.replica_timeout_secs);
-    let url = cfg.nats_server.clone();
-    tracing::info!(router_id, subject = %events, nats = %url, "replica sync on");
+    let nats = cfg.nats();
+    tracing::info!(router_id, subject = %events, nats = %nats.shown_url(), "replica sync on");
     tokio::spawn(async move {
-        let client = match connect(&url).await {
+        let client = match connect(&nats).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, url = %url, "replica sync off: bad NATS address");
+                tracing::error!(error = %e, url = %nats.shown_url(), "replica sync off: bad NATS address or credentials file");
                 return;
             }
         };
@@ -61,14 +61,11 @@ pub fn start(cfg: &Config, app: Arc<App>) {
     });
 }
 
-async fn connect(url: &str) -> Result<Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        // Connects (and later reconnects) in the background; routing never waits for it.
-        .retry_on_initial_connect()
+/// Connects (and later reconnects) in the background; routing never waits for it.
+async fn connect(nats: &crate::nats::NatsConnect) -> Result<Client, crate::nats::ConnectError> {
+    nats.connect(|o| {
         // Our own messages are not delivered back to us.
-        .no_echo()
-        .event_callback(|ev| async move {
+        o.no_echo().event_callback(|ev| async move {
             match ev {
                 async_nats::Event::Connected => tracing::info!("replica sync: NATS connected"),
                 async_nats::Event::Disconnected => {
@@ -77,8 +74,8 @@ async fn connect(url: &str) -> Result<Client, async_nats::ConnectError> {
                 _ => {}
             }
         })
-        .connect(url)
-        .await
+    })
+    .await
 }
 
 fn unix_ms() -> u64 {

@@ -2,6 +2,8 @@
 //! the real `dynamo-epp` binary, and in-process mock OpenAI workers that record what they get.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod kv_worker;
+
 use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener as StdListener},
@@ -233,11 +235,13 @@ pub struct EppOptions {
     pub env: Vec<(String, String)>,
     /// Write the workers file before start (else the test writes it later).
     pub write_workers_first: bool,
+    /// Where the EPP's log (stderr) goes; None = inherited.
+    pub log: Option<PathBuf>,
 }
 
 impl Default for EppOptions {
     fn default() -> Self {
-        EppOptions { tls: false, env: vec![], write_workers_first: true }
+        EppOptions { tls: false, env: vec![], write_workers_first: true, log: None }
     }
 }
 
@@ -263,6 +267,9 @@ impl Epp {
             .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        if let Some(log) = &opts.log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
         let child = cmd.spawn().expect("spawn dynamo-epp");
         let epp = Epp { child, grpc_port, health_port, metrics_port, tls: opts.tls, _dir: dir, workers_file };
         wait_for_port(epp.grpc_port, Duration::from_secs(60)).await;
@@ -568,11 +575,25 @@ pub struct NatsServer {
     pub port: u16,
     monitor_port: u16,
     dir: tempfile::TempDir,
+    /// Server configuration file (authorization, tls blocks), if any.
+    conf: Option<PathBuf>,
 }
 
 impl NatsServer {
     pub async fn start() -> NatsServer {
-        let mut s = NatsServer { child: None, port: free_port(), monitor_port: free_port(), dir: tempfile::tempdir().unwrap() };
+        Self::start_with_conf("").await
+    }
+
+    /// With `conf` (nats-server configuration syntax, e.g. an `authorization { … }` block) as
+    /// its configuration file; port, address and JetStream come from the command line.
+    pub async fn start_with_conf(conf: &str) -> NatsServer {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = (!conf.is_empty()).then(|| {
+            let p = dir.path().join("nats.conf");
+            std::fs::write(&p, conf).unwrap();
+            p
+        });
+        let mut s = NatsServer { child: None, port: free_port(), monitor_port: free_port(), dir, conf };
         // A port picked free can be taken by a parallel test before nats-server binds it:
         // then it exits at once, and new ports are tried.
         for _ in 0..5 {
@@ -592,7 +613,11 @@ impl NatsServer {
     /// Starts nats-server and waits until JetStream answers; false if it exited (port taken).
     async fn launch(&mut self) -> bool {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("nats.log")).unwrap();
-        let child = Command::new(nats_bin())
+        let mut cmd = Command::new(nats_bin());
+        if let Some(conf) = &self.conf {
+            cmd.arg("-c").arg(conf);
+        }
+        let child = cmd
             .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string(), "-sd"])
             .arg(self.dir.path().join("store"))
             .stdout(Stdio::null())
@@ -687,7 +712,12 @@ pub const KV_STREAM: &str = "namespace-dynamo-component-backend-kv-events";
 /// A JetStream publisher with the KV-event stream created as Dynamo's publisher creates it,
 /// so events can be published before the EPP runs.
 pub async fn kv_event_publisher(url: &str) -> async_nats::jetstream::Context {
-    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    kv_event_publisher_with(async_nats::ConnectOptions::new(), url).await
+}
+
+/// The same, connecting with `opts` (credentials, TLS).
+pub async fn kv_event_publisher_with(opts: async_nats::ConnectOptions, url: &str) -> async_nats::jetstream::Context {
+    let js = async_nats::jetstream::new(opts.connect(url).await.unwrap());
     js.get_or_create_stream(async_nats::jetstream::stream::Config {
         name: KV_STREAM.into(),
         subjects: vec![format!("{KV_STREAM}.*")],

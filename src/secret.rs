@@ -1,0 +1,104 @@
+//! Keeping credentials out of sight: the Config debug RPC, logs and error messages show URLs
+//! without their `user:password@` part and secret settings as `<redacted>`.
+
+use std::fmt;
+
+/// What stands in for a hidden value.
+pub const REDACTED: &str = "<redacted>";
+
+/// A setting that must never be shown (a password, token or NKey seed). `Debug`, `Display` and
+/// `Serialize` print [`REDACTED`]; only [`Secret::expose`] gives the value, to hand it to a client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+/// `text` with the userinfo of every `scheme://user[:password]@host` in it replaced by
+/// [`REDACTED`]: for URLs from settings and for error messages that may quote them.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let authority_start = i + 3;
+        out.push_str(&rest[..authority_start]);
+        let after = &rest[authority_start..];
+        // The authority ends at the path, query, fragment or anything that cannot be in a URL.
+        let end = after.find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')' | ',')).unwrap_or(after.len());
+        let authority = &after[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                out.push_str(REDACTED);
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Serializes a URL setting without its userinfo (`#[serde(serialize_with)]`).
+pub fn serialize_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_urls(url))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_replaced_and_everything_else_kept() {
+        assert_eq!(redact_urls("nats://alice:s3cret@10.0.0.1:4222"), "nats://<redacted>@10.0.0.1:4222");
+        assert_eq!(redact_urls("nats://tok3n@nats:4222"), "nats://<redacted>@nats:4222");
+        assert_eq!(redact_urls("https://u:p@hub.example/api/models?x=1"), "https://<redacted>@hub.example/api/models?x=1");
+        // A password may itself hold '@' (the authority ends at the last one).
+        assert_eq!(redact_urls("nats://a:p@ss@h:1"), "nats://<redacted>@h:1");
+        // Several URLs in an error message, and text around them.
+        assert_eq!(
+            redact_urls("GET https://x:y@a/b failed; retry nats://h:4222 (nats://k@h2)"),
+            "GET https://<redacted>@a/b failed; retry nats://h:4222 (nats://<redacted>@h2)"
+        );
+        // No userinfo: unchanged, including an '@' after the authority.
+        for s in ["nats://localhost:4222", "https://huggingface.co/org/m@main", "no url here", "tls://h:4222/"] {
+            assert_eq!(redact_urls(s), s);
+        }
+    }
+
+    #[test]
+    fn a_secret_prints_redacted_everywhere() {
+        let s: Secret = "hunter2".parse().unwrap();
+        assert_eq!(format!("{s} {s:?}"), "<redacted> <redacted>");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
+        assert_eq!(s.expose(), "hunter2");
+    }
+}
