@@ -5,7 +5,10 @@
 
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
-use crate::{kv::predicted::ApproxCachePolicy, secret::Secret};
+use crate::{
+    kv::predicted::ApproxCachePolicy,
+    secret::{Secret, UrlSetting},
+};
 
 use clap::{builder::{BoolishValueParser, PossibleValuesParser, TypedValueParser}, error::ContextKind, error::ContextValue, CommandFactory, Parser, ValueEnum};
 
@@ -77,8 +80,7 @@ pub struct Config {
 
     /// Hub (or mirror) that repo ids are downloaded from.
     #[arg(long = "hf-endpoint", env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
-    #[serde(serialize_with = "crate::secret::serialize_url")]
-    pub hf_endpoint: String,
+    pub hf_endpoint: UrlSetting,
 
     /// Token for gated or private repos (else the token file in HF_HOME).
     #[arg(long = "hf-token", env = "HF_TOKEN", hide_env_values = true)]
@@ -125,8 +127,7 @@ pub struct Config {
     /// NATS server URL (JetStream and NATS core planes, replica sync); `tls://` requires TLS.
     /// Shown without its `user:password@` part.
     #[arg(long = "nats-server", env = "NATS_SERVER", default_value = "nats://localhost:4222")]
-    #[serde(serialize_with = "crate::secret::serialize_url")]
-    pub nats_server: String,
+    pub nats_server: UrlSetting,
 
     // NATS authentication and TLS under the names Dynamo's runtime reads
     // (lib/runtime transports/nats.rs); one method is used, first of: user + password, token,
@@ -464,7 +465,7 @@ impl Config {
         let home = self.hf_home.clone().or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface")));
         crate::request::hub::HubSettings {
             home,
-            endpoint: self.hf_endpoint.clone(),
+            endpoint: self.hf_endpoint.expose().to_string(),
             token: self.hf_token.clone().filter(|t| !t.expose().is_empty()),
             offline: self.hf_hub_offline,
         }
@@ -577,7 +578,7 @@ impl Config {
             },
         };
         let client_cert = self.nats_tls_client_cert_path.clone().zip(self.nats_tls_client_key_path.clone());
-        crate::nats::NatsConnect { url: self.nats_server.clone(), auth, tls_ca: self.nats_tls_ca_cert_path.clone(), client_cert }
+        crate::nats::NatsConnect { url: self.nats_server.expose().to_string(), auth, tls_ca: self.nats_tls_ca_cert_path.clone(), client_cert }
     }
 
     /// Kubernetes inside a cluster.
@@ -676,7 +677,7 @@ mod tests {
         assert!(c.use_kv_events && !c.router_reset_states);
         assert_eq!(c.event_plane, EventPlane::Jetstream);
         assert_eq!((c.event_namespace(), c.component.as_str()), ("dynamo", "backend"));
-        assert_eq!(c.nats_server, "nats://localhost:4222");
+        assert_eq!(c.nats_server.expose(), "nats://localhost:4222");
         let kv = c.kv_settings();
         assert_eq!((kv.default_block_size, kv.approx_ttl, kv.predicted_ttl), (16, Duration::from_secs(120), None));
         assert_eq!(c.kv_consumer(), "dynamo-epp");
@@ -722,6 +723,39 @@ mod tests {
         assert_eq!((c.model_path.as_ref(), c.model_name.as_ref()), (None, None));
         assert!(c.inject_tokens && c.lora_adapters.is_empty());
         assert_eq!((c.token_cache_bytes, c.tokenization_timeout_ms), (256 << 20, 5000));
+    }
+
+    #[test]
+    fn nats_credentials_follow_dynamos_priority_and_never_serialize() {
+        use crate::nats::Auth;
+        let parse = |args: &[&str]| Config::from_args(std::iter::once("dynamo-epp").chain(args.iter().copied()));
+        let auth = |args: &[&str]| parse(args).unwrap().nats().auth;
+        assert!(matches!(auth(&[]), Auth::None));
+        let all = ["--nats-auth-username", "u", "--nats-auth-password", "p", "--nats-auth-token", "t", "--nats-auth-nkey", "SUKEY", "--nats-auth-credentials-file", "c.creds"];
+        assert!(matches!(auth(&all), Auth::UserPassword(u, p) if u == "u" && p.expose() == "p"));
+        assert!(matches!(auth(&all[4..]), Auth::Token(t) if t.expose() == "t"));
+        assert!(matches!(auth(&all[6..]), Auth::NKey(k) if k.expose() == "SUKEY"));
+        assert!(matches!(auth(&all[8..]), Auth::CredentialsFile(f) if f == std::path::Path::new("c.creds")));
+        let tls = parse(&["--nats-tls-ca-cert-path", "ca.pem", "--nats-tls-client-cert-path", "c.pem", "--nats-tls-client-key-path", "k.pem"]).unwrap().nats();
+        assert_eq!(tls.tls_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        assert_eq!(tls.client_cert, Some(("c.pem".into(), "k.pem".into())));
+        // Halves of a pair stop start-up.
+        for (args, needles) in [
+            (vec!["--nats-auth-username", "u"], ["NATS_AUTH_USERNAME is set", "NATS_AUTH_PASSWORD is not"]),
+            (vec!["--nats-auth-password", "SECRETVALUE"], ["NATS_AUTH_PASSWORD is set", "NATS_AUTH_USERNAME is not"]),
+            (vec!["--nats-tls-client-key-path", "k"], ["NATS_TLS_CLIENT_KEY_PATH is set", "NATS_TLS_CLIENT_CERT_PATH is not"]),
+        ] {
+            let (msg, code) = parse(&args).unwrap_err();
+            assert_eq!((code, msg.lines().count()), (2, 1), "{msg}");
+            assert!(needles.iter().all(|n| msg.contains(n)) && !msg.contains("SECRETVALUE"), "{msg}");
+        }
+        // What the Config debug RPC serializes.
+        let c = parse(&["--nats-server", "nats://a:URLPW@h:4222", "--hf-endpoint", "https://x:HFPW@hub", "--hf-token", "HFTOKEN", "--nats-auth-token", "NATSTOKEN", "--nats-auth-nkey", "SUNKEY"]).unwrap();
+        let json = serde_json::to_string(&c).unwrap();
+        for secret in ["URLPW", "HFPW", "HFTOKEN", "NATSTOKEN", "SUNKEY"] {
+            assert!(!json.contains(secret) && !format!("{c:?}").contains(secret), "{secret} in {json}");
+        }
+        assert!(json.contains(r#""nats_server":"nats://<redacted>@h:4222""#) && json.contains(r#""nats_auth_token":"<redacted>""#), "{json}");
     }
 
     #[test]

@@ -46,7 +46,13 @@ impl NatsConnect {
     pub async fn options(&self) -> std::io::Result<async_nats::ConnectOptions> {
         let mut o = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5)).retry_on_initial_connect();
         o = match &self.auth {
-            Auth::None => o,
+            // async-nats ignores a URL's userinfo; as NATS clients do, it means user:password or a
+            // token (the NATS_AUTH_* variables win).
+            Auth::None => match split_userinfo(&self.url).1 {
+                Some((user, Some(pass))) => o.user_and_password(user, pass),
+                Some((token, None)) => o.token(token),
+                None => o,
+            },
             Auth::UserPassword(u, p) => o.user_and_password(u.clone(), p.expose().to_string()),
             Auth::Token(t) => o.token(t.expose().to_string()),
             Auth::NKey(seed) => o.nkey(seed.expose().to_string()),
@@ -68,8 +74,22 @@ impl NatsConnect {
         customize: impl FnOnce(async_nats::ConnectOptions) -> async_nats::ConnectOptions,
     ) -> Result<async_nats::Client, ConnectError> {
         let o = self.options().await.map_err(|e| ConnectError(format!("NATS credentials file: {e}")))?;
-        customize(o).connect(&self.url).await.map_err(|e| ConnectError(redact_urls(&e.to_string())))
+        // The client gets the URL without userinfo, so nothing it logs can show the credentials.
+        customize(o).connect(split_userinfo(&self.url).0).await.map_err(|e| ConnectError(redact_urls(&e.to_string())))
     }
+}
+
+/// `scheme://[user[:password]@]host…` → (the URL without userinfo, (user, password)).
+fn split_userinfo(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some(i) = url.find("://").map(|i| i + 3) else { return (url.to_string(), None) };
+    let authority_end = url[i..].find(['/', '?', '#']).map_or(url.len(), |e| i + e);
+    let Some(at) = url[i..authority_end].rfind('@').map(|a| i + a) else { return (url.to_string(), None) };
+    let info = &url[i..at];
+    let creds = match info.split_once(':') {
+        Some((u, p)) => (u.to_string(), Some(p.to_string())),
+        None => (info.to_string(), None),
+    };
+    (format!("{}{}", &url[..i], &url[at + 1..]), Some(creds))
 }
 
 impl std::fmt::Debug for NatsConnect {
@@ -91,6 +111,16 @@ pub struct ConnectError(String);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userinfo_is_taken_out_of_the_url() {
+        let s = |u: &str| split_userinfo(u);
+        assert_eq!(s("nats://h:4222"), ("nats://h:4222".into(), None));
+        assert_eq!(s("nats://alice:pw@h:4222"), ("nats://h:4222".into(), Some(("alice".into(), Some("pw".into())))));
+        assert_eq!(s("tls://t0k@h:4222/x"), ("tls://h:4222/x".into(), Some(("t0k".into(), None))));
+        assert_eq!(s("nats://a:p@ss@h"), ("nats://h".into(), Some(("a".into(), Some("p@ss".into())))));
+        assert_eq!(s("h:4222"), ("h:4222".into(), None));
+    }
 
     #[test]
     fn debug_output_hides_the_secrets() {

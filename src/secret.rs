@@ -1,5 +1,6 @@
 //! Keeping credentials out of sight: the Config debug RPC, logs and error messages show URLs
-//! without their `user:password@` part and secret settings as `<redacted>`.
+//! without their `user:password@` part and secret settings as `<redacted>`. Settings holding
+//! them are [`Secret`]s and [`UrlSetting`]s, so no `Debug` or `Serialize` of the `Config` shows them.
 
 use std::fmt;
 
@@ -42,6 +43,42 @@ impl serde::Serialize for Secret {
     }
 }
 
+/// A URL setting that may carry `user:password@`: `Debug`, `Display` and `Serialize` show it
+/// through [`redact_urls`]; [`UrlSetting::expose`] gives it whole, to hand it to a client.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UrlSetting(String);
+
+impl UrlSetting {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for UrlSetting {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(UrlSetting(s.to_string()))
+    }
+}
+
+impl fmt::Debug for UrlSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_urls(&self.0))
+    }
+}
+
+impl fmt::Display for UrlSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_urls(&self.0))
+    }
+}
+
+impl serde::Serialize for UrlSetting {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&redact_urls(&self.0))
+    }
+}
+
 /// `text` with the userinfo of every `scheme://user[:password]@host` in it replaced by
 /// [`REDACTED`]: for URLs from settings and for error messages that may quote them.
 pub fn redact_urls(text: &str) -> String {
@@ -65,11 +102,6 @@ pub fn redact_urls(text: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// Serializes a URL setting without its userinfo (`#[serde(serialize_with)]`).
-pub fn serialize_url<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&redact_urls(url))
 }
 
 #[cfg(test)]
@@ -100,5 +132,8 @@ mod tests {
         assert_eq!(format!("{s} {s:?}"), "<redacted> <redacted>");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
         assert_eq!(s.expose(), "hunter2");
+        let u: UrlSetting = "nats://u:pw@h:1".parse().unwrap();
+        assert_eq!(format!("{u} {u:?} {}", serde_json::to_string(&u).unwrap()), r#"nats://<redacted>@h:1 "nats://<redacted>@h:1" "nats://<redacted>@h:1""#);
+        assert_eq!(u.expose(), "nats://u:pw@h:1");
     }
 }

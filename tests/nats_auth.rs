@@ -98,7 +98,7 @@ async fn nkey() {
 }
 
 /// TLS with a CA of our own (server certificate for 127.0.0.1 signed by it), and the user's
-/// password in the URL's userinfo, where async-nats reads it.
+/// password in the URL's userinfo (async-nats ignores userinfo: the EPP takes it out itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_with_a_ca_and_credentials_in_the_url() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,9 +111,11 @@ authorization {{ users = [ {{ user: "bob", password: "url-S3CRET" }} ] }}"#,
     ))
     .await;
     let url = format!("nats://bob:url-S3CRET@127.0.0.1:{}", nats.port);
-    let publisher = async_nats::ConnectOptions::new().add_root_certificates(ca.clone()).require_tls(true);
+    let publisher = async_nats::ConnectOptions::with_user_and_password("bob".into(), "url-S3CRET".into())
+        .add_root_certificates(ca.clone())
+        .require_tls(true);
     let env = [("NATS_SERVER", url.clone()), ("NATS_TLS_CA_CERT_PATH", ca.display().to_string())];
-    let (config, log) = epp_applies_the_event(&nats, publisher, &url, &env).await;
+    let (config, log) = epp_applies_the_event(&nats, publisher, &nats.url(), &env).await;
     assert_hidden(&["S3CRET"], &config, &log);
     assert!(config.contains(&format!("nats://<redacted>@127.0.0.1:{}", nats.port)), "{config}");
 }
