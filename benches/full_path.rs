@@ -41,7 +41,7 @@ mod common;
 use std::{
     path::PathBuf,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::Ordering::Relaxed,
         Arc,
     },
     time::{Duration, Instant},

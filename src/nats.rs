@@ -127,7 +127,7 @@ mod tests {
         let c = NatsConnect { url: "nats://u:pw1@h:4222".into(), auth: Auth::UserPassword("u".into(), "pw2".parse().unwrap()), ..Default::default() };
         let shown = format!("{c:?} {}", c.shown_url());
         assert!(!shown.contains("pw1") && !shown.contains("pw2"), "{shown}");
-        assert!(shown.contains("UserPassword(\"u\", <redacted>)"), "{shown}");
+        assert!(shown.contains("UserPassword(\"u\", \"<redacted>\")"), "{shown}");
         assert_eq!(c.shown_url(), "nats://<redacted>@h:4222");
     }
 }

@@ -2,80 +2,79 @@
 //! without their `user:password@` part and secret settings as `<redacted>`. Settings holding
 //! them are [`Secret`]s and [`UrlSetting`]s, so no `Debug` or `Serialize` of the `Config` shows them.
 
-use std::fmt;
+use std::{fmt, marker::PhantomData};
 
 /// What stands in for a hidden value.
 pub const REDACTED: &str = "<redacted>";
 
-/// A setting that must never be shown (a password, token or NKey seed). `Debug`, `Display` and
-/// `Serialize` print [`REDACTED`]; only [`Secret::expose`] gives the value, to hand it to a client.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+/// A setting holding a credential. `Debug`, `Display` and `Serialize` print only what `S`
+/// shows of it; [`Hidden::expose`] gives it whole, to hand it to a client.
+pub struct Hidden<S>(String, PhantomData<S>);
 
-impl Secret {
+/// What of a [`Hidden`] value may be shown.
+pub trait Shown {
+    fn shown(raw: &str) -> String;
+}
+
+/// Nothing: a password, token or NKey seed.
+pub enum Nothing {}
+impl Shown for Nothing {
+    fn shown(_: &str) -> String {
+        REDACTED.to_string()
+    }
+}
+
+/// A URL without its userinfo.
+pub enum WithoutUserinfo {}
+impl Shown for WithoutUserinfo {
+    fn shown(raw: &str) -> String {
+        redact_urls(raw)
+    }
+}
+
+pub type Secret = Hidden<Nothing>;
+pub type UrlSetting = Hidden<WithoutUserinfo>;
+
+impl<S> Hidden<S> {
     pub fn expose(&self) -> &str {
         &self.0
     }
 }
 
-impl std::str::FromStr for Secret {
+impl<S> Clone for Hidden<S> {
+    fn clone(&self) -> Self {
+        Hidden(self.0.clone(), PhantomData)
+    }
+}
+
+impl<S> PartialEq for Hidden<S> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0
+    }
+}
+
+impl<S> std::str::FromStr for Hidden<S> {
     type Err = std::convert::Infallible;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_string()))
+        Ok(Hidden(s.to_string(), PhantomData))
     }
 }
 
-impl fmt::Debug for Secret {
+impl<S: Shown> fmt::Debug for Hidden<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
+        write!(f, "{:?}", S::shown(&self.0))
     }
 }
 
-impl fmt::Display for Secret {
+impl<S: Shown> fmt::Display for Hidden<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(REDACTED)
+        f.write_str(&S::shown(&self.0))
     }
 }
 
-impl serde::Serialize for Secret {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(REDACTED)
-    }
-}
-
-/// A URL setting that may carry `user:password@`: `Debug`, `Display` and `Serialize` show it
-/// through [`redact_urls`]; [`UrlSetting::expose`] gives it whole, to hand it to a client.
-#[derive(Clone, PartialEq, Eq)]
-pub struct UrlSetting(String);
-
-impl UrlSetting {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for UrlSetting {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(UrlSetting(s.to_string()))
-    }
-}
-
-impl fmt::Debug for UrlSetting {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", redact_urls(&self.0))
-    }
-}
-
-impl fmt::Display for UrlSetting {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_urls(&self.0))
-    }
-}
-
-impl serde::Serialize for UrlSetting {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&redact_urls(&self.0))
+impl<S: Shown> serde::Serialize for Hidden<S> {
+    fn serialize<Z: serde::Serializer>(&self, z: Z) -> Result<Z::Ok, Z::Error> {
+        z.serialize_str(&S::shown(&self.0))
     }
 }
 
@@ -129,7 +128,7 @@ mod tests {
     #[test]
     fn a_secret_prints_redacted_everywhere() {
         let s: Secret = "hunter2".parse().unwrap();
-        assert_eq!(format!("{s} {s:?}"), "<redacted> <redacted>");
+        assert_eq!(format!("{s} {s:?}"), "<redacted> \"<redacted>\"");
         assert_eq!(serde_json::to_string(&s).unwrap(), "\"<redacted>\"");
         assert_eq!(s.expose(), "hunter2");
         let u: UrlSetting = "nats://u:pw@h:1".parse().unwrap();
