@@ -84,6 +84,11 @@ fn load_fleet(path: &str) -> (String, Fleet) {
     (yaml, fleet)
 }
 
+/// A path as the user would type it: relative to the repository when inside it.
+fn shown(path: &std::path::Path) -> String {
+    path.strip_prefix(env!("CARGO_MANIFEST_DIR")).unwrap_or(path).display().to_string()
+}
+
 fn section(title: &str) {
     println!("\n== {title}");
 }
@@ -130,9 +135,9 @@ async fn main() {
 
     println!("dynamo-epp demo: client → Envoy (ext_proc) → dynamo-epp → mock engines; KV events over NATS JetStream");
     println!("  nats-server  {} (JetStream)", nats.url());
-    println!("  dynamo-epp   ext_proc 127.0.0.1:{}, metrics :{}; tokenizer {}", d.epp.grpc_port, d.epp.metrics_port, model.display());
+    println!("  dynamo-epp   ext_proc 127.0.0.1:{}, metrics :{}; tokenizer {}", d.epp.grpc_port, d.epp.metrics_port, shown(&model));
     println!("  envoy        http://127.0.0.1:{}", d.envoy.port);
-    println!("  fleet        {agg_path}:");
+    println!("  fleet        {}:", shown(agg_path.as_ref()));
     for w in &agg.workers {
         println!("               {:<26} {:<16} instance id {}", w.name, w.endpoint, w.id);
     }
@@ -213,7 +218,7 @@ async fn main() {
     }
 
     // ---- disaggregated
-    section(&format!("disaggregated: the workers file now holds {disagg_path}"));
+    section(&format!("disaggregated: the workers file now holds {}", shown(disagg_path.as_ref())));
     std::fs::write(&d.epp.workers_file, &disagg_yaml).unwrap();
     d.epp.wait_metric("dynamo_epp_workers", Duration::from_secs(10), |v| v == disagg.workers.len() as f64).await;
     let o = d.send("/v1/chat/completions", long_chat(15, "And now in one sentence?").to_string()).await;

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
 cargo build --locked --quiet --bin dynamo-epp --example demo
-exec target/debug/examples/demo "$@"
+exec "${CARGO_TARGET_DIR:-target}/debug/examples/demo" "$@"
