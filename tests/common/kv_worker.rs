@@ -23,7 +23,7 @@ use std::{
 use axum::{
     body::{Body, Bytes},
     extract::State,
-    http::{HeaderMap, Uri},
+    http::HeaderMap,
     response::Response,
 };
 use dynamo_epp::{
@@ -69,7 +69,6 @@ pub struct KvWorkerConfig {
 /// One request as the worker saw and answered it.
 #[derive(Clone, Debug)]
 pub struct Served {
-    pub path: String,
     pub headers: HashMap<String, String>,
     /// `nvext.token_data` length (0 when absent).
     pub token_data: usize,
@@ -135,7 +134,7 @@ impl KvWorker {
     }
 }
 
-async fn worker_handle(State(st): State<Arc<KvWorkerState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+async fn worker_handle(State(st): State<Arc<KvWorkerState>>, headers: HeaderMap, body: Bytes) -> Response {
     st.stats.requests.fetch_add(1, Relaxed);
     let parsed = serde_json::from_slice::<WorkerBody>(&body).ok();
     let stream = parsed.as_ref().is_some_and(|b| b.stream);
@@ -148,7 +147,7 @@ async fn worker_handle(State(st): State<Arc<KvWorkerState>>, uri: Uri, headers: 
     }
     if st.cfg.record {
         let headers = headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
-        st.served.lock().push(Served { path: uri.to_string(), headers, token_data: tokens.len(), cached_tokens: cached });
+        st.served.lock().push(Served { headers, token_data: tokens.len(), cached_tokens: cached });
     }
     tokio::time::sleep(st.cfg.decode).await;
     let name = &st.cfg.name;
