@@ -162,7 +162,8 @@ async fn explain_obeys_the_request_body_limit_and_deadline_and_runs_a_few_at_onc
         e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         EppOptions { env: e, ..Default::default() }
     };
-    let chain = Chain::start(&[("w", Some(7))], env(&[("DYN_EPP_TOKENIZER_THREADS", "1")])).await;
+    // One tokenizer thread and a deadline loaded machines meet: admitted Explains finish.
+    let chain = Chain::start(&[("w", Some(7))], env(&[("DYN_EPP_TOKENIZER_THREADS", "1"), ("DYN_EPP_TOKENIZATION_TIMEOUT_MS", "60000")])).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", chain.epp.grpc_port)).unwrap().connect().await.unwrap();
     let client = DebugClient::new(channel);
 
@@ -179,7 +180,7 @@ async fn explain_obeys_the_request_body_limit_and_deadline_and_runs_a_few_at_onc
     let calls: Vec<_> = (0..8)
         .map(|i| {
             let mut c = client.clone();
-            tokio::spawn(async move { c.explain(ExplainRequest { body: Some(big_chat(900_000, i + 1)), ..Default::default() }).await })
+            tokio::spawn(async move { c.explain(ExplainRequest { body: Some(big_chat(600_000, i + 1)), ..Default::default() }).await })
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(50)).await;

@@ -147,8 +147,8 @@ async fn tonic_workers(port: u16, ca: &str, identity: Option<&Issued>) -> Result
     Ok(r.into_inner().workers.len())
 }
 
-async fn post(client: &reqwest::Client, envoy: &Envoy, content: &str) -> u16 {
-    match client.post(envoy.url("/v1/chat/completions")).body(chat_body(content)).send().await {
+async fn post(client: &reqwest::Client, envoy: &Envoy, content: impl AsRef<str>) -> u16 {
+    match client.post(envoy.url("/v1/chat/completions")).body(chat_body(content.as_ref())).send().await {
         Ok(r) => r.status().as_u16(),
         Err(_) => 0,
     }
@@ -349,7 +349,7 @@ async fn idle_connections_and_stalled_handshakes_leave_routing_healthy() {
     let port = chain.epp.grpc_port;
     // Both Envoy workers connect to the picker before the flood.
     for _ in 0..20 {
-        let batch: Vec<_> = (0..16).map(|i| post(&chain.client, &chain.envoy, &format!("warm {i}"))).collect();
+        let batch: Vec<_> = (0..16).map(|i| post(&chain.client, &chain.envoy, format!("warm {i}"))).collect();
         assert!(futures_util::future::join_all(batch).await.iter().all(|&s| s == 200));
         if chain.epp.metric("dynamo_epp_connections").await == Some(2.0) {
             break;
