@@ -434,3 +434,29 @@ async fn idle_connections_and_stalled_handshakes_leave_routing_healthy() {
     assert!(t.elapsed() < Duration::from_secs(3));
     assert_eq!(chain.epp.wait_metric("dynamo_epp_connections", Duration::from_secs(5), |v| v == gateway_conns).await, gateway_conns);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_limits_are_advertised_and_enforced() {
+    let epp = Epp::start(&workers_yaml(&[("w", "127.0.0.1:9".parse().unwrap(), Some(7))]), EppOptions::default()).await;
+    // SETTINGS_MAX_CONCURRENT_STREAMS as a client sees it (the PONG comes after the SETTINGS).
+    let tcp = TcpStream::connect(("127.0.0.1", epp.grpc_port)).await.unwrap();
+    let (_send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut pings = conn.ping_pong().unwrap();
+    tokio::select! {
+        r = &mut conn => panic!("connection ended: {r:?}"),
+        r = pings.ping(h2::Ping::opaque()) => { r.unwrap(); }
+    }
+    assert_eq!(conn.max_concurrent_send_streams(), 4096);
+
+    // Metadata within the 16 KiB header list passes; past it the call is refused.
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", epp.grpc_port)).unwrap().connect().await.unwrap();
+    let call = |bytes: usize| {
+        let mut client = DebugClient::new(channel.clone());
+        let mut req = tonic::Request::new(WorkersRequest {});
+        req.metadata_mut().insert("x-padding", "a".repeat(bytes).parse().unwrap());
+        async move { client.workers(req).await.map(|r| r.into_inner().workers.len()) }
+    };
+    assert_eq!(call(8 * 1024).await.unwrap(), 1);
+    assert!(call(20 * 1024).await.is_err());
+    assert_eq!(call(100).await.unwrap(), 1, "the connection still serves");
+}

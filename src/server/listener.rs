@@ -41,6 +41,11 @@ pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
 /// connection, ending its streams (and freeing their bookings) when a gateway vanished.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams a client may open and reset before we accept them, and streams our errors may
+/// reset, before the connection is closed (rapid-reset floods). These are hyper's defaults,
+/// set here because tonic passes "unset" through, which for the second means unlimited.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Pause after a failed accept (out of descriptors, say) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Every HTTP/2 client starts with these bytes (RFC 9113 §3.4).

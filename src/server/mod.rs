@@ -329,7 +329,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         .max_concurrent_streams(listener::MAX_STREAMS_PER_CONNECTION)
         .http2_max_header_list_size(listener::MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(listener::MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(listener::MAX_LOCAL_ERROR_RESETS));
     let conn_metrics = listener::ConnMetrics { open: app.metrics.connections.clone(), handshake_failures: app.metrics.handshake_failures.clone() };
     // Explain bodies are held to the requests' limit (the slack is the protobuf framing).
     let message_limit = cfg.max_body_bytes as usize + (1 << 20);
