@@ -26,6 +26,20 @@ pub struct Config {
     #[arg(long, env = "DYN_SECURE_SERVING", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub secure_serving: bool,
 
+    /// Directory with `tls.crt` and `tls.key` (a Kubernetes TLS Secret's mount) served instead
+    /// of the self-signed certificate; re-read when the files change.
+    #[arg(long = "cert-path", env = "DYN_EPP_CERT_PATH")]
+    pub cert_path: Option<PathBuf>,
+
+    /// PEM file of the CA(s) that client certificates must chain to; unset = no client
+    /// certificate asked for.
+    #[arg(long = "client-ca-file", env = "DYN_EPP_CLIENT_CA_FILE")]
+    pub client_ca_file: Option<PathBuf>,
+
+    /// Serve the debug API (`dynamo.epp.v1.Debug`: Explain, Workers, Config) on the gRPC port.
+    #[arg(long = "debug-api", env = "DYN_EPP_DEBUG_API", default_value = "true", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub debug_api: bool,
+
     /// ext_proc gRPC port.
     #[arg(long = "grpc-port", env = "DYN_EPP_GRPC_PORT", default_value_t = 9002)]
     pub grpc_port: u16,
@@ -622,6 +636,11 @@ impl Config {
                 return Err((format!("{set} is set but {unset} is not: the two go together"), 2));
             }
         }
+        for (set, name) in [(cfg.cert_path.is_some(), "DYN_EPP_CERT_PATH (--cert-path)"), (cfg.client_ca_file.is_some(), "DYN_EPP_CLIENT_CA_FILE (--client-ca-file)")] {
+            if set && !cfg.secure_serving {
+                return Err((format!("{name} requires DYN_SECURE_SERVING=true: certificates mean nothing on plaintext h2c"), 2));
+            }
+        }
         // As Dynamo: the capacity model replaces events, it does not sit beside them.
         if cfg.use_kv_events && cfg.router_approximate_cache_policy == ApproxCachePolicy::Lru {
             return Err((
@@ -669,7 +688,8 @@ mod tests {
     #[test]
     fn defaults_match_the_contract() {
         let c = Config::from_args(["dynamo-epp"]).unwrap();
-        assert!(c.secure_serving);
+        assert!(c.secure_serving && c.debug_api);
+        assert_eq!((c.cert_path.as_ref(), c.client_ca_file.as_ref()), (None, None));
         assert_eq!((c.grpc_port, c.health_port, c.metrics_port), (9002, 9003, 9090));
         assert_eq!(c.max_body_bytes, 16 * 1024 * 1024);
         assert_eq!(c.shutdown_propagation_secs, 5);
@@ -705,6 +725,15 @@ mod tests {
         let (msg, code) = Config::from_args(["dynamo-epp", "--pool-group", "inference.networking.x-k8s.io"]).unwrap_err();
         assert_eq!(code, 2);
         assert!(msg.contains("inference.networking.k8s.io"), "{msg}");
+    }
+
+    #[test]
+    fn secure_serving_settings_parse() {
+        let c = Config::from_args(["dynamo-epp", "--cert-path", "/etc/epp-tls", "--client-ca-file", "/etc/ca/ca.crt", "--debug-api", "false"]).unwrap();
+        assert_eq!(c.cert_path, Some(PathBuf::from("/etc/epp-tls")));
+        assert_eq!(c.client_ca_file, Some(PathBuf::from("/etc/ca/ca.crt")));
+        assert!(!c.debug_api && c.secure_serving);
+        assert!(Config::from_args(["dynamo-epp", "--debug-api", "0"]).is_ok_and(|c| !c.debug_api));
     }
 
     #[test]
@@ -775,6 +804,9 @@ mod tests {
             (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),
             (vec!["--inject-tokens", "perhaps"], vec!["DYN_EPP_INJECT_TOKENS", "perhaps"]),
             (vec!["--replica-timeout-secs", "1.5"], vec!["DYN_EPP_REPLICA_TIMEOUT_SECS", "at least 2"]),
+            (vec!["--debug-api", "sometimes"], vec!["DYN_EPP_DEBUG_API", "sometimes"]),
+            (vec!["--secure-serving", "false", "--cert-path", "/etc/epp-tls"], vec!["DYN_EPP_CERT_PATH", "DYN_SECURE_SERVING=true"]),
+            (vec!["--secure-serving", "false", "--client-ca-file", "/etc/ca.crt"], vec!["DYN_EPP_CLIENT_CA_FILE", "DYN_SECURE_SERVING=true"]),
         ] {
             let (msg, code) = Config::from_args(std::iter::once("dynamo-epp").chain(args.clone())).unwrap_err();
             assert_eq!(code, 2, "{args:?}");

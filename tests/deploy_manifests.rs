@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 use kube_support::container;
 use serde_json::Value;
 
-const OVERLAYS: &[&str] = &["kv-aware", "approximate", "istio-monitored"];
+const OVERLAYS: &[&str] = &["kv-aware", "approximate", "istio-monitored", "istio-mtls"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -86,7 +86,7 @@ fn every_overlay_and_example_renders_and_validates_strictly() {
     // Every kind went through a schema (the validator fails on a kind it has none for).
     for kind in [
         "ServiceAccount", "Role", "RoleBinding", "Service", "Deployment", "InferencePool", "HTTPRoute", "Gateway",
-        "AgentgatewayParameters", "DestinationRule", "ServiceMonitor", "Pod",
+        "AgentgatewayParameters", "DestinationRule", "ServiceMonitor", "Pod", "Certificate", "Issuer",
     ] {
         assert!(out.lines().any(|l| l.starts_with("ok ") && l.contains(&format!(": {kind}/"))), "{kind} not validated: {out}");
     }
@@ -182,6 +182,9 @@ fn the_pieces_point_at_each_other() {
         assert_eq!(binding["subjects"][0]["name"], sa.as_str());
         assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
 
+        if *overlay == "istio-mtls" {
+            the_mtls_pieces_point_at_each_other(&docs, &c, &deploy);
+        }
         if *overlay == "istio-monitored" {
             assert_eq!(by_kind(&docs, "DestinationRule")["spec"]["host"], svc_name.as_str());
             assert_eq!(by_kind(&docs, "DestinationRule")["spec"]["trafficPolicy"]["tls"]["mode"], "SIMPLE");
@@ -193,6 +196,42 @@ fn the_pieces_point_at_each_other() {
             assert!(svc.spec.as_ref().unwrap().ports.iter().flatten().any(|p| p.name.as_deref() == Some(port)));
         }
     }
+}
+
+/// The EPP serves the serving Certificate's Secret and verifies clients against its CA; the
+/// DestinationRule presents the client Certificate's Secret and checks the name the serving
+/// certificate carries; both certificates come from the one CA.
+fn the_mtls_pieces_point_at_each_other(docs: &[Value], c: &Container, deploy: &Deployment) {
+    let named = |kind: &str, name: &str| {
+        docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name).unwrap_or_else(|| panic!("no {kind}/{name}")).clone()
+    };
+    let env: std::collections::HashMap<_, _> = env(c).into_iter().collect();
+    let cert_path = env["DYN_EPP_CERT_PATH"].clone().unwrap();
+    assert_eq!(env["DYN_EPP_CLIENT_CA_FILE"].as_deref(), Some(format!("{cert_path}/ca.crt").as_str()));
+    let mount = c.volume_mounts.iter().flatten().find(|m| m.mount_path == cert_path).expect("the certificate directory is mounted");
+    let pod = deploy.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+    let served_secret = volume.secret.as_ref().unwrap().secret_name.clone().unwrap();
+
+    let certs: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Certificate").collect();
+    let by_secret = |s: &str| *certs.iter().find(|c| c["spec"]["secretName"] == s).unwrap_or_else(|| panic!("no Certificate writes {s}"));
+    let serving = by_secret(&served_secret);
+    assert!(serving["spec"]["usages"].as_array().unwrap().iter().any(|u| u == "server auth"));
+    let tls = &by_kind(docs, "DestinationRule")["spec"]["trafficPolicy"]["tls"];
+    assert_eq!(tls["mode"], "MUTUAL");
+    assert!(tls.get("insecureSkipVerify").is_none());
+    let client = by_secret(tls["credentialName"].as_str().unwrap());
+    assert!(client["spec"]["usages"].as_array().unwrap().iter().any(|u| u == "client auth"));
+    let names = serving["spec"]["dnsNames"].as_array().unwrap();
+    assert!(names.contains(&tls["sni"]));
+    assert!(tls["subjectAltNames"].as_array().unwrap().iter().all(|n| names.contains(n)));
+
+    // One CA behind both: their Issuer signs with the CA Certificate's Secret.
+    assert_eq!(serving["spec"]["issuerRef"], client["spec"]["issuerRef"]);
+    let issuer = named("Issuer", serving["spec"]["issuerRef"]["name"].as_str().unwrap());
+    let ca = by_secret(issuer["spec"]["ca"]["secretName"].as_str().unwrap());
+    assert_eq!(ca["spec"]["isCA"], true);
+    named(ca["spec"]["issuerRef"]["kind"].as_str().unwrap(), ca["spec"]["issuerRef"]["name"].as_str().unwrap());
 }
 
 #[test]

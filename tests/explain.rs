@@ -115,3 +115,97 @@ async fn grpcurl_explains_through_reflection() {
     assert_eq!(v["candidates"].as_array().unwrap().len(), 1);
     assert!(v["promptTokens"].as_u64().unwrap() > 3, "{v}");
 }
+
+/// `{"model": "qwen", "messages": [{"role": "user", "content": <n bytes of distinct words>}]}`.
+fn big_chat(n: usize, seed: usize) -> Struct {
+    let mut text = String::with_capacity(n + 16);
+    let mut i = seed * 1_000_003;
+    while text.len() < n {
+        text.push_str(&format!("w{} ", i % 9973));
+        i += 7;
+    }
+    chat_struct(&text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_debug_api_switched_off_is_neither_served_nor_listed() {
+    let yaml = workers_yaml(&[("w", "127.0.0.1:9".parse().unwrap(), Some(7))]);
+    let on = Epp::start(&yaml, EppOptions::default()).await;
+    let off = Epp::start(&yaml, EppOptions { env: vec![("DYN_EPP_DEBUG_API".into(), "false".into())], ..Default::default() }).await;
+    let grpcurl = |port: u16, args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(repo_root().join(".venv/bin/grpcurl"));
+        cmd.args(["-plaintext", &format!("127.0.0.1:{port}")]).args(args);
+        async move {
+            let out = cmd.output().await.expect("grpcurl (scripts/setup.sh installs it)");
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+    };
+    let (ok, listed) = grpcurl(on.grpc_port, &["list"]).await;
+    assert!(ok && listed.contains("dynamo.epp.v1.Debug") && listed.contains("envoy.service.ext_proc.v3.ExternalProcessor"), "{listed}");
+    let (ok, listed) = grpcurl(off.grpc_port, &["list"]).await;
+    assert!(ok && !listed.contains("dynamo.epp.v1.Debug") && listed.contains("envoy.service.ext_proc.v3.ExternalProcessor"), "{listed}");
+    assert!(!grpcurl(off.grpc_port, &["describe", "dynamo.epp.v1.Debug"]).await.0);
+
+    let client = |port: u16| async move {
+        DebugClient::new(tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).unwrap().connect().await.unwrap())
+    };
+    assert!(client(on.grpc_port).await.workers(WorkersRequest {}).await.is_ok());
+    let err = client(off.grpc_port).await.workers(WorkersRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_obeys_the_request_body_limit_and_deadline_and_runs_a_few_at_once() {
+    let model = tokenizer_fixtures().join("qwen3").display().to_string();
+    let env = |extra: &[(&str, &str)]| {
+        let mut e = vec![("DYN_MODEL_PATH".to_string(), model.clone()), ("DYN_EPP_MAX_BODY_BYTES".to_string(), "1000000".to_string())];
+        e.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        EppOptions { env: e, ..Default::default() }
+    };
+    // One tokenizer thread and a deadline loaded machines meet: admitted Explains finish.
+    let chain = Chain::start(&[("w", Some(7))], env(&[("DYN_EPP_TOKENIZER_THREADS", "1"), ("DYN_EPP_TOKENIZATION_TIMEOUT_MS", "60000")])).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", chain.epp.grpc_port)).unwrap().connect().await.unwrap();
+    let client = DebugClient::new(channel);
+
+    // Over the requests' limit: refused by Explain as by the data path (413).
+    let over = big_chat(1_100_000, 0);
+    let err = client.clone().explain(ExplainRequest { body: Some(over), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(err.message().contains("exceeds the limit of 1000000 bytes"), "{}", err.message());
+    let text = "x".repeat(1_100_000);
+    let r = chain.client.post(chain.envoy.url("/v1/chat/completions")).body(chat_body(&text)).send().await.unwrap();
+    assert_eq!(r.status(), 413);
+
+    // Eight large Explains at once: two run, the others are turned away; routing goes on.
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let mut c = client.clone();
+            tokio::spawn(async move { c.explain(ExplainRequest { body: Some(big_chat(600_000, i + 1)), ..Default::default() }).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = Instant::now();
+    let r = chain.client.post(chain.envoy.url("/v1/chat/completions")).body(chat_body("routed meanwhile")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let routed_in = t.elapsed();
+    let (mut ok, mut busy) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(e) => {
+                assert!(e.into_inner().prompt_tokens > 100_000);
+                ok += 1;
+            }
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && s.message().contains("already running") => busy += 1,
+            Err(s) => panic!("{s}"),
+        }
+    }
+    println!("{ok} explained, {busy} turned away; a routed request meanwhile took {} ms", routed_in.as_millis());
+    assert!(ok >= 1 && busy >= 1 && ok + busy == 8, "{ok} {busy}");
+
+    // Past the tokenization deadline: DEADLINE_EXCEEDED, as the data path's 504.
+    let hurried = Epp::start(&workers_yaml(&[("w", chain.workers[0].addr, Some(7))]), env(&[("DYN_EPP_TOKENIZATION_TIMEOUT_MS", "1")])).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", hurried.grpc_port)).unwrap().connect().await.unwrap();
+    let err = DebugClient::new(channel).explain(ExplainRequest { body: Some(big_chat(500_000, 99)), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("within 1 ms"), "{}", err.message());
+}

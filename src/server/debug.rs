@@ -1,10 +1,15 @@
 //! The debug gRPC API (`dynamo.epp.v1.Debug`, proto/dynamo/epp/v1/debug.proto): why the picker
 //! would choose what it chooses (`Explain`), the fleet's live load (`Workers`), and the
-//! effective configuration (`Config`). Read-only: nothing is booked.
+//! effective configuration (`Config`). Read-only: nothing is booked. `Explain` tokenizes like a
+//! request — same body limit, same deadline, in the same work pool — and at most
+//! [`EXPLAIN_CONCURRENCY`] run at once, so debugging cannot starve routing; `DYN_EPP_DEBUG_API=false`
+//! removes the service.
 
 use std::sync::Arc;
 
+use prost::Message;
 use prost_types::{value::Kind, ListValue, Struct, Value};
+use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 
 use super::{error::EppError, App};
@@ -24,15 +29,31 @@ use proto::{debug_server::Debug, Candidate, ConfigRequest, ConfigResponse, Expla
 /// Descriptor set of the debug service (built by build.rs) for gRPC reflection.
 pub const DEBUG_DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/debug_descriptor.bin"));
 
+/// `Explain` calls running at once; more are refused with RESOURCE_EXHAUSTED rather than queued.
+pub const EXPLAIN_CONCURRENCY: usize = 2;
+
 pub struct DebugService {
     app: Arc<App>,
     config: Struct,
+    explain_slots: Semaphore,
 }
 
 impl DebugService {
     pub fn new(app: Arc<App>, config: &crate::config::Config) -> Self {
         let json = serde_json::to_value(config).expect("the configuration serializes");
-        DebugService { app, config: as_struct(json) }
+        DebugService { app, config: as_struct(json), explain_slots: Semaphore::new(EXPLAIN_CONCURRENCY) }
+    }
+}
+
+/// A request's error as the debug API answers it.
+fn status(e: EppError) -> Status {
+    let msg = e.to_string();
+    match e {
+        EppError::BodyTooLarge { .. } => Status::resource_exhausted(msg),
+        EppError::TokenizerTimeout { .. } => Status::deadline_exceeded(msg),
+        EppError::ModelNotFound(_) => Status::not_found(msg),
+        EppError::Tokenizer(_) => Status::internal(msg),
+        _ => Status::invalid_argument(msg),
     }
 }
 
@@ -88,17 +109,29 @@ fn cheapest(c: &[Candidate]) -> Option<Candidate> {
 #[tonic::async_trait]
 impl Debug for DebugService {
     async fn explain(&self, request: Request<ExplainRequest>) -> Result<Response<ExplainResponse>, Status> {
+        let _slot = self
+            .explain_slots
+            .try_acquire()
+            .map_err(|_| Status::resource_exhausted(format!("{EXPLAIN_CONCURRENCY} Explain calls are already running; retry later")))?;
         let r = request.into_inner();
         let path = if r.path.is_empty() { "/v1/chat/completions" } else { r.path.as_str() };
         let api = Api::from_path(path).ok_or_else(|| Status::invalid_argument(format!("path {path:?} is not an OpenAI API the picker reads")))?;
-        let body = serde_json::to_vec(&as_json(r.body.unwrap_or_default())).expect("JSON");
-        let prep = self.app.prep.clone();
+        let body = r.body.unwrap_or_default();
+        let (prep, limit) = (self.app.prep.clone(), self.app.max_body_bytes);
         let tenant = r.headers.get("x-tenant-id").cloned();
-        let prepared = self.app.pool.run(body.len(), move || prep.prepare(api, tenant, body)).await;
-        let p = match prepared.map_err(EppError::from).and_then(|p| p.map_err(EppError::from)) {
-            Ok(p) => p,
-            Err(e) => return Err(Status::invalid_argument(e.to_string())),
-        };
+        // The JSON is made in the job too: for a large body it is work like the parse.
+        let prepared = self
+            .app
+            .pool
+            .run(body.encoded_len(), move || {
+                let body = serde_json::to_vec(&as_json(body)).expect("JSON");
+                if body.len() as u64 > limit {
+                    return Err(EppError::BodyTooLarge { limit });
+                }
+                prep.prepare(api, tenant, body).map_err(EppError::from)
+            })
+            .await;
+        let p = prepared.map_err(EppError::from).and_then(|p| p).map_err(status)?;
         let req = RoutingRequest { tokens: p.tokens, cache_salt: p.cache_salt, lora: p.lora, osl: p.hints.osl, subset: None };
         // One look at the router: the scores and the names they refer to.
         let (decode, prefill, block_size, sched, workers) = {

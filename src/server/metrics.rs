@@ -75,6 +75,12 @@ pub struct Metrics {
     /// Summed over responses that report cached tokens: predicted and actual, so
     /// `rate(actual) / rate(predicted)` is the prediction's accuracy.
     pub cached_tokens_compared: Family<SourceLabel, Counter>,
+    /// Connections open on the ext_proc port, handshaking ones included (≤ 1,024).
+    pub connections: Gauge,
+    /// Connections closed before their TLS handshake and HTTP/2 preface finished, by reason.
+    pub handshake_failures: Family<ReasonLabel, Counter>,
+    /// Changed certificate files (`DYN_EPP_CERT_PATH`) by outcome: `loaded` or `rejected`.
+    pub certificate_reloads: Family<OutcomeLabel, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +120,9 @@ impl Metrics {
         let replica_events_applied = Counter::default();
         let replica_events_dropped = Family::<ReasonLabel, Counter>::default();
         let replica_peers = Gauge::default();
+        let connections = Gauge::default();
+        let handshake_failures = Family::<ReasonLabel, Counter>::default();
+        let certificate_reloads = Family::<OutcomeLabel, Counter>::default();
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("tokenize_seconds", "Time to check, render and tokenize one request body", tokenize_seconds.clone());
@@ -149,6 +158,13 @@ impl Metrics {
         registry.register("replica_events_applied", "Peer replicas' booking changes applied", replica_events_applied.clone());
         registry.register("replica_events_dropped", "Booking changes not published or not applied, by reason", replica_events_dropped.clone());
         registry.register("replica_peers", "Peer replicas heard from within DYN_EPP_REPLICA_TIMEOUT_SECS", replica_peers.clone());
+        registry.register("connections", "Connections open on the ext_proc port, handshaking ones included", connections.clone());
+        registry.register(
+            "handshake_failures",
+            "ext_proc connections closed before the TLS handshake and HTTP/2 preface finished, by reason (timeout, tls, preface)",
+            handshake_failures.clone(),
+        );
+        registry.register("certificate_reloads", "Changed certificate files by outcome (loaded, rejected)", certificate_reloads.clone());
         Metrics {
             registry,
             requests,
@@ -174,6 +190,9 @@ impl Metrics {
             replica_events_applied,
             replica_events_dropped,
             replica_peers,
+            connections,
+            handshake_failures,
+            certificate_reloads,
         }
     }
 

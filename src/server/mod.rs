@@ -7,6 +7,7 @@ pub mod error;
 pub mod ext_proc;
 pub mod health;
 mod kv;
+pub mod listener;
 pub mod metrics;
 mod replica;
 mod sse;
@@ -17,7 +18,7 @@ use std::{future::IntoFuture, net::SocketAddr, sync::Arc, time::Duration};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use parking_lot::Mutex;
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpSocket},
     sync::{watch, Notify},
 };
 use tonic::transport::{server::TcpIncoming, Server};
@@ -120,8 +121,8 @@ pub enum StartError {
     Model(#[from] LoadError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
-    #[error("cannot make the self-signed certificate: {0}")]
-    Tls(#[from] rcgen::Error),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("gRPC reflection set-up failed: {0}")]
@@ -135,6 +136,7 @@ impl StartError {
     pub fn exit_code(&self) -> u8 {
         match self {
             StartError::Fleet(_) | StartError::Kube(_) | StartError::Model(_) => 2,
+            StartError::Tls(tls::TlsError::Read { .. } | tls::TlsError::Invalid { .. }) => 2,
             _ => 1,
         }
     }
@@ -166,14 +168,39 @@ fn work_pool(cfg: &Config) -> WorkPool {
     WorkPool::new(cfg.tokenizer_threads, Duration::from_millis(cfg.tokenization_timeout_ms))
 }
 
+/// Listen backlog: past the connection bound, clients wait here (the kernel caps it at
+/// `net.core.somaxconn`).
+const BACKLOG: u32 = 4096;
+
 async fn bind(cfg: &Config, port: u16) -> Result<TcpListener, StartError> {
     let addr = SocketAddr::new(cfg.bind_address, port);
-    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(BACKLOG)
+    };
+    listen().map_err(|source| StartError::Bind { addr, source })
 }
 
-/// Accepted connections with Nagle off: a headers response followed by a body chunk would
-/// otherwise wait ~40 ms for the peer's delayed ACK. (`Server::tcp_nodelay` only applies to
-/// listeners tonic binds itself.)
+/// Lifts the soft open-file limit to the hard one, as Go's runtime does: 1,024 connections
+/// plus everything else would not fit the common default soft limit of 1,024.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            let soft = lim.rlim_cur;
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(soft, "cannot raise the open-file limit");
+            }
+        }
+    }
+}
+
+/// Accepted connections with Nagle off (see `listener::incoming`). (`Server::tcp_nodelay` only
+/// applies to listeners tonic binds itself.)
 fn incoming(l: TcpListener) -> TcpIncoming {
     TcpIncoming::from(l).with_nodelay(Some(true))
 }
@@ -191,6 +218,7 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
+    raise_fd_limit();
     let sched = cfg.sched_settings();
     let mut router = Router::new(cfg.kv_settings(), sched);
     if cfg.replica_sync {
@@ -201,6 +229,14 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     app.overload_status = cfg.overload_status;
     app.count_output = count_output;
     let app = Arc::new(app);
+    // Certificates are checked before anything starts: a missing pair stops start-up.
+    let acceptor: Option<tokio_rustls::TlsAcceptor> = match cfg.secure_serving {
+        true => {
+            let reloads = app.metrics.certificate_reloads.clone();
+            Some(tls::server_config(cfg.cert_path.as_deref(), cfg.client_ca_file.as_deref(), reloads)?.into())
+        }
+        false => None,
+    };
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set(&reporter, false).await;
 
@@ -259,8 +295,11 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
             .register_encoded_file_descriptor_set(EXT_PROC_DESCRIPTOR)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    // The gRPC port also serves the debug API.
-    let grpc_reflection = || reflection().register_encoded_file_descriptor_set(debug::DEBUG_DESCRIPTOR);
+    // The gRPC port also serves the debug API, unless it is switched off.
+    let grpc_reflection = || match cfg.debug_api {
+        true => reflection().register_encoded_file_descriptor_set(debug::DEBUG_DESCRIPTOR),
+        false => reflection(),
+    };
 
     let health_server = Server::builder()
         .add_service(health_service)
@@ -286,26 +325,38 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let mut builder = Server::builder()
         // Large request bodies arrive as single messages; small windows would throttle them.
         .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20));
-    if cfg.secure_serving {
-        builder = builder.tls_config(tls::self_signed()?)?;
-    }
+        .initial_connection_window_size(Some(16 << 20))
+        .max_concurrent_streams(listener::MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(listener::MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(listener::KEEPALIVE_TIMEOUT))
+        .http2_max_pending_accept_reset_streams(Some(listener::MAX_PENDING_ACCEPT_RESETS))
+        .http2_max_local_error_reset_streams(Some(listener::MAX_LOCAL_ERROR_RESETS));
+    let conn_metrics = listener::ConnMetrics { open: app.metrics.connections.clone(), handshake_failures: app.metrics.handshake_failures.clone() };
+    // Explain bodies are held to the requests' limit (the slack is the protobuf framing).
+    let message_limit = cfg.max_body_bytes as usize + (1 << 20);
     let ext_proc = ExternalProcessorServer::new(ext_proc::ExtProc::new(app.clone()))
-        .max_decoding_message_size(cfg.max_body_bytes as usize + (1 << 20))
+        .max_decoding_message_size(message_limit)
         .max_encoding_message_size(usize::MAX);
+    let debug = cfg.debug_api.then(|| {
+        debug::proto::debug_server::DebugServer::new(debug::DebugService::new(app.clone(), &cfg)).max_decoding_message_size(message_limit)
+    });
     tracing::info!(
         grpc = cfg.grpc_port,
         health = cfg.health_port,
         metrics = cfg.metrics_port,
         tls = cfg.secure_serving,
+        cert = cfg.cert_path.as_ref().map(|p| p.display().to_string()),
+        client_ca = cfg.client_ca_file.as_ref().map(|p| p.display().to_string()),
+        debug_api = cfg.debug_api,
         "dynamo-epp serving"
     );
     builder
         .add_service(ext_proc)
-        .add_service(debug::proto::debug_server::DebugServer::new(debug::DebugService::new(app.clone(), &cfg)))
+        .add_optional_service(debug)
         .add_service(grpc_reflection().build_v1()?)
         .add_service(grpc_reflection().build_v1alpha()?)
-        .serve_with_incoming_shutdown(incoming(grpc), stopped(&stop_rx))
+        .serve_with_incoming_shutdown(listener::incoming(grpc, acceptor, conn_metrics), stopped(&stop_rx))
         .await?;
     let _ = health_task.await;
     if let Some(t) = metrics_task {

@@ -354,7 +354,53 @@ pub struct EppLink {
     pub tls: bool,
 }
 
+/// How Envoy checks the EPP's certificate and which one it presents (PEM files); without it,
+/// Envoy speaks TLS to a TLS EPP without verifying it (Dynamo's self-signed mode).
+pub struct UpstreamTls {
+    pub ca: PathBuf,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
 pub fn envoy_config(listen: u16, admin: u16, epp: Option<&EppLink>) -> String {
+    envoy_config_tls(listen, admin, epp, None)
+}
+
+fn upstream_tls_context(v: Option<&UpstreamTls>) -> String {
+    let mut s = String::from(
+        r#"
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: ["h2"]"#,
+    );
+    if let Some(v) = v {
+        s.push_str(&format!(
+            r#"
+            validation_context:
+              trusted_ca: {{ filename: "{}" }}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {{ exact: localhost }}"#,
+            v.ca.display()
+        ));
+        if let Some((crt, key)) = &v.client_cert {
+            s.push_str(&format!(
+                r#"
+            tls_certificates:
+              - certificate_chain: {{ filename: "{}" }}
+                private_key: {{ filename: "{}" }}"#,
+                crt.display(),
+                key.display()
+            ));
+        }
+    }
+    s
+}
+
+pub fn envoy_config_tls(listen: u16, admin: u16, epp: Option<&EppLink>, verify: Option<&UpstreamTls>) -> String {
     let ext_proc = match epp {
         None => String::new(),
         Some(_) => r#"
@@ -381,18 +427,7 @@ pub fn envoy_config(listen: u16, admin: u16, epp: Option<&EppLink>) -> String {
     let epp_cluster = match epp {
         None => String::new(),
         Some(l) => {
-            let tls = if l.tls {
-                r#"
-      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-          sni: localhost
-          common_tls_context:
-            alpn_protocols: ["h2"]"#
-            } else {
-                ""
-            };
+            let tls = if l.tls { upstream_tls_context(verify) } else { String::new() };
             format!(
                 r#"
     - name: epp
@@ -469,10 +504,15 @@ static_resources:
 
 impl Envoy {
     pub async fn start(epp: Option<&EppLink>) -> Envoy {
+        Envoy::start_tls(epp, None).await
+    }
+
+    /// Envoy verifying the EPP's certificate (and presenting its own) as `verify` says.
+    pub async fn start_tls(epp: Option<&EppLink>, verify: Option<&UpstreamTls>) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin_port) = (free_port(), free_port());
         let cfg = dir.path().join("envoy.yaml");
-        std::fs::write(&cfg, envoy_config(port, admin_port, epp)).unwrap();
+        std::fs::write(&cfg, envoy_config_tls(port, admin_port, epp, verify)).unwrap();
         let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
         let child = Command::new(envoy_bin())
             .arg("-c")
