@@ -461,3 +461,27 @@ async fn http2_limits_are_advertised_and_enforced() {
     assert!(call(20 * 1024).await.is_err());
     assert_eq!(call(100).await.unwrap(), 1, "the connection still serves");
 }
+
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    // Started under a soft limit of 256, as a shell with a low `ulimit -n` would start it.
+    let (port, health) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\"", &epp_bin().display().to_string()])
+        .env("DYN_EPP_GRPC_PORT", port.to_string())
+        .env("DYN_EPP_HEALTH_PORT", health.to_string())
+        .env("DYN_EPP_METRICS_PORT", "0")
+        .env("DYN_EPP_BIND_ADDRESS", "127.0.0.1")
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(port, Duration::from_secs(60)).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id().unwrap())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let v: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (v[3], v[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+    child.kill().await.unwrap();
+}
