@@ -485,3 +485,36 @@ async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
     assert_ne!(soft, "256", "{line}");
     child.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_silent_http2_peer_is_pinged_and_then_dropped() {
+    let epp = Epp::start(&workers_yaml(&[("w", "127.0.0.1:9".parse().unwrap(), Some(7))]), EppOptions::default()).await;
+    // A client that says hello (preface, empty SETTINGS) and then never answers anything.
+    let mut s = TcpStream::connect(("127.0.0.1", epp.grpc_port)).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let silent = Instant::now();
+    let (mut ping_at, mut buf) = (None, Vec::new());
+    let closed_at = loop {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(60), tokio::io::AsyncReadExt::read(&mut s, &mut chunk)).await.expect("closed within a minute") {
+            Ok(0) | Err(_) => break silent.elapsed(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        // Whole frames: 3-byte length, type, flags, 4-byte stream id, payload.
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            if buf[3] == 6 && buf[4] & 1 == 0 && ping_at.is_none() {
+                ping_at = Some(silent.elapsed());
+            }
+            buf.drain(..9 + len);
+        }
+    };
+    let ping_at = ping_at.expect("a PING before the close");
+    println!("PING after {} ms of silence, closed after {} ms", ping_at.as_millis(), closed_at.as_millis());
+    assert!(ping_at >= Duration::from_secs(29) && ping_at < Duration::from_secs(35), "{ping_at:?}");
+    assert!(closed_at >= ping_at + Duration::from_secs(9) && closed_at < ping_at + Duration::from_secs(15), "{closed_at:?}");
+}
