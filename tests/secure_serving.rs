@@ -410,6 +410,7 @@ async fn idle_connections_and_stalled_handshakes_leave_routing_healthy() {
         slowest.as_millis(),
         failures("timeout")
     );
+    // The 1,176 beyond the bound wait in the listen backlog (4,096, capped by net.core.somaxconn).
     assert_eq!(connected, STALLED + IDLE, "every connection reached the backlog");
     assert_eq!(closed, STALLED + IDLE, "every silent or stalled connection was closed by its deadline");
     assert!(max_conns <= 1024.0, "{max_conns}");
@@ -459,4 +460,61 @@ async fn http2_limits_are_advertised_and_enforced() {
     assert_eq!(call(8 * 1024).await.unwrap(), 1);
     assert!(call(20 * 1024).await.is_err());
     assert_eq!(call(100).await.unwrap(), 1, "the connection still serves");
+}
+
+#[tokio::test]
+async fn the_soft_open_file_limit_is_raised_to_the_hard_one() {
+    // Started under a soft limit of 256, as a shell with a low `ulimit -n` would start it.
+    let (port, health) = (free_port(), free_port());
+    let mut child = tokio::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\"", &epp_bin().display().to_string()])
+        .env("DYN_EPP_GRPC_PORT", port.to_string())
+        .env("DYN_EPP_HEALTH_PORT", health.to_string())
+        .env("DYN_EPP_METRICS_PORT", "0")
+        .env("DYN_EPP_BIND_ADDRESS", "127.0.0.1")
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(port, Duration::from_secs(60)).await;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id().unwrap())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let v: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (v[3], v[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_http2_peer_is_pinged_and_then_dropped() {
+    let epp = Epp::start(&workers_yaml(&[("w", "127.0.0.1:9".parse().unwrap(), Some(7))]), EppOptions::default()).await;
+    // A client that says hello (preface, empty SETTINGS) and then never answers anything.
+    let mut s = TcpStream::connect(("127.0.0.1", epp.grpc_port)).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    let silent = Instant::now();
+    let (mut ping_at, mut buf) = (None, Vec::new());
+    let closed_at = loop {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(60), tokio::io::AsyncReadExt::read(&mut s, &mut chunk)).await.expect("closed within a minute") {
+            Ok(0) | Err(_) => break silent.elapsed(),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        // Whole frames: 3-byte length, type, flags, 4-byte stream id, payload.
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            if buf[3] == 6 && buf[4] & 1 == 0 && ping_at.is_none() {
+                ping_at = Some(silent.elapsed());
+            }
+            buf.drain(..9 + len);
+        }
+    };
+    let ping_at = ping_at.expect("a PING before the close");
+    println!("PING after {} ms of silence, closed after {} ms", ping_at.as_millis(), closed_at.as_millis());
+    assert!(ping_at >= Duration::from_secs(29) && ping_at < Duration::from_secs(35), "{ping_at:?}");
+    assert!(closed_at >= ping_at + Duration::from_secs(9) && closed_at < ping_at + Duration::from_secs(15), "{closed_at:?}");
 }
