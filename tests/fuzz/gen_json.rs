@@ -88,6 +88,21 @@ impl J {
         }
     }
 
+    /// The written length, without writing.
+    pub fn size(&self) -> usize {
+        match self {
+            J::Null => 4,
+            J::Bool(b) => if *b { 4 } else { 5 },
+            J::Num(n) => n.len(),
+            J::NumOwned(n) => n.len(),
+            J::Str(s) => s.len() + 2,
+            J::Rep(u, n) => u.len() * *n as usize + 2,
+            J::Arr(a) => 2 + a.len().saturating_sub(1) + a.iter().map(J::size).sum::<usize>(),
+            J::Obj(o) => 2 + o.len().saturating_sub(1) + o.iter().map(|(k, v)| k.len() + 3 + v.size()).sum::<usize>(),
+            J::Deep { depth, obj, inner } => *depth as usize * if *obj { 6 } else { 2 } + inner.size(),
+        }
+    }
+
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.write(&mut out);
@@ -329,7 +344,8 @@ impl Mutation {
             Mutation::Repeat(at, n) => {
                 if let Some(p) = pick(*at, &|k| k == Kind::Arr) {
                     if let J::Arr(a) = doc.at(&p) {
-                        if let Some(first) = a.first().cloned() {
+                        // Not past what `build` would keep anyway (the copies would cost GBs).
+                        if let Some(first) = a.first().filter(|f| f.size().saturating_mul(*n as usize) <= 16 << 20).cloned() {
                             a.extend(std::iter::repeat_n(first, *n as usize));
                         }
                     }
@@ -404,15 +420,14 @@ impl Generated {
     /// tried by dedicated cases, not thousands of times).
     pub fn build(&self, seeds: &[J], max: usize) -> Vec<u8> {
         let mut doc = seeds[self.seed].clone();
-        let mut b = doc.bytes();
         for m in &self.mutations {
             let mut next = doc.clone();
             m.apply(&mut next);
-            let nb = next.bytes();
-            if nb.len() <= max {
-                (doc, b) = (next, nb);
+            if next.size() <= max {
+                doc = next;
             }
         }
+        let mut b = doc.bytes();
         if let Some(d) = &self.damage {
             d.apply(&mut b);
         }

@@ -198,7 +198,8 @@ impl Mutation {
             Mutation::Repeat(i, n) => {
                 if let Some(p) = pick(*i, is_arr, root) {
                     if let Value::Array(a) = at(root, &p) {
-                        if let Some(first) = a.first().cloned() {
+                        // Not past what `value` would keep anyway (the copies would cost GBs).
+                        if let Some(first) = a.first().filter(|f| enc(f).len().saturating_mul(*n as usize) <= 1 << 20).cloned() {
                             a.extend(std::iter::repeat_n(first, *n as usize));
                         }
                     }
