@@ -312,3 +312,58 @@ async fn workers_file_flapping() {
     assert_eq!(*tally.hung.lock(), 0, "{line}");
     assert_eq!(workers, Some(3.0), "{line}");
 }
+
+/// Envoy SIGKILLed with streams open (responses held mid-stream) and under load, then a new
+/// Envoy started: every stream the EPP had open and every booking is released, and the new
+/// gateway routes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_restart_with_streams_open() {
+    let (ws, yaml, _ids) = workers(3).await;
+    let env = vec![("DYN_USE_KV_EVENTS".to_string(), "false".to_string())];
+    let epp = Epp::start(&yaml, EppOptions { env: env.clone(), ..Default::default() }).await;
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, tally.clone(), stop.clone());
+    // Streams whose responses the workers hold after the first event.
+    let client = reqwest::Client::new();
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let r = client.post(envoy.url("/v1/chat/completions")).header("x-mock-mode", "hold-sse").body(chat_body(&format!("held {i}")));
+        held.push(tokio::spawn(async move { r.send().await.map(|r| r.status().as_u16()) }));
+    }
+    epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(10), |v| v >= 12.0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let open_before = epp.metric("dynamo_epp_inflight_streams").await;
+    let killed = Instant::now();
+    sigkill(envoy.child.id().unwrap() as i32);
+    stop_load(&stop, loops).await;
+    // The EPP sees every gRPC stream reset and frees what they booked.
+    let streams = epp.wait_metric("dynamo_epp_inflight_streams", Duration::from_secs(30), |v| v == 0.0).await;
+    let active = epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(30), |v| v == 0.0).await;
+    let released = killed.elapsed();
+    for w in &ws {
+        w.release(100);
+    }
+    for h in held {
+        let _ = h.await;
+    }
+    drop(envoy);
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let ready = killed.elapsed();
+    let after = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, after.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_load(&stop, loops).await;
+    let first_ok = after.answers.lock().first().map(|(t, _)| *t - killed);
+    let line = format!(
+        "{}; streams open at the kill {open_before:?}, released (streams {streams}, bookings {active}) {released:?} after the kill; new Envoy ready {ready:?} after, first answer {first_ok:?}; {}",
+        tally.line("Envoy SIGKILL with streams open, before", ""),
+        after.line("after", "")
+    );
+    println!("{line}");
+    assert_eq!((streams, active), (0.0, 0.0), "{line}");
+    assert_eq!(tally.count(|s| s >= 500) + after.count(|s| s >= 500), 0, "{line}");
+    assert!(after.count(|s| s == 200) > 0, "{line}");
+    assert_eq!(*tally.hung.lock() + *after.hung.lock(), 0, "{line}");
+}

@@ -398,13 +398,7 @@ impl ByteDamage {
     }
 }
 
-/// A document generated from seed `seeds[i]`: mutations, then (sometimes) byte damage.
-#[derive(Clone, Debug)]
-pub struct Generated {
-    pub seed: usize,
-    pub mutations: Vec<Mutation>,
-    pub damage: Option<ByteDamage>,
-}
+pub type Generated = crate::Generated<Mutation, ByteDamage>;
 
 pub fn generated(seeds: usize) -> impl Strategy<Value = Generated> {
     (

@@ -257,13 +257,7 @@ impl ByteDamage {
     }
 }
 
-/// A value from a seed: mutations, encoding, then (sometimes) byte damage.
-#[derive(Clone, Debug)]
-pub struct Generated {
-    pub seed: usize,
-    pub mutations: Vec<Mutation>,
-    pub damage: Option<ByteDamage>,
-}
+pub type Generated = crate::Generated<Mutation, ByteDamage>;
 
 pub fn generated(seeds: usize) -> impl Strategy<Value = Generated> {
     (0..seeds, prop::collection::vec(mutation(), 0..4), prop::option::weighted(0.15, byte_damage()))

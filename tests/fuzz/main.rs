@@ -37,6 +37,14 @@ use proptest::{
 /// Longest any single input may take to be answered (debug build, shared 2-core machine).
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
+/// A generated input: a seed, mutations applied in order, then (sometimes) byte damage.
+#[derive(Clone, Debug)]
+pub struct Generated<M, D> {
+    pub seed: usize,
+    pub mutations: Vec<M>,
+    pub damage: Option<D>,
+}
+
 /// Inputs per surface.
 pub fn cases() -> u32 {
     std::env::var("FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000)

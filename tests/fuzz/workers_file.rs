@@ -204,3 +204,13 @@ fn generated_workers_files() {
         check(&bytes, dir.path(), tally)
     });
 }
+
+/// Inputs that once failed, kept as explicit cases.
+#[test]
+fn regressions() {
+    // A huge dp_size was accepted and the router allocated state for 4 billion ranks.
+    let e = file::parse("workers:\n  - name: a\n    address: 127.0.0.1:1\n    dp_size: 4294967295\n").unwrap_err();
+    assert!(e.contains("dp_size must be 1..=4096"), "{e}");
+    let ok = file::parse("workers:\n  - name: a\n    address: 127.0.0.1:1\n    dp_size: 4096\n    dp_start_rank: 7\n").unwrap();
+    assert_eq!(ok.workers[0].dp_size, 4096);
+}
