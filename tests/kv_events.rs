@@ -139,7 +139,7 @@ async fn wait_acked(js: &jetstream::Context, consumer: &str, through: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
+async fn jetstream_applies_earlier_events_acks_bad_ones_and_a_restart_replays_the_stream() {
     let nats = NatsServer::start().await;
     let js = kv_event_publisher(&nats.url()).await;
     // Published before the subscriber exists, with two malformed messages among them.
@@ -164,17 +164,19 @@ async fn jetstream_applies_earlier_events_acks_bad_ones_and_resumes_durably() {
     task.abort();
     let _ = task.await;
 
-    // While the EPP is down, more events arrive; a restart resumes at its durable position.
+    // While the EPP is down, more events arrive. A restarted process has an empty index: it
+    // replays the stream, so it holds every event, the ones before the restart too.
     publish_all(&js, (31..=40).map(|i| stored_json(7, i))).await;
     let rec2 = Arc::new(Recorder::default());
     let task = tokio::spawn(kv_plane::jetstream::run(settings(&nats.url(), "epp-a", false), rec2.clone()));
-    assert_eq!(rec2.wait_for(10, Duration::from_secs(20)).await, 10);
+    assert_eq!(rec2.wait_for(40, Duration::from_secs(20)).await, 40);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Messages a killed subscriber's pull had claimed come back after the ack wait, so the
     // order can differ after a restart; what must hold is each event exactly once.
     let mut ids = rec2.ids();
     ids.sort_unstable();
-    assert_eq!(ids, (31..=40).collect::<Vec<_>>(), "nothing replayed twice, nothing missed");
+    assert_eq!(ids, (1..=40).collect::<Vec<_>>(), "nothing replayed twice, nothing missed");
+    assert_eq!(rec2.rejected("invalid_json"), 2);
     task.abort();
 }
 

@@ -165,9 +165,8 @@ impl Index {
         // restarted (or a redelivery): applied anyway, stores and removals are idempotent.
         let last = self.last_event.insert(wr, ev.event.event_id);
         if let Some(l) = last {
-            if ev.event.event_id > l + 1 {
-                out.lost = ev.event.event_id - l - 1;
-            }
+            // Saturating: ids are the publisher's, and u64::MAX must not overflow (tests/fuzz).
+            out.lost = ev.event.event_id.saturating_sub(l).saturating_sub(1);
         }
         if ev.residency_domain == Some(ResidencyDomain::CacheOwner) {
             out.rejected = Some("cache_owner_residency");

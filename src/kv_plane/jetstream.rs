@@ -1,5 +1,7 @@
-//! The legacy JetStream plane: a durable pull consumer on the KV-event stream, so a restarted
-//! EPP resumes where it stopped and misses nothing published meanwhile.
+//! The legacy JetStream plane: a durable pull consumer on the KV-event stream. A new process
+//! starts with an empty index, so it replays what the stream retains (what an earlier process
+//! acknowledged died with that process's index); a session that reconnects within the process
+//! resumes at the consumer's position and misses nothing published meanwhile.
 
 use std::{
     sync::Arc,
@@ -25,9 +27,9 @@ const ACK_WAIT: Duration = Duration::from_secs(10);
 
 /// Consumes forever, reconnecting as needed.
 pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
-    let mut reset = s.reset_states;
+    let mut fresh = true;
     loop {
-        match session(&s, &*sink, &mut reset).await {
+        match session(&s, &*sink, &mut fresh).await {
             Ok(()) => tracing::warn!("JetStream KV event stream ended; resubscribing"),
             Err(e) => tracing::warn!(error = %e, url = %s.nats.shown_url(), "JetStream KV events unavailable; retrying"),
         }
@@ -37,7 +39,8 @@ pub async fn run(s: PlaneSettings, sink: Arc<dyn EventSink>) {
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn session(s: &PlaneSettings, sink: &dyn EventSink, reset: &mut bool) -> Result<(), BoxError> {
+/// `fresh`: the first session of this process, whose index is empty.
+async fn session(s: &PlaneSettings, sink: &dyn EventSink, fresh: &mut bool) -> Result<(), BoxError> {
     let client = s.nats.connect(|o| o).await?;
     let js = jetstream::new(client);
     let name = stream_name(&s.namespace, &s.component);
@@ -50,13 +53,20 @@ async fn session(s: &PlaneSettings, sink: &dyn EventSink, reset: &mut bool) -> R
             ..Default::default()
         })
         .await?;
-    let deliver_policy = if *reset {
-        // Start from the end: forget this replica's position (others keep theirs).
+    let deliver_policy = if *fresh {
+        // This replica's consumer is recreated (others keep theirs): from the stream's start,
+        // or with DYN_ROUTER_RESET_STATES from its end. Its old position only counted what a
+        // previous process applied (found by tests/faults.rs: a SIGKILLed and restarted EPP
+        // missed every event before the kill).
         match stream.delete_consumer(&s.consumer).await {
-            Ok(_) => tracing::info!(consumer = %s.consumer, "DYN_ROUTER_RESET_STATES: durable consumer reset"),
-            Err(e) => tracing::debug!(error = %e, "no durable consumer to reset"),
+            Ok(_) => tracing::info!(consumer = %s.consumer, reset = s.reset_states, "durable consumer recreated for a new process"),
+            Err(e) => tracing::debug!(error = %e, "no durable consumer to recreate"),
         }
-        DeliverPolicy::New
+        if s.reset_states {
+            DeliverPolicy::New
+        } else {
+            DeliverPolicy::All
+        }
     } else {
         DeliverPolicy::All
     };
@@ -73,7 +83,7 @@ async fn session(s: &PlaneSettings, sink: &dyn EventSink, reset: &mut bool) -> R
             },
         )
         .await?;
-    *reset = false;
+    *fresh = false;
     tracing::info!(stream = %name, consumer = %s.consumer, "consuming JetStream KV events");
     let mut messages = consumer.messages().await?;
     while let Some(m) = messages.next().await {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     kv::events::{
         nats::{open, seal, Header},
-        DecodeError,
+        from_msgpack, DecodeError,
     },
     router::{PeerEvent, PeerEventData},
     workers::{DpRank, WorkerId, WorkerRank},
@@ -105,7 +105,7 @@ pub fn encode(header: Header, router_id: u64, ev: &PeerEvent) -> Vec<u8> {
 pub fn decode(msg: &[u8]) -> Result<PeerMessage, DecodeError> {
     let (header, payload) = open(msg, TOPIC)?;
     let w: ActiveSequenceEvent =
-        rmp_serde::from_slice(&payload).map_err(|e| DecodeError::Msgpack(format!("payload: {e}")))?;
+        from_msgpack(&payload).map_err(|e| DecodeError::Msgpack(format!("payload: {e}")))?;
     let data = match w.data {
         ActiveSequenceEventData::AddRequest { token_sequence, track_prefill_tokens, expected_output_tokens, prefill_load_hint } => {
             PeerEventData::Add {

@@ -50,6 +50,10 @@ fn one() -> u32 {
     1
 }
 
+/// Data-parallel ranks one worker may declare. The router keeps state per rank, so without a
+/// bound a `dp_size: 4294967295` (found by tests/fuzz) allocated until memory ran out.
+pub const MAX_DP_SIZE: u32 = 4096;
+
 /// Parses a workers file's text into a fleet, checking what the router relies on.
 pub fn parse(text: &str) -> Result<Fleet, String> {
     let doc: FileDoc = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
@@ -62,8 +66,8 @@ pub fn parse(text: &str) -> Result<Fleet, String> {
         let endpoint: SocketAddr = w.address.parse().map_err(|_| {
             format!("workers[{i}].address {:?} is not an ip:port", w.address)
         })?;
-        if w.dp_size == 0 {
-            return Err(format!("workers[{i}].dp_size must be at least 1"));
+        if w.dp_size == 0 || w.dp_size > MAX_DP_SIZE {
+            return Err(format!("workers[{i}].dp_size must be 1..={MAX_DP_SIZE}"));
         }
         if w.dp_start_rank.checked_add(w.dp_size).is_none() {
             return Err(format!("workers[{i}]: dp_start_rank + dp_size overflows u32"));

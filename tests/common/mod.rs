@@ -237,11 +237,13 @@ pub struct EppOptions {
     pub write_workers_first: bool,
     /// Where the EPP's log (stderr) goes; None = inherited.
     pub log: Option<PathBuf>,
+    /// Listen for ext_proc on this port (a restarted EPP behind the same Envoy); else a free one.
+    pub grpc_port: Option<u16>,
 }
 
 impl Default for EppOptions {
     fn default() -> Self {
-        EppOptions { tls: false, env: vec![], write_workers_first: true, log: None }
+        EppOptions { tls: false, env: vec![], write_workers_first: true, log: None, grpc_port: None }
     }
 }
 
@@ -252,7 +254,7 @@ impl Epp {
         if opts.write_workers_first {
             std::fs::write(&workers_file, workers_yaml).unwrap();
         }
-        let (grpc_port, health_port, metrics_port) = (free_port(), free_port(), free_port());
+        let (grpc_port, health_port, metrics_port) = (opts.grpc_port.unwrap_or_else(free_port), free_port(), free_port());
         let mut cmd = Command::new(epp_bin());
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -692,6 +694,13 @@ impl NatsServer {
     /// Stops and starts again with the same port and JetStream store.
     pub async fn restart(&mut self) {
         self.stop().await;
+        assert!(self.launch().await, "nats-server did not restart on its port: {}", self.log());
+    }
+
+    /// Stops, deletes the JetStream store (every stream and consumer is gone), starts again.
+    pub async fn restart_wiped(&mut self) {
+        self.stop().await;
+        let _ = std::fs::remove_dir_all(self.dir.path().join("store"));
         assert!(self.launch().await, "nats-server did not restart on its port: {}", self.log());
     }
 

@@ -8,7 +8,7 @@ use std::{collections::HashMap, fmt};
 
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{DecodeError, RouterEvent};
+use super::{from_msgpack, DecodeError, RouterEvent};
 
 /// The topic KV events are published under.
 pub const KV_TOPIC: &str = "kv-events";
@@ -111,7 +111,7 @@ impl<'de> Deserialize<'de> for Payload {
 
 /// Unwraps one envelope of `topic` (a missing topic is accepted): its header and payload bytes.
 pub fn open(msg: &[u8], topic: &str) -> Result<(Header, Vec<u8>), DecodeError> {
-    let w: Wire = rmp_serde::from_slice(msg).map_err(|e| DecodeError::Msgpack(format!("envelope: {e}")))?;
+    let w: Wire = from_msgpack(msg).map_err(|e| DecodeError::Msgpack(format!("envelope: {e}")))?;
     if !w.topic.is_empty() && w.topic != topic {
         return Err(DecodeError::Shape(format!("topic {:?} is not {topic}", w.topic)));
     }
@@ -133,7 +133,7 @@ pub fn seal(h: Header, topic: &str, payload: &[u8]) -> Vec<u8> {
 pub fn decode(msg: &[u8]) -> Result<Envelope, DecodeError> {
     let (header, payload) = open(msg, KV_TOPIC)?;
     let events: Vec<RouterEvent> =
-        rmp_serde::from_slice(&payload).map_err(|e| DecodeError::Msgpack(format!("payload: {e}")))?;
+        from_msgpack(&payload).map_err(|e| DecodeError::Msgpack(format!("payload: {e}")))?;
     Ok(Envelope { header, events })
 }
 

@@ -9,7 +9,7 @@
 use rmpv::Value;
 
 use super::{
-    DecodeError, ExternalBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
+    DecodeError, MAX_MSGPACK_DEPTH, ExternalBlockHash, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
     KvCacheStoredBlockData, RouterEvent, StorageTier,
 };
 use crate::{
@@ -154,7 +154,7 @@ fn shape(msg: impl Into<String>) -> DecodeError {
 
 /// The events of a batch, its DP rank and its timestamp.
 fn decode_batch(payload: &[u8]) -> Result<(Vec<Value>, u32, Option<f64>), DecodeError> {
-    let v = rmpv::decode::read_value(&mut &payload[..]).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+    let v = rmpv::decode::read_value_with_max_depth(&mut &payload[..], MAX_MSGPACK_DEPTH).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
     let (events, rank, ts) = match v {
         Value::Array(mut a) if a.len() >= 2 => {
             let rank = a.get(2).cloned().unwrap_or(Value::Nil);

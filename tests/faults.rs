@@ -1,0 +1,369 @@
+//! Faults under load through the real Envoy (issue 17, part 2): the soak's traffic mix (normal,
+//! streamed, streamed-then-cancelled and malformed requests from concurrent client loops) while
+//! one part is broken. Each test prints one line — requests answered, 5xx, time to recover,
+//! anything lost — recorded in docs/robustness.md.
+
+mod common;
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use common::*;
+use dynamo_epp::server::debug::proto::{debug_client::DebugClient, WorkersRequest};
+use parking_lot::Mutex;
+use serde_json::json;
+
+/// Every answer with the time it came, for outage windows and recovery times.
+#[derive(Default)]
+struct Tally {
+    answers: Mutex<Vec<(Instant, u16)>>,
+    /// Connection-level failures (the gateway itself away), and requests with no answer in 30 s.
+    transport: Mutex<Vec<Instant>>,
+    hung: Mutex<u64>,
+}
+
+impl Tally {
+    fn count(&self, f: impl Fn(u16) -> bool) -> usize {
+        self.answers.lock().iter().filter(|(_, s)| f(*s)).count()
+    }
+
+    /// The first 200 at or after `t`.
+    fn first_ok_after(&self, t: Instant) -> Option<Instant> {
+        self.answers.lock().iter().filter(|(at, s)| *at >= t && *s == 200).map(|(at, _)| *at).min()
+    }
+
+    /// 5xx answers outside `[from, to]`.
+    fn errors_outside(&self, from: Instant, to: Instant) -> usize {
+        self.answers.lock().iter().filter(|(at, s)| *s >= 500 && (*at < from || *at > to)).count()
+    }
+
+    fn line(&self, fault: &str, extra: &str) -> String {
+        // Each count takes the lock on its own (a guard living through the format would deadlock).
+        let n = self.answers.lock().len();
+        let (ok, bad, err) = (self.count(|s| s == 200), self.count(|s| s == 400), self.count(|s| s >= 500));
+        let transport = self.transport.lock().len();
+        let hung = *self.hung.lock();
+        format!("fault {fault}: answered {n} (200 {ok}, 400 {bad}, 5xx {err}), transport errors {transport}, hung {hung}; {extra}")
+    }
+}
+
+/// Client loops sending the soak's mix until `stop`: a malformed body (expects 400), streamed,
+/// streamed then hung up after the first chunk, and plain requests.
+fn load(url: String, loops: u64, tally: Arc<Tally>, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
+    (0..loops)
+        .map(|c| {
+            let (client, url, tally, stop) = (client.clone(), url.clone(), tally.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = c;
+                while !stop.load(Ordering::Relaxed) {
+                    i += loops;
+                    let kind = i % 10;
+                    let (body, mode) = match kind {
+                        0 => ("{\"model\": \"m\", \"messages\": [".to_string(), "json"),
+                        1 | 2 => (chat_body(&format!("stream {i}")), "sse"),
+                        3 => (chat_body(&format!("cancel {i}")), "sse"),
+                        _ => (chat_body(&format!("normal {i}")), "json"),
+                    };
+                    let send = client.post(&url).header("x-mock-mode", mode).body(body).send();
+                    let outcome = tokio::time::timeout(Duration::from_secs(30), async {
+                        let mut r = send.await?;
+                        let status = r.status().as_u16();
+                        if kind == 3 {
+                            let _ = r.chunk().await?;
+                        } else {
+                            r.bytes().await?;
+                        }
+                        Ok::<_, reqwest::Error>(status)
+                    })
+                    .await;
+                    match outcome {
+                        Err(_) => *tally.hung.lock() += 1,
+                        Ok(Err(_)) => {
+                            tally.transport.lock().push(Instant::now());
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Ok(Ok(status)) => {
+                            assert!(status != 400 || kind == 0, "a well-formed request got 400");
+                            tally.answers.lock().push((Instant::now(), status));
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn stop_load(stop: &AtomicBool, loops: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for l in loops {
+        l.await.unwrap();
+    }
+}
+
+async fn index_blocks(grpc_port: u16) -> Option<u64> {
+    let ch = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).ok()?.connect().await.ok()?;
+    Some(DebugClient::new(ch).workers(WorkersRequest {}).await.ok()?.into_inner().index_blocks)
+}
+
+fn sigkill(pid: i32) {
+    let ok = std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill -9 {pid}");
+}
+
+/// The `i`-th KV event (from 0), storing one block (distinct hashes) on the workers in turn;
+/// each worker's event ids count 1, 2, … as a publisher's do.
+fn stored_event(i: u64, workers: &[u64]) -> String {
+    let n = workers.len() as u64;
+    json!({"worker_id": workers[(i % n) as usize], "storage_tier": "device",
+        "event": {"event_id": i / n + 1, "data": {"stored": {"parent_hash": null,
+            "blocks": [{"block_hash": 1_000_000 + i, "tokens_hash": i.wrapping_mul(0x9E37_79B9_7F4A_7C15), "mm_extra_info": null}]}}, "dp_rank": 0}})
+    .to_string()
+}
+
+fn jetstream_env(nats: &NatsServer, consumer: &str) -> Vec<(String, String)> {
+    vec![
+        ("NATS_SERVER".into(), nats.url()),
+        ("DYN_EVENT_PLANE".into(), "jetstream".into()),
+        ("DYN_EPP_KV_CONSUMER_NAME".into(), consumer.into()),
+    ]
+}
+
+/// Publishes one stored event every 10 ms until `stop`; returns how many were acknowledged.
+fn publisher(url: String, workers: Vec<u64>, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<u64> {
+    tokio::spawn(async move {
+        let mut acked = 0;
+        let mut i = 0;
+        let mut js = kv_event_publisher(&url).await;
+        while !stop.load(Ordering::Relaxed) {
+            match js.publish(format!("{KV_STREAM}.kv-events"), stored_event(i, &workers).into()).await {
+                Ok(ack) => {
+                    if ack.await.is_ok() {
+                        acked += 1;
+                        i += 1;
+                    }
+                }
+                // The stream may be gone (store wiped): a publisher recreates it, as Dynamo's does.
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok(c) = tokio::time::timeout(Duration::from_secs(2), kv_event_publisher(&url)).await {
+                        js = c;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        acked
+    })
+}
+
+async fn workers(n: u64) -> (Vec<MockWorker>, String, Vec<u64>) {
+    let mut ws = Vec::new();
+    for i in 0..n {
+        let w = MockWorker::start(&format!("w{i}")).await;
+        w.stop_recording();
+        ws.push(w);
+    }
+    let ids: Vec<u64> = (0..n).map(|i| 1001 + i).collect();
+    let entries: Vec<_> = ws.iter().zip(&ids).map(|(w, id)| (w.name(), w.addr, Some(*id))).collect();
+    let yaml = workers_yaml(&entries);
+    (ws, yaml, ids)
+}
+
+/// SIGKILL of the EPP under load, restart on the same port: Envoy answers 5xx only while it is
+/// down, and the durable JetStream consumer resumes — after catch-up the index equals that of a
+/// witness EPP that never died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn epp_sigkill_and_restart() {
+    let nats = NatsServer::start().await;
+    let (_ws, yaml, ids) = workers(3).await;
+    let victim = |port| EppOptions { env: jetstream_env(&nats, "victim"), grpc_port: port, ..Default::default() };
+    let epp = Epp::start(&yaml, victim(None)).await;
+    let witness = Epp::start(&yaml, EppOptions { env: jetstream_env(&nats, "witness"), ..Default::default() }).await;
+    let port = epp.grpc_port;
+    let envoy = Envoy::start(Some(&EppLink { port, tls: false })).await;
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let events = publisher(nats.url(), ids.clone(), stop.clone());
+    let loops = load(envoy.url("/v1/chat/completions"), 16, tally.clone(), stop.clone());
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let killed = Instant::now();
+    sigkill(epp.pid());
+    drop(epp);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let restarted = Instant::now();
+    let epp = Epp::start(&yaml, victim(Some(port))).await;
+    let listening = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_load(&stop, loops).await;
+    let published = events.await.unwrap();
+
+    // Catch-up: both indexes hold every published block.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (a, b) = loop {
+        let (a, b) = (index_blocks(epp.grpc_port).await, index_blocks(witness.grpc_port).await);
+        if (a == b && a == Some(published)) || Instant::now() > deadline {
+            break (a, b);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let caught_up = restarted.elapsed();
+    let recovered = tally.first_ok_after(restarted).map(|t| t - restarted);
+    let line = tally.line(
+        "EPP SIGKILL + restart",
+        &format!(
+            "down {:?} (kill → restart), listening {:?} after restart, first 200 {recovered:?} after restart, index caught up {caught_up:?} after restart; index blocks restarted {a:?} / witness {b:?} / published {published}",
+            restarted - killed,
+            listening - restarted
+        ),
+    );
+    println!("{line}");
+    assert_eq!(a, b, "{line}");
+    assert_eq!(a, Some(published), "{line}");
+    assert!(recovered.is_some(), "{line}");
+    assert_eq!(tally.errors_outside(killed, listening + Duration::from_secs(1)), 0, "5xx outside the outage: {line}");
+    assert_eq!(*tally.hung.lock(), 0, "{line}");
+}
+
+/// nats-server restarted with its JetStream store wiped: the stream and the durable consumer are
+/// gone. The EPP keeps routing meanwhile, notices, re-creates both and applies what is published
+/// into the new stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nats_restart_with_the_jetstream_store_wiped() {
+    let mut nats = NatsServer::start().await;
+    let (_ws, yaml, ids) = workers(3).await;
+    let epp = Epp::start(&yaml, EppOptions { env: jetstream_env(&nats, "wiped"), ..Default::default() }).await;
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, tally.clone(), stop.clone());
+    let pub_stop = Arc::new(AtomicBool::new(false));
+    let before = publisher(nats.url(), ids.clone(), pub_stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pub_stop.store(true, Ordering::Relaxed);
+    let published_before = before.await.unwrap();
+    let applied = "dynamo_epp_kv_events_applied_total";
+    epp.wait_metric(applied, Duration::from_secs(20), |v| v >= published_before as f64).await;
+
+    let wiped = Instant::now();
+    nats.restart_wiped().await;
+    let back = Instant::now();
+    let pub_stop = Arc::new(AtomicBool::new(false));
+    let after = publisher(nats.url(), ids.clone(), pub_stop.clone());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    pub_stop.store(true, Ordering::Relaxed);
+    let published_after = after.await.unwrap();
+    let want = (published_before + published_after) as f64;
+    let got = epp.wait_metric(applied, Duration::from_secs(30), |v| v >= want).await;
+    let resumed = back.elapsed();
+    stop_load(&stop, loops).await;
+    let line = tally.line(
+        "nats-server restart, JetStream store wiped",
+        &format!(
+            "nats down {:?}; events published before {published_before}, after {published_after}; applied {got} of {want} within {resumed:?} of nats being back",
+            back - wiped
+        ),
+    );
+    println!("{line}");
+    assert_eq!(got, want, "events published into the new stream were not applied: {line}");
+    assert_eq!(tally.count(|s| s >= 500), 0, "{line}");
+    assert_eq!(*tally.hung.lock(), 0, "{line}");
+}
+
+/// The workers file flapping between valid and invalid versions (and between fleets) under load:
+/// an invalid version is logged and the last fleet kept, so no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workers_file_flapping() {
+    let (_ws, yaml, _ids) = workers(3).await;
+    let epp = Epp::start(&yaml, EppOptions::default()).await;
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, tally.clone(), stop.clone());
+    // The first two workers only, then broken YAML, an unknown field, a duplicate id, a bad
+    // address, the full fleet again.
+    let two: String = yaml.lines().take(1 + 3 * 2).collect::<Vec<_>>().join("\n") + "\n";
+    let versions = [
+        two.as_str(),
+        "workers: [\n  - name: x",
+        "workers: []\nsurprise: 1\n",
+        "workers:\n  - {name: a, address: 127.0.0.1:1, id: 5}\n  - {name: b, address: 127.0.0.1:2, id: 5}\n",
+        "workers:\n  - {name: a, address: nowhere}\n",
+        "\u{0}\u{ff}",
+        yaml.as_str(),
+    ];
+    let started = Instant::now();
+    let mut flips = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        for v in versions {
+            std::fs::write(&epp.workers_file, v).unwrap();
+            flips += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    stop_load(&stop, loops).await;
+    let workers = epp.metric("dynamo_epp_workers").await;
+    let line = tally.line("workers file flapping", &format!("{flips} file versions written (5 of 7 invalid), fleet size at the end {workers:?}"));
+    println!("{line}");
+    assert_eq!(tally.count(|s| s >= 500), 0, "{line}");
+    assert_eq!(*tally.hung.lock(), 0, "{line}");
+    assert_eq!(workers, Some(3.0), "{line}");
+}
+
+/// Envoy SIGKILLed with streams open (responses held mid-stream) and under load, then a new
+/// Envoy started: every stream the EPP had open and every booking is released, and the new
+/// gateway routes at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn envoy_restart_with_streams_open() {
+    let (ws, yaml, _ids) = workers(3).await;
+    let env = vec![("DYN_USE_KV_EVENTS".to_string(), "false".to_string())];
+    let epp = Epp::start(&yaml, EppOptions { env: env.clone(), ..Default::default() }).await;
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, tally.clone(), stop.clone());
+    // Streams whose responses the workers hold after the first event.
+    let client = reqwest::Client::new();
+    let mut held = Vec::new();
+    for i in 0..12 {
+        let r = client.post(envoy.url("/v1/chat/completions")).header("x-mock-mode", "hold-sse").body(chat_body(&format!("held {i}")));
+        held.push(tokio::spawn(async move { r.send().await.map(|r| r.status().as_u16()) }));
+    }
+    epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(10), |v| v >= 12.0).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let open_before = epp.metric("dynamo_epp_inflight_streams").await;
+    let killed = Instant::now();
+    sigkill(envoy.child.id().unwrap() as i32);
+    stop_load(&stop, loops).await;
+    // The EPP sees every gRPC stream reset and frees what they booked.
+    let streams = epp.wait_metric("dynamo_epp_inflight_streams", Duration::from_secs(30), |v| v == 0.0).await;
+    let active = epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(30), |v| v == 0.0).await;
+    let released = killed.elapsed();
+    for w in &ws {
+        w.release(100);
+    }
+    for h in held {
+        let _ = h.await;
+    }
+    drop(envoy);
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let ready = killed.elapsed();
+    let after = Arc::new(Tally::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, after.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_load(&stop, loops).await;
+    let first_ok = after.answers.lock().first().map(|(t, _)| *t - killed);
+    let line = format!(
+        "{}; streams open at the kill {open_before:?}, released (streams {streams}, bookings {active}) {released:?} after the kill; new Envoy ready {ready:?} after, first answer {first_ok:?}; {}",
+        tally.line("Envoy SIGKILL with streams open, before", ""),
+        after.line("after", "")
+    );
+    println!("{line}");
+    assert_eq!((streams, active), (0.0, 0.0), "{line}");
+    assert_eq!(tally.count(|s| s >= 500) + after.count(|s| s >= 500), 0, "{line}");
+    assert!(after.count(|s| s == 200) > 0, "{line}");
+    assert_eq!(*tally.hung.lock() + *after.hung.lock(), 0, "{line}");
+}
