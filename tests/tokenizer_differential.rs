@@ -341,3 +341,40 @@ fn shrink_finds_the_shortest_failing_input() {
     assert_eq!(shrink("some text <|im_start|> and é then more", fails), "<|é");
     assert_eq!(shrink("xyz", |t| t.len() >= 2).len(), 2);
 }
+
+/// A `tokenizer.json` with any ids-relevant part outside the verified forms is encoded by HF,
+/// under `auto` and when fastokens is asked for, with the reason naming the part.
+#[test]
+fn unproven_tokenizer_files_fall_back_to_hf() {
+    let path = common::tokenizer_fixtures().join("qwen3").join("tokenizer.json");
+    let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let variants: [(&str, fn(&mut serde_json::Value)); 7] = [
+        ("normalizer", |j| j["normalizer"] = serde_json::json!({"type": "NFKC"})),
+        ("Split", |j| {
+            let re = j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].as_str().unwrap().replace(r"\p{N}|", r"\p{N}{1,2}|");
+            j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = re.into();
+        }),
+        ("ByteLevel", |j| j["pre_tokenizer"]["pretokenizers"][1]["add_prefix_space"] = true.into()),
+        ("model", |j| j["model"]["fuse_unk"] = true.into()),
+        ("byte_fallback", |j| j["model"]["new_option"] = true.into()),
+        ("added tokens", |j| j["added_tokens"][0]["lstrip"] = true.into()),
+        ("pre_tokenizer", |j| j["pre_tokenizer"] = serde_json::json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true})),
+    ];
+    let text = "Hello wörld 12345 <|im_start|>user\nhi<|im_end|> e\u{301}";
+    for (part, change) in variants {
+        let mut json = original.clone();
+        change(&mut json);
+        let json = json.to_string();
+        for choice in [BackendChoice::Auto, BackendChoice::Fastokens] {
+            let t = TextTokenizer::load(&json, 0, choice).unwrap();
+            let s = t.selection();
+            assert_eq!(s.backend, Backend::Hf, "{part} {choice:?}: {}", s.reason);
+            let key = if part == "byte_fallback" { "new_option" } else { part };
+            assert!(s.reason.contains(key), "{part}: the reason should name it: {}", s.reason);
+            let want = t.inner().encode_fast(text, false).unwrap().get_ids().to_vec();
+            assert_eq!(t.encode(text, false).unwrap(), want, "{part}");
+        }
+    }
+    let t = TextTokenizer::load(&original.to_string(), 0, BackendChoice::Auto).unwrap();
+    assert_eq!(t.selection().backend, Backend::Fastokens, "{}", t.selection().reason);
+}

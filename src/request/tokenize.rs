@@ -165,7 +165,7 @@ impl TextTokenizer {
         let mut t = TextTokenizer::new(hf?, cache_bytes);
         let fast = match fast {
             None => Err("DYN_TOKENIZER=default".to_string()),
-            Some(_) if t.splitter.is_none() || t.frame.is_none() => {
+            Some(Ok(_)) if t.splitter.is_none() || t.frame.is_none() => {
                 Err("added tokens or post-processor need the library's own matching".into())
             }
             Some(f) => f,
