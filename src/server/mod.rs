@@ -27,7 +27,7 @@ use crate::{
     request::{
         hub,
         model::{LoadError, Model},
-        pool::WorkPool,
+        pool::{WorkPool, FAST_SMALL_BYTES},
         tokenize::{Backend, BackendChoice},
         Preprocessor,
     },
@@ -177,7 +177,7 @@ fn work_pool(cfg: &Config, prep: &Preprocessor) -> WorkPool {
     match &prep.model {
         Some(m) if m.tokenizer.selection().backend == Backend::Fastokens => {
             let m = m.clone();
-            WorkPool::with_warm_up(cfg.tokenizer_threads, timeout, 0, Some(Arc::new(move || m.tokenizer.warm_thread())))
+            WorkPool::with_warm_up(cfg.tokenizer_threads, timeout, FAST_SMALL_BYTES, Arc::new(move || m.tokenizer.warm_thread()))
         }
         _ => WorkPool::new(cfg.tokenizer_threads, timeout),
     }
