@@ -106,7 +106,7 @@ fn mixed_scripts(n: usize) -> String {
 /// the words of earlier iterations (and is pre-filled from the vocabulary); `novel` gives every
 /// iteration new words, so nobody's cache has them.
 fn encode(c: &mut Criterion, prose: &str) {
-    let code: String = ["request/tokenize.rs", "request/inject.rs", "request/template.rs", "router/mod.rs", "config.rs"]
+    let code: String = ["request/tokenize.rs", "request/inject.rs", "request/template.rs", "request/openai.rs", "config.rs"]
         .iter()
         .map(|f| std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src").join(f)).unwrap())
         .collect();
