@@ -309,17 +309,9 @@ impl TextTokenizer {
     fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
         if let Some(fast) = &self.fast {
             // A piece between added tokens (the fast encoder is only chosen when the cut is
-            // exact), in which fastokens matches no added token. Text that is not NFC is
-            // normalized here with HF's own tables: fastokens' path for such text is 4–6× slower
-            // than its scanner, and normalizing NFC text again changes nothing.
+            // exact), in which fastokens matches no added token. It normalizes (NFC) itself:
+            // normalizing first with HF's tables measured 0.76–0.96× as fast.
             debug_assert!(!add_special);
-            let normalized: String;
-            let text = if self.nfc && is_nfc_quick(text.chars()) != IsNormalized::Yes {
-                normalized = text.nfc().map(|(c, _)| c).collect();
-                normalized.as_str()
-            } else {
-                text
-            };
             return fast.encode_ordinary(text).map_err(|e| EncodeError(e.to_string()));
         }
         let ids = |tok: &Tokenizer, text: &str| {
