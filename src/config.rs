@@ -7,6 +7,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
     kv::predicted::ApproxCachePolicy,
+    request::tokenize::BackendChoice,
     secret::{Secret, UrlSetting},
 };
 
@@ -123,6 +124,12 @@ pub struct Config {
     /// Deadline for checking and tokenizing one body (waiting included); past it the request gets 504.
     #[arg(long = "tokenization-timeout-ms", env = "DYN_EPP_TOKENIZATION_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub tokenization_timeout_ms: u64,
+
+    /// Encoder of prompts: `default` (HF tokenizers), `fastokens`, or `auto` (the fastest one
+    /// proven exact for the model's tokenizer.json); an unproven fast one falls back to HF.
+    #[arg(long = "tokenizer", env = "DYN_TOKENIZER", default_value = "auto",
+        value_parser = PossibleValuesParser::new(BackendChoice::NAMES).map(|s| BackendChoice::parse(&s).expect("listed values")))]
+    pub tokenizer: BackendChoice,
 
     /// Tokenization jobs run at once, off the async reactor; 0 = one per core.
     #[arg(long = "tokenizer-threads", env = "DYN_EPP_TOKENIZER_THREADS", default_value_t = 0)]
@@ -752,6 +759,9 @@ mod tests {
         assert_eq!((c.model_path.as_ref(), c.model_name.as_ref()), (None, None));
         assert!(c.inject_tokens && c.lora_adapters.is_empty());
         assert_eq!((c.token_cache_bytes, c.tokenization_timeout_ms), (256 << 20, 5000));
+        assert_eq!(c.tokenizer, BackendChoice::Auto);
+        assert_eq!(auto(&["--tokenizer", "default"]).tokenizer, BackendChoice::Default);
+        assert_eq!(auto(&["--tokenizer", "fastokens"]).tokenizer, BackendChoice::Fastokens);
     }
 
     #[test]
@@ -803,6 +813,7 @@ mod tests {
             (vec!["--discovery", "etcd"], vec!["DYN_DISCOVERY", "etcd", "kubernetes"]),
             (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),
             (vec!["--inject-tokens", "perhaps"], vec!["DYN_EPP_INJECT_TOKENS", "perhaps"]),
+            (vec!["--tokenizer", "tiktoken"], vec!["DYN_TOKENIZER", "tiktoken", "default, fastokens, auto"]),
             (vec!["--replica-timeout-secs", "1.5"], vec!["DYN_EPP_REPLICA_TIMEOUT_SECS", "at least 2"]),
             (vec!["--debug-api", "sometimes"], vec!["DYN_EPP_DEBUG_API", "sometimes"]),
             (vec!["--secure-serving", "false", "--cert-path", "/etc/epp-tls"], vec!["DYN_EPP_CERT_PATH", "DYN_SECURE_SERVING=true"]),

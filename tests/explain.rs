@@ -77,6 +77,10 @@ async fn explain_predicts_the_pick_and_shows_every_cost_term() {
     let weight = &cfg.fields["decode_active_request_weight"];
     assert_eq!(weight.kind, Some(Kind::NumberValue(3.0)));
     assert_eq!(cfg.fields["grpc_port"].kind, Some(Kind::NumberValue(chain.epp.grpc_port as f64)));
+    // DYN_TOKENIZER as asked (the default) and what it resolved to for the qwen3 files.
+    assert_eq!(cfg.fields["tokenizer"].kind, Some(Kind::StringValue("auto".into())));
+    assert_eq!(cfg.fields["tokenizer_backend"].kind, Some(Kind::StringValue("fastokens".into())));
+    assert!(matches!(&cfg.fields["tokenizer_backend_reason"].kind, Some(Kind::StringValue(r)) if r.contains("verified")));
 
     // A body the picker refuses is an invalid argument, not a decision.
     let bad = Struct { fields: [("model".to_string(), string("qwen"))].into() };

@@ -13,6 +13,7 @@ use dynamo_epp::request::{
     hub,
     model::Model,
     openai::{parse, Api, Input},
+    tokenize::{Backend, BackendChoice},
     Preprocessor,
 };
 use serde_json::Value;
@@ -48,9 +49,9 @@ fn golden() -> &'static (&'static Value, Vec<Case>) {
     })
 }
 
-fn model(name: &str, cache_bytes: usize) -> Arc<Model> {
+fn model(name: &str, cache_bytes: usize, backend: BackendChoice) -> Arc<Model> {
     let dir = common::tokenizer_fixtures().join(name);
-    Arc::new(Model::load(&dir, cache_bytes).unwrap_or_else(|e| {
+    Arc::new(Model::load(&dir, cache_bytes, backend).unwrap_or_else(|e| {
         panic!("{e} (set TOKENIZER_FIXTURES or run scripts/setup.sh)")
     }))
 }
@@ -59,7 +60,7 @@ fn model(name: &str, cache_bytes: usize) -> Arc<Model> {
 /// ~10 MB of tokenizer.json).
 fn shared_model(name: &str) -> Arc<Model> {
     static M: std::sync::OnceLock<Vec<(&'static str, Arc<Model>)>> = std::sync::OnceLock::new();
-    let all = M.get_or_init(|| MODELS.iter().map(|n| (*n, model(n, 64 << 20))).collect());
+    let all = M.get_or_init(|| MODELS.iter().map(|n| (*n, model(n, 64 << 20, BackendChoice::Default))).collect());
     all.iter().find(|(n, _)| *n == name).unwrap().1.clone()
 }
 
@@ -91,14 +92,24 @@ fn first_diff(got: &[u32], want: &[u32]) -> Option<String> {
 }
 
 /// Every id of every corpus request equals transformers', through the whole request path
-/// (parse, template, segment-cached tokenization, injection) — run twice, so the second pass is
-/// served from the segment cache and must give the same ids.
-fn parity(name: &str) {
+/// (parse, template, segment-cached tokenization, injection) with the given encoder — run
+/// without the segment cache, then twice with it, so the last pass is served from the cache and
+/// must give the same ids.
+fn parity(name: &str, backend: Backend) {
     let (_, cases) = golden();
-    let p = prep(model(name, 64 << 20));
+    let choice = match backend {
+        Backend::Hf => BackendChoice::Default,
+        Backend::Fastokens => BackendChoice::Fastokens,
+    };
+    let cached = prep(model(name, 64 << 20, choice));
+    let uncached = prep(model(name, 0, choice));
+    for p in [&cached, &uncached] {
+        let s = p.model.as_ref().unwrap().tokenizer.selection();
+        assert_eq!(s.backend, backend, "{name}: {backend:?} not chosen: {}", s.reason);
+    }
     let mut failures = Vec::new();
     let mut compared = 0usize;
-    for pass in ["cold", "cached"] {
+    for (pass, p) in [("uncached", &uncached), ("cold", &cached), ("cached", &cached)] {
         for c in cases.iter().filter(|c| !c.provenance_only) {
             let want = &c.expected[name];
             let got = p.prepare(c.api, None, c.body.clone());
@@ -125,20 +136,31 @@ fn parity(name: &str) {
             }
         }
     }
-    assert!(failures.is_empty(), "{name}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
-    assert!(compared > 400_000, "{name}: only {compared} ids compared");
-    let (entries, bytes) = p.model.as_ref().unwrap().tokenizer.cache_usage();
+    assert!(failures.is_empty(), "{name} {backend:?}: {} mismatches:\n{}", failures.len(), failures.join("\n"));
+    assert!(compared > 600_000, "{name}: only {compared} ids compared");
+    let (entries, bytes) = cached.model.as_ref().unwrap().tokenizer.cache_usage();
     assert!(entries > 0 && bytes <= 64 << 20);
+    assert_eq!(uncached.model.as_ref().unwrap().tokenizer.cache_usage(), (0, 0));
 }
 
 #[test]
 fn qwen3_ids_equal_transformers() {
-    parity("qwen3");
+    parity("qwen3", Backend::Hf);
 }
 
 #[test]
 fn llama3_1_ids_equal_transformers() {
-    parity("llama3_1");
+    parity("llama3_1", Backend::Hf);
+}
+
+#[test]
+fn qwen3_ids_equal_transformers_with_fastokens() {
+    parity("qwen3", Backend::Fastokens);
+}
+
+#[test]
+fn llama3_1_ids_equal_transformers_with_fastokens() {
+    parity("llama3_1", Backend::Fastokens);
 }
 
 /// `DYN_MODEL_PATH` as a repo id, served offline from a Hugging Face cache laid out as
@@ -165,7 +187,7 @@ fn a_repo_id_in_an_offline_hf_cache_tokenizes_like_the_directory() {
     let cfg = Config::from_args(args).unwrap();
     let dir = hub::model_dir(cfg.model_path.as_ref().unwrap(), &cfg.hub_settings()).unwrap();
     assert_eq!(dir, snapshot);
-    let (from_cache, local) = (prep(Arc::new(Model::load(&dir, 0).unwrap())), prep(shared_model("qwen3")));
+    let (from_cache, local) = (prep(Arc::new(Model::load(&dir, 0, BackendChoice::Auto).unwrap())), prep(shared_model("qwen3")));
     assert!(from_cache.model.as_ref().unwrap().template.is_some());
     let (_, cases) = golden();
     for c in cases {

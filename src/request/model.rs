@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
-use super::{template::ChatTemplate, tokenize::TextTokenizer};
+use super::{
+    template::ChatTemplate,
+    tokenize::{BackendChoice, TextTokenizer},
+};
 
 /// Special-token variables transformers hands every chat template (its `special_tokens_map`).
 const SPECIAL_TOKEN_KEYS: [&str; 7] =
@@ -35,12 +38,14 @@ pub struct Model {
 }
 
 impl Model {
-    pub fn load(dir: &Path, cache_bytes: usize) -> Result<Model, LoadError> {
+    /// `backend` is `DYN_TOKENIZER`; the encoder chosen is in `tokenizer.selection()`.
+    pub fn load(dir: &Path, cache_bytes: usize, backend: BackendChoice) -> Result<Model, LoadError> {
         if !dir.is_dir() {
             return Err(LoadError::NotADirectory(dir.to_path_buf()));
         }
         let tok_path = dir.join("tokenizer.json");
-        let tok = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| unreadable(&tok_path, e))?;
+        let json = std::fs::read_to_string(&tok_path).map_err(|e| unreadable(&tok_path, e))?;
+        let tokenizer = TextTokenizer::load(&json, cache_bytes, backend).map_err(|e| unreadable(&tok_path, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Json = match std::fs::read(&cfg_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| unreadable(&cfg_path, e))?,
@@ -58,7 +63,7 @@ impl Model {
                     .map_err(|e| LoadError::Template { path, reason: e.to_string() })?,
             ),
         };
-        Ok(Model { tokenizer: TextTokenizer::new(tok, cache_bytes), template })
+        Ok(Model { tokenizer, template })
     }
 }
 
@@ -116,12 +121,12 @@ mod tests {
     #[test]
     fn a_missing_tokenizer_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let e = Model::load(dir.path(), 0).err().unwrap();
+        let e = Model::load(dir.path(), 0, BackendChoice::Auto).err().unwrap();
         assert!(e.to_string().contains("tokenizer.json"), "{e}");
         std::fs::write(dir.path().join("tokenizer.json"), "{").unwrap();
-        let e = Model::load(dir.path(), 0).err().unwrap();
+        let e = Model::load(dir.path(), 0, BackendChoice::Auto).err().unwrap();
         assert!(e.to_string().contains("tokenizer.json"), "{e}");
-        let e = Model::load(&dir.path().join("missing"), 0).err().unwrap();
+        let e = Model::load(&dir.path().join("missing"), 0, BackendChoice::Auto).err().unwrap();
         assert!(e.to_string().contains("neither a directory"), "{e}");
     }
 

@@ -1,16 +1,21 @@
-//! CPU-heavy request work (parse, render, tokenize) runs off the async reactor, at most
-//! `threads` jobs at a time, so a 400 KB body never stalls other streams' I/O; a job that
-//! panics or overruns its deadline fails only its own request. Small bodies are done inline:
-//! they cost tens of microseconds, less than a thread hand-off, and must not queue behind
-//! huge ones.
+//! CPU-heavy request work (parse, render, tokenize) runs off the async reactor on the pool's
+//! own threads, at most `threads` large bodies at a time, so a 400 KB body never stalls other
+//! streams' I/O; a job that panics or overruns its deadline fails only its own request. Small
+//! bodies never queue behind huge ones: they cost tens of microseconds and are done inline.
+//!
+//! With a warm-up (the fast encoder, which keeps a per-thread copy of its word table: ~16 MiB,
+//! 7–18 ms to make) every pool thread runs it before the pool is returned, and small bodies go
+//! to the pool too — one thread more than the large-body slots, so one is always free for them —
+//! instead of inline, where a reactor thread's first body would pay that copy. Threads live as
+//! long as the pool: tokio's blocking pool makes and ends threads on demand.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
-    sync::Arc,
+    sync::{mpsc, Arc, Mutex},
     time::Duration,
 };
 
-use tokio::sync::Semaphore;
+use tokio::sync::{oneshot, Semaphore};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PoolError {
@@ -20,50 +25,99 @@ pub enum PoolError {
     Panicked(String),
 }
 
-/// Bodies up to this size are prepared on the calling task.
+/// Bodies up to this size are small (HF `tokenizers`: ~3 ms of work).
 pub const INLINE_BYTES: usize = 16 * 1024;
+/// The same with the fast encoder: its `prepare` of 64 KiB costs about what HF's of 16 KiB
+/// costs in parse and render alone (under a millisecond).
+pub const FAST_SMALL_BYTES: usize = 64 * 1024;
+
+type Job = Box<dyn FnOnce() + Send>;
+/// Run once on each pool thread before it takes jobs.
+pub type WarmUp = Arc<dyn Fn() + Send + Sync>;
 
 #[derive(Clone)]
 pub struct WorkPool {
+    /// Large-body slots.
     permits: Arc<Semaphore>,
+    jobs: mpsc::Sender<Job>,
     timeout: Duration,
+    small_bytes: usize,
+    /// Small bodies run on the pool's (warmed) threads rather than inline.
+    small_on_pool: bool,
 }
 
 impl WorkPool {
     /// `threads` = 0 means one per available core.
     pub fn new(threads: usize, timeout: Duration) -> Self {
-        let n = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { threads };
-        WorkPool { permits: Arc::new(Semaphore::new(n)), timeout }
+        Self::build(threads, timeout, INLINE_BYTES, None)
     }
 
-    /// Runs `job`, for a body of `bytes`: inline if small, else on a blocking thread once a
-    /// slot is free. The deadline covers the wait for a slot too; a job still running at its
-    /// deadline finishes in the background holding its slot (so the pool stays bounded) while
-    /// its request gets `TimedOut`.
+    /// A pool whose every thread has run `warm` when this returns; bodies up to `small_bytes`
+    /// run on its spare thread.
+    pub fn with_warm_up(threads: usize, timeout: Duration, small_bytes: usize, warm: WarmUp) -> Self {
+        Self::build(threads, timeout, small_bytes, Some(warm))
+    }
+
+    fn build(threads: usize, timeout: Duration, small_bytes: usize, warm: Option<WarmUp>) -> Self {
+        let slots = if threads == 0 { std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2) } else { threads };
+        let small_on_pool = warm.is_some();
+        let n = slots + usize::from(small_on_pool);
+        let (jobs, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let (ready_tx, ready) = mpsc::channel();
+        for i in 0..n {
+            let (rx, warm, ready_tx) = (rx.clone(), warm.clone(), ready_tx.clone());
+            std::thread::Builder::new()
+                .name(format!("epp-prepare-{i}"))
+                .spawn(move || {
+                    if let Some(w) = warm {
+                        w();
+                    }
+                    let _ = ready_tx.send(());
+                    // Ends when the pool (every sender) is dropped.
+                    loop {
+                        let job = rx.lock().expect("no job runs while holding the lock").recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })
+                .expect("spawn a work-pool thread");
+        }
+        for _ in 0..n {
+            ready.recv().expect("a work-pool thread died warming up");
+        }
+        WorkPool { permits: Arc::new(Semaphore::new(slots)), jobs, timeout, small_bytes, small_on_pool }
+    }
+
+    /// Runs `job`, for a body of `bytes`: a small one inline (or on the spare thread), a large
+    /// one on a pool thread once a slot is free. The deadline covers the wait for a slot too; a
+    /// job still running at its deadline finishes in the background holding its slot (so the
+    /// pool stays bounded) while its request gets `TimedOut`.
     pub async fn run<T, F>(&self, bytes: usize, job: F) -> Result<T, PoolError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        if bytes <= INLINE_BYTES {
+        let small = bytes <= self.small_bytes;
+        if small && !self.small_on_pool {
             return catch_unwind(AssertUnwindSafe(job)).map_err(|p| PoolError::Panicked(panic_text(p)));
         }
         let permits = self.permits.clone();
         let work = async move {
-            let permit = permits.acquire_owned().await.expect("semaphore never closed");
-            tokio::task::spawn_blocking(move || {
+            let permit = if small { None } else { Some(permits.acquire_owned().await.expect("semaphore never closed")) };
+            let (tx, rx) = oneshot::channel();
+            let job: Job = Box::new(move || {
                 let _slot = permit;
-                job()
-            })
-            .await
+                let _ = tx.send(catch_unwind(AssertUnwindSafe(job)).map_err(|p| PoolError::Panicked(panic_text(p))));
+            });
+            self.jobs.send(job).expect("the pool's threads outlive it");
+            rx.await.expect("a job always answers")
         };
         match tokio::time::timeout(self.timeout, work).await {
             Err(_) => Err(PoolError::TimedOut(self.timeout.as_millis() as u64)),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(PoolError::Panicked(match e.try_into_panic() {
-                Ok(p) => panic_text(p),
-                Err(e) => e.to_string(),
-            })),
+            Ok(r) => r,
         }
     }
 }
@@ -96,5 +150,36 @@ mod tests {
         assert_eq!(pool.run(1, move || std::thread::current().id() == main).await, Ok(true));
         tokio::time::sleep(Duration::from_millis(450)).await;
         assert_eq!(pool.run(big, || 7).await, Ok(7));
+    }
+
+    /// Every pool thread has run the warm-up before the pool exists, jobs run on those threads
+    /// only, and a small job gets the spare thread while every large-body slot is taken.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn jobs_run_on_warmed_threads_and_small_ones_never_wait_for_large_ones() {
+        use std::collections::HashSet;
+        let warmed = Arc::new(Mutex::new(HashSet::new()));
+        let w = warmed.clone();
+        let warm: WarmUp = Arc::new(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            w.lock().unwrap().insert(std::thread::current().id());
+        });
+        let pool = WorkPool::with_warm_up(2, Duration::from_secs(30), 100, warm);
+        assert_eq!(warmed.lock().unwrap().len(), 3, "two slots and the spare thread, all warmed before returning");
+        let runs = (0..12).map(|i| pool.run(if i % 2 == 0 { 1 } else { 1000 }, || std::thread::current().id()));
+        for id in futures_util::future::join_all(runs).await {
+            assert!(warmed.lock().unwrap().contains(&id.unwrap()), "a job ran on a thread that was not warmed");
+        }
+        let main = std::thread::current().id();
+        assert_ne!(pool.run(1, || std::thread::current().id()).await.unwrap(), main, "small bodies are not done inline");
+        // Both large slots busy for 2 s: a small job still finishes at once.
+        let (a, b) = (pool.clone(), pool.clone());
+        let long = || std::thread::sleep(Duration::from_secs(2));
+        let big = tokio::spawn(async move { tokio::join!(a.run(1000, long), b.run(1000, long)) });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = std::time::Instant::now();
+        assert_eq!(pool.run(1, || 7).await, Ok(7));
+        assert!(t.elapsed() < Duration::from_secs(1), "the small job waited {:?}", t.elapsed());
+        let (x, y) = big.await.unwrap();
+        assert!(x.is_ok() && y.is_ok());
     }
 }

@@ -40,7 +40,13 @@ pub struct DebugService {
 
 impl DebugService {
     pub fn new(app: Arc<App>, config: &crate::config::Config) -> Self {
-        let json = serde_json::to_value(config).expect("the configuration serializes");
+        let mut json = serde_json::to_value(config).expect("the configuration serializes");
+        // What DYN_TOKENIZER resolved to for the loaded model, beside what was asked.
+        if let Some(m) = &app.prep.model {
+            let s = m.tokenizer.selection();
+            json["tokenizer_backend"] = s.backend.name().into();
+            json["tokenizer_backend_reason"] = s.reason.clone().into();
+        }
         DebugService { app, config: as_struct(json), explain_slots: Semaphore::new(EXPLAIN_CONCURRENCY) }
     }
 }

@@ -20,6 +20,14 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// The encoder start-up chose (`DYN_TOKENIZER`), what was asked for, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenizerLabel {
+    pub backend: &'static str,
+    pub requested: &'static str,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RankLabel {
     pub worker: String,
@@ -54,6 +62,8 @@ pub struct Metrics {
     pub kv_event_lag_seconds: Histogram,
     /// Bytes charged to the segment token cache (bounded by DYN_EPP_TOKEN_CACHE_BYTES), set at scrape.
     pub token_cache_bytes: Gauge,
+    /// 1 for the tokenizer backend in use (an info metric: the labels carry the value).
+    pub tokenizer_backend: Family<TokenizerLabel, Gauge>,
     /// Active requests per worker rank as routing sees them (ours and the peers'), set at scrape.
     pub worker_active_requests: Family<RankLabel, Gauge>,
     /// Active KV blocks per worker rank (decode load), set at scrape.
@@ -108,6 +118,7 @@ impl Metrics {
         // drains in seconds.
         let kv_event_lag_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-4, 4.0, 11));
         let token_cache_bytes = Gauge::default();
+        let tokenizer_backend = Family::<TokenizerLabel, Gauge>::default();
         // 0, then 16 .. ~1 M tokens.
         let tokens = || Histogram::new(std::iter::once(0.0).chain(prometheus_client::metrics::histogram::exponential_buckets(16.0, 4.0, 9)));
         let predicted_cached_tokens = tokens();
@@ -136,6 +147,7 @@ impl Metrics {
         registry.register("kv_index_bytes", "Heap bytes of the KV index", kv_index_bytes.clone());
         registry.register("kv_event_lag_seconds", "Time from a KV event's publication to its application (publisher clock)", kv_event_lag_seconds.clone());
         registry.register("token_cache_bytes", "Bytes charged to the segment token cache", token_cache_bytes.clone());
+        registry.register("tokenizer_backend", "Tokenizer backend in use (DYN_TOKENIZER), what was requested and why", tokenizer_backend.clone());
         registry.register("predicted_cached_tokens", "Prompt tokens each decision expected cached on the chosen worker", predicted_cached_tokens.clone());
         registry.register("actual_cached_tokens", "Prompt tokens the engine reported served from its cache", actual_cached_tokens.clone());
         registry.register(
@@ -180,6 +192,7 @@ impl Metrics {
             kv_index_bytes,
             kv_event_lag_seconds,
             token_cache_bytes,
+            tokenizer_backend,
             predicted_cached_tokens,
             actual_cached_tokens,
             cached_tokens_compared,
@@ -194,6 +207,11 @@ impl Metrics {
             handshake_failures,
             certificate_reloads,
         }
+    }
+
+    pub fn set_tokenizer(&self, s: &crate::request::tokenize::Selection) {
+        let label = TokenizerLabel { backend: s.backend.name(), requested: s.requested.name(), reason: s.reason.clone() };
+        self.tokenizer_backend.get_or_create(&label).set(1);
     }
 
     pub fn replica_dropped(&self, reason: &'static str, n: u64) {

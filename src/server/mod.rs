@@ -28,7 +28,8 @@ use crate::{
     request::{
         hub,
         model::{LoadError, Model},
-        pool::WorkPool,
+        pool::{WorkPool, FAST_SMALL_BYTES},
+        tokenize::{Backend, BackendChoice},
         Preprocessor,
     },
     router::Router,
@@ -151,8 +152,14 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
         }
         Some(spec) => {
             let dir = hub::model_dir(spec, &cfg.hub_settings())?;
-            let m = Model::load(&dir, cfg.token_cache_bytes as usize)?;
+            let m = Model::load(&dir, cfg.token_cache_bytes as usize, cfg.tokenizer)?;
             tracing::info!(path = %dir.display(), chat_template = m.template.is_some(), "model files loaded");
+            let s = m.tokenizer.selection();
+            if s.requested == BackendChoice::Fastokens && s.backend != Backend::Fastokens {
+                tracing::warn!(backend = s.backend.name(), requested = s.requested.name(), reason = %s.reason, "tokenizer backend: fell back to HF");
+            } else {
+                tracing::info!(backend = s.backend.name(), requested = s.requested.name(), reason = %s.reason, "tokenizer backend");
+            }
             Some(Arc::new(m))
         }
     };
@@ -164,8 +171,18 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
     })
 }
 
-fn work_pool(cfg: &Config) -> WorkPool {
-    WorkPool::new(cfg.tokenizer_threads, Duration::from_millis(cfg.tokenization_timeout_ms))
+/// With the fast encoder every body goes to the pool's threads, each holding a warm copy of its
+/// word table (made before serving): inline on a reactor thread, the first body there would pay
+/// that copy (7–18 ms) and every reactor thread would keep one.
+fn work_pool(cfg: &Config, prep: &Preprocessor) -> WorkPool {
+    let timeout = Duration::from_millis(cfg.tokenization_timeout_ms);
+    match &prep.model {
+        Some(m) if m.tokenizer.selection().backend == Backend::Fastokens => {
+            let m = m.clone();
+            WorkPool::with_warm_up(cfg.tokenizer_threads, timeout, FAST_SMALL_BYTES, Arc::new(move || m.tokenizer.warm_thread()))
+        }
+        _ => WorkPool::new(cfg.tokenizer_threads, timeout),
+    }
 }
 
 /// Listen backlog: past the connection bound, clients wait here (the kernel caps it at
@@ -225,9 +242,14 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         router.enable_replica_sync();
     }
     let count_output = router.wants_output();
-    let mut app = App::new(router, cfg.max_body_bytes, preprocessor(&cfg)?, work_pool(&cfg));
+    let prep = preprocessor(&cfg)?;
+    let pool = work_pool(&cfg, &prep);
+    let mut app = App::new(router, cfg.max_body_bytes, prep, pool);
     app.overload_status = cfg.overload_status;
     app.count_output = count_output;
+    if let Some(m) = &app.prep.model {
+        app.metrics.set_tokenizer(m.tokenizer.selection());
+    }
     let app = Arc::new(app);
     // Certificates are checked before anything starts: a missing pair stops start-up.
     let acceptor: Option<tokio_rustls::TlsAcceptor> = match cfg.secure_serving {
