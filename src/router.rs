@@ -30,8 +30,9 @@ use crate::{
         admission::{rank_is_busy, Capacity},
         cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
         disagg::Stage,
+        latency::{Inputs, LatencyModels, Prediction, RankModel},
         select::select,
-        SchedSettings,
+        RoutingPolicy, SchedSettings,
     },
     workers::{Fleet, Role, Worker, WorkerRank},
 };
@@ -138,9 +139,34 @@ pub enum RouteError {
 pub struct Scored {
     pub target: Target,
     pub load: CandidateLoad,
+    /// Dynamo's cost terms; `logit` is the score selection reads (under `predicted-ttft` the
+    /// predicted latency in ms, not Dynamo's cost).
     pub terms: CostTerms,
+    /// The predicted latency and its parts (`predicted-ttft` only).
+    pub prediction: Option<Prediction>,
     /// Skipped by admission control: the worker is over a threshold on every rank.
     pub busy: bool,
+}
+
+/// A first response chunk compared with the prediction made at dispatch (for the metrics).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TtftSample {
+    /// The rank that prefilled the prompt.
+    pub worker: WorkerRank,
+    pub predicted_ms: f64,
+    pub actual_ms: f64,
+}
+
+/// What the latency models learn from one request, kept from dispatch to its end.
+#[derive(Clone, Copy, Debug)]
+struct Observation {
+    dispatched: Instant,
+    /// The rank that prefills, its inputs at dispatch and the TTFT predicted then.
+    prefill: (WorkerRank, Inputs, f64),
+    /// The rank that decodes and its inputs at dispatch.
+    decode: (WorkerRank, Inputs),
+    first_token: Option<Instant>,
+    generated: u64,
 }
 
 /// What one booked request holds in the active sequences.
@@ -153,6 +179,7 @@ struct Booking {
     osl: Option<u32>,
     /// The prompt's blocks pinned in the `lru` cache model (keyed by the booking id).
     lease: Option<Lease>,
+    seen: Observation,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +272,11 @@ impl KvState {
     }
 }
 
+/// Weight of the decode guard (see [`Router::predict`]); experiment knob.
+fn guard_weight() -> f64 {
+    std::env::var("EPP_GUARD").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0)
+}
+
 /// Stale bookings are looked for at most this often (a sweep walks every active request).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
@@ -284,6 +316,8 @@ pub struct Router {
     /// bookings by (replica, request id).
     outbox: Option<Vec<PeerEvent>>,
     peer_seqs: HashMap<(u64, String), u64>,
+    /// Per-rank latency, learned from our own requests' first chunks and output spacing.
+    latency: LatencyModels,
 }
 
 impl Default for Router {
@@ -306,6 +340,7 @@ impl Router {
             kv: KvState::new(kv),
             outbox: None,
             peer_seqs: HashMap::new(),
+            latency: LatencyModels::default(),
         }
     }
 
@@ -326,6 +361,7 @@ impl Router {
         self.loaded = true;
         let live: HashSet<WorkerRank> = self.workers.iter().flat_map(Worker::ranks).collect();
         self.active.retain_workers(|w| live.contains(w));
+        self.latency.retain(|w| live.contains(w));
         self.forget_ended();
         let block_size = fleet.block_size.unwrap_or(self.kv.settings.default_block_size);
         if block_size != self.kv.block_size {
@@ -484,7 +520,7 @@ impl Router {
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: rank_busy }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prediction: None, busy: rank_busy }
             }));
             // Admission control: a worker is busy only when every one of its ranks is.
             let worker_busy = scored[first..].iter().all(|s| s.busy);
@@ -495,7 +531,57 @@ impl Router {
         for s in &mut scored {
             s.terms = cost_terms(&weights, &input, &s.load);
         }
+        if self.sched.policy == RoutingPolicy::PredictedTtft {
+            self.predict(stage, req, q, &mut scored);
+        }
         scored
+    }
+
+    /// The latency model's inputs for a candidate as scored.
+    fn inputs(&self, s: &Scored, isl: u64) -> Inputs {
+        Inputs {
+            queued_tokens: s.load.active_prefill_tokens,
+            new_tokens: isl - s.terms.cached_tokens.min(isl),
+            decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
+            own_tokens: isl,
+        }
+    }
+
+    /// `predicted-ttft`: each candidate's score becomes its predicted latency (ms). Prefill
+    /// pool: the TTFT. Decode pool: the time per output token. Aggregated: the TTFT plus the
+    /// decode guard — the expected output tokens times how much slower than the fastest
+    /// candidate each token would come there, so a cached prefix on a worker crowded with
+    /// decodes is not bought with this request's (and its neighbours') end-to-end time.
+    fn predict(&self, stage: Stage, req: &RoutingRequest, q: &Query, scored: &mut [Scored]) {
+        for s in scored.iter_mut() {
+            s.prediction = Some(self.latency.predict(&s.target.worker, self.inputs(s, q.isl)));
+        }
+        let tpot = |s: &Scored| s.prediction.map_or(0.0, |p| p.tpot_ms);
+        let min_tpot = scored.iter().filter(|s| !s.busy).map(tpot).fold(f64::INFINITY, f64::min);
+        let osl = req.osl.map_or_else(|| self.latency.expected_output_tokens(), f64::from);
+        for s in scored.iter_mut() {
+            let p = s.prediction.expect("just set");
+            s.terms.logit = match stage {
+                Stage::Prefill => p.ttft_ms,
+                Stage::Decode => p.tpot_ms,
+                Stage::Aggregated => p.ttft_ms + guard_weight() * osl * (p.tpot_ms - min_tpot).max(0.0),
+            };
+        }
+    }
+
+    /// A rank's fitted latency models (its own, else the fleet's), for the Explain RPC.
+    pub fn latency_model(&self, w: &WorkerRank) -> &RankModel {
+        self.latency.model(w)
+    }
+
+    /// Whether a rank's latency models have samples of their own.
+    pub fn has_latency_samples(&self, w: &WorkerRank) -> bool {
+        self.latency.has(w)
+    }
+
+    /// The fleet-wide latency models (every rank's samples).
+    pub fn fleet_latency_model(&self) -> &RankModel {
+        self.latency.fleet()
     }
 
     /// A worker's capacity (admission control, the `lru` cache model): its own, else the
@@ -581,7 +667,12 @@ impl Router {
             Some(p) if q.isl > 0 => p.acquire(holder, booking.0, &q.hashes, (q.isl % bs != 0) as usize, now).then_some(Lease { rank: holder, isl: q.isl }),
             _ => None,
         };
-        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease });
+        let seen = {
+            let (pi, di) = (self.inputs(&cache_holder, q.isl), self.inputs(&decode, q.isl));
+            let predicted = cache_holder.prediction.unwrap_or_else(|| self.latency.predict(&holder, pi)).ttft_ms;
+            Observation { dispatched: now, prefill: (holder, pi, predicted), decode: (decode.target.worker, di), first_token: None, generated: 0 }
+        };
+        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
         Ok(Decision {
             decode: decode.target,
             prefill: prefill.map(|p| p.target),
@@ -637,9 +728,17 @@ impl Router {
     }
 
     /// The first non-empty response chunk arrived: prefill is done (and a prefill worker's
-    /// part of the request is over).
-    pub fn on_first_token(&mut self, booking: BookingId, _now: Instant) {
-        let Some(b) = self.bookings.get_mut(&booking) else { return };
+    /// part of the request is over). The prefilling rank's TTFT model learns from it; the
+    /// prediction made at dispatch is returned beside the actual time (first chunk only).
+    pub fn on_first_token(&mut self, booking: BookingId, now: Instant) -> Option<TtftSample> {
+        let b = self.bookings.get_mut(&booking)?;
+        let sample = b.seen.first_token.is_none().then(|| {
+            b.seen.first_token = Some(now);
+            let (worker, inputs, predicted_ms) = b.seen.prefill;
+            let actual_ms = now.saturating_duration_since(b.seen.dispatched).as_secs_f64() * 1e3;
+            self.latency.observe_ttft(worker, &inputs, actual_ms);
+            TtftSample { worker, predicted_ms, actual_ms }
+        });
         let (decode, prefill) = (b.decode, b.prefill.take());
         // The prefill worker's request is over: so is its hold on the prompt's blocks.
         let lease = if prefill.is_some() { b.lease.take() } else { None };
@@ -650,13 +749,15 @@ impl Router {
             self.active.free(p);
         }
         self.kv.release(booking, lease);
+        sample
     }
 
     /// Whether [`Router::on_output`] does anything: the server then counts response tokens
     /// (and takes the router's lock per chunk) only when they matter.
     pub fn wants_output(&self) -> bool {
         let lru = !self.kv.settings.use_kv_events && self.kv.settings.approx_policy == ApproxCachePolicy::Lru;
-        lru || self.tracks_output_blocks()
+        // The TPOT model learns from the count of streamed tokens.
+        lru || self.tracks_output_blocks() || self.sched.policy == RoutingPolicy::PredictedTtft
     }
 
     /// Output blocks count as decode load (`DYN_ROUTER_TRACK_OUTPUT_BLOCKS`, with active blocks).
@@ -668,7 +769,8 @@ impl Router {
     /// model, and count as load with output-block tracking.
     pub fn on_output(&mut self, booking: BookingId, generated: u64) {
         let tracks = self.tracks_output_blocks();
-        let Some(b) = self.bookings.get(&booking) else { return };
+        let Some(b) = self.bookings.get_mut(&booking) else { return };
+        b.seen.generated = generated;
         let bs = self.kv.block_size as u64;
         if let (Some(l), Some(p)) = (b.lease, &mut self.kv.predicted) {
             let tokens = l.isl + generated;
@@ -679,9 +781,15 @@ impl Router {
         }
     }
 
-    /// The response ended, failed or was cancelled: release everything the request held.
-    pub fn on_end(&mut self, booking: BookingId, _now: Instant) {
+    /// The response ended, failed or was cancelled: release everything the request held. The
+    /// decoding rank's TPOT model learns from the spacing of what streamed.
+    pub fn on_end(&mut self, booking: BookingId, now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
+        if let Some(first) = b.seen.first_token {
+            let (worker, inputs) = b.seen.decode;
+            let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
+            self.latency.observe_decode(worker, &inputs, b.seen.generated, ms);
+        }
         self.kv.release(booking, b.lease);
         if let Some(p) = b.prefill {
             self.publish(booking, ":prefill", p, PeerEventData::Free);

@@ -75,6 +75,13 @@ pub struct Metrics {
     /// Summed over responses that report cached tokens: predicted and actual, so
     /// `rate(actual) / rate(predicted)` is the prediction's accuracy.
     pub cached_tokens_compared: Family<SourceLabel, Counter>,
+    /// Predicted ÷ actual time to first token per prefilling worker rank (1 = exact).
+    pub ttft_prediction_ratio: Family<RankLabel, Histogram, fn() -> Histogram>,
+}
+
+/// Predicted ÷ actual: 1/16 .. 16 in steps of √2.
+fn ratio_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0 / 16.0, std::f64::consts::SQRT_2, 17))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -114,6 +121,7 @@ impl Metrics {
         let replica_events_applied = Counter::default();
         let replica_events_dropped = Family::<ReasonLabel, Counter>::default();
         let replica_peers = Gauge::default();
+        let ttft_prediction_ratio = Family::<RankLabel, Histogram, fn() -> Histogram>::new_with_constructor(ratio_histogram as fn() -> Histogram);
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("tokenize_seconds", "Time to check, render and tokenize one request body", tokenize_seconds.clone());
@@ -149,6 +157,11 @@ impl Metrics {
         registry.register("replica_events_applied", "Peer replicas' booking changes applied", replica_events_applied.clone());
         registry.register("replica_events_dropped", "Booking changes not published or not applied, by reason", replica_events_dropped.clone());
         registry.register("replica_peers", "Peer replicas heard from within DYN_EPP_REPLICA_TIMEOUT_SECS", replica_peers.clone());
+        registry.register(
+            "ttft_prediction_ratio",
+            "Predicted over actual time to first token per prefilling worker rank (the latency model's error)",
+            ttft_prediction_ratio.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -174,6 +187,14 @@ impl Metrics {
             replica_events_applied,
             replica_events_dropped,
             replica_peers,
+            ttft_prediction_ratio,
+        }
+    }
+
+    /// A first chunk arrived: how far the dispatch-time TTFT prediction was off.
+    pub fn ttft_predicted(&self, worker: RankLabel, predicted_ms: f64, actual_ms: f64) {
+        if actual_ms > 0.0 && predicted_ms.is_finite() {
+            self.ttft_prediction_ratio.get_or_create(&worker).observe(predicted_ms / actual_ms);
         }
     }
 
