@@ -161,8 +161,10 @@ pub struct TtftSample {
 #[derive(Clone, Copy, Debug)]
 struct Observation {
     dispatched: Instant,
-    /// The rank that prefills, its inputs at dispatch and the TTFT predicted then.
-    prefill: (WorkerRank, Inputs, f64),
+    /// The rank that prefills, its inputs at dispatch and the prediction then.
+    prefill: (WorkerRank, Inputs, Prediction),
+    /// When its prefill was expected done on that rank (its place in the backlog).
+    prefill_done: Instant,
     /// The rank that decodes and its inputs at dispatch.
     decode: (WorkerRank, Inputs),
     first_token: Option<Instant>,
@@ -272,11 +274,6 @@ impl KvState {
     }
 }
 
-/// Weight of the decode guard (see [`Router::predict`]); experiment knob.
-fn guard_weight() -> f64 {
-    std::env::var("EPP_GUARD").ok().and_then(|v| v.parse().ok()).unwrap_or(1.0)
-}
-
 /// Stale bookings are looked for at most this often (a sweep walks every active request).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
@@ -318,6 +315,8 @@ pub struct Router {
     peer_seqs: HashMap<(u64, String), u64>,
     /// Per-rank latency, learned from our own requests' first chunks and output spacing.
     latency: LatencyModels,
+    /// The latest time the caller passed in (the backlog estimates count down from it).
+    clock: Option<Instant>,
 }
 
 impl Default for Router {
@@ -341,6 +340,7 @@ impl Router {
             outbox: None,
             peer_seqs: HashMap::new(),
             latency: LatencyModels::default(),
+            clock: None,
         }
     }
 
@@ -430,6 +430,7 @@ impl Router {
     /// Forgets remembered decisions and bookings whose time is up (also done lazily on every
     /// route).
     pub fn expire(&mut self, now: Instant) {
+        self.clock = Some(self.clock.map_or(now, |c| c.max(now)));
         if let Some(p) = &mut self.kv.predicted {
             p.expire(now);
         }
@@ -532,7 +533,7 @@ impl Router {
             s.terms = cost_terms(&weights, &input, &s.load);
         }
         if self.sched.policy == RoutingPolicy::PredictedTtft {
-            self.predict(stage, req, q, &mut scored);
+            self.predict(stage, q, &mut scored);
         }
         scored
     }
@@ -541,31 +542,23 @@ impl Router {
     fn inputs(&self, s: &Scored, isl: u64) -> Inputs {
         Inputs {
             queued_tokens: s.load.active_prefill_tokens,
+            wait_ms: self.clock.map_or(0.0, |now| self.latency.wait_ms(&s.target.worker, now)),
             new_tokens: isl - s.terms.cached_tokens.min(isl),
             decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
             own_tokens: isl,
         }
     }
 
-    /// `predicted-ttft`: each candidate's score becomes its predicted latency (ms). Prefill
-    /// pool: the TTFT. Decode pool: the time per output token. Aggregated: the TTFT plus the
-    /// decode guard — the expected output tokens times how much slower than the fastest
-    /// candidate each token would come there, so a cached prefix on a worker crowded with
-    /// decodes is not bought with this request's (and its neighbours') end-to-end time.
-    fn predict(&self, stage: Stage, req: &RoutingRequest, q: &Query, scored: &mut [Scored]) {
+    /// `predicted-ttft`: each candidate's score becomes its predicted latency (ms): the TTFT
+    /// (aggregated, prefill pool), or the time per output token (decode pool). (A decode guard
+    /// adding expected output tokens × the TPOT excess over the fastest candidate was tried
+    /// at weights 1, 0.3 and 0.1 of that product: each raised TTFT and none lowered the E2E
+    /// p99 — docs/routing-policy.md.)
+    fn predict(&self, stage: Stage, q: &Query, scored: &mut [Scored]) {
         for s in scored.iter_mut() {
-            s.prediction = Some(self.latency.predict(&s.target.worker, self.inputs(s, q.isl)));
-        }
-        let tpot = |s: &Scored| s.prediction.map_or(0.0, |p| p.tpot_ms);
-        let min_tpot = scored.iter().filter(|s| !s.busy).map(tpot).fold(f64::INFINITY, f64::min);
-        let osl = req.osl.map_or_else(|| self.latency.expected_output_tokens(), f64::from);
-        for s in scored.iter_mut() {
-            let p = s.prediction.expect("just set");
-            s.terms.logit = match stage {
-                Stage::Prefill => p.ttft_ms,
-                Stage::Decode => p.tpot_ms,
-                Stage::Aggregated => p.ttft_ms + guard_weight() * osl * (p.tpot_ms - min_tpot).max(0.0),
-            };
+            let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl));
+            s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms };
+            s.prediction = Some(p);
         }
     }
 
@@ -669,8 +662,9 @@ impl Router {
         };
         let seen = {
             let (pi, di) = (self.inputs(&cache_holder, q.isl), self.inputs(&decode, q.isl));
-            let predicted = cache_holder.prediction.unwrap_or_else(|| self.latency.predict(&holder, pi)).ttft_ms;
-            Observation { dispatched: now, prefill: (holder, pi, predicted), decode: (decode.target.worker, di), first_token: None, generated: 0 }
+            let predicted = cache_holder.prediction.unwrap_or_else(|| self.latency.predict(&holder, pi));
+            let prefill_done = self.latency.book(holder, &predicted, now);
+            Observation { dispatched: now, prefill: (holder, pi, predicted), prefill_done, decode: (decode.target.worker, di), first_token: None, generated: 0 }
         };
         self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
         Ok(Decision {
@@ -734,10 +728,10 @@ impl Router {
         let b = self.bookings.get_mut(&booking)?;
         let sample = b.seen.first_token.is_none().then(|| {
             b.seen.first_token = Some(now);
-            let (worker, inputs, predicted_ms) = b.seen.prefill;
+            let (worker, inputs, predicted) = b.seen.prefill;
             let actual_ms = now.saturating_duration_since(b.seen.dispatched).as_secs_f64() * 1e3;
-            self.latency.observe_ttft(worker, &inputs, actual_ms);
-            TtftSample { worker, predicted_ms, actual_ms }
+            self.latency.observe_ttft(worker, &inputs, actual_ms, b.seen.prefill_done, predicted.base_ms, now);
+            TtftSample { worker, predicted_ms: predicted.ttft_ms, actual_ms }
         });
         let (decode, prefill) = (b.decode, b.prefill.take());
         // The prefill worker's request is over: so is its hold on the prompt's blocks.
@@ -1245,7 +1239,7 @@ mod tests {
             for o in &ops {
                 match *o {
                     Op::Route(p) => booked.push(r.route(&RoutingRequest { tokens: (0..p * 5).collect(), osl: Some(50), ..Default::default() }, now, &mut rng).unwrap().booking),
-                    Op::FirstToken(i) => if let Some(b) = booked.get(i) { r.on_first_token(*b, now) },
+                    Op::FirstToken(i) => if let Some(b) = booked.get(i) { r.on_first_token(*b, now); },
                     Op::Output(i, g) => if let Some(b) = booked.get(i) { r.on_output(*b, g) },
                     Op::End(i) => if let Some(b) = booked.get(i) { r.on_end(*b, now) },
                     Op::PeerAdd(rep, id, w) => r.apply_peer(rep, PeerEvent {

@@ -423,17 +423,13 @@ fn shares_when_worker_2_slows(args: &[&str], slow_from: usize, total: usize, win
 
 #[test]
 fn router_policy() {
-    // Equal speeds: both policies share evenly. After worker 2 turns 2× slower (request 200),
-    // the cost model cannot see it and keeps sharing evenly; predicted-ttft learns it from
-    // the first chunks' timing and moves load away within 100 requests. Balanced waits give
-    // the slower worker ~1/3 of the requests.
-    let cost = shares_when_worker_2_slows(&[], 200, 600, 100);
+    // Equal speeds: requests are shared evenly. After worker 2 turns 2× slower (request 200),
+    // predicted-ttft learns it from the first chunks' timing and moves load away: within the
+    // next 100 requests and every window after, worker 2 gets under 42 % (balanced waits give
+    // the slower worker ~1/3).
     let predicted = shares_when_worker_2_slows(&["--router-policy", "predicted-ttft"], 200, 600, 100);
-    for s in [&cost, &predicted] {
-        assert!((0.4..0.6).contains(&s[1]), "{s:?}");
-    }
-    assert!(cost[3..].iter().all(|s| (0.45..0.55).contains(s)), "{cost:?}");
-    assert!(predicted[3..].iter().all(|&s| s < 0.42), "{predicted:?}");
+    assert!((0.4..0.6).contains(&predicted[1]), "{predicted:?}");
+    assert!(predicted[2..].iter().all(|&s| s < 0.42), "{predicted:?}");
     let e = Config::from_args(["dynamo-epp", "--router-policy", "fastest"]).unwrap_err();
     assert_eq!(e.1, 2);
 }

@@ -346,12 +346,6 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
             }
         }
     }
-    if let (Some(r), true) = (&st.router, std::env::var("EPP_DEBUG").is_ok()) {
-        for w in 0..cfg.workers {
-            let m = r.latency_model(&crate::workers::WorkerRank { id: WorkerId(w as u64), dp_rank: crate::workers::DpRank(0) });
-            eprintln!("w{w} ttft {:?} n={} err={:.2} tpot {:?} n={} err={:.2}", m.ttft.coefficients(), m.ttft.samples(), m.ttft.relative_error(), m.tpot.coefficients(), m.tpot.samples(), m.tpot.relative_error());
-        }
-    }
     PolicyReport::new(&p.name, &st.outcomes, ideal, started.elapsed())
 }
 
