@@ -260,6 +260,11 @@ pub struct Config {
     #[arg(long = "overlap-score-weight", env = "DYN_OVERLAP_SCORE_WEIGHT", value_parser = non_negative, hide = true)]
     pub deprecated_overlap_weight_old: Option<f64>,
 
+    /// What decides: `cost` (Dynamo's cost model) or `predicted-ttft` (the lowest predicted
+    /// time to first token, learned online per worker rank, guarded by decode speed).
+    #[arg(long = "router-policy", env = "DYN_ROUTER_POLICY", value_enum, default_value = "cost")]
+    pub router_policy: crate::sched::RoutingPolicy,
+
     /// 0 = the cheapest worker wins (ties at random); > 0 = softmax sampling at this temperature.
     #[arg(long = "router-temperature", env = "DYN_ROUTER_TEMPERATURE", default_value = "0.0", value_parser = non_negative)]
     pub temperature: f64,
@@ -532,6 +537,7 @@ impl Config {
             prefill_tokens_frac: self.prefill_tokens_threshold_frac,
         };
         crate::sched::SchedSettings {
+            policy: self.router_policy,
             weights,
             temperature: self.temperature,
             track_active_blocks: self.track_active_blocks,

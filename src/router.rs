@@ -30,8 +30,9 @@ use crate::{
         admission::{rank_is_busy, Capacity},
         cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
         disagg::Stage,
+        latency::{Inputs, LatencyModels, Prediction, RankModel},
         select::select,
-        SchedSettings,
+        RoutingPolicy, SchedSettings,
     },
     workers::{Fleet, Role, Worker, WorkerRank},
 };
@@ -138,9 +139,36 @@ pub enum RouteError {
 pub struct Scored {
     pub target: Target,
     pub load: CandidateLoad,
+    /// Dynamo's cost terms; `logit` is the score selection reads (under `predicted-ttft` the
+    /// predicted latency in ms, not Dynamo's cost).
     pub terms: CostTerms,
+    /// The predicted latency and its parts (`predicted-ttft` only).
+    pub prediction: Option<Prediction>,
     /// Skipped by admission control: the worker is over a threshold on every rank.
     pub busy: bool,
+}
+
+/// A first response chunk compared with the prediction made at dispatch (for the metrics).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TtftSample {
+    /// The rank that prefilled the prompt.
+    pub worker: WorkerRank,
+    pub predicted_ms: f64,
+    pub actual_ms: f64,
+}
+
+/// What the latency models learn from one request, kept from dispatch to its end.
+#[derive(Clone, Copy, Debug)]
+struct Observation {
+    dispatched: Instant,
+    /// The rank that prefills, its inputs at dispatch and the prediction then.
+    prefill: (WorkerRank, Inputs, Prediction),
+    /// When its prefill was expected done on that rank (its place in the backlog).
+    prefill_done: Instant,
+    /// The rank that decodes and its inputs at dispatch.
+    decode: (WorkerRank, Inputs),
+    first_token: Option<Instant>,
+    generated: u64,
 }
 
 /// What one booked request holds in the active sequences.
@@ -153,6 +181,7 @@ struct Booking {
     osl: Option<u32>,
     /// The prompt's blocks pinned in the `lru` cache model (keyed by the booking id).
     lease: Option<Lease>,
+    seen: Observation,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -284,6 +313,10 @@ pub struct Router {
     /// bookings by (replica, request id).
     outbox: Option<Vec<PeerEvent>>,
     peer_seqs: HashMap<(u64, String), u64>,
+    /// Per-rank latency, learned from our own requests' first chunks and output spacing.
+    latency: LatencyModels,
+    /// The latest time the caller passed in (the backlog estimates count down from it).
+    clock: Option<Instant>,
 }
 
 impl Default for Router {
@@ -306,6 +339,8 @@ impl Router {
             kv: KvState::new(kv),
             outbox: None,
             peer_seqs: HashMap::new(),
+            latency: LatencyModels::default(),
+            clock: None,
         }
     }
 
@@ -326,6 +361,7 @@ impl Router {
         self.loaded = true;
         let live: HashSet<WorkerRank> = self.workers.iter().flat_map(Worker::ranks).collect();
         self.active.retain_workers(|w| live.contains(w));
+        self.latency.retain(|w| live.contains(w));
         self.forget_ended();
         let block_size = fleet.block_size.unwrap_or(self.kv.settings.default_block_size);
         if block_size != self.kv.block_size {
@@ -394,6 +430,7 @@ impl Router {
     /// Forgets remembered decisions and bookings whose time is up (also done lazily on every
     /// route).
     pub fn expire(&mut self, now: Instant) {
+        self.clock = Some(self.clock.map_or(now, |c| c.max(now)));
         if let Some(p) = &mut self.kv.predicted {
             p.expire(now);
         }
@@ -484,7 +521,7 @@ impl Router {
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), busy: rank_busy }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prediction: None, busy: rank_busy }
             }));
             // Admission control: a worker is busy only when every one of its ranks is.
             let worker_busy = scored[first..].iter().all(|s| s.busy);
@@ -495,7 +532,49 @@ impl Router {
         for s in &mut scored {
             s.terms = cost_terms(&weights, &input, &s.load);
         }
+        if self.sched.policy == RoutingPolicy::PredictedTtft {
+            self.predict(stage, q, &mut scored);
+        }
         scored
+    }
+
+    /// The latency model's inputs for a candidate as scored.
+    fn inputs(&self, s: &Scored, isl: u64) -> Inputs {
+        Inputs {
+            queued_tokens: s.load.active_prefill_tokens,
+            wait_ms: self.clock.map_or(0.0, |now| self.latency.wait_ms(&s.target.worker, now)),
+            new_tokens: isl - s.terms.cached_tokens.min(isl),
+            decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
+            own_tokens: isl,
+        }
+    }
+
+    /// `predicted-ttft`: each candidate's score becomes its predicted latency (ms): the TTFT
+    /// (aggregated, prefill pool), or the time per output token (decode pool). (A decode guard
+    /// adding expected output tokens × the TPOT excess over the fastest candidate was tried
+    /// at weights 1, 0.3 and 0.1 of that product: each raised TTFT and none lowered the E2E
+    /// p99 — docs/routing-policy.md.)
+    fn predict(&self, stage: Stage, q: &Query, scored: &mut [Scored]) {
+        for s in scored.iter_mut() {
+            let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl));
+            s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms };
+            s.prediction = Some(p);
+        }
+    }
+
+    /// A rank's fitted latency models (its own, else the fleet's), for the Explain RPC.
+    pub fn latency_model(&self, w: &WorkerRank) -> &RankModel {
+        self.latency.model(w)
+    }
+
+    /// Whether a rank's latency models have samples of their own.
+    pub fn has_latency_samples(&self, w: &WorkerRank) -> bool {
+        self.latency.has(w)
+    }
+
+    /// The fleet-wide latency models (every rank's samples).
+    pub fn fleet_latency_model(&self) -> &RankModel {
+        self.latency.fleet()
     }
 
     /// A worker's capacity (admission control, the `lru` cache model): its own, else the
@@ -581,7 +660,13 @@ impl Router {
             Some(p) if q.isl > 0 => p.acquire(holder, booking.0, &q.hashes, (q.isl % bs != 0) as usize, now).then_some(Lease { rank: holder, isl: q.isl }),
             _ => None,
         };
-        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease });
+        let seen = {
+            let (pi, di) = (self.inputs(&cache_holder, q.isl), self.inputs(&decode, q.isl));
+            let predicted = cache_holder.prediction.unwrap_or_else(|| self.latency.predict(&holder, pi));
+            let prefill_done = self.latency.book(holder, &predicted, now);
+            Observation { dispatched: now, prefill: (holder, pi, predicted), prefill_done, decode: (decode.target.worker, di), first_token: None, generated: 0 }
+        };
+        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
         Ok(Decision {
             decode: decode.target,
             prefill: prefill.map(|p| p.target),
@@ -637,9 +722,17 @@ impl Router {
     }
 
     /// The first non-empty response chunk arrived: prefill is done (and a prefill worker's
-    /// part of the request is over).
-    pub fn on_first_token(&mut self, booking: BookingId, _now: Instant) {
-        let Some(b) = self.bookings.get_mut(&booking) else { return };
+    /// part of the request is over). The prefilling rank's TTFT model learns from it; the
+    /// prediction made at dispatch is returned beside the actual time (first chunk only).
+    pub fn on_first_token(&mut self, booking: BookingId, now: Instant) -> Option<TtftSample> {
+        let b = self.bookings.get_mut(&booking)?;
+        let sample = b.seen.first_token.is_none().then(|| {
+            b.seen.first_token = Some(now);
+            let (worker, inputs, predicted) = b.seen.prefill;
+            let actual_ms = now.saturating_duration_since(b.seen.dispatched).as_secs_f64() * 1e3;
+            self.latency.observe_ttft(worker, &inputs, actual_ms, b.seen.prefill_done, predicted.base_ms, now);
+            TtftSample { worker, predicted_ms: predicted.ttft_ms, actual_ms }
+        });
         let (decode, prefill) = (b.decode, b.prefill.take());
         // The prefill worker's request is over: so is its hold on the prompt's blocks.
         let lease = if prefill.is_some() { b.lease.take() } else { None };
@@ -650,13 +743,15 @@ impl Router {
             self.active.free(p);
         }
         self.kv.release(booking, lease);
+        sample
     }
 
     /// Whether [`Router::on_output`] does anything: the server then counts response tokens
     /// (and takes the router's lock per chunk) only when they matter.
     pub fn wants_output(&self) -> bool {
         let lru = !self.kv.settings.use_kv_events && self.kv.settings.approx_policy == ApproxCachePolicy::Lru;
-        lru || self.tracks_output_blocks()
+        // The TPOT model learns from the count of streamed tokens.
+        lru || self.tracks_output_blocks() || self.sched.policy == RoutingPolicy::PredictedTtft
     }
 
     /// Output blocks count as decode load (`DYN_ROUTER_TRACK_OUTPUT_BLOCKS`, with active blocks).
@@ -668,7 +763,8 @@ impl Router {
     /// model, and count as load with output-block tracking.
     pub fn on_output(&mut self, booking: BookingId, generated: u64) {
         let tracks = self.tracks_output_blocks();
-        let Some(b) = self.bookings.get(&booking) else { return };
+        let Some(b) = self.bookings.get_mut(&booking) else { return };
+        b.seen.generated = generated;
         let bs = self.kv.block_size as u64;
         if let (Some(l), Some(p)) = (b.lease, &mut self.kv.predicted) {
             let tokens = l.isl + generated;
@@ -679,9 +775,15 @@ impl Router {
         }
     }
 
-    /// The response ended, failed or was cancelled: release everything the request held.
-    pub fn on_end(&mut self, booking: BookingId, _now: Instant) {
+    /// The response ended, failed or was cancelled: release everything the request held. The
+    /// decoding rank's TPOT model learns from the spacing of what streamed.
+    pub fn on_end(&mut self, booking: BookingId, now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
+        if let Some(first) = b.seen.first_token {
+            let (worker, inputs) = b.seen.decode;
+            let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
+            self.latency.observe_decode(worker, &inputs, b.seen.generated, ms);
+        }
         self.kv.release(booking, b.lease);
         if let Some(p) = b.prefill {
             self.publish(booking, ":prefill", p, PeerEventData::Free);
@@ -1137,7 +1239,7 @@ mod tests {
             for o in &ops {
                 match *o {
                     Op::Route(p) => booked.push(r.route(&RoutingRequest { tokens: (0..p * 5).collect(), osl: Some(50), ..Default::default() }, now, &mut rng).unwrap().booking),
-                    Op::FirstToken(i) => if let Some(b) = booked.get(i) { r.on_first_token(*b, now) },
+                    Op::FirstToken(i) => if let Some(b) = booked.get(i) { r.on_first_token(*b, now); },
                     Op::Output(i, g) => if let Some(b) = booked.get(i) { r.on_output(*b, g) },
                     Op::End(i) => if let Some(b) = booked.get(i) { r.on_end(*b, now) },
                     Op::PeerAdd(rep, id, w) => r.apply_peer(rep, PeerEvent {

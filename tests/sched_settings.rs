@@ -387,3 +387,49 @@ fn router_approximate_cache_policy() {
     assert_eq!(code, 2);
     assert!(msg.contains("DYN_USE_KV_EVENTS=false") && msg.lines().count() == 1, "{msg}");
 }
+
+/// A made-up two-worker fleet (not the simulator's engine): each worker prefills FCFS at its
+/// own speed, `ms_per_k` ms per thousand prompt tokens plus 10 ms per request; the first
+/// chunk comes when a request's prefill ends, and the request ends right after. 2000-token
+/// prompts, no shared prefixes, one every 25 ms (~60 % busy while both are equally fast).
+/// Worker 2 turns 2× slower after request `slow_from`. Returns worker 2's share of each
+/// window of `window` requests.
+fn shares_when_worker_2_slows(args: &[&str], slow_from: usize, total: usize, window: usize) -> Vec<f64> {
+    let mut b = Bench::new(args);
+    let ms = |x: f64| Duration::from_secs_f64(x / 1e3);
+    let mut free_at = [b.t0; 2];
+    // (first chunk time, booking), delivered in time order before each arrival.
+    let mut pending: Vec<(Instant, BookingId)> = Vec::new();
+    let mut to_2 = Vec::new();
+    for i in 0..total {
+        let now = b.t0 + ms(25.0 * i as f64);
+        pending.sort_by_key(|p| std::cmp::Reverse(p.0));
+        while pending.last().is_some_and(|p| p.0 <= now) {
+            let (t, id) = pending.pop().unwrap();
+            b.router.on_first_token(id, t);
+            b.router.on_end(id, t);
+        }
+        let tokens: Vec<u32> = (0..2000).map(|t| (i * 2000 + t) as u32 + 1_000_000).collect();
+        let d = b.router.route(&RoutingRequest { tokens, ..Default::default() }, now, &mut b.rng).unwrap();
+        let w = d.decode.worker.id.0 as usize - 1;
+        let ms_per_k = if w == 1 && i >= slow_from { 40.0 } else { 20.0 };
+        let done = free_at[w].max(now) + ms(10.0 + 2.0 * ms_per_k);
+        free_at[w] = done;
+        pending.push((done, d.booking));
+        to_2.push(w == 1);
+    }
+    to_2.chunks(window).map(|c| c.iter().filter(|&&x| x).count() as f64 / c.len() as f64).collect()
+}
+
+#[test]
+fn router_policy() {
+    // Equal speeds: requests are shared evenly. After worker 2 turns 2× slower (request 200),
+    // predicted-ttft learns it from the first chunks' timing and moves load away: within the
+    // next 100 requests and every window after, worker 2 gets under 42 % (balanced waits give
+    // the slower worker ~1/3).
+    let predicted = shares_when_worker_2_slows(&["--router-policy", "predicted-ttft"], 200, 600, 100);
+    assert!((0.4..0.6).contains(&predicted[1]), "{predicted:?}");
+    assert!(predicted[2..].iter().all(|&s| s < 0.42), "{predicted:?}");
+    let e = Config::from_args(["dynamo-epp", "--router-policy", "fastest"]).unwrap_err();
+    assert_eq!(e.1, 2);
+}

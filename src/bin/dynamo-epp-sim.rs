@@ -52,6 +52,12 @@ struct Args {
     event_delay_ms: f64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Heterogeneous fleet: this share of the workers (the last ones) is slower...
+    #[arg(long, default_value_t = 0.0)]
+    slow_share: f64,
+    /// ...by this factor (every pass takes this many times as long).
+    #[arg(long, default_value_t = 2.0)]
+    slow_factor: f64,
     /// Another router configuration to compare: `NAME=FLAGS`, flags as dynamo-epp takes them,
     /// e.g. `tuned=--router-temperature 0.05`. Repeatable.
     #[arg(long = "extra")]
@@ -86,6 +92,9 @@ fn run(a: Args) -> Result<(), String> {
     if a.workers == 0 || a.speedup <= 0.0 || a.block_tokens == 0 || 512 % a.block_tokens != 0 {
         return Err("--workers and --speedup must be positive and --block-tokens must divide 512".into());
     }
+    if !(0.0..=1.0).contains(&a.slow_share) || a.slow_factor <= 0.0 {
+        return Err("--slow-share must be within 0..=1 and --slow-factor positive".into());
+    }
     let cfg = SimConfig {
         workers: a.workers,
         engine: EngineParams {
@@ -100,6 +109,8 @@ fn run(a: Args) -> Result<(), String> {
         speedup: a.speedup,
         event_delay_ms: a.event_delay_ms,
         seed: a.seed,
+        slow_share: a.slow_share,
+        slow_factor: a.slow_factor,
     };
     let mut policies = sim::standard_policies();
     for e in &a.extra {
@@ -121,6 +132,7 @@ fn run(a: Args) -> Result<(), String> {
     if let Some(p) = &a.json {
         let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "config": {
             "workers": cfg.workers, "engine": cfg.engine, "speedup": cfg.speedup, "event_delay_ms": cfg.event_delay_ms, "seed": cfg.seed,
+            "slow_share": cfg.slow_share, "slow_factor": cfg.slow_factor,
         }, "policies": reports });
         std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }

@@ -5,6 +5,7 @@ pub mod active;
 pub mod admission;
 pub mod cost;
 pub mod disagg;
+pub mod latency;
 pub mod prompts;
 pub mod replica;
 pub mod select;
@@ -14,9 +15,22 @@ use std::time::Duration;
 use admission::{Capacity, Thresholds};
 use cost::CostWeights;
 
+/// What a candidate's score is (`DYN_ROUTER_POLICY`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingPolicy {
+    /// Dynamo's cost model: prefill and decode blocks ([`cost`]).
+    #[default]
+    Cost,
+    /// The predicted time to first token, learned online per rank ([`latency`]), guarded by
+    /// the predicted time per output token.
+    PredictedTtft,
+}
+
 /// How the scheduler decides (contracts §8, §9 A and C); built once from the `Config`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SchedSettings {
+    pub policy: RoutingPolicy,
     pub weights: CostWeights,
     /// 0 = lowest cost wins (ties at random); > 0 = softmax over normalized costs.
     pub temperature: f64,
@@ -40,6 +54,7 @@ pub struct SchedSettings {
 impl Default for SchedSettings {
     fn default() -> Self {
         SchedSettings {
+            policy: RoutingPolicy::Cost,
             weights: CostWeights::default(),
             temperature: 0.0,
             track_active_blocks: true,

@@ -16,7 +16,7 @@ use super::{error::EppError, App};
 use crate::{
     request::openai::Api,
     router::{RouteError, RoutingRequest, Scored},
-    sched::select::softmax_probabilities,
+    sched::{latency::RankModel, select::softmax_probabilities, RoutingPolicy},
     workers::{Role, Worker},
 };
 
@@ -24,7 +24,10 @@ pub mod proto {
     tonic::include_proto!("dynamo.epp.v1");
 }
 
-use proto::{debug_server::Debug, Candidate, ConfigRequest, ConfigResponse, ExplainRequest, ExplainResponse, WorkerStatus, WorkersRequest, WorkersResponse};
+use proto::{
+    debug_server::Debug, Candidate, ConfigRequest, ConfigResponse, ExplainRequest, ExplainResponse, LatencyModel, WorkerStatus, WorkersRequest,
+    WorkersResponse,
+};
 
 /// Descriptor set of the debug service (built by build.rs) for gRPC reflection.
 pub const DEBUG_DESCRIPTOR: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/debug_descriptor.bin"));
@@ -102,9 +105,30 @@ fn candidates(scored: &[Scored], temperature: f64, workers: &[Worker]) -> Vec<Ca
                 cost: t.logit,
                 busy: s.busy,
                 probability: if s.busy { 0.0 } else { p.next().unwrap_or(0.0) },
+                predicted_ttft_ms: s.prediction.map_or(0.0, |p| p.ttft_ms),
+                predicted_queue_ms: s.prediction.map_or(0.0, |p| p.queue_ms),
+                predicted_prefill_ms: s.prediction.map_or(0.0, |p| p.prefill_ms),
+                predicted_base_ms: s.prediction.map_or(0.0, |p| p.base_ms),
+                predicted_tpot_ms: s.prediction.map_or(0.0, |p| p.tpot_ms),
             }
         })
         .collect()
+}
+
+/// A rank's fitted latency models as the API shows them.
+fn latency_model(worker_id: u64, dp_rank: u32, name: &str, m: &RankModel, own: bool) -> LatencyModel {
+    LatencyModel {
+        worker_id,
+        dp_rank,
+        name: name.into(),
+        ttft: m.ttft.coefficients().to_vec(),
+        tpot: m.tpot.coefficients().to_vec(),
+        ttft_samples: m.ttft.samples(),
+        tpot_samples: m.tpot.samples(),
+        ttft_relative_error: m.ttft.relative_error(),
+        tpot_relative_error: m.tpot.relative_error(),
+        own,
+    }
 }
 
 /// The cheapest open candidate (the most likely pick).
@@ -140,11 +164,21 @@ impl Debug for DebugService {
         let p = prepared.map_err(EppError::from).and_then(|p| p).map_err(status)?;
         let req = RoutingRequest { tokens: p.tokens, cache_salt: p.cache_salt, lora: p.lora, osl: p.hints.osl, subset: None };
         // One look at the router: the scores and the names they refer to.
-        let (decode, prefill, block_size, sched, workers) = {
+        let (decode, prefill, block_size, sched, workers, models) = {
             let router = self.app.router.lock();
             let (d, p) = router.explain(&req);
-            (d, p, router.block_size(), *router.settings(), router.workers().to_vec())
+            let ranks = d.iter().chain(&p).map(|s| s.target.worker);
+            let mut models: Vec<LatencyModel> = ranks.map(|r| latency_model(r.id.0, r.dp_rank.0, "", router.latency_model(&r), router.has_latency_samples(&r))).collect();
+            models.push(latency_model(0, 0, "fleet", router.fleet_latency_model(), true));
+            (d, p, router.block_size(), *router.settings(), router.workers().to_vec(), models)
         };
+        let models = models
+            .into_iter()
+            .map(|m| match workers.iter().find(|w| w.id.0 == m.worker_id && m.name.is_empty()) {
+                Some(w) => LatencyModel { name: w.name.clone(), ..m },
+                None => m,
+            })
+            .collect();
         let decode_candidates = candidates(&decode, sched.temperature, &workers);
         let prefill_candidates = candidates(&prefill, sched.temperature, &workers);
         let (best_decode, best_prefill) = (cheapest(&decode_candidates), cheapest(&prefill_candidates));
@@ -172,6 +206,12 @@ impl Debug for DebugService {
             block_size,
             temperature: sched.temperature,
             error: error.map(|e| e.to_string()).unwrap_or_default(),
+            policy: match sched.policy {
+                RoutingPolicy::Cost => "cost",
+                RoutingPolicy::PredictedTtft => "predicted-ttft",
+            }
+            .into(),
+            models,
         }))
     }
 

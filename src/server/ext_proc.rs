@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Status, Streaming};
 
-use super::{envoy, error::EppError, sse::ResponseScan, App};
+use super::{envoy, error::EppError, metrics::RankLabel, sse::ResponseScan, App};
 use crate::{
     request::{openai::Api, Prepared},
     router::{BookingId, Decision, EndpointMatch, RouteError, RoutingRequest},
@@ -313,8 +313,17 @@ impl StreamState {
         if !b.body.is_empty() && !self.first_token_seen {
             self.first_token_seen = true;
             if let Some(id) = self.booking {
-                self.app.router.lock().on_first_token(id, Instant::now());
+                let sample = {
+                    let mut router = self.app.router.lock();
+                    router.on_first_token(id, Instant::now()).map(|s| {
+                        let name = router.workers().iter().find(|w| w.id == s.worker.id).map(|w| w.name.clone()).unwrap_or_default();
+                        (RankLabel { worker: name, dp_rank: s.worker.dp_rank.0 }, s)
+                    })
+                };
                 self.app.peer_events.notify_one();
+                if let Some((label, s)) = sample {
+                    self.app.metrics.ttft_predicted(label, s.predicted_ms, s.actual_ms);
+                }
             }
         }
         if let (Some(scan), Some(id)) = (&mut self.scan, self.booking) {

@@ -91,6 +91,13 @@ pub struct Metrics {
     pub handshake_failures: Family<ReasonLabel, Counter>,
     /// Changed certificate files (`DYN_EPP_CERT_PATH`) by outcome: `loaded` or `rejected`.
     pub certificate_reloads: Family<OutcomeLabel, Counter>,
+    /// Predicted ÷ actual time to first token per prefilling worker rank (1 = exact).
+    pub ttft_prediction_ratio: Family<RankLabel, Histogram, fn() -> Histogram>,
+}
+
+/// Predicted ÷ actual: 1/16 .. 16 in steps of √2.
+fn ratio_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0 / 16.0, std::f64::consts::SQRT_2, 17))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,6 +141,7 @@ impl Metrics {
         let connections = Gauge::default();
         let handshake_failures = Family::<ReasonLabel, Counter>::default();
         let certificate_reloads = Family::<OutcomeLabel, Counter>::default();
+        let ttft_prediction_ratio = Family::<RankLabel, Histogram, fn() -> Histogram>::new_with_constructor(ratio_histogram as fn() -> Histogram);
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("tokenize_seconds", "Time to check, render and tokenize one request body", tokenize_seconds.clone());
@@ -177,6 +185,11 @@ impl Metrics {
             handshake_failures.clone(),
         );
         registry.register("certificate_reloads", "Changed certificate files by outcome (loaded, rejected)", certificate_reloads.clone());
+        registry.register(
+            "ttft_prediction_ratio",
+            "Predicted over actual time to first token per prefilling worker rank (the latency model's error)",
+            ttft_prediction_ratio.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -206,6 +219,14 @@ impl Metrics {
             connections,
             handshake_failures,
             certificate_reloads,
+            ttft_prediction_ratio,
+        }
+    }
+
+    /// A first chunk arrived: how far the dispatch-time TTFT prediction was off.
+    pub fn ttft_predicted(&self, worker: RankLabel, predicted_ms: f64, actual_ms: f64) {
+        if actual_ms > 0.0 && predicted_ms.is_finite() {
+            self.ttft_prediction_ratio.get_or_create(&worker).observe(predicted_ms / actual_ms);
         }
     }
 

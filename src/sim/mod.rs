@@ -26,7 +26,7 @@ use crate::{
         predicted::ApproxCachePolicy,
     },
     router::{BookingId, KvSettings, RouteError, Router, RoutingRequest},
-    sched::SchedSettings,
+    sched::{RoutingPolicy, SchedSettings},
     workers::{Fleet, Role, Worker, WorkerId},
 };
 use engine::{Engine, EngineEvent, EngineParams, EngineRequest};
@@ -60,21 +60,42 @@ pub struct SimConfig {
     /// Delay before a KV event reaches the router, ms (0 = at once).
     pub event_delay_ms: f64,
     pub seed: u64,
+    /// Heterogeneous fleet: this share of the workers (the last ones) runs every pass
+    /// `slow_factor` times slower.
+    pub slow_share: f64,
+    pub slow_factor: f64,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { workers: 8, engine: EngineParams::default(), speedup: 1.0, event_delay_ms: 0.0, seed: 42 }
+        SimConfig { workers: 8, engine: EngineParams::default(), speedup: 1.0, event_delay_ms: 0.0, seed: 42, slow_share: 0.0, slow_factor: 1.0 }
     }
 }
 
-/// The policies every run compares: Dynamo-compatible defaults with KV events, approximate
-/// mode (`ttl` and `lru` cache policies), and the baselines.
+impl SimConfig {
+    /// Engine parameters of worker `w`: a slow worker's every pass takes `slow_factor` times
+    /// as long (all time coefficients scaled).
+    pub fn engine_of(&self, w: usize) -> EngineParams {
+        let slow = (self.slow_share * self.workers as f64).round() as usize;
+        if w < self.workers - slow.min(self.workers) {
+            return self.engine;
+        }
+        let f = self.slow_factor;
+        let scale = |c: [f64; 3]| c.map(|x| x * f);
+        EngineParams { prefill_ms: scale(self.engine.prefill_ms), decode_ms: scale(self.engine.decode_ms), ..self.engine }
+    }
+}
+
+/// The policies every run compares: Dynamo-compatible defaults with KV events, the
+/// predicted-TTFT policy (with KV events), approximate mode (`ttl` and `lru` cache policies),
+/// and the baselines.
 pub fn standard_policies() -> Vec<NamedPolicy> {
     let kv = |use_kv_events| KvSettings { use_kv_events, ..KvSettings::default() };
     let lru = KvSettings { approx_policy: ApproxCachePolicy::Lru, ..kv(false) };
+    let predicted = SchedSettings { policy: RoutingPolicy::PredictedTtft, ..SchedSettings::default() };
     vec![
         NamedPolicy { name: "kv-events".into(), policy: Policy::Router { kv: kv(true), sched: SchedSettings::default() } },
+        NamedPolicy { name: "predicted-ttft".into(), policy: Policy::Router { kv: kv(true), sched: predicted } },
         NamedPolicy { name: "approximate".into(), policy: Policy::Router { kv: kv(false), sched: SchedSettings::default() } },
         NamedPolicy { name: "approximate-lru".into(), policy: Policy::Router { kv: lru, sched: SchedSettings::default() } },
         NamedPolicy { name: "round-robin".into(), policy: Policy::RoundRobin },
@@ -178,8 +199,15 @@ impl State<'_> {
                     }
                 }
                 EngineEvent::Finished { id } => {
-                    self.outcomes[id].finished_us = Some(now);
+                    let o = &mut self.outcomes[id];
+                    o.finished_us = Some(now);
                     if let (Some(r), Some(b)) = (&mut self.router, self.bookings[id].take()) {
+                        // The server reports streamed tokens as they come; the TPOT model only
+                        // needs the count at the end. (Other policies' rows stay as they were:
+                        // the `lru` model is not fed output here.)
+                        if r.settings().policy == RoutingPolicy::PredictedTtft {
+                            r.on_output(b, o.osl as u64);
+                        }
                         r.on_end(b, at);
                     }
                 }
@@ -255,7 +283,7 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
     };
     let mut st = State {
         cfg,
-        engines: (0..cfg.workers).map(|_| Engine::new(cfg.engine)).collect(),
+        engines: (0..cfg.workers).map(|w| Engine::new(cfg.engine_of(w))).collect(),
         router,
         bookings: vec![None; prepared.len()],
         outcomes: prepared.iter().map(|r| RequestOutcome::new(r.arrival_us, r.engine.isl, r.engine.osl)).collect(),
