@@ -10,6 +10,7 @@ use dynamo_epp::{
     request::{
         model::Model,
         openai::{self, Api, Input},
+        tokenize::BackendChoice,
         PrepareError, Prepared, Preprocessor,
     },
     server::error::EppError,
@@ -24,7 +25,7 @@ const MAX_GENERATED: usize = 256 * 1024;
 
 pub fn model() -> Arc<Model> {
     static M: OnceLock<Arc<Model>> = OnceLock::new();
-    M.get_or_init(|| Arc::new(Model::load(&common::tokenizer_fixtures().join("qwen3"), 64 << 20).expect("the Qwen3 fixture")))
+    M.get_or_init(|| Arc::new(Model::load(&common::tokenizer_fixtures().join("qwen3"), 64 << 20, BackendChoice::Auto).expect("the Qwen3 fixture")))
         .clone()
 }
 
