@@ -86,7 +86,14 @@ impl Preprocessor {
                 (tok.encode(&text, false).map_err(encode_err)?, true)
             }
             Input::Completion { first: Prompt::Text(t), single } => (tok.encode(t, true).map_err(encode_err)?, *single),
-            Input::Completion { first: Prompt::Tokens(ids), single } => (ids.clone(), *single),
+            Input::Completion { first: Prompt::Tokens(ids), single } => {
+                // The worker trusts these ids as it trusts token_data: one it does not know is
+                // the client's error, answered here rather than by a failing engine.
+                if ids.iter().any(|&t| t as usize >= tok.vocab_size()) {
+                    return Err(RequestError::WrongType { path: "prompt".into(), expected: "token ids of the served model's vocabulary" }.into());
+                }
+                (ids.clone(), *single)
+            }
         };
         let body = if self.inject && single {
             inject::inject_token_data(&body, &tokens).map_err(|e| PrepareError::Tokenizer(e.to_string()))?

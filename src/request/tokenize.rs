@@ -191,6 +191,11 @@ impl TextTokenizer {
         }
     }
 
+    /// Ids the model knows: its vocabulary and its added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
     /// Which encoder is in use, and why.
     pub fn selection(&self) -> &Selection {
         &self.selection

@@ -146,7 +146,8 @@ impl Gaps {
     /// went back).
     pub fn missed(&mut self, h: &Header) -> u64 {
         match self.0.insert(h.publisher_id, h.sequence) {
-            Some(prev) if h.sequence > prev + 1 => h.sequence - prev - 1,
+            // Saturating: a publisher's sequence may be anything, u64::MAX included.
+            Some(prev) if h.sequence > prev.saturating_add(1) => h.sequence - prev - 1,
             _ => 0,
         }
     }
