@@ -143,7 +143,12 @@ async fn tokenization_past_its_deadline_is_504_and_the_server_keeps_serving() {
 async fn huge_bodies_do_not_stall_small_requests() {
     let chain = Chain::start(
         &[("w0", None)],
-        model_env("qwen3", &[("DYN_EPP_TOKENIZER_THREADS", "1"), ("DYN_EPP_TOKENIZATION_TIMEOUT_MS", "60000"), ("DYN_EPP_TOKEN_CACHE_BYTES", "0")]),
+        // HF's encoder: the huge bodies must take long enough (seconds) for a stall to show;
+        // fastokens tokenizes them in about the time the ten small requests take.
+        model_env(
+            "qwen3",
+            &[("DYN_TOKENIZER", "default"), ("DYN_EPP_TOKENIZER_THREADS", "1"), ("DYN_EPP_TOKENIZATION_TIMEOUT_MS", "60000"), ("DYN_EPP_TOKEN_CACHE_BYTES", "0")],
+        ),
     )
     .await;
     let body: Value = serde_json::from_str(golden_body(golden_case("chat_100k_tokens"))).unwrap();
