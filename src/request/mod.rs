@@ -89,7 +89,7 @@ impl Preprocessor {
             Input::Completion { first: Prompt::Tokens(ids), single } => {
                 // The worker trusts these ids as it trusts token_data: one it does not know is
                 // the client's error, answered here rather than by a failing engine.
-                if ids.iter().any(|&t| t as usize >= tok.vocab_size()) {
+                if ids.iter().any(|&t| t >= tok.vocab_end()) {
                     return Err(RequestError::WrongType { path: "prompt".into(), expected: "token ids of the served model's vocabulary" }.into());
                 }
                 (ids.clone(), *single)

@@ -130,6 +130,8 @@ pub struct TextTokenizer {
     /// Ids the post-processor puts before and after a single sequence (`add_special_tokens`).
     frame: Option<(Vec<u32>, Vec<u32>)>,
     cache: Option<SegmentCache>,
+    /// Computed once: the library builds the whole vocabulary map to answer it.
+    vocab_end: u32,
     /// The fast encoder of the pieces between added tokens, when chosen.
     fast: Option<fastokens::Tokenizer>,
     selection: Selection,
@@ -149,7 +151,8 @@ impl TextTokenizer {
             tok.with_normalizer(None::<NormalizerWrapper>);
         }
         let selection = Selection { requested: BackendChoice::Default, backend: Backend::Hf, reason: "DYN_TOKENIZER=default".into() };
-        TextTokenizer { tok, nfc, library: OnceLock::new(), splitter, frame, cache, fast: None, selection }
+        let vocab_end = tok.get_vocab(true).into_values().max().map_or(0, |m| m + 1);
+        TextTokenizer { tok, nfc, library: OnceLock::new(), splitter, frame, cache, vocab_end, fast: None, selection }
     }
 
     /// From the text of a `tokenizer.json`, with the encoder `choice` asks for if it can prove
@@ -191,9 +194,10 @@ impl TextTokenizer {
         }
     }
 
-    /// Ids the model knows: its vocabulary and its added tokens.
-    pub fn vocab_size(&self) -> usize {
-        self.tok.get_vocab_size(true)
+    /// One past the highest id of the vocabulary and the added tokens: ids from here on name
+    /// nothing the model knows.
+    pub fn vocab_end(&self) -> u32 {
+        self.vocab_end
     }
 
     /// Which encoder is in use, and why.
