@@ -322,6 +322,46 @@ pub struct Config {
     #[arg(long = "overload-status", env = "DYN_EPP_OVERLOAD_STATUS", default_value = "429", value_parser = clap::builder::PossibleValuesParser::new(["429", "503"]).map(|s| s.parse::<u16>().expect("listed values")))]
     pub overload_status: u16,
 
+    /// Router queue: requests wait while every eligible worker has more active prefill tokens
+    /// than this × its max_num_batched_tokens; unset = no queue (docs/queue.md).
+    #[arg(long = "router-queue-threshold", env = "DYN_ROUTER_QUEUE_THRESHOLD", value_parser = non_negative)]
+    pub queue_threshold: Option<f64>,
+
+    /// Order of waiting requests: `fcfs` (bounds the tail) or `wspt` (short uncached prompts
+    /// first: lowers the mean).
+    #[arg(long = "router-queue-policy", env = "DYN_ROUTER_QUEUE_POLICY", value_enum, default_value = "fcfs")]
+    pub queue_policy: crate::sched::queue::QueuePolicy,
+
+    /// YAML list of queue classes (`name`, `quantum`, `policy`) shared by deficit round robin;
+    /// a request names its class in `x-dynamo-meta-policy-class`.
+    #[arg(long = "router-policy-config", env = "DYN_ROUTER_POLICY_CONFIG")]
+    pub policy_config: Option<PathBuf>,
+
+    /// The classes read from DYN_ROUTER_POLICY_CONFIG at start-up.
+    #[arg(skip)]
+    pub policy_classes: Option<Vec<crate::sched::queue::ClassSpec>>,
+
+    /// A waiting `wspt` request's cached prefix is looked up again after this long; 0 = never.
+    #[arg(long = "router-overlap-refresh-after-secs", env = "DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS", default_value = "10", value_parser = non_negative)]
+    pub overlap_refresh_after_secs: f64,
+
+    /// HTTP status of a request refused because the queue is full (Dynamo's frontend: 529).
+    #[arg(long = "http-overload-status-code", env = "DYN_HTTP_OVERLOAD_STATUS_CODE", default_value_t = 529, value_parser = clap::value_parser!(u16).range(400..600))]
+    pub queue_full_status: u16,
+
+    /// Requests the queue holds at most.
+    #[arg(long = "queue-max-requests", env = "DYN_EPP_QUEUE_MAX_REQUESTS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_max_requests: u64,
+
+    /// Bytes (bodies and token ids) the queue holds at most.
+    #[arg(long = "queue-max-bytes", env = "DYN_EPP_QUEUE_MAX_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub queue_max_bytes: u64,
+
+    /// A request waiting longer is evicted (429). The gateway must allow it: Envoy's
+    /// ext_proc `max_message_timeout` ≥ this (the EPP asks for it with `override_message_timeout`).
+    #[arg(long = "queue-max-wait-secs", env = "DYN_EPP_QUEUE_MAX_WAIT_SECS", default_value = "60", value_parser = positive_secs)]
+    pub queue_max_wait_secs: f64,
+
     /// Share booked load with other EPP replicas over NATS core.
     #[arg(long = "replica-sync", env = "DYN_ROUTER_REPLICA_SYNC", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub replica_sync: bool,
@@ -567,6 +607,12 @@ impl Config {
         if self.admission_control == AdmissionControl::TokenCapacity && !s.admission.is_some_and(|t| t.any()) {
             w.push("DYN_ADMISSION_CONTROL=token-capacity but no DYN_ACTIVE_*_THRESHOLD is set: nothing is limited".into());
         }
+        if self.queue_threshold.is_none() && self.policy_config.is_some() {
+            w.push("DYN_ROUTER_POLICY_CONFIG is set but DYN_ROUTER_QUEUE_THRESHOLD is not: no queue, the classes are unused".into());
+        }
+        if self.queue_threshold.is_some() && self.max_num_batched_tokens.is_none() {
+            w.push("DYN_ROUTER_QUEUE_THRESHOLD is set without DYN_EPP_MAX_NUM_BATCHED_TOKENS: only workers declaring max_num_batched_tokens can saturate and queue requests".into());
+        }
         if self.track_output_blocks && !self.track_active_blocks {
             w.push("DYN_ROUTER_TRACK_OUTPUT_BLOCKS needs DYN_ROUTER_TRACK_ACTIVE_BLOCKS: output blocks are not tracked".into());
         }
@@ -623,7 +669,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cfg = Config::try_parse_from(args).map_err(|e| match e.kind() {
+        let mut cfg = Config::try_parse_from(args).map_err(|e| match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 (e.to_string(), 0)
             }
@@ -661,7 +707,30 @@ impl Config {
                 2,
             ));
         }
+        if let Some(path) = &cfg.policy_config {
+            let classes = std::fs::read_to_string(path)
+                .map_err(|e| e.to_string())
+                .and_then(|yaml| crate::sched::queue::parse_policy_config(&yaml))
+                .map_err(|e| (format!("invalid DYN_ROUTER_POLICY_CONFIG (--router-policy-config) {}: {e}", path.display()), 2))?;
+            cfg.policy_classes = Some(classes);
+        }
         Ok(cfg)
+    }
+
+    /// The router queue's settings; `None` = no queue (DYN_ROUTER_QUEUE_THRESHOLD unset).
+    pub fn queue_settings(&self) -> Option<crate::sched::queue::QueueSettings> {
+        let mut s = crate::sched::queue::QueueSettings::single_class(self.queue_threshold?, self.queue_policy);
+        if let Some(classes) = &self.policy_classes {
+            s.classes = classes.clone();
+        }
+        s.max_requests = self.queue_max_requests as usize;
+        s.max_bytes = self.queue_max_bytes;
+        s.refresh_after = (self.overlap_refresh_after_secs > 0.0).then(|| Duration::from_secs_f64(self.overlap_refresh_after_secs));
+        Some(s)
+    }
+
+    pub fn queue_max_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.queue_max_wait_secs)
     }
 }
 

@@ -31,6 +31,7 @@ use crate::{
         cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
         disagg::Stage,
         latency::{Inputs, LatencyModels, Prediction, RankModel},
+        queue::saturated as queue_saturated,
         select::select,
         RoutingPolicy, SchedSettings,
     },
@@ -614,6 +615,35 @@ impl Router {
         } else {
             (self.score(Stage::Aggregated, req, &q), Vec::new())
         }
+    }
+
+    /// The router queue's gate (`DYN_ROUTER_QUEUE_THRESHOLD`): every worker that would run this
+    /// prompt (the prefill pool when disaggregated) has every rank saturated. No eligible
+    /// worker is not saturation: `route` answers that.
+    pub fn queue_saturated(&self, req: &RoutingRequest, threshold: f64) -> bool {
+        let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
+        let mut eligible = self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)).peekable();
+        eligible.peek().is_some()
+            && eligible.all(|w| {
+                let cap = self.capacity(w);
+                w.ranks().all(|r| queue_saturated(threshold, &cap, &self.active.load(&r)))
+            })
+    }
+
+    /// Prompt tokens not on the device cache of the eligible rank holding the most (a waiting
+    /// request's `wspt` weight).
+    pub fn uncached_tokens(&self, req: &RoutingRequest) -> u64 {
+        let q = self.query(req);
+        let bs = self.kv.block_size as u64;
+        let best = self
+            .workers
+            .iter()
+            .filter(|w| req.allows(w.endpoint))
+            .flat_map(|w| w.ranks())
+            .map(|r| q.overlaps.get(&r).map_or(0, |o| o.device as u64 * bs))
+            .max()
+            .unwrap_or(0);
+        q.isl - best.min(q.isl)
     }
 
     /// Picks and books a worker (and a prefill worker when disaggregated) for a request that

@@ -282,9 +282,9 @@ pub fn print_rows<'a>(rows: &[Row], baselines: impl IntoIterator<Item = &'a str>
 /// bookings, which load a rank exactly as our own do). Time is frozen at set-up so nothing
 /// expires while the benches run.
 pub struct Ours {
-    router: dynamo_epp::router::Router,
-    rng: SmallRng,
-    now: Instant,
+    pub router: dynamo_epp::router::Router,
+    pub rng: SmallRng,
+    pub now: Instant,
 }
 
 impl Ours {

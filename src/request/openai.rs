@@ -72,9 +72,14 @@ pub enum Input {
 }
 
 /// `nvext.agent_hints` the router may use.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct AgentHints {
+    /// Dynamo's queue: `priority_jump = max(priority, 0)`.
     pub priority: Option<i32>,
+    /// Dynamo's queue: a higher strict priority always goes first.
+    pub strict_priority: Option<u32>,
+    /// The queue's `priority_jump` when `priority` is absent.
+    pub latency_sensitivity: Option<f64>,
     /// Expected output length in tokens.
     pub osl: Option<u32>,
 }
@@ -113,6 +118,12 @@ pub fn parse(api: Api, body: &[u8]) -> Result<OpenAiRequest, RequestError> {
         if let Some(h) = opt_map(nv, "agent_hints", "nvext.agent_hints")? {
             hints.priority = opt_int(&h, "priority", "nvext.agent_hints.priority", "a 32-bit integer")?;
             hints.osl = opt_int(&h, "osl", "nvext.agent_hints.osl", "a non-negative 32-bit integer")?;
+            hints.strict_priority = opt_int(&h, "strict_priority", "nvext.agent_hints.strict_priority", "a non-negative 32-bit integer")?;
+            hints.latency_sensitivity = match field(&h, "latency_sensitivity") {
+                None => None,
+                Some(v) if v.kind() == ValueKind::Number => f64::try_from(v).ok(),
+                Some(_) => return Err(wrong("nvext.agent_hints.latency_sensitivity", "a number")),
+            };
         }
     }
     Ok(OpenAiRequest { model, input, cache_salt, hints })
@@ -338,7 +349,9 @@ mod tests {
         let r = parse(Api::Completions, br#"{"model":"m","prompt":[[5,6]],"nvext":{"cache_salt":"nv","agent_hints":{"priority":-3,"osl":200}}}"#).unwrap();
         assert!(matches!(r.input, Input::Completion { first: Prompt::Tokens(ref t), single: true } if t == &[5, 6]));
         assert_eq!(r.cache_salt.as_deref(), Some("nv"));
-        assert_eq!(r.hints, AgentHints { priority: Some(-3), osl: Some(200) });
+        assert_eq!(r.hints, AgentHints { priority: Some(-3), osl: Some(200), ..Default::default() });
+        let r = parse(Api::Completions, br#"{"model":"m","prompt":"x","nvext":{"agent_hints":{"strict_priority":2,"latency_sensitivity":0.5}}}"#).unwrap();
+        assert_eq!(r.hints, AgentHints { strict_priority: Some(2), latency_sensitivity: Some(0.5), ..Default::default() });
         let r = parse(
             Api::ChatCompletions,
             br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"x"}]}],"chat_template_kwargs":{"enable_thinking":false},"add_generation_prompt":false}"#,
@@ -370,6 +383,8 @@ mod tests {
             (Api::ChatCompletions, r#"{"model":"m","messages":[],"nvext":{"cache_salt":1}}"#, Some("nvext.cache_salt")),
             (Api::ChatCompletions, r#"{"model":"m","messages":[],"nvext":{"agent_hints":{"priority":1.5}}}"#, Some("nvext.agent_hints.priority")),
             (Api::ChatCompletions, r#"{"model":"m","messages":[],"nvext":{"agent_hints":{"osl":-1}}}"#, Some("nvext.agent_hints.osl")),
+            (Api::ChatCompletions, r#"{"model":"m","messages":[],"nvext":{"agent_hints":{"strict_priority":-1}}}"#, Some("nvext.agent_hints.strict_priority")),
+            (Api::ChatCompletions, r#"{"model":"m","messages":[],"nvext":{"agent_hints":{"latency_sensitivity":"hi"}}}"#, Some("nvext.agent_hints.latency_sensitivity")),
             (Api::ChatCompletions, r#"{"model":"m","messages":[],"nvext":[]}"#, Some("nvext")),
             (Api::Completions, r#"{"model":"m"}"#, Some("prompt")),
             (Api::Completions, r#"{"model":"m","prompt":{}}"#, Some("prompt")),

@@ -7,6 +7,7 @@ pub mod cost;
 pub mod disagg;
 pub mod latency;
 pub mod prompts;
+pub mod queue;
 pub mod replica;
 pub mod select;
 

@@ -171,6 +171,16 @@ pub fn pass_trailers(request: bool) -> ProcessingResponse {
     }
 }
 
+/// Asks the gateway to wait up to `d` for our answer to the message it sent last (Envoy's
+/// `override_message_timeout`: at most once per processing state, within the filter's
+/// `max_message_timeout`, which must be set for Envoy to honour it).
+pub fn extend_message_timeout(d: std::time::Duration) -> ProcessingResponse {
+    ProcessingResponse {
+        override_message_timeout: Some(envoy_types::pb::google::protobuf::Duration { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }),
+        ..Default::default()
+    }
+}
+
 /// An immediate HTTP answer to the client; the request reaches no worker.
 pub fn immediate(status: u16, json_body: Vec<u8>, details: &str, extra: &[(&str, String)]) -> ProcessingResponse {
     let mut set_headers = vec![set_header("content-type", "application/json")];

@@ -23,6 +23,12 @@ pub enum EppError {
     /// Admission control found every eligible worker busy (429 or 503, `DYN_EPP_OVERLOAD_STATUS`).
     #[error("every eligible worker is at capacity; retry after {RETRY_AFTER_SECS} s")]
     Overloaded { status: u16 },
+    /// The router queue is at its request or byte limit (`DYN_HTTP_OVERLOAD_STATUS_CODE`, 529).
+    #[error("the router queue is full ({reason}); retry after {RETRY_AFTER_SECS} s")]
+    QueueFull { status: u16, reason: &'static str },
+    /// Waited `DYN_EPP_QUEUE_MAX_WAIT_SECS` in the router queue (Dynamo's EPP: 429).
+    #[error("request evicted by flow control: no capacity within {secs} s")]
+    Evicted { secs: f64 },
 }
 
 /// The `Retry-After` an overloaded answer carries: bookings free within a decode step or two,
@@ -57,7 +63,8 @@ impl EppError {
             EppError::Tokenizer(_) => 500,
             EppError::NoRoute(_) => 503,
             EppError::TokenizerTimeout { .. } => 504,
-            EppError::Overloaded { status } => *status,
+            EppError::Overloaded { status } | EppError::QueueFull { status, .. } => *status,
+            EppError::Evicted { .. } => 429,
         }
     }
 
@@ -75,13 +82,15 @@ impl EppError {
             EppError::NoRoute(RouteError::PrefillUnavailable) => "prefill_unavailable",
             EppError::NoRoute(RouteError::Overloaded) | EppError::Overloaded { .. } => "overloaded",
             EppError::TokenizerTimeout { .. } => "tokenizer_timeout",
+            EppError::QueueFull { .. } => "queue_full",
+            EppError::Evicted { .. } => "evicted",
         }
     }
 
     /// Headers the answer carries beyond its content type.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            EppError::Overloaded { .. } => vec![("retry-after", RETRY_AFTER_SECS.to_string())],
+            EppError::Overloaded { .. } | EppError::QueueFull { .. } | EppError::Evicted { .. } => vec![("retry-after", RETRY_AFTER_SECS.to_string())],
             _ => Vec::new(),
         }
     }

@@ -22,10 +22,11 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Status, Streaming};
 
-use super::{envoy, error::EppError, metrics::RankLabel, sse::ResponseScan, App};
+use super::{envoy, error::EppError, metrics::RankLabel, queue, sse::ResponseScan, App};
 use crate::{
-    request::{openai::Api, Prepared},
+    request::{openai::{AgentHints, Api}, Prepared},
     router::{BookingId, Decision, EndpointMatch, RouteError, RoutingRequest},
+    sched::queue::{Arrival, Priority},
 };
 
 type Sent = Result<ProcessingResponse, Status>;
@@ -225,6 +226,21 @@ impl StreamState {
         }
     }
 
+    /// What the router queue reads: class and priority headers (over the body's hints, as
+    /// Dynamo's frontend applies them), the tenant as the flow.
+    fn arrival(&self, hints: &AgentHints, bytes: u64, cache_salt: Option<&str>) -> Arrival {
+        let header_num = |name| self.header(name).and_then(|v| v.trim().parse().ok());
+        let priority = header_num("x-dynamo-request-priority").or(hints.priority);
+        let strict = self.header("x-dynamo-request-strict-priority").and_then(|v| v.trim().parse().ok()).or(hints.strict_priority);
+        Arrival {
+            class: self.header("x-dynamo-meta-policy-class").map(|c| c.trim().to_string()).filter(|c| !c.is_empty()),
+            flow: self.header("x-tenant-id").or(cache_salt).map(str::to_string),
+            priority: Priority::new(priority, strict, hints.latency_sensitivity),
+            bytes,
+            uncached_tokens: 0,
+        }
+    }
+
     async fn route_headers_only(&mut self) -> bool {
         let req = self.routing_request();
         let picked = self.app.router.lock().pick_any(&req, &mut rand::rng());
@@ -249,6 +265,7 @@ impl StreamState {
         let api = Api::from_path(self.header(":path").unwrap_or(""));
         let mut req = self.routing_request();
         let mut body = std::mem::take(&mut self.body);
+        let mut hints = AgentHints::default();
         if let Some(api) = api {
             match self.prepare(api, body).await {
                 Ok(p) => {
@@ -256,20 +273,27 @@ impl StreamState {
                     req.cache_salt = p.cache_salt;
                     req.lora = p.lora;
                     req.osl = p.hints.osl;
+                    hints = p.hints;
                     body = p.body;
                 }
                 Err(e) => return self.reject(e).await,
             }
         }
-        let decided = {
-            let mut router = self.app.router.lock();
-            let d = router.route(&req, started, &mut rand::rng());
-            self.app.note_active(&router);
-            d
+        let decided = match &self.app.queue {
+            Some(wl) => {
+                let arrival = self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref());
+                queue::decide(&self.app, wl, req, arrival, started, &self.tx).await
+            }
+            None => {
+                let mut router = self.app.router.lock();
+                let d = router.route(&req, started, &mut rand::rng());
+                self.app.note_active(&router);
+                d.map_err(|e| self.route_error(e))
+            }
         };
         let d = match decided {
             Ok(d) => d,
-            Err(e) => return self.reject(self.route_error(e)).await,
+            Err(e) => return self.reject(e).await,
         };
         self.booking = Some(d.booking);
         if api.is_some() {
@@ -321,6 +345,8 @@ impl StreamState {
                     })
                 };
                 self.app.peer_events.notify_one();
+                // The prompt's prefill tokens are no longer booked.
+                self.app.dispatch_waiting();
                 if let Some((label, s)) = sample {
                     self.app.metrics.ttft_predicted(label, s.predicted_ms, s.actual_ms);
                 }
@@ -357,6 +383,8 @@ impl StreamState {
             let mut router = self.app.router.lock();
             router.on_end(id, Instant::now());
             self.app.note_active(&router);
+            drop(router);
+            self.app.dispatch_waiting();
         }
     }
 }

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub certificate_reloads: Family<OutcomeLabel, Counter>,
     /// Predicted ÷ actual time to first token per prefilling worker rank (1 = exact).
     pub ttft_prediction_ratio: Family<RankLabel, Histogram, fn() -> Histogram>,
+    /// The router queue (`DYN_ROUTER_QUEUE_THRESHOLD`).
+    pub queue: QueueMetrics,
 }
 
 /// Predicted ÷ actual: 1/16 .. 16 in steps of √2.
@@ -190,7 +192,9 @@ impl Metrics {
             "Predicted over actual time to first token per prefilling worker rank (the latency model's error)",
             ttft_prediction_ratio.clone(),
         );
+        let queue = QueueMetrics::register(&mut registry);
         Metrics {
+            queue,
             registry,
             requests,
             decision_seconds,
@@ -270,6 +274,66 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String");
         out
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    pub class: String,
+    pub priority: u32,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
+}
+
+/// The router queue's metrics.
+pub struct QueueMetrics {
+    /// Waiting requests per class and strict priority, set when the queue changes.
+    pub depth: Family<QueueLabel, Gauge>,
+    /// Time from entering the queue to dispatch, per class.
+    pub wait_seconds: Family<ClassLabel, Histogram, fn() -> Histogram>,
+    /// Requests that left the queue for a worker, per class.
+    pub dispatched: Family<ClassLabel, Counter>,
+    /// Requests taken out of the queue before dispatch: `timeout` (DYN_EPP_QUEUE_MAX_WAIT_SECS)
+    /// or `disconnected` (the client or gateway left).
+    pub evicted: Family<ReasonLabel, Counter>,
+    /// Requests refused at the queue's door: `queue_requests_limit`, `queue_bytes_limit`.
+    pub rejected: Family<ReasonLabel, Counter>,
+}
+
+/// 1 ms .. ~260 s.
+fn wait_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-3, 2.0, 19))
+}
+
+impl QueueMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let m = QueueMetrics {
+            depth: Family::default(),
+            wait_seconds: Family::new_with_constructor(wait_histogram as fn() -> Histogram),
+            dispatched: Family::default(),
+            evicted: Family::default(),
+            rejected: Family::default(),
+        };
+        registry.register("queue_depth", "Requests waiting in the router queue, per class and strict priority", m.depth.clone());
+        registry.register("queue_wait_seconds", "Time requests waited in the router queue before dispatch, per class", m.wait_seconds.clone());
+        registry.register("queue_dispatched", "Requests dispatched from the router queue, per class", m.dispatched.clone());
+        registry.register("queue_evicted", "Requests taken out of the router queue before dispatch, by reason", m.evicted.clone());
+        registry.register("queue_rejected", "Requests refused because the router queue was full, by reason", m.rejected.clone());
+        m
+    }
+
+    /// Replaces the depth gauges with the queue's current state (every class reads, 0 if empty).
+    pub fn set_depths<'a>(&self, classes: impl Iterator<Item = &'a str>, depths: &[(&str, u32, usize)]) {
+        self.depth.clear();
+        for c in classes {
+            self.depth.get_or_create(&QueueLabel { class: c.to_string(), priority: 0 }).set(0);
+        }
+        for (c, p, n) in depths {
+            self.depth.get_or_create(&QueueLabel { class: c.to_string(), priority: *p }).set(*n as i64);
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod health;
 mod kv;
 pub mod listener;
 pub mod metrics;
+pub mod queue;
 mod replica;
 mod sse;
 pub mod tls;
@@ -62,6 +63,8 @@ pub struct App {
     pub count_output: bool,
     /// Signalled when our bookings changed: replica sync publishes them.
     pub peer_events: Notify,
+    /// The router queue (`DYN_ROUTER_QUEUE_THRESHOLD`); `None` = requests never wait.
+    pub queue: Option<queue::Waitlist>,
 }
 
 impl App {
@@ -75,6 +78,7 @@ impl App {
             overload_status: 429,
             count_output: false,
             peer_events: Notify::new(),
+            queue: None,
         }
     }
 
@@ -84,6 +88,15 @@ impl App {
         r.set_fleet(fleet);
         self.metrics.workers.set(n as i64);
         self.note_active(&r);
+        drop(r);
+        self.dispatch_waiting();
+    }
+
+    /// Capacity may have freed: let waiting requests go (a no-op without a queue).
+    pub fn dispatch_waiting(&self) {
+        if let Some(wl) = &self.queue {
+            queue::pump(self, wl, std::time::Instant::now());
+        }
     }
 
     /// Mirrors the router's booked-request count into the gauge and wakes the replica-sync
@@ -247,6 +260,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let mut app = App::new(router, cfg.max_body_bytes, prep, pool);
     app.overload_status = cfg.overload_status;
     app.count_output = count_output;
+    if let Some(q) = cfg.queue_settings() {
+        app.queue = Some(queue::Waitlist::new(q, cfg.queue_max_wait(), cfg.queue_full_status));
+        app.metrics.queue.set_depths(cfg.policy_classes.iter().flatten().map(|c| c.name.as_str()).chain(cfg.policy_classes.is_none().then_some("default")), &[]);
+    }
     if let Some(m) = &app.prep.model {
         app.metrics.set_tokenizer(m.tokenizer.selection());
     }
@@ -266,6 +283,17 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         tracing::info!(setting, value = %value, "accepted for the Dynamo operator; ignored");
     }
     kv::start(&cfg, app.clone());
+    if app.queue.is_some() {
+        // Load also frees without an event of ours (expiry, peers' bookings): look again often.
+        let app = app.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tick.tick().await;
+                app.dispatch_waiting();
+            }
+        });
+    }
     if cfg.replica_sync {
         replica::start(&cfg, app.clone());
     }

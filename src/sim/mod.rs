@@ -4,6 +4,7 @@
 //! least-loaded) run on the same arrivals. Deterministic for a seed.
 
 pub mod engine;
+pub mod queue;
 pub mod report;
 pub mod trace;
 
@@ -258,9 +259,9 @@ impl State<'_> {
     }
 }
 
-fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f64) -> PolicyReport {
-    let started = std::time::Instant::now();
-    let workers: Vec<Worker> = (0..cfg.workers)
+/// The simulated fleet as the router sees it.
+fn fleet(cfg: &SimConfig) -> Fleet {
+    let workers = (0..cfg.workers)
         .map(|i| Worker {
             id: WorkerId(i as u64),
             name: format!("sim-{i}"),
@@ -273,26 +274,62 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
             kv_events: None,
         })
         .collect();
+    Fleet { block_size: Some(cfg.engine.block_tokens), workers }
+}
+
+impl<'a> State<'a> {
+    /// Everything but an arrival: KV events reach the router, engines start and end passes.
+    fn step(&mut self, ev: Event, now: u64) {
+        match ev {
+            Event::Kv(b) => {
+                let (w, evs) = std::mem::take(&mut self.kv_batches[b]);
+                self.apply_kv(w, evs);
+            }
+            Event::Start(w) => self.kick(w, now),
+            Event::PassEnd(w) => {
+                let mut evs = Vec::new();
+                self.engines[w].end_pass(&mut evs);
+                self.deliver(w, evs, now);
+                self.kick(w, now);
+            }
+            Event::Arrival(_) => unreachable!("arrivals are the policy's"),
+        }
+    }
+
+    /// Request `i` goes to engine `w`.
+    fn assign(&mut self, i: usize, w: usize, req: &EngineRequest, now: u64) {
+        self.outcomes[i].worker = w;
+        self.engines[w].enqueue(req.clone());
+        self.push(now, Event::Start(w));
+    }
+
+    fn new(cfg: &'a SimConfig, prepared: &[Prepared], router: Option<Router>) -> Self {
+        State {
+            cfg,
+            engines: (0..cfg.workers).map(|w| Engine::new(cfg.engine_of(w))).collect(),
+            router,
+            bookings: vec![None; prepared.len()],
+            outcomes: prepared.iter().map(|r| RequestOutcome::new(r.arrival_us, r.engine.isl, r.engine.osl)).collect(),
+            queue: BinaryHeap::new(),
+            kv_batches: Vec::new(),
+            seq: 0,
+            epoch: Instant::now(),
+            event_ids: vec![0; cfg.workers],
+        }
+    }
+}
+
+fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f64) -> PolicyReport {
+    let started = std::time::Instant::now();
     let router = match &p.policy {
         Policy::Router { kv, sched } => {
             let mut r = Router::new(*kv, *sched);
-            r.set_fleet(Fleet { block_size: Some(cfg.engine.block_tokens), workers });
+            r.set_fleet(fleet(cfg));
             Some(r)
         }
         _ => None,
     };
-    let mut st = State {
-        cfg,
-        engines: (0..cfg.workers).map(|w| Engine::new(cfg.engine_of(w))).collect(),
-        router,
-        bookings: vec![None; prepared.len()],
-        outcomes: prepared.iter().map(|r| RequestOutcome::new(r.arrival_us, r.engine.isl, r.engine.osl)).collect(),
-        queue: BinaryHeap::new(),
-        kv_batches: Vec::new(),
-        seq: 0,
-        epoch: Instant::now(),
-        event_ids: vec![0; cfg.workers],
-    };
+    let mut st = State::new(cfg, prepared, router);
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let mut rr = 0usize;
     for (i, r) in prepared.iter().enumerate() {
@@ -300,17 +337,6 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
     }
     while let Some(Reverse((now, ev, _))) = st.queue.pop() {
         match ev {
-            Event::Kv(b) => {
-                let (w, evs) = std::mem::take(&mut st.kv_batches[b]);
-                st.apply_kv(w, evs);
-            }
-            Event::Start(w) => st.kick(w, now),
-            Event::PassEnd(w) => {
-                let mut evs = Vec::new();
-                st.engines[w].end_pass(&mut evs);
-                st.deliver(w, evs, now);
-                st.kick(w, now);
-            }
             Event::Arrival(i) => {
                 let r = &prepared[i];
                 let w = match &p.policy {
@@ -340,10 +366,9 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
                         tied[rng.random_range(0..tied.len())]
                     }
                 };
-                st.outcomes[i].worker = w;
-                st.engines[w].enqueue(r.engine.clone());
-                st.push(now, Event::Start(w));
+                st.assign(i, w, &r.engine, now);
             }
+            ev => st.step(ev, now),
         }
     }
     PolicyReport::new(&p.name, &st.outcomes, ideal, started.elapsed())

@@ -66,7 +66,7 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len()) - 1]
 }
 
-fn latency(mut v: Vec<f64>) -> Latency {
+pub fn latency(mut v: Vec<f64>) -> Latency {
     if v.is_empty() {
         return Latency::default();
     }

@@ -414,6 +414,8 @@ pub fn envoy_config_tls(listen: u16, admin: u16, epp: Option<&EppLink>, verify: 
                         timeout: 30s
                       failure_mode_allow: false
                       message_timeout: 30s
+                      # The EPP extends a queued request's wait (override_message_timeout) up to this.
+                      max_message_timeout: 120s
                       processing_mode:
                         request_header_mode: SEND
                         response_header_mode: SEND
@@ -511,10 +513,21 @@ impl Envoy {
 
     /// Envoy verifying the EPP's certificate (and presenting its own) as `verify` says.
     pub async fn start_tls(epp: Option<&EppLink>, verify: Option<&UpstreamTls>) -> Envoy {
+        Envoy::start_config(|port, admin| envoy_config_tls(port, admin, epp, verify)).await
+    }
+
+    /// Envoy whose ext_proc filter gives each message `message_timeout` (e.g. Envoy's default
+    /// `0.2s`) instead of the suite's 30 s.
+    pub async fn start_with_message_timeout(epp: &EppLink, message_timeout: &str) -> Envoy {
+        let to = format!("\n                      message_timeout: {message_timeout}\n");
+        Envoy::start_config(|port, admin| envoy_config(port, admin, Some(epp)).replace("\n                      message_timeout: 30s\n", &to)).await
+    }
+
+    async fn start_config(config: impl FnOnce(u16, u16) -> String) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let (port, admin_port) = (free_port(), free_port());
         let cfg = dir.path().join("envoy.yaml");
-        std::fs::write(&cfg, envoy_config_tls(port, admin_port, epp, verify)).unwrap();
+        std::fs::write(&cfg, config(port, admin_port)).unwrap();
         let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
         let child = Command::new(envoy_bin())
             .arg("-c")

@@ -1,0 +1,186 @@
+//! Waiting at the edge for the router queue (`sched/queue.rs` holds its order and rule): a
+//! queued request keeps its ext_proc stream open here until [`pump`] dispatches it with the
+//! same `Router::route` decision, it waits too long, or its stream goes away.
+//!
+//! Lock order: the queue, then the router.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{envoy, error::EppError, App};
+use crate::{
+    router::{Decision, RouteError, RoutingRequest},
+    sched::queue::{Arrival, Queue, QueuePolicy, QueueSettings, Ticket},
+};
+
+type Reply = Result<Decision, RouteError>;
+
+/// What a waiting request keeps in the queue: its routing input and where its decision goes.
+pub struct Waiter {
+    req: RoutingRequest,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The router queue and how long a request may wait in it.
+pub struct Waitlist {
+    queue: Mutex<Queue<Waiter>>,
+    threshold: f64,
+    /// Any class orders by `wspt` (needs each prompt's uncached tokens).
+    wspt: bool,
+    pub max_wait: Duration,
+    /// Status of a request refused by a full queue (`DYN_HTTP_OVERLOAD_STATUS_CODE`).
+    pub full_status: u16,
+}
+
+impl Waitlist {
+    pub fn new(settings: QueueSettings, max_wait: Duration, full_status: u16) -> Self {
+        let wspt = settings.classes.iter().any(|c| c.policy.unwrap_or(settings.policy) == QueuePolicy::Wspt);
+        Waitlist { threshold: settings.threshold, wspt, queue: Mutex::new(Queue::new(settings)), max_wait, full_status }
+    }
+
+    pub fn len(&self) -> usize {
+        self.queue.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Routes now when no one waits and a worker has room; otherwise queues the request, tells the
+/// gateway to wait (`override_message_timeout`), and waits for [`pump`]'s decision.
+pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant, gateway: &mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>) -> Result<Decision, EppError> {
+    let (ticket, rx) = {
+        let mut q = wl.queue.lock();
+        let mut router = app.router.lock();
+        if q.is_empty() && !router.queue_saturated(&req, wl.threshold) {
+            match router.route(&req, now, &mut rand::rng()) {
+                Ok(d) => {
+                    app.note_active(&router);
+                    return Ok(d);
+                }
+                // Busy by the admission thresholds: wait too, rather than fail.
+                Err(RouteError::Overloaded) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if wl.wspt {
+            arrival.uncached_tokens = router.uncached_tokens(&req);
+        }
+        drop(router);
+        let (tx, rx) = oneshot::channel();
+        let pushed = q.push(Waiter { req, reply: tx }, arrival, now);
+        app.metrics.queue.set_depths(q.class_names(), &q.depths());
+        match pushed {
+            Ok(t) => (t, rx),
+            Err((_, full)) => {
+                app.metrics.queue.rejected.get_or_create(&super::metrics::ReasonLabel { reason: full.as_str() }).inc();
+                return Err(EppError::QueueFull { status: wl.full_status, reason: full.as_str() });
+            }
+        }
+    };
+    let mut waiting = Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false };
+    pump(app, wl, Instant::now());
+    // Our answer may take up to the queue's limit; a second more lets our own eviction answer
+    // arrive before the gateway gives up.
+    if gateway.send(Ok(envoy::extend_message_timeout(wl.max_wait + Duration::from_secs(1)))).await.is_err() {
+        return Err(EppError::NoRoute(RouteError::NoWorkers));
+    }
+    match tokio::time::timeout(wl.max_wait, &mut waiting.rx).await {
+        Ok(Ok(reply)) => {
+            waiting.done = true;
+            reply.map_err(EppError::from)
+        }
+        // The queue dropped it without an answer: only on shutdown of the process.
+        Ok(Err(_)) => {
+            waiting.done = true;
+            Err(EppError::NoRoute(RouteError::NoWorkers))
+        }
+        Err(_) => {
+            waiting.reason = "timeout";
+            Err(EppError::Evicted { secs: wl.max_wait.as_secs_f64() })
+        }
+    }
+}
+
+/// A request in the queue; dropping it (stream gone, eviction) takes it out at once, or frees
+/// the booking of a decision that arrived too late to be used.
+struct Waiting {
+    app: Arc<App>,
+    ticket: Ticket,
+    rx: oneshot::Receiver<Reply>,
+    reason: &'static str,
+    done: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let Some(wl) = &self.app.queue else { return };
+        let removed = {
+            let mut q = wl.queue.lock();
+            let r = q.remove(self.ticket).is_some();
+            self.app.metrics.queue.set_depths(q.class_names(), &q.depths());
+            r
+        };
+        if removed {
+            self.app.metrics.queue.evicted.get_or_create(&super::metrics::ReasonLabel { reason: self.reason }).inc();
+        } else if let Ok(Ok(d)) = self.rx.try_recv() {
+            let mut router = self.app.router.lock();
+            router.on_end(d.booking, Instant::now());
+            self.app.note_active(&router);
+            drop(router);
+            pump(&self.app, wl, Instant::now());
+        }
+    }
+}
+
+/// Dispatches waiting requests, best first, while the best one's workers have room: called
+/// when capacity may have freed (a first token, a booking's end, a fleet change) and on a tick
+/// (load expiry, stale `wspt` keys).
+pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
+    let mut q = wl.queue.lock();
+    if q.is_empty() {
+        return;
+    }
+    let mut router = app.router.lock();
+    let stale: Vec<(Ticket, u64)> = q.stale(now).into_iter().map(|(t, w)| (t, router.uncached_tokens(&w.req))).collect();
+    for (t, uncached) in stale {
+        q.rekey(t, uncached, now);
+    }
+    let mut dispatched = false;
+    while let Some((ticket, w)) = q.peek() {
+        if w.reply.is_closed() {
+            // Its stream is gone; its own drop counts the eviction.
+            q.remove(ticket);
+            continue;
+        }
+        if router.queue_saturated(&w.req, wl.threshold) {
+            break;
+        }
+        let decided = router.route(&w.req, now, &mut rand::rng());
+        if matches!(decided, Err(RouteError::Overloaded)) {
+            break;
+        }
+        let d = q.pop(now).expect("peeked");
+        let class = super::metrics::ClassLabel { class: d.class };
+        app.metrics.queue.dispatched.get_or_create(&class).inc();
+        app.metrics.queue.wait_seconds.get_or_create(&class).observe(d.waited.as_secs_f64());
+        if let Err(Ok(late)) = d.item.reply.send(decided) {
+            router.on_end(late.booking, now);
+        }
+        dispatched = true;
+    }
+    if dispatched {
+        app.note_active(&router);
+    }
+    drop(router);
+    app.metrics.queue.set_depths(q.class_names(), &q.depths());
+}

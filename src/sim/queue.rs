@@ -1,0 +1,131 @@
+//! The router queue in the simulator: the same arrivals routed by our router at once, or held
+//! in the router queue (`sched::queue`, the server's order and gate) until a worker has room,
+//! with a share of the requests in a high strict priority. Reports TTFT and queue wait per
+//! priority class.
+
+use std::cmp::Reverse;
+
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+use serde::Serialize;
+
+use super::{fleet, prepare, report, Event, SimConfig, State};
+use crate::{
+    router::{KvSettings, RouteError, Router, RoutingRequest},
+    sched::{
+        queue::{Arrival, Priority, Queue, QueuePolicy, QueueSettings},
+        SchedSettings,
+    },
+};
+
+/// One configuration to compare: the router, with or without a queue.
+#[derive(Clone, Debug)]
+pub struct QueueRun {
+    pub name: String,
+    pub kv: KvSettings,
+    pub sched: SchedSettings,
+    pub queue: Option<QueueSettings>,
+}
+
+/// TTFT and wait of one priority class under one configuration (ms).
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassReport {
+    pub class: &'static str,
+    pub requests: usize,
+    pub ttft_ms: report::Latency,
+    pub wait_ms: report::Latency,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct QueueReport {
+    pub run: String,
+    pub overall: report::PolicyReport,
+    pub classes: Vec<ClassReport>,
+}
+
+/// Which requests are high priority: a `share` of them, drawn with the run's seed (the same
+/// requests in every configuration).
+pub fn high_priority(n: usize, share: f64, seed: u64) -> Vec<bool> {
+    let mut rng = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9);
+    (0..n).map(|_| rng.random::<f64>() < share).collect()
+}
+
+/// Runs each configuration over the same arrivals.
+pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[QueueRun], high: &[bool]) -> Vec<QueueReport> {
+    let prepared = prepare(trace, cfg);
+    let ideal = super::trace::ideal_reuse(trace, cfg.engine.block_tokens);
+    runs.iter()
+        .map(|r| {
+            let started = std::time::Instant::now();
+            let (outcomes, waits) = run_one(&prepared, cfg, r, high);
+            let overall = report::PolicyReport::new(&r.name, &outcomes, ideal, started.elapsed());
+            let class = |name, want: bool| {
+                let ms = |us: u64| us as f64 / 1000.0;
+                let idx: Vec<usize> = (0..outcomes.len()).filter(|&i| high[i] == want).collect();
+                ClassReport {
+                    class: name,
+                    requests: idx.len(),
+                    ttft_ms: report::latency(idx.iter().filter_map(|&i| outcomes[i].first_token_us.map(|t| ms(t - outcomes[i].arrival_us))).collect()),
+                    wait_ms: report::latency(idx.iter().map(|&i| ms(waits[i])).collect()),
+                }
+            };
+            QueueReport { run: r.name.clone(), overall, classes: vec![class("high", true), class("normal", false)] }
+        })
+        .collect()
+}
+
+/// One configuration: outcomes, and each request's wait in the router queue (µs).
+fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: &[bool]) -> (Vec<report::RequestOutcome>, Vec<u64>) {
+    let mut router = Router::new(run.kv, run.sched);
+    router.set_fleet(fleet(cfg));
+    let mut st = State::new(cfg, prepared, Some(router));
+    let mut queue: Option<Queue<usize>> = run.queue.clone().map(Queue::new);
+    let threshold = run.queue.as_ref().map_or(0.0, |q| q.threshold);
+    let wspt = run.queue.as_ref().is_some_and(|q| q.policy == QueuePolicy::Wspt);
+    let mut waits = vec![0u64; prepared.len()];
+    let mut rng = SmallRng::seed_from_u64(cfg.seed);
+    for (i, r) in prepared.iter().enumerate() {
+        st.push(r.arrival_us, Event::Arrival(i));
+    }
+    let req = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: Some(prepared[i].engine.osl), ..Default::default() };
+    let any = RoutingRequest::default();
+    while let Some(Reverse((now, ev, _))) = st.queue.pop() {
+        let at = st.instant(now);
+        match ev {
+            Event::Arrival(i) => {
+                let router = st.router.as_mut().expect("router");
+                match &mut queue {
+                    Some(q) if !q.is_empty() || router.queue_saturated(&any, threshold) => {
+                        let uncached_tokens = if wspt { router.uncached_tokens(&req(i)) } else { 0 };
+                        let a = Arrival { priority: Priority { strict: high[i] as u32, jump: 0.0 }, uncached_tokens, ..Default::default() };
+                        q.push(i, a, at).map_err(|_| "simulated queue is unbounded").unwrap();
+                    }
+                    _ => dispatch(&mut st, i, &req(i), &prepared[i].engine, now, &mut rng),
+                }
+            }
+            ev => st.step(ev, now),
+        }
+        // Capacity may have freed (a first token, an end) or a request arrived behind others.
+        let Some(q) = &mut queue else { continue };
+        while let Some((_, &i)) = q.peek() {
+            if st.router.as_ref().expect("router").queue_saturated(&any, threshold) {
+                break;
+            }
+            let d = q.pop(at).expect("peeked");
+            waits[i] = d.waited.as_micros() as u64;
+            dispatch(&mut st, i, &req(i), &prepared[i].engine, now, &mut rng);
+        }
+    }
+    (st.outcomes, waits)
+}
+
+fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, engine: &super::engine::EngineRequest, now: u64, rng: &mut SmallRng) {
+    let at = st.instant(now);
+    match st.router.as_mut().expect("router").route(req, at, rng) {
+        Ok(d) => {
+            st.bookings[i] = Some(d.booking);
+            st.assign(i, d.decode.worker.id.0 as usize, engine, now);
+        }
+        Err(RouteError::Overloaded) => st.outcomes[i].rejected = true,
+        Err(e) => panic!("simulated fleet cannot fail to route: {e}"),
+    }
+}

@@ -1,0 +1,244 @@
+//! The router queue end to end: a real Envoy (ext_proc `message_timeout` at Envoy's 200 ms
+//! default, `max_message_timeout` set), the real binary with the Qwen3 tokenizer, mock workers.
+//! One worker with a batch budget and `DYN_ROUTER_QUEUE_THRESHOLD=0`: any request still in
+//! prefill saturates it, so requests are dispatched one at a time, in queue order.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+struct Setup {
+    worker: MockWorker,
+    epp: Epp,
+    envoy: Envoy,
+    client: reqwest::Client,
+}
+
+impl Setup {
+    async fn start(extra_env: &[(&str, &str)]) -> Setup {
+        let worker = MockWorker::start("a").await;
+        let yaml = format!("block_size: 16\nworkers:\n  - name: a\n    address: {}\n    id: 1\n    max_num_batched_tokens: 1\n", worker.addr);
+        let mut env = vec![
+            ("DYN_MODEL_PATH".to_string(), tokenizer_fixtures().join("qwen3").display().to_string()),
+            ("DYN_MODEL_NAME".to_string(), "qwen".to_string()),
+            ("DYN_ROUTER_QUEUE_THRESHOLD".to_string(), "0".to_string()),
+        ];
+        env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let epp = Epp::start(&yaml, EppOptions { env, ..Default::default() }).await;
+        let envoy = Envoy::start_with_message_timeout(&EppLink { port: epp.grpc_port, tls: false }, "0.2s").await;
+        let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
+        Setup { worker, epp, envoy, client }
+    }
+
+    /// A request the worker holds (in prefill, so the worker stays saturated) until released.
+    async fn block(&self) -> tokio::task::JoinHandle<reqwest::Response> {
+        let h = self.send("blocker", &[("x-mock-mode", "hold")]);
+        self.wait_seen(1).await;
+        h
+    }
+
+    fn send(&self, content: &str, headers: &[(&str, &str)]) -> tokio::task::JoinHandle<reqwest::Response> {
+        let mut rb = self.client.post(self.envoy.url("/v1/chat/completions")).body(chat_body(content));
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        tokio::spawn(async move { rb.send().await.unwrap() })
+    }
+
+    async fn wait_seen(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.worker.seen().len() < n {
+            assert!(Instant::now() < deadline, "only {} of {n} requests reached the worker", self.worker.seen().len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waiting requests, summed over classes and priorities.
+    async fn queued(&self) -> f64 {
+        self.epp.metrics().await.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+    }
+
+    async fn wait_queued(&self, n: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let q = self.queued().await;
+            if q == n {
+                return;
+            }
+            assert!(Instant::now() < deadline, "queue depth {q}, expected {n}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Sends one request and waits until it is queued, so arrival order is the sending order.
+    async fn enqueue(&self, content: &str, headers: &[(&str, &str)]) -> tokio::task::JoinHandle<reqwest::Response> {
+        let before = self.queued().await;
+        let h = self.send(content, headers);
+        self.wait_queued(before + 1.0).await;
+        h
+    }
+
+    /// The markers the worker saw, in the order it saw them.
+    fn order(&self) -> Vec<String> {
+        self.worker
+            .seen()
+            .iter()
+            .map(|r| {
+                let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                v["messages"][0]["content"].as_str().unwrap().to_string()
+            })
+            .collect()
+    }
+
+    async fn counter(&self, name: &str) -> f64 {
+        self.epp.metric(name).await.unwrap_or(0.0)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_requests_wait_for_capacity_and_go_in_priority_order() {
+    let s = Setup::start(&[]).await;
+    let blocker = s.block().await;
+    // Strict priority 0/1, priority 0/1000 (1000 s ahead: beyond any arrival spread here), by
+    // header or in nvext.agent_hints; the expected order is computed from these alone.
+    let mut sent = Vec::new();
+    for i in 0..200u32 {
+        let strict = u32::from(i % 7 == 3);
+        let jump = if i % 3 == 1 { 1000 } else { 0 };
+        let content = format!("queued request {i:03}");
+        let h = if i % 2 == 0 {
+            let (st, j) = (strict.to_string(), jump.to_string());
+            s.enqueue(&content, &[("x-dynamo-request-strict-priority", st.as_str()), ("x-dynamo-request-priority", j.as_str())]).await
+        } else {
+            let body = serde_json::json!({"model": "qwen", "messages": [{"role": "user", "content": content}],
+                "nvext": {"agent_hints": {"priority": jump, "strict_priority": strict}}});
+            let before = s.queued().await;
+            let c = s.client.post(s.envoy.url("/v1/chat/completions")).body(body.to_string());
+            let h = tokio::spawn(async move { c.send().await.unwrap() });
+            s.wait_queued(before + 1.0).await;
+            h
+        };
+        sent.push((strict, jump, i, content, h));
+    }
+    assert_eq!(s.worker.seen().len(), 1, "nothing passes a saturated worker");
+    // Several seconds in the queue, far past Envoy's 200 ms message timeout.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    s.worker.release(1);
+    assert_eq!(blocker.await.unwrap().status(), 200);
+    let mut expected: Vec<_> = sent.iter().map(|(st, j, i, c, _)| (std::cmp::Reverse(*st), std::cmp::Reverse(*j), *i, c.clone())).collect();
+    expected.sort();
+    for (.., h) in sent {
+        let r = h.await.unwrap();
+        assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    }
+    let order = s.order();
+    assert_eq!(order[0], "blocker");
+    assert_eq!(order[1..], expected.into_iter().map(|e| e.3).collect::<Vec<_>>()[..]);
+    assert_eq!(s.counter("dynamo_epp_queue_dispatched_total{class=\"default\"}").await, 200.0);
+    assert_eq!(s.counter("dynamo_epp_queue_wait_seconds_count{class=\"default\"}").await, 200.0);
+    assert_eq!(s.queued().await, 0.0);
+    assert_eq!(s.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tenant_sending_ten_times_more_gets_no_more_than_its_share() {
+    let s = Setup::start(&[]).await;
+    let blocker = s.block().await;
+    // The heavy tenant's burst arrives first: first come first served would serve all of it
+    // before the light tenant's first request.
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        handles.push(s.enqueue(&format!("heavy {i:03}"), &[("x-tenant-id", "heavy")]).await);
+    }
+    for i in 0..10 {
+        handles.push(s.enqueue(&format!("light {i:03}"), &[("x-tenant-id", "light")]).await);
+    }
+    s.worker.release(1);
+    assert_eq!(blocker.await.unwrap().status(), 200);
+    for h in handles {
+        assert_eq!(h.await.unwrap().status(), 200);
+    }
+    let order = s.order();
+    let served = &order[1..];
+    assert_eq!(served.len(), 110);
+    // While both are backlogged (until the light tenant's tenth request), dispatches alternate:
+    // the heavy tenant gets at most half plus the turn it started with.
+    let last_light = served.iter().rposition(|m| m.starts_with("light")).unwrap();
+    let heavy_meanwhile = served[..=last_light].iter().filter(|m| m.starts_with("heavy")).count();
+    assert!(heavy_meanwhile <= 11, "heavy got {heavy_meanwhile} of {} dispatches: {served:?}", last_light + 1);
+    // Each tenant's own requests keep their arrival order.
+    for tenant in ["heavy", "light"] {
+        let mine: Vec<_> = served.iter().filter(|m| m.starts_with(tenant)).collect();
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "{tenant}: {mine:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_is_bounded_leaves_on_disconnect_and_evicts_after_its_wait() {
+    let s = Setup::start(&[("DYN_EPP_QUEUE_MAX_REQUESTS", "2"), ("DYN_EPP_QUEUE_MAX_WAIT_SECS", "3")]).await;
+    let blocker = s.block().await;
+    // A client that gives up while queued leaves the queue at once.
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(700)).build().unwrap();
+    let c = impatient.post(s.envoy.url("/v1/chat/completions")).body(chat_body("impatient"));
+    let gone = tokio::spawn(async move { c.send().await });
+    s.wait_queued(1.0).await;
+    assert!(gone.await.unwrap().is_err(), "the client timed out");
+    s.wait_queued(0.0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.counter("dynamo_epp_queue_evicted_total{reason=\"disconnected\"}").await != 1.0 {
+        assert!(Instant::now() < deadline, "no disconnect eviction counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Two wait; the third is refused with Dynamo's overload status and an OpenAI error.
+    let waiting = [s.enqueue("first", &[]).await, s.enqueue("second", &[]).await];
+    let started = Instant::now();
+    let r = s.send("third", &[]).await.unwrap();
+    assert_eq!(r.status().as_u16(), 529);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!(v["error"]["code"], "queue_full", "{v}");
+    assert_eq!(s.counter("dynamo_epp_queue_rejected_total{reason=\"queue_requests_limit\"}").await, 1.0);
+    // The two waiting are evicted after DYN_EPP_QUEUE_MAX_WAIT_SECS with 429, not cut off by
+    // Envoy's 200 ms message timeout.
+    for h in waiting {
+        let r = h.await.unwrap();
+        assert_eq!(r.status(), 429);
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!(v["error"]["code"], "evicted", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains("evicted by flow control"));
+    }
+    assert!(started.elapsed() >= Duration::from_millis(2500), "evicted after {:?}", started.elapsed());
+    assert_eq!(s.counter("dynamo_epp_queue_evicted_total{reason=\"timeout\"}").await, 2.0);
+    assert_eq!(s.worker.seen().len(), 1, "no queued request reached the worker");
+    s.worker.release(1);
+    assert_eq!(blocker.await.unwrap().status(), 200);
+    // Capacity is back: a new request goes straight through.
+    assert_eq!(s.send("after", &[]).await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_classes_share_dispatches_by_quantum() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "classes:\n  - name: batch\n  - name: interactive\n    quantum: 3\n").unwrap();
+    let s = Setup::start(&[("DYN_ROUTER_POLICY_CONFIG", policy.to_str().unwrap())]).await;
+    let blocker = s.block().await;
+    let mut handles = Vec::new();
+    for i in 0..8 {
+        handles.push(s.enqueue(&format!("batch {i}"), &[("x-dynamo-meta-policy-class", "batch")]).await);
+    }
+    for i in 0..8 {
+        handles.push(s.enqueue(&format!("interactive {i}"), &[("x-dynamo-meta-policy-class", "interactive")]).await);
+    }
+    s.worker.release(1);
+    assert_eq!(blocker.await.unwrap().status(), 200);
+    for h in handles {
+        assert_eq!(h.await.unwrap().status(), 200);
+    }
+    let classes: String = s.order()[1..].iter().map(|m| m.chars().next().unwrap()).collect();
+    // One batch, three interactive, … (deficit round robin, quantum 1 : 3).
+    assert_eq!(classes, "biiibiiibiibbbbb");
+    assert_eq!(s.counter("dynamo_epp_queue_dispatched_total{class=\"interactive\"}").await, 8.0);
+}
