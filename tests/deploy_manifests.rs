@@ -16,7 +16,7 @@ use k8s_openapi::api::{
 use kube_support::container;
 use serde_json::Value;
 
-const OVERLAYS: &[&str] = &["kv-aware", "approximate", "istio-monitored", "istio-mtls"];
+const OVERLAYS: &[&str] = &["kv-aware", "approximate", "istio-monitored", "istio-mtls", "queue"];
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -285,6 +285,21 @@ fn the_approximate_overlay_changes_exactly_the_two_variables() {
         ]
     );
     assert_eq!(kv.len(), approx.len());
+}
+
+#[test]
+fn the_queue_overlay_turns_the_queue_on_within_the_routes_timeout() {
+    let docs = docs(&render("queue"));
+    let env = env(&epp_container(&one::<Deployment>(&docs, "Deployment")));
+    let get = |name: &str| env.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.clone()).unwrap_or_else(|| panic!("{name} missing: {env:?}"));
+    assert_eq!(get("DYN_ROUTER_QUEUE_THRESHOLD"), "4");
+    assert_eq!(get("DYN_EPP_MAX_NUM_BATCHED_TOKENS"), "8192");
+    // A waiting request must outlive its wait at the gateway, with room left to generate.
+    let wait: f64 = get("DYN_EPP_QUEUE_MAX_WAIT_SECS").parse().unwrap();
+    let route = by_kind(&docs, "HTTPRoute");
+    let request = route["spec"]["rules"][0]["timeouts"]["request"].as_str().unwrap();
+    let route_secs: f64 = request.trim_end_matches('s').parse().unwrap();
+    assert!(route_secs >= 2.0 * wait, "route timeout {request} vs queue wait {wait} s");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

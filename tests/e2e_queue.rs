@@ -1,5 +1,6 @@
 //! The router queue end to end: a real Envoy (ext_proc `message_timeout` at Envoy's 200 ms
-//! default, `max_message_timeout` set), the real binary with the Qwen3 tokenizer, mock workers.
+//! default, `max_message_timeout` set, the gRPC service timeout at 1 s), the real binary with
+//! the Qwen3 tokenizer, mock workers.
 //! One worker with a batch budget and `DYN_ROUTER_QUEUE_THRESHOLD=0`: any request still in
 //! prefill saturates it, so requests are dispatched one at a time, in queue order.
 
@@ -27,7 +28,9 @@ impl Setup {
         ];
         env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let epp = Epp::start(&yaml, EppOptions { env, ..Default::default() }).await;
-        let envoy = Envoy::start_with_message_timeout(&EppLink { port: epp.grpc_port, tls: false }, "0.2s").await;
+        // Envoy's default message timeout and a gRPC timeout far below the queue waits here:
+        // neither may cut a queued request off.
+        let envoy = Envoy::start_with_ext_proc_timeouts(&EppLink { port: epp.grpc_port, tls: false }, "1s", "0.2s").await;
         let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
         Setup { worker, epp, envoy, client }
     }

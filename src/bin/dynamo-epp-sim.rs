@@ -65,6 +65,14 @@ struct Args {
     /// Only these policies (names), in this order; default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Router queue experiment: our router (KV events) without a queue, then with the router
+    /// queue at this DYN_ROUTER_QUEUE_THRESHOLD in `fcfs` and in `wspt`, reported per priority
+    /// class (instead of the policy comparison).
+    #[arg(long)]
+    queue_threshold: Option<f64>,
+    /// Share of requests in the high (strict) priority class in the queue experiment.
+    #[arg(long, default_value_t = 0.2)]
+    high_priority_share: f64,
     /// Write the reports as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -112,6 +120,9 @@ fn run(a: Args) -> Result<(), String> {
         slow_share: a.slow_share,
         slow_factor: a.slow_factor,
     };
+    if let Some(threshold) = a.queue_threshold {
+        return queue_experiment(&a, &trace, &cfg, threshold);
+    }
     let mut policies = sim::standard_policies();
     for e in &a.extra {
         let (name, flags) = e.split_once('=').ok_or_else(|| format!("--extra {e:?}: expected NAME=FLAGS"))?;
@@ -140,6 +151,38 @@ fn run(a: Args) -> Result<(), String> {
         if !report::chart(&reports, p).map_err(|e| e.to_string())? {
             eprintln!("dynamo-epp-sim: no DejaVu font found; the chart has no labels");
         }
+    }
+    Ok(())
+}
+
+/// The router queue against no queue on the same arrivals, per priority class.
+fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfig, threshold: f64) -> Result<(), String> {
+    use dynamo_epp::{
+        router::KvSettings,
+        sched::{
+            queue::{QueuePolicy, QueueSettings},
+            SchedSettings,
+        },
+        sim::queue::{self, QueueRun},
+    };
+    if !(0.0..=1.0).contains(&a.high_priority_share) || threshold < 0.0 {
+        return Err("--high-priority-share must be within 0..=1 and --queue-threshold ≥ 0".into());
+    }
+    let kv = KvSettings { use_kv_events: true, ..KvSettings::default() };
+    let run = |name: &str, policy: Option<QueuePolicy>| QueueRun {
+        name: name.into(),
+        kv,
+        sched: SchedSettings::default(),
+        queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, ..QueueSettings::single_class(threshold, p) }),
+    };
+    let runs = [run("no-queue", None), run("queue-fcfs", Some(QueuePolicy::Fcfs)), run("queue-wspt", Some(QueuePolicy::Wspt))];
+    let high = queue::high_priority(trace.len(), a.high_priority_share, cfg.seed);
+    let reports = queue::run(trace, cfg, &runs, &high);
+    print!("{}", queue::markdown(&reports));
+    if let Some(p) = &a.json {
+        let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "queue_threshold": threshold,
+            "high_priority_share": a.high_priority_share, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
+        std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
 }

@@ -129,3 +129,19 @@ fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, engine: &super::engi
         Err(e) => panic!("simulated fleet cannot fail to route: {e}"),
     }
 }
+
+/// A Markdown table: each run's TTFT and queue wait per class, and overall.
+pub fn markdown(reports: &[QueueReport]) -> String {
+    let mut s = String::from("| run | class | requests | TTFT mean / p50 / p99 (ms) | queue wait mean / p99 (ms) |\n|---|---|---:|---|---|\n");
+    for r in reports {
+        for c in &r.classes {
+            s.push_str(&format!(
+                "| {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} |\n",
+                r.run, c.class, c.requests, c.ttft_ms.mean, c.ttft_ms.p50, c.ttft_ms.p99, c.wait_ms.mean, c.wait_ms.p99
+            ));
+        }
+        let t = &r.overall.ttft_ms;
+        s.push_str(&format!("| {} | all | {} | {:.0} / {:.0} / {:.0} | |\n", r.run, r.overall.requests, t.mean, t.p50, t.p99));
+    }
+    s
+}

@@ -516,11 +516,15 @@ impl Envoy {
         Envoy::start_config(|port, admin| envoy_config_tls(port, admin, epp, verify)).await
     }
 
-    /// Envoy whose ext_proc filter gives each message `message_timeout` (e.g. Envoy's default
-    /// `0.2s`) instead of the suite's 30 s.
-    pub async fn start_with_message_timeout(epp: &EppLink, message_timeout: &str) -> Envoy {
-        let to = format!("\n                      message_timeout: {message_timeout}\n");
-        Envoy::start_config(|port, admin| envoy_config(port, admin, Some(epp)).replace("\n                      message_timeout: 30s\n", &to)).await
+    /// Envoy whose ext_proc filter has these timeouts (e.g. Envoy's default `message_timeout`
+    /// of `0.2s`) instead of the suite's 30 s ones.
+    pub async fn start_with_ext_proc_timeouts(epp: &EppLink, grpc_timeout: &str, message_timeout: &str) -> Envoy {
+        let config = |port, admin| {
+            envoy_config(port, admin, Some(epp))
+                .replace("\n                      message_timeout: 30s\n", &format!("\n                      message_timeout: {message_timeout}\n"))
+                .replace("\n                        timeout: 30s\n", &format!("\n                        timeout: {grpc_timeout}\n"))
+        };
+        Envoy::start_config(config).await
     }
 
     async fn start_config(config: impl FnOnce(u16, u16) -> String) -> Envoy {
