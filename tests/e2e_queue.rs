@@ -95,6 +95,27 @@ impl Setup {
             .collect()
     }
 
+    /// Holds the worker with a blocker, queues `n` requests per group in turn (marker
+    /// `"{prefix} {i:03}"`, one header), releases the blocker, checks every answer is 200, and
+    /// returns the markers in the order the worker then saw them.
+    async fn queue_behind_blocker(&self, groups: &[(&str, usize, (&str, &str))]) -> Vec<String> {
+        let blocker = self.block().await;
+        let mut handles = Vec::new();
+        for (prefix, n, header) in groups {
+            for i in 0..*n {
+                handles.push(self.enqueue(&format!("{prefix} {i:03}"), &[*header]).await);
+            }
+        }
+        self.worker.release(1);
+        assert_eq!(blocker.await.unwrap().status(), 200);
+        for h in handles {
+            assert_eq!(h.await.unwrap().status(), 200);
+        }
+        let order = self.order();
+        assert_eq!(order[0], "blocker");
+        order[1..].to_vec()
+    }
+
     async fn counter(&self, name: &str) -> f64 {
         self.epp.metric(name).await.unwrap_or(0.0)
     }
@@ -148,23 +169,9 @@ async fn two_hundred_requests_wait_for_capacity_and_go_in_priority_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tenant_sending_ten_times_more_gets_no_more_than_its_share() {
     let s = Setup::start(&[]).await;
-    let blocker = s.block().await;
     // The heavy tenant's burst arrives first: first come first served would serve all of it
     // before the light tenant's first request.
-    let mut handles = Vec::new();
-    for i in 0..100 {
-        handles.push(s.enqueue(&format!("heavy {i:03}"), &[("x-tenant-id", "heavy")]).await);
-    }
-    for i in 0..10 {
-        handles.push(s.enqueue(&format!("light {i:03}"), &[("x-tenant-id", "light")]).await);
-    }
-    s.worker.release(1);
-    assert_eq!(blocker.await.unwrap().status(), 200);
-    for h in handles {
-        assert_eq!(h.await.unwrap().status(), 200);
-    }
-    let order = s.order();
-    let served = &order[1..];
+    let served = s.queue_behind_blocker(&[("heavy", 100, ("x-tenant-id", "heavy")), ("light", 10, ("x-tenant-id", "light"))]).await;
     assert_eq!(served.len(), 110);
     // While both are backlogged (until the light tenant's tenth request), dispatches alternate:
     // the heavy tenant gets at most half plus the turn it started with.
@@ -180,10 +187,11 @@ async fn a_tenant_sending_ten_times_more_gets_no_more_than_its_share() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_queue_is_bounded_leaves_on_disconnect_and_evicts_after_its_wait() {
-    let s = Setup::start(&[("DYN_EPP_QUEUE_MAX_REQUESTS", "2"), ("DYN_EPP_QUEUE_MAX_WAIT_SECS", "3")]).await;
+    let s = Setup::start(&[("DYN_EPP_QUEUE_MAX_REQUESTS", "2"), ("DYN_EPP_QUEUE_MAX_WAIT_SECS", "5")]).await;
     let blocker = s.block().await;
-    // A client that gives up while queued leaves the queue at once.
-    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(700)).build().unwrap();
+    // A client that gives up while queued leaves the queue at once. (2 s: long enough to be
+    // seen queued on a loaded machine.)
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
     let c = impatient.post(s.envoy.url("/v1/chat/completions")).body(chat_body("impatient"));
     let gone = tokio::spawn(async move { c.send().await });
     s.wait_queued(1.0).await;
@@ -212,7 +220,7 @@ async fn the_queue_is_bounded_leaves_on_disconnect_and_evicts_after_its_wait() {
         assert_eq!(v["error"]["code"], "evicted", "{v}");
         assert!(v["error"]["message"].as_str().unwrap().contains("evicted by flow control"));
     }
-    assert!(started.elapsed() >= Duration::from_millis(2500), "evicted after {:?}", started.elapsed());
+    assert!(started.elapsed() >= Duration::from_millis(4500), "evicted after {:?}", started.elapsed());
     assert_eq!(s.counter("dynamo_epp_queue_evicted_total{reason=\"timeout\"}").await, 2.0);
     assert_eq!(s.worker.seen().len(), 1, "no queued request reached the worker");
     s.worker.release(1);
@@ -227,20 +235,8 @@ async fn policy_classes_share_dispatches_by_quantum() {
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "classes:\n  - name: batch\n  - name: interactive\n    quantum: 3\n").unwrap();
     let s = Setup::start(&[("DYN_ROUTER_POLICY_CONFIG", policy.to_str().unwrap())]).await;
-    let blocker = s.block().await;
-    let mut handles = Vec::new();
-    for i in 0..8 {
-        handles.push(s.enqueue(&format!("batch {i}"), &[("x-dynamo-meta-policy-class", "batch")]).await);
-    }
-    for i in 0..8 {
-        handles.push(s.enqueue(&format!("interactive {i}"), &[("x-dynamo-meta-policy-class", "interactive")]).await);
-    }
-    s.worker.release(1);
-    assert_eq!(blocker.await.unwrap().status(), 200);
-    for h in handles {
-        assert_eq!(h.await.unwrap().status(), 200);
-    }
-    let classes: String = s.order()[1..].iter().map(|m| m.chars().next().unwrap()).collect();
+    let order = s.queue_behind_blocker(&[("batch", 8, ("x-dynamo-meta-policy-class", "batch")), ("interactive", 8, ("x-dynamo-meta-policy-class", "interactive"))]).await;
+    let classes: String = order.iter().map(|m| m.chars().next().unwrap()).collect();
     // One batch, three interactive, … (deficit round robin, quantum 1 : 3).
     assert_eq!(classes, "biiibiiibiibbbbb");
     assert_eq!(s.counter("dynamo_epp_queue_dispatched_total{class=\"interactive\"}").await, 8.0);
