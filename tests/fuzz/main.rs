@@ -20,6 +20,8 @@ mod ext_proc;
 mod gen_json;
 mod gen_msgpack;
 mod kv;
+#[path = "../../src/kv/events/examples.rs"]
+mod kv_examples;
 mod prepare;
 mod workers_file;
 
