@@ -452,10 +452,11 @@ async fn kubernetes_api_errors_and_silence() {
 
 /// Six ~16 MB chat bodies at once (the default body limit), with six tokenizer threads as a
 /// six-core node has: the byte budget (`DYN_EPP_TOKENIZATION_BUDGET_BYTES`, default 16 MiB)
-/// tokenizes one at a time, so the EPP's peak RSS (VmHWM of the real binary) stays within
-/// [`HUGE_PEAK_BOUND_MIB`] of what it was before, whatever the thread count; every body is
-/// answered (200, or 504 past the tokenization deadline), none hangs. `EPP_TOKENIZATION_BUDGET`
-/// overrides the budget to measure without it (docs/robustness.md).
+/// tokenizes one at a time, so the EPP's peak RSS (VmHWM of the real binary) grows by at most
+/// [`HUGE_PEAK_BOUND_MIB`], whatever the thread count; every body is answered (200, or 504 past
+/// the tokenization deadline), none hangs. For the figures in docs/robustness.md,
+/// `EPP_TOKENIZATION_BUDGET` (bytes) and `EPP_TOKENIZER` (`default` = HF) override the defaults;
+/// the bound is checked only with the defaults.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_bodies_at_once_stay_within_the_memory_bound() {
     let mut env = vec![
@@ -466,6 +467,9 @@ async fn huge_bodies_at_once_stay_within_the_memory_bound() {
         ("DYN_EPP_TOKENIZATION_TIMEOUT_MS".to_string(), "240000".to_string()),
         ("DYN_USE_KV_EVENTS".to_string(), "false".to_string()),
     ];
+    if let Ok(t) = std::env::var("EPP_TOKENIZER") {
+        env.push(("DYN_TOKENIZER".to_string(), t));
+    }
     if let Ok(b) = std::env::var("EPP_TOKENIZATION_BUDGET") {
         env.push(("DYN_EPP_TOKENIZATION_BUDGET_BYTES".to_string(), b));
     }
@@ -510,11 +514,12 @@ async fn huge_bodies_at_once_stay_within_the_memory_bound() {
         assert!(*s == 200 || *s == 504, "{s}: {}", &text[..text.len().min(300)]);
     }
     assert!(statuses.contains(&200), "{line}");
-    if std::env::var_os("EPP_TOKENIZATION_BUDGET").is_none() {
+    if std::env::var_os("EPP_TOKENIZATION_BUDGET").is_none() && std::env::var_os("EPP_TOKENIZER").is_none() {
         assert!(peak - idle <= HUGE_PEAK_BOUND_MIB, "{line}");
     }
 }
 
-/// The EPP's memory growth for the test above with the default budget (docs/robustness.md):
-/// one body tokenized at a time plus the six bodies buffered and forwarded.
-const HUGE_PEAK_BOUND_MIB: u64 = 1024;
+/// The EPP's memory growth allowed in the test above (Qwen3, `auto` → fastokens): one body
+/// tokenized at a time plus six buffered and forwarded measured 335 MiB; without the budget
+/// (all six at once) 677 MiB (docs/robustness.md).
+const HUGE_PEAK_BOUND_MIB: u64 = 512;
