@@ -378,7 +378,7 @@ async fn envoy_restart_with_streams_open() {
 /// the silence).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubernetes_api_errors_and_silence() {
-    use kube_support::{set_ready, worker_pod, FakeApi, Fault, NAMESPACE, PODS};
+    use kube_support::{set_ready, worker_pod, FakeApi, Fault, PODS};
     let api = FakeApi::start().await;
     let mut ws = Vec::new();
     for i in 0..3 {
@@ -392,17 +392,8 @@ async fn kubernetes_api_errors_and_silence() {
     api.put(PODS, pod(0));
     api.put(PODS, pod(1));
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let env = [
-        ("DYN_DISCOVERY", "kubernetes".to_string()),
-        ("KUBECONFIG", kubeconfig.display().to_string()),
-        ("POD_NAMESPACE", NAMESPACE.to_string()),
-        ("DYN_NAMESPACE_PREFIX", "vllm-agg".to_string()),
-        ("DYN_EPP_KUBE_API_TIMEOUT_SECS", "2".to_string()),
-        ("DYN_USE_KV_EVENTS", "false".to_string()),
-    ];
-    let env = env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+    let mut env = api.epp_env(dir.path());
+    env.extend([("DYN_EPP_KUBE_API_TIMEOUT_SECS", "2"), ("DYN_USE_KV_EVENTS", "false")].map(|(k, v)| (k.to_string(), v.to_string())));
     let epp = Epp::start("", EppOptions { env, write_workers_first: false, ..Default::default() }).await;
     assert_eq!(epp.wait_health("inference-extension", "SERVING", Duration::from_secs(30)).await, "SERVING");
     let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;

@@ -263,16 +263,8 @@ async fn the_binary_discovers_pods_and_routes_to_them_through_envoy() {
     api.hold_lists(true);
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let env = [
-        ("DYN_DISCOVERY", "kubernetes".to_string()),
-        ("KUBECONFIG", kubeconfig.display().to_string()),
-        ("POD_NAMESPACE", NAMESPACE.to_string()),
-        ("DYN_NAMESPACE_PREFIX", BASE_NS.to_string()),
-    ];
     let opts = EppOptions {
-        env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        env: api.epp_env(dir.path()),
         write_workers_first: false,
         ..Default::default()
     };

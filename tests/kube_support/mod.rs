@@ -180,6 +180,22 @@ impl FakeApi {
         self.shared.lists_open.send_replace(!hold);
     }
 
+    /// The environment of the real binary discovering the `vllm-agg` graph's worker pods here,
+    /// its kubeconfig written into `dir`.
+    pub fn epp_env(&self, dir: &std::path::Path) -> Vec<(String, String)> {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, self.kubeconfig()).unwrap();
+        [
+            ("DYN_DISCOVERY", "kubernetes".to_string()),
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("POD_NAMESPACE", NAMESPACE.to_string()),
+            ("DYN_NAMESPACE_PREFIX", "vllm-agg".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
     /// A kubeconfig pointing at this server, namespace `dynamo`.
     pub fn kubeconfig(&self) -> String {
         format!(
