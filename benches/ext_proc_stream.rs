@@ -6,20 +6,22 @@
 //! empty mutations (and echoing bodies, as full-duplex requires), so the ratio is what picking
 //! costs on top of bare tonic.
 
-use std::{net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
+#[path = "../tests/common/in_process.rs"]
+mod in_process;
+
+use std::{pin::Pin, sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dynamo_epp::{
     request::{pool::WorkPool, Preprocessor},
     router::Router,
     server::{envoy, ext_proc::ExtProc, App},
-    workers::{Fleet, Role, Worker, WorkerId},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue},
     service::ext_proc::v3::{
         external_processor_client::ExternalProcessorClient,
-        external_processor_server::{ExternalProcessor, ExternalProcessorServer},
+        external_processor_server::ExternalProcessor,
         processing_request::Request,
         HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
     },
@@ -85,17 +87,6 @@ fn stream_messages(body: &[u8]) -> Vec<ProcessingRequest> {
     ]
 }
 
-async fn serve<S: ExternalProcessor>(svc: S) -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ExternalProcessorServer::new(svc).max_decoding_message_size(64 << 20))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))),
-    );
-    addr
-}
-
 /// One stream: send the messages (headers response only comes after the body), read all replies.
 async fn one_stream(client: &mut ExternalProcessorClient<Channel>, msgs: &[ProcessingRequest]) {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -131,28 +122,10 @@ fn bench(c: &mut Criterion) {
         // As the binary runs without DYN_MODEL_PATH: bodies are checked, not tokenized.
         let prep = Preprocessor { model: None, served_model: None, lora_adapters: vec![], inject: false };
         let app = Arc::new(App::new(Router::default(), 16 << 20, prep, WorkPool::new(0, Duration::from_secs(30))));
-        app.set_fleet(Fleet {
-            block_size: Some(16),
-            workers: (0..8)
-                .map(|i| Worker {
-                    id: WorkerId(i),
-                    name: format!("w{i}"),
-                    endpoint: SocketAddr::from(([10, 0, 0, i as u8], 8000)),
-                    role: Role::Worker,
-                    dp_start_rank: 0,
-                    dp_size: 1,
-                    total_kv_blocks: None,
-                    max_num_batched_tokens: None,
-                    kv_events: None,
-                })
-                .collect(),
-        });
-        let ours = serve(ExtProc::new(app)).await;
-        let base = serve(Baseline).await;
-        let connect = |a: SocketAddr| async move {
-            ExternalProcessorClient::connect(format!("http://{a}")).await.unwrap().max_decoding_message_size(64 << 20)
-        };
-        (connect(ours).await, connect(base).await)
+        app.set_fleet(in_process::fleet(8));
+        let ours = in_process::serve(ExtProc::new(app)).await;
+        let base = in_process::serve(Baseline).await;
+        (in_process::client(ours).await, in_process::client(base).await)
     });
     let mut g = c.benchmark_group("ext_proc_stream_32k");
     g.throughput(Throughput::Bytes(body.len() as u64));

@@ -134,6 +134,12 @@ pub struct Config {
     /// Tokenization jobs run at once, off the async reactor; 0 = one per core.
     #[arg(long = "tokenizer-threads", env = "DYN_EPP_TOKENIZER_THREADS", default_value_t = 0)]
     pub tokenizer_threads: usize,
+
+    /// Bytes of huge bodies (over 1 MiB) checked and tokenized at once, whatever the threads:
+    /// their tokenization takes many times their size in memory, so this bounds it. Others
+    /// wait (within DYN_EPP_TOKENIZATION_TIMEOUT_MS, else 504); a body over it runs alone.
+    #[arg(long = "tokenization-budget-bytes", env = "DYN_EPP_TOKENIZATION_BUDGET_BYTES", default_value_t = 16 << 20, value_parser = clap::value_parser!(u64).range(1..))]
+    pub tokenization_budget_bytes: u64,
     // ---------------------------------------------------------------- KV cache state (issue 4)
     // How the router learns what the workers have cached: which event plane, where, and the
     // approximate / predicted modes.
@@ -401,6 +407,12 @@ pub struct Config {
     #[arg(long = "pod-namespace", env = "POD_NAMESPACE")]
     pub pod_namespace: Option<String>,
 
+    /// Longest the Kubernetes API may stay silent on a call before it is abandoned and retried
+    /// (a hung API server, a dead connection); watches ask the server to end them after half
+    /// of it. Meanwhile the last fleet stays in force.
+    #[arg(long = "kube-api-timeout-secs", env = "DYN_EPP_KUBE_API_TIMEOUT_SECS", default_value = "30", value_parser = kube_api_timeout)]
+    pub kube_api_timeout_secs: u64,
+
     /// Set by Kubernetes in every pod; `auto` discovery takes it to mean "in a cluster".
     #[arg(long = "kubernetes-service-host", env = "KUBERNETES_SERVICE_HOST", hide = true)]
     pub kubernetes_service_host: Option<String>,
@@ -459,6 +471,14 @@ fn replica_timeout(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if (2.0..1e9).contains(&v) => Ok(v),
         _ => Err("a number of seconds, at least 2 (peers send a heartbeat every second)".into()),
+    }
+}
+
+/// At least 2 s (watches are asked to end after half of it, in whole seconds).
+fn kube_api_timeout(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(v) if (2..=3600).contains(&v) => Ok(v),
+        _ => Err("a whole number of seconds from 2 to 3600".into()),
     }
 }
 
@@ -827,6 +847,8 @@ mod tests {
         assert!(auto(&["--discovery", "kubernetes"]).uses_kubernetes());
         assert!(!auto(&["--discovery", "file", "--kubernetes-service-host", "h"]).uses_kubernetes());
         let c = auto(&[]);
+        assert_eq!(c.kube_api_timeout_secs, 30);
+        assert_eq!(auto(&["--kube-api-timeout-secs", "5"]).kube_api_timeout_secs, 5);
         assert_eq!(c.worker_namespace(), "vllm-agg");
         assert_eq!(auto(&["--namespace", "ns", "--namespace-prefix", "base"]).worker_namespace(), "base");
         assert_eq!(auto(&["--namespace", "ns"]).worker_namespace(), "ns");
@@ -834,6 +856,8 @@ mod tests {
         assert_eq!((c.model_path.as_ref(), c.model_name.as_ref()), (None, None));
         assert!(c.inject_tokens && c.lora_adapters.is_empty());
         assert_eq!((c.token_cache_bytes, c.tokenization_timeout_ms), (256 << 20, 5000));
+        assert_eq!(c.tokenization_budget_bytes, 16 << 20);
+        assert_eq!(auto(&["--tokenization-budget-bytes", "1048576"]).tokenization_budget_bytes, 1 << 20);
         assert_eq!(c.tokenizer, BackendChoice::Auto);
         assert_eq!(auto(&["--tokenizer", "default"]).tokenizer, BackendChoice::Default);
         assert_eq!(auto(&["--tokenizer", "fastokens"]).tokenizer, BackendChoice::Fastokens);
@@ -887,9 +911,12 @@ mod tests {
             (vec!["--use-kv-events", "perhaps"], vec!["DYN_USE_KV_EVENTS"]),
             (vec!["--discovery", "etcd"], vec!["DYN_DISCOVERY", "etcd", "kubernetes"]),
             (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),
+            (vec!["--tokenization-budget-bytes", "0"], vec!["DYN_EPP_TOKENIZATION_BUDGET_BYTES", "\"0\""]),
             (vec!["--inject-tokens", "perhaps"], vec!["DYN_EPP_INJECT_TOKENS", "perhaps"]),
             (vec!["--tokenizer", "tiktoken"], vec!["DYN_TOKENIZER", "tiktoken", "default, fastokens, auto"]),
             (vec!["--replica-timeout-secs", "1.5"], vec!["DYN_EPP_REPLICA_TIMEOUT_SECS", "at least 2"]),
+            (vec!["--kube-api-timeout-secs", "1"], vec!["DYN_EPP_KUBE_API_TIMEOUT_SECS", "\"1\"", "2 to 3600"]),
+            (vec!["--kube-api-timeout-secs", "2.5"], vec!["DYN_EPP_KUBE_API_TIMEOUT_SECS", "whole number"]),
             (vec!["--debug-api", "sometimes"], vec!["DYN_EPP_DEBUG_API", "sometimes"]),
             (vec!["--secure-serving", "false", "--cert-path", "/etc/epp-tls"], vec!["DYN_EPP_CERT_PATH", "DYN_SECURE_SERVING=true"]),
             (vec!["--secure-serving", "false", "--client-ca-file", "/etc/ca.crt"], vec!["DYN_EPP_CLIENT_CA_FILE", "DYN_SECURE_SERVING=true"]),

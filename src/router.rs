@@ -127,6 +127,9 @@ impl RoutingRequest {
 pub enum RouteError {
     #[error("no workers are known yet")]
     NoWorkers,
+    /// Workers are known but none can run the request: the fleet has prefill workers only.
+    #[error("no worker can serve the request: the fleet has prefill workers only")]
+    NoDecodeWorkers,
     #[error("the gateway's endpoint subset matches no known worker")]
     SubsetMatchesNone,
     #[error("every eligible worker is at capacity; retry shortly")]
@@ -590,8 +593,11 @@ impl Router {
     /// Chooses among the scored candidates: busy ones are skipped.
     fn choose(&self, req: &RoutingRequest, scored: &[Scored], rng: &mut impl Rng) -> Result<Scored, RouteError> {
         if scored.is_empty() {
-            return Err(if self.workers.is_empty() || req.subset.is_none() {
+            // Without a subset nothing is filtered: only the stage's roles can be missing.
+            return Err(if self.workers.is_empty() {
                 RouteError::NoWorkers
+            } else if req.subset.is_none() {
+                RouteError::NoDecodeWorkers
             } else {
                 RouteError::SubsetMatchesNone
             });
@@ -954,6 +960,11 @@ mod tests {
             let t = r.pick_any(&RoutingRequest::default(), &mut rng).unwrap();
             assert_eq!(t.worker, WorkerRank { id: WorkerId(2), dp_rank: DpRank(0) });
         }
+        // Found by the workers-file long run: a prefill-only fleet was refused as "no workers
+        // are known yet".
+        let mut prefill_only = router(vec![worker(1, 1, Role::Prefill, 4)]);
+        assert_eq!(prefill_only.route(&RoutingRequest::default(), Instant::now(), &mut rng).unwrap_err(), RouteError::NoDecodeWorkers);
+        assert_eq!(prefill_only.active_requests(), 0);
     }
 
     #[test]

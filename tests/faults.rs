@@ -4,6 +4,7 @@
 //! anything lost — recorded in docs/robustness.md.
 
 mod common;
+mod kube_support;
 
 use std::{
     sync::{
@@ -369,3 +370,147 @@ async fn envoy_restart_with_streams_open() {
     assert!(after.count(|s| s == 200) > 0, "{line}");
     assert_eq!(*tally.hung.lock() + *after.hung.lock(), 0, "{line}");
 }
+
+/// The Kubernetes API answering 500s, then silent (calls and open watches never answered, and
+/// those stay dead after it recovers), under load: the EPP keeps routing on the last fleet it
+/// listed — a request never waits on the API — and the fleet changes made during each fault
+/// are applied once the API is back (a pod added during the 500s, one turned not Ready during
+/// the silence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubernetes_api_errors_and_silence() {
+    use kube_support::{set_ready, worker_pod, FakeApi, Fault, PODS};
+    let api = FakeApi::start().await;
+    let mut ws = Vec::new();
+    for i in 0..3 {
+        let w = MockWorker::start(&format!("w{i}")).await;
+        if i != 2 {
+            w.stop_recording();
+        }
+        ws.push(w);
+    }
+    let pod = |i: usize| worker_pod(&format!("vllm-agg-worker-{i}"), "127.0.0.1", ws[i].addr.port(), &[]);
+    api.put(PODS, pod(0));
+    api.put(PODS, pod(1));
+    let dir = tempfile::tempdir().unwrap();
+    let mut env = api.epp_env(dir.path());
+    env.extend([("DYN_EPP_KUBE_API_TIMEOUT_SECS", "2"), ("DYN_USE_KV_EVENTS", "false")].map(|(k, v)| (k.to_string(), v.to_string())));
+    let epp = Epp::start("", EppOptions { env, write_workers_first: false, ..Default::default() }).await;
+    assert_eq!(epp.wait_health("inference-extension", "SERVING", Duration::from_secs(30)).await, "SERVING");
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let (tally, stop) = (Arc::new(Tally::default()), Arc::new(AtomicBool::new(false)));
+    let loops = load(envoy.url("/v1/chat/completions"), 16, tally.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mut recoveries = Vec::new();
+    for (fault, want) in [(Fault::Errors, 3.0), (Fault::Silent, 2.0)] {
+        let before = epp.metric("dynamo_epp_workers").await;
+        api.set_fault(fault);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if fault == Fault::Errors {
+            api.put(PODS, pod(2));
+        } else {
+            let mut p = api.get(PODS, "vllm-agg-worker-0");
+            set_ready(&mut p, false);
+            api.put(PODS, p);
+        }
+        // Several failed calls and retries; the fleet stays as it was, and so does readiness.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let during = epp.metric("dynamo_epp_workers").await;
+        assert_eq!(during, before, "{fault:?}: the fleet changed while the API was failing");
+        assert_eq!(epp.health("inference-extension").await, "SERVING", "{fault:?}");
+        let healed = Instant::now();
+        api.set_fault(Fault::Healthy);
+        let got = epp.wait_metric("dynamo_epp_workers", Duration::from_secs(30), |v| v == want).await;
+        let took = healed.elapsed();
+        assert_eq!(got, want, "{fault:?}: the change made during the fault was not applied within 30 s of recovery");
+        recoveries.push(format!("{fault:?}: fleet updated {took:?} after the API recovered"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_load(&stop, loops).await;
+    let (failed, hung) = api.faulted_calls();
+    let joined = ws[2].seen().len();
+    let line = tally.line(
+        "Kubernetes API 500s, then silent",
+        &format!("{}; API calls answered 500: {failed}, left hanging: {hung}; requests routed to the pod added during the 500s: {joined}", recoveries.join("; ")),
+    );
+    println!("{line}");
+    assert!(failed > 0 && hung > 0, "{line}");
+    assert!(joined > 0, "{line}");
+    assert_eq!(tally.count(|s| s >= 500), 0, "{line}");
+    assert_eq!(*tally.hung.lock(), 0, "{line}");
+}
+
+/// Six ~16 MB chat bodies at once (the default body limit), with six tokenizer threads as a
+/// six-core node has: the byte budget (`DYN_EPP_TOKENIZATION_BUDGET_BYTES`, default 16 MiB)
+/// tokenizes one at a time, so the EPP's peak RSS (VmHWM of the real binary) grows by at most
+/// [`HUGE_PEAK_BOUND_MIB`], whatever the thread count; every body is answered (200, or 504 past
+/// the tokenization deadline), none hangs. For the figures in docs/robustness.md,
+/// `EPP_TOKENIZATION_BUDGET` (bytes) and `EPP_TOKENIZER` (`default` = HF) override the defaults;
+/// the bound is checked only with the defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn huge_bodies_at_once_stay_within_the_memory_bound() {
+    let mut env = vec![
+        ("DYN_MODEL_PATH".to_string(), tokenizer_fixtures().join("qwen3").display().to_string()),
+        ("DYN_MODEL_NAME".to_string(), "m".to_string()),
+        ("DYN_EPP_TOKENIZER_THREADS".to_string(), "6".to_string()),
+        // Debug build: one 16 MB body takes seconds; the queue behind it more.
+        ("DYN_EPP_TOKENIZATION_TIMEOUT_MS".to_string(), "240000".to_string()),
+        ("DYN_USE_KV_EVENTS".to_string(), "false".to_string()),
+    ];
+    if let Ok(t) = std::env::var("EPP_TOKENIZER") {
+        env.push(("DYN_TOKENIZER".to_string(), t));
+    }
+    if let Ok(b) = std::env::var("EPP_TOKENIZATION_BUDGET") {
+        env.push(("DYN_EPP_TOKENIZATION_BUDGET_BYTES".to_string(), b));
+    }
+    let chain = Chain::start(&[("w0", None)], EppOptions { env, ..Default::default() }).await;
+    chain.workers[0].stop_recording();
+    let pid = chain.epp.pid() as u32;
+    let post = |body: String| {
+        let (c, url) = (chain.client.clone(), chain.envoy.url("/v1/chat/completions"));
+        async move {
+            let r = tokio::time::timeout(Duration::from_secs(600), c.post(url).body(body).send()).await.expect("hung").unwrap();
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+    };
+    assert_eq!(post(json!({"model": "m", "messages": [{"role": "user", "content": "warm"}]}).to_string()).await.0, 200);
+    let idle = status_kib(pid, "VmHWM") / 1024;
+    // Varied prose (the corpus' 100k-token chat), repeated to ~16 MB; each body its own text so
+    // that none is served from the segment cache.
+    let case: serde_json::Value = serde_json::from_str(golden_body(golden_case("chat_100k_tokens"))).unwrap();
+    let prose = case["messages"][1]["content"].as_str().unwrap();
+    let bodies: Vec<String> = (0..6)
+        .map(|i| {
+            let mut content = format!("request {i}: ");
+            while content.len() + prose.len() < 16_000_000 {
+                content.push_str(prose);
+            }
+            json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string()
+        })
+        .collect();
+    assert!(bodies.iter().all(|b| b.len() > 15_000_000 && b.len() <= 16 << 20));
+    let started = Instant::now();
+    let answers = futures_util::future::join_all(bodies.into_iter().map(post)).await;
+    let took = started.elapsed();
+    let peak = status_kib(pid, "VmHWM") / 1024;
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    let line = format!(
+        "6 bodies of ~16 MB at once, 6 tokenizer threads: answered {statuses:?} in {took:?}; EPP peak RSS {peak} MiB, {idle} MiB before, growth {} MiB (bound {HUGE_PEAK_BOUND_MIB})",
+        peak - idle
+    );
+    println!("{line}");
+    for (s, text) in &answers {
+        assert!(*s == 200 || *s == 504, "{s}: {}", &text[..text.len().min(300)]);
+    }
+    assert!(statuses.contains(&200), "{line}");
+    if std::env::var_os("EPP_TOKENIZATION_BUDGET").is_none() && std::env::var_os("EPP_TOKENIZER").is_none() {
+        assert!(peak - idle <= HUGE_PEAK_BOUND_MIB, "{line}");
+    }
+}
+
+/// The EPP's memory growth allowed in the test above (Qwen3, `auto` → fastokens): one body
+/// tokenized at a time plus six buffered and forwarded measured 335 MiB; without the budget
+/// (all six at once) 677 MiB (docs/robustness.md).
+const HUGE_PEAK_BOUND_MIB: u64 = 512;

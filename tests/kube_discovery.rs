@@ -26,8 +26,13 @@ struct Fleets {
 
 impl Fleets {
     fn start(api: &FakeApi, selection: Selection) -> Fleets {
-        let client = kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap();
-        let source = KubeSource::with_client(client, Some(NAMESPACE.into()), selection);
+        Self::start_with(api, selection, Duration::from_secs(30))
+    }
+
+    /// With this API timeout (`DYN_EPP_KUBE_API_TIMEOUT_SECS`).
+    fn start_with(api: &FakeApi, selection: Selection, api_timeout: Duration) -> Fleets {
+        let config = kube::Config::new(api.url().parse().unwrap());
+        let source = KubeSource::with_config(config, Some(NAMESPACE.into()), selection, api_timeout).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(source.run(move |f| {
             let _ = tx.send(f);
@@ -210,6 +215,44 @@ async fn rolling_updates_keep_old_and_new_pods_until_the_old_ones_terminate() {
     assert!(fleets.next(Duration::from_millis(500)).await.is_none(), "already gone from the fleet");
 }
 
+/// The API server answering 500s, then silent (calls and open watches never answered, and
+/// those stay dead after it recovers): no fleet is handed over meanwhile, so the last one stays
+/// in force, and the changes made during each fault arrive once the server is healthy again.
+/// With kube's defaults the silent phase never recovered: a call is awaited forever and an
+/// open watch for 295 s.
+#[tokio::test]
+async fn api_errors_and_silence_keep_the_last_fleet_and_changes_arrive_after_recovery() {
+    let api = FakeApi::start().await;
+    api.put(PODS, pod("a", 1));
+    api.put(POOLS, fixture("inferencepool.json"));
+    api.put(PODS, worker_pod("base-0", "10.244.1.7", 18001, &[]));
+    let mut fleets = Fleets::start_with(&api, labels_mode(), Duration::from_secs(2));
+    let mut pooled = Fleets::start_with(&api, Selection::Pool("vllm-agg-pool".into()), Duration::from_secs(2));
+    fleets.expect(&["a", "base-0"]).await;
+    pooled.expect(&["a", "base-0"]).await;
+
+    for (fault, change) in [(Fault::Errors, "add b"), (Fault::Silent, "remove a")] {
+        api.set_fault(fault);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if change == "add b" {
+            api.put(PODS, pod("b", 2));
+        } else {
+            api.delete(PODS, "a");
+        }
+        let want: &[&str] = if change == "add b" { &["a", "b", "base-0"] } else { &["b", "base-0"] };
+        // Long enough for several failed calls and retries.
+        assert!(fleets.next(Duration::from_secs(4)).await.is_none(), "{fault:?}: a fleet was handed over during the fault");
+        assert!(pooled.next(Duration::from_millis(10)).await.is_none(), "{fault:?}: a fleet was handed over during the fault");
+        let (failed, hung) = api.faulted_calls();
+        let healed = Instant::now();
+        api.set_fault(Fault::Healthy);
+        fleets.expect(want).await;
+        pooled.expect(want).await;
+        assert!(if fault == Fault::Errors { failed > 0 } else { hung > 0 }, "{fault:?}: no call met the fault ({failed}, {hung})");
+        println!("{fault:?} ({change}): fleet updated {:?} after the API recovered; calls answered 500 {failed}, left hanging {hung}", healed.elapsed());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_binary_discovers_pods_and_routes_to_them_through_envoy() {
     use common::*;
@@ -220,16 +263,8 @@ async fn the_binary_discovers_pods_and_routes_to_them_through_envoy() {
     api.hold_lists(true);
 
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-    let env = [
-        ("DYN_DISCOVERY", "kubernetes".to_string()),
-        ("KUBECONFIG", kubeconfig.display().to_string()),
-        ("POD_NAMESPACE", NAMESPACE.to_string()),
-        ("DYN_NAMESPACE_PREFIX", BASE_NS.to_string()),
-    ];
     let opts = EppOptions {
-        env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+        env: api.epp_env(dir.path()),
         write_workers_first: false,
         ..Default::default()
     };

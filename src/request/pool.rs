@@ -8,6 +8,11 @@
 //! to the pool too — one thread more than the large-body slots, so one is always free for them —
 //! instead of inline, where a reactor thread's first body would pay that copy. Threads live as
 //! long as the pool: tokio's blocking pool makes and ends threads on demand.
+//!
+//! Huge bodies (over [`HUGE_BYTES`]) also take their size from a byte budget before a slot, so
+//! the memory their tokenization takes (many times the body: parsed and rendered copies, the
+//! encoder's per-byte state) is bounded by the budget rather than by the number of slots, and
+//! they queue among themselves without holding up the slots other bodies need.
 
 use std::{
     panic::{catch_unwind, AssertUnwindSafe},
@@ -31,6 +36,9 @@ pub const INLINE_BYTES: usize = 16 * 1024;
 /// costs in parse and render alone (under a millisecond).
 pub const FAST_SMALL_BYTES: usize = 64 * 1024;
 
+/// Bodies above this are huge: they wait for their size in the byte budget.
+pub const HUGE_BYTES: usize = 1 << 20;
+
 type Job = Box<dyn FnOnce() + Send>;
 /// Run once on each pool thread before it takes jobs.
 pub type WarmUp = Arc<dyn Fn() + Send + Sync>;
@@ -44,6 +52,9 @@ pub struct WorkPool {
     small_bytes: usize,
     /// Small bodies run on the pool's (warmed) threads rather than inline.
     small_on_pool: bool,
+    /// The byte budget of huge bodies being worked on, in KiB permits.
+    huge: Arc<Semaphore>,
+    huge_kib: u32,
 }
 
 impl WorkPool {
@@ -88,7 +99,16 @@ impl WorkPool {
         for _ in 0..n {
             ready.recv().expect("a work-pool thread died warming up");
         }
-        WorkPool { permits: Arc::new(Semaphore::new(slots)), jobs, timeout, small_bytes, small_on_pool }
+        let huge_kib = kib(DEFAULT_HUGE_BUDGET);
+        WorkPool { permits: Arc::new(Semaphore::new(slots)), jobs, timeout, small_bytes, small_on_pool, huge: Arc::new(Semaphore::new(huge_kib as usize)), huge_kib }
+    }
+
+    /// Sets the byte budget of huge bodies worked on at once (`DYN_EPP_TOKENIZATION_BUDGET_BYTES`);
+    /// a body larger than the whole budget runs alone.
+    pub fn with_huge_budget(mut self, bytes: u64) -> Self {
+        self.huge_kib = kib(bytes).max(1);
+        self.huge = Arc::new(Semaphore::new(self.huge_kib as usize));
+        self
     }
 
     /// Runs `job`, for a body of `bytes`: a small one inline (or on the spare thread), a large
@@ -105,11 +125,17 @@ impl WorkPool {
             return catch_unwind(AssertUnwindSafe(job)).map_err(|p| PoolError::Panicked(panic_text(p)));
         }
         let permits = self.permits.clone();
+        let huge = (bytes > HUGE_BYTES).then(|| (self.huge.clone(), kib(bytes as u64).min(self.huge_kib)));
         let work = async move {
+            // The budget before a slot: a huge body waiting for memory holds no thread.
+            let share = match huge {
+                Some((budget, n)) => Some(budget.acquire_many_owned(n).await.expect("semaphore never closed")),
+                None => None,
+            };
             let permit = if small { None } else { Some(permits.acquire_owned().await.expect("semaphore never closed")) };
             let (tx, rx) = oneshot::channel();
             let job: Job = Box::new(move || {
-                let _slot = permit;
+                let _slot = (permit, share);
                 let _ = tx.send(catch_unwind(AssertUnwindSafe(job)).map_err(|p| PoolError::Panicked(panic_text(p))));
             });
             self.jobs.send(job).expect("the pool's threads outlive it");
@@ -120,6 +146,14 @@ impl WorkPool {
             Ok(r) => r,
         }
     }
+}
+
+/// The default budget: one body of the default size limit (16 MiB) at a time.
+pub const DEFAULT_HUGE_BUDGET: u64 = 16 << 20;
+
+/// Whole KiB, rounded up (permits are counted in KiB so that a u32 covers any budget).
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX)
 }
 
 fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
@@ -150,6 +184,47 @@ mod tests {
         assert_eq!(pool.run(1, move || std::thread::current().id() == main).await, Ok(true));
         tokio::time::sleep(Duration::from_millis(450)).await;
         assert_eq!(pool.run(big, || 7).await, Ok(7));
+    }
+
+    /// Huge bodies run at most as many at once as the byte budget holds (whatever the slots),
+    /// a body over the whole budget runs alone, one past its deadline while waiting gets
+    /// `TimedOut`, and bodies under `HUGE_BYTES` pass the queued huge ones.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn huge_bodies_share_the_byte_budget_and_never_hold_up_the_rest() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let huge = HUGE_BYTES + 1;
+        // Room for two such bodies (each rounds up to 1,025 KiB), four slots.
+        let pool = WorkPool::new(4, Duration::from_secs(30)).with_huge_budget(2 * 1025 * 1024);
+        let (running, peak, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let jobs = (0..6).map(|_| {
+            let (pool, running, peak, done) = (pool.clone(), running.clone(), peak.clone(), done.clone());
+            tokio::spawn(async move {
+                pool.run(huge, move || {
+                    peak.fetch_max(running.fetch_add(1, SeqCst) + 1, SeqCst);
+                    std::thread::sleep(Duration::from_millis(300));
+                    running.fetch_sub(1, SeqCst);
+                    done.fetch_add(1, SeqCst);
+                })
+                .await
+            })
+        });
+        let jobs: Vec<_> = jobs.collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A body just under the line takes a free slot at once, ahead of the queued huge ones.
+        assert_eq!(pool.run(HUGE_BYTES, || 7).await, Ok(7));
+        assert!(done.load(SeqCst) < 6, "the mid-size body waited for every huge one");
+        for j in jobs {
+            j.await.unwrap().unwrap();
+        }
+        assert_eq!(peak.load(SeqCst), 2, "huge bodies at once");
+
+        let small_budget = WorkPool::new(2, Duration::from_millis(300)).with_huge_budget(1 << 20);
+        assert_eq!(small_budget.run(3 << 20, || 1).await, Ok(1), "a body over the whole budget runs alone");
+        let (a, b) = (small_budget.clone(), small_budget.clone());
+        let first = tokio::spawn(async move { a.run(3 << 20, || std::thread::sleep(Duration::from_millis(1500))).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(b.run(2 << 20, || 2).await, Err(PoolError::TimedOut(300)), "waited for the budget past the deadline");
+        assert_eq!(first.await.unwrap(), Err(PoolError::TimedOut(300)));
     }
 
     /// Every pool thread has run the warm-up before the pool exists, jobs run on those threads

@@ -183,7 +183,7 @@ impl Debug for DebugService {
         let prefill_candidates = candidates(&prefill, sched.temperature, &workers);
         let (best_decode, best_prefill) = (cheapest(&decode_candidates), cheapest(&prefill_candidates));
         let error = if decode_candidates.is_empty() {
-            Some(RouteError::NoWorkers)
+            Some(if workers.is_empty() { RouteError::NoWorkers } else { RouteError::NoDecodeWorkers })
         } else if prefill.is_empty() && sched.enforce_disagg {
             Some(RouteError::PrefillUnavailable)
         } else if best_decode.is_none() || (!prefill.is_empty() && best_prefill.is_none()) {

@@ -78,6 +78,7 @@ impl EppError {
             EppError::BodyTooLarge { .. } => "request_too_large",
             EppError::Tokenizer(_) => "tokenizer_error",
             EppError::NoRoute(RouteError::NoWorkers) => "no_workers",
+            EppError::NoRoute(RouteError::NoDecodeWorkers) => "no_decode_workers",
             EppError::NoRoute(RouteError::SubsetMatchesNone) => "subset_matches_no_worker",
             EppError::NoRoute(RouteError::PrefillUnavailable) => "prefill_unavailable",
             EppError::NoRoute(RouteError::Overloaded) | EppError::Overloaded { .. } => "overloaded",

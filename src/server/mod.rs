@@ -189,13 +189,14 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
 /// that copy (7–18 ms) and every reactor thread would keep one.
 fn work_pool(cfg: &Config, prep: &Preprocessor) -> WorkPool {
     let timeout = Duration::from_millis(cfg.tokenization_timeout_ms);
-    match &prep.model {
+    let pool = match &prep.model {
         Some(m) if m.tokenizer.selection().backend == Backend::Fastokens => {
             let m = m.clone();
             WorkPool::with_warm_up(cfg.tokenizer_threads, timeout, FAST_SMALL_BYTES, Arc::new(move || m.tokenizer.warm_thread()))
         }
         _ => WorkPool::new(cfg.tokenizer_threads, timeout),
-    }
+    };
+    pool.with_huge_budget(cfg.tokenization_budget_bytes)
 }
 
 /// Listen backlog: past the connection bound, clients wait here (the kernel caps it at
@@ -434,7 +435,7 @@ async fn start_fleet_source(cfg: &Config, app: &Arc<App>) -> Result<(), StartErr
             None => Selection::DynamoNamespace(cfg.worker_namespace().to_string()),
         };
         let namespace = cfg.pool_namespace.clone().or_else(|| cfg.pod_namespace.clone());
-        let source = KubeSource::connect(namespace, selection.clone()).await?;
+        let source = KubeSource::connect(namespace, selection.clone(), Duration::from_secs(cfg.kube_api_timeout_secs)).await?;
         tracing::info!(namespace = source.namespace(), ?selection, "discovering worker pods: NOT_SERVING until the first complete list");
         tokio::spawn(source.run(apply));
         return Ok(());

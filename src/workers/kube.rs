@@ -6,12 +6,18 @@
 //! after `410 Gone`. This module keeps the listed pods, turns each into a [`Worker`] (or a reason
 //! it is not one), and hands every changed whole [`Fleet`] to the caller — never a partial list:
 //! nothing is handed over before the first complete list, so health stays NOT_SERVING until then.
+//!
+//! While the API server fails (5xx, refused, silent) the last fleet stays in force and the
+//! watcher retries with backoff. A silent server is the dangerous one: kube's client waits
+//! forever for an answer by default, so every read is bounded by the API timeout and watches
+//! ask the server to end them well before it, so a healthy idle watch never trips it.
 
 use std::{
     borrow::Cow,
     collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     pin::pin,
+    time::Duration,
 };
 
 use futures_util::StreamExt;
@@ -21,7 +27,7 @@ use k8s_openapi::{
     NamespaceResourceScope,
 };
 use kube::{
-    runtime::{watcher, WatchStreamExt},
+    runtime::{utils::Backoff, watcher, WatchStreamExt},
     Api, Client,
 };
 use serde::Deserialize;
@@ -71,20 +77,23 @@ pub struct KubeSource {
     client: Client,
     namespace: String,
     selection: Selection,
+    /// Asked of the API server for every list and watch (`timeoutSeconds`).
+    call_secs: u32,
 }
 
 impl KubeSource {
     /// Connects with the in-cluster service account or KUBECONFIG. `namespace` None = the
-    /// configuration's own namespace (the pod's, in a cluster).
-    pub async fn connect(namespace: Option<String>, selection: Selection) -> Result<Self, KubeError> {
-        let config = kube::Config::infer().await?;
-        let client = Client::try_from(config)?;
-        Ok(Self::with_client(client, namespace, selection))
+    /// configuration's own namespace (the pod's, in a cluster). `api_timeout`: the longest the
+    /// API server may stay silent on a connection before the call is abandoned and retried.
+    pub async fn connect(namespace: Option<String>, selection: Selection, api_timeout: Duration) -> Result<Self, KubeError> {
+        Self::with_config(kube::Config::infer().await?, namespace, selection, api_timeout)
     }
 
-    pub fn with_client(client: Client, namespace: Option<String>, selection: Selection) -> Self {
+    pub fn with_config(mut config: kube::Config, namespace: Option<String>, selection: Selection, api_timeout: Duration) -> Result<Self, KubeError> {
+        config.read_timeout = Some(api_timeout);
+        let client = Client::try_from(config)?;
         let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
-        KubeSource { client, namespace, selection }
+        Ok(KubeSource { client, namespace, selection, call_secs: call_secs(api_timeout) })
     }
 
     pub fn namespace(&self) -> &str {
@@ -101,12 +110,12 @@ impl KubeSource {
                     selector: format!("{COMPONENT_CLASS_LABEL}=worker,{DYNAMO_NAMESPACE_LABEL}={ns}"),
                     target_port: None,
                 };
-                follow_pods(&pods, &query, &mut out).await
+                follow_pods(&pods, &query, self.call_secs, &mut out).await
             }
             Selection::Pool(name) => {
                 let (tx, mut rx) = watch::channel(PoolView::Unknown);
                 let pools: Api<InferencePool> = Api::namespaced(self.client, &self.namespace);
-                let follower = tokio::spawn(follow_pool(pools, name.clone(), tx));
+                let follower = tokio::spawn(follow_pool(pools, name.clone(), self.call_secs, tx));
                 loop {
                     let view = rx.borrow_and_update().clone();
                     match view {
@@ -122,7 +131,7 @@ impl KubeSource {
                         PoolView::Selects(query) => {
                             tracing::info!(pool = %name, selector = %query.selector, target_port = ?query.target_port, "following the InferencePool's pods");
                             tokio::select! {
-                                _ = follow_pods(&pods, &query, &mut out) => {}
+                                _ = follow_pods(&pods, &query, self.call_secs, &mut out) => {}
                                 _ = rx.changed() => continue,
                             }
                         }
@@ -134,6 +143,47 @@ impl KubeSource {
                 follower.abort();
             }
         }
+    }
+}
+
+/// The `timeoutSeconds` asked for each list and watch: half the read timeout, so the server ends
+/// an idle watch (and the watcher resumes it from its resourceVersion, no relist) long before
+/// the client would take the silence for a dead connection.
+fn call_secs(api_timeout: Duration) -> u32 {
+    u32::try_from(api_timeout.as_secs() / 2).unwrap_or(u32::MAX).max(1)
+}
+
+/// Delays between failed API calls: client-go's start (0.8 s, doubling) but at most 5 s rather
+/// than its 30 s, so a fleet change made while the API server was failing is seen within
+/// seconds of its return; two watches retrying every 5 s are no burden on it. Reset by the
+/// watcher on every success.
+#[derive(Clone, Copy, Debug)]
+struct Retry(Duration);
+
+impl Retry {
+    const FIRST: Duration = Duration::from_millis(800);
+    const MAX: Duration = Duration::from_secs(5);
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry(Self::FIRST)
+    }
+}
+
+impl Iterator for Retry {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let d = self.0;
+        self.0 = (d * 2).min(Self::MAX);
+        Some(d)
+    }
+}
+
+impl Backoff for Retry {
+    fn reset(&mut self) {
+        *self = Retry::default();
     }
 }
 
@@ -170,9 +220,9 @@ enum PoolView {
 
 /// Lists and watches pods matching `query` forever, publishing the fleet after the first
 /// complete list and after every change. A relist (after 410 Gone) replaces the whole set.
-async fn follow_pods<F: Fn(Fleet)>(api: &Api<Pod>, query: &PodQuery, out: &mut Publisher<F>) {
-    let cfg = watcher::Config::default().labels(&query.selector);
-    let mut events = pin!(watcher(api.clone(), cfg).default_backoff());
+async fn follow_pods<F: Fn(Fleet)>(api: &Api<Pod>, query: &PodQuery, call_secs: u32, out: &mut Publisher<F>) {
+    let cfg = watcher::Config::default().labels(&query.selector).timeout(call_secs);
+    let mut events = pin!(watcher(api.clone(), cfg).backoff(Retry::default()));
     let mut listed: Option<BTreeMap<String, Worker>> = None;
     let mut relisting: Option<BTreeMap<String, Worker>> = None;
     let mut skipped: HashMap<String, Skip> = HashMap::new();
@@ -407,9 +457,9 @@ impl InferencePool {
 }
 
 /// Keeps `tx` at the named pool's current selector and target port.
-async fn follow_pool(api: Api<InferencePool>, name: String, tx: watch::Sender<PoolView>) {
-    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = pin!(watcher(api, cfg).default_backoff());
+async fn follow_pool(api: Api<InferencePool>, name: String, call_secs: u32, tx: watch::Sender<PoolView>) {
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}")).timeout(call_secs);
+    let mut events = pin!(watcher(api, cfg).backoff(Retry::default()));
     let mut relisting: Option<PoolView> = None;
     let mut last_error = None;
     let set = |view: PoolView| tx.send_if_modified(|v| (*v != view).then(|| *v = view).is_some());
@@ -518,6 +568,17 @@ mod tests {
             let p = ready_pod("w", serde_json::json!({}), serde_json::json!({key: value}), "http");
             assert_eq!(worker_from_pod(&p, None), Err(Skip::Annotation { key, value: value.into() }), "{key}={value}");
         }
+    }
+
+    #[test]
+    fn retries_double_from_800_ms_to_at_most_5_s_and_start_over_after_a_success() {
+        let mut r = Retry::default();
+        let ms: Vec<u128> = r.by_ref().take(6).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [800, 1600, 3200, 5000, 5000, 5000]);
+        r.reset();
+        assert_eq!(r.next(), Some(Duration::from_millis(800)));
+        // Watches end well inside the read timeout, in whole seconds, never 0 (= server default).
+        assert_eq!([call_secs(Duration::from_secs(30)), call_secs(Duration::from_secs(3)), call_secs(Duration::from_secs(2))], [15, 1, 1]);
     }
 
     #[test]

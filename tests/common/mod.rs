@@ -2,6 +2,7 @@
 //! the real `dynamo-epp` binary, and in-process mock OpenAI workers that record what they get.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod in_process;
 pub mod kv_worker;
 
 use std::{

@@ -6,7 +6,6 @@
 //! headers, invalid protocol reports; every stream is cut somewhere (half-close or reset).
 
 use std::{
-    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, OnceLock,
@@ -18,14 +17,13 @@ use dynamo_epp::{
     request::{openai::Api, pool::WorkPool},
     router::Router,
     server::{ext_proc::ExtProc, App},
-    workers::{Fleet, Role, Worker, WorkerId},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue},
     extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode,
     service::ext_proc::v3::{
         body_mutation::Mutation as BodyMut, external_processor_client::ExternalProcessorClient,
-        external_processor_server::ExternalProcessorServer, processing_request::Request, processing_response::Response,
+        processing_request::Request, processing_response::Response,
         HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
     },
 };
@@ -33,7 +31,7 @@ use proptest::{prelude::*, test_runner::TestCaseError};
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
-use crate::{gen_json, prepare, run, Tally, DEADLINE};
+use crate::{common::in_process, gen_json, prepare, run, Tally, DEADLINE};
 
 /// Bodies above this are refused with 413 (generated bodies reach 256 KiB).
 const MAX_BODY: u64 = 128 * 1024;
@@ -64,30 +62,8 @@ fn service() -> &'static Service {
             let mut app = App::new(Router::default(), MAX_BODY, prepare::preprocessor(), WorkPool::new(2, Duration::from_secs(5)));
             app.count_output = true;
             let app = Arc::new(app);
-            app.set_fleet(Fleet {
-                block_size: Some(16),
-                workers: (0..WORKERS)
-                    .map(|i| Worker {
-                        id: WorkerId(i as u64 + 1),
-                        name: format!("w{i}"),
-                        endpoint: SocketAddr::from(([10, 0, 0, i], 8000)),
-                        role: Role::Worker,
-                        dp_start_rank: 0,
-                        dp_size: 1,
-                        total_kv_blocks: None,
-                        max_num_batched_tokens: None,
-                        kv_events: None,
-                    })
-                    .collect(),
-            });
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = l.local_addr().unwrap();
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(ExternalProcessorServer::new(ExtProc::new(app.clone())).max_decoding_message_size(64 << 20))
-                    .serve_with_incoming(tonic::transport::server::TcpIncoming::from(l).with_nodelay(Some(true))),
-            );
-            let client = ExternalProcessorClient::connect(format!("http://{addr}")).await.unwrap().max_decoding_message_size(64 << 20);
+            app.set_fleet(in_process::fleet(WORKERS));
+            let client = in_process::client(in_process::serve(ExtProc::new(app.clone())).await).await;
             (app, client)
         });
         Service { rt, app, client }

@@ -5,19 +5,7 @@
 use proptest::prelude::*;
 use rmpv::Value;
 
-pub fn enc(v: &Value) -> Vec<u8> {
-    let mut out = Vec::new();
-    rmpv::encode::write_value(&mut out, v).expect("writing to a Vec");
-    out
-}
-
-pub fn s(x: &str) -> Value {
-    Value::from(x)
-}
-
-pub fn map(kv: Vec<(&str, Value)>) -> Value {
-    Value::Map(kv.into_iter().map(|(k, v)| (s(k), v)).collect())
-}
+pub use crate::kv_examples::{enc, map, s};
 
 /// Keys the decoders read (Dynamo's and the engines' field names), plus strangers.
 pub const KEYS: &[&str] = &[

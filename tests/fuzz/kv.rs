@@ -24,6 +24,7 @@ use crate::{
     common,
     gen_json::{self, J},
     gen_msgpack::{self as mp, enc, map, s},
+    kv_examples::{ints, nats_cleared, nats_envelope, nats_removed, nats_stored, vllm_batch, vllm_block_stored},
     run,
 };
 
@@ -94,67 +95,17 @@ fn jetstream_json_events() {
     });
 }
 
-/// An event as Dynamo's publisher writes it (msgpack, named fields).
+/// Dynamo's publisher's events (msgpack, named fields), in three batches.
 fn nats_events() -> Vec<Value> {
-    let stored = map(vec![
-        ("worker_id", Value::from(7u64)),
-        ("storage_tier", s("device")),
-        ("residency_domain", s("worker")),
-        (
-            "event",
-            map(vec![
-                ("event_id", Value::from(2u64)),
-                (
-                    "data",
-                    map(vec![(
-                        "stored",
-                        map(vec![
-                            ("parent_hash", Value::from(11u64)),
-                            ("start_position", Value::Nil),
-                            (
-                                "blocks",
-                                Value::Array(vec![
-                                    map(vec![("block_hash", Value::from(12u64)), ("tokens_hash", Value::from(13u64)), ("mm_extra_info", Value::Nil)]),
-                                    map(vec![("block_hash", Value::from(14u64)), ("tokens_hash", Value::from(15u64)), ("mm_extra_info", Value::Nil)]),
-                                ]),
-                            ),
-                        ]),
-                    )]),
-                ),
-                ("dp_rank", Value::from(1u64)),
-            ]),
-        ),
-    ]);
-    let removed = map(vec![
-        ("worker_id", Value::from(7u64)),
-        (
-            "event",
-            map(vec![
-                ("event_id", Value::from(1u64)),
-                ("data", map(vec![("removed", map(vec![("block_hashes", Value::Array(vec![Value::from(12u64)]))]))])),
-                ("dp_rank", Value::from(1u64)),
-            ]),
-        ),
-    ]);
-    let cleared = map(vec![("worker_id", Value::from(8u64)), ("event", map(vec![("event_id", Value::from(1u64)), ("data", s("cleared"))]))]);
+    let (stored, removed, cleared) = (nats_stored(), nats_removed(), nats_cleared());
     vec![Value::Array(vec![stored.clone(), removed.clone(), cleared.clone()]), Value::Array(vec![stored]), Value::Array(vec![removed, cleared])]
-}
-
-fn envelope(payload: Vec<u8>) -> Value {
-    map(vec![
-        ("publisher_id", Value::from(99u64)),
-        ("sequence", Value::from(5u64)),
-        ("published_at", Value::from(1_760_000_000_000u64)),
-        ("topic", s("kv-events")),
-        ("payload", Value::Binary(payload)),
-    ])
 }
 
 /// Mutates the envelope and, inside it, the payload; the payload's bytes go where the
 /// (possibly moved or retyped) `payload` entry is still binary.
 fn build_envelope(env: &Option<mp::Generated>, payload: &mp::Generated, payload_seeds: &[Value]) -> Vec<u8> {
     let bytes = payload.build(payload_seeds);
-    let seed = envelope(Vec::new());
+    let seed = nats_envelope(Vec::new());
     let mut v = env.as_ref().map(|e| e.value(std::slice::from_ref(&seed))).unwrap_or(seed);
     if let Value::Map(m) = &mut v {
         for (k, val) in m.iter_mut() {
@@ -190,30 +141,14 @@ fn nats_core_envelopes() {
     });
 }
 
-fn ints(xs: impl IntoIterator<Item = u64>) -> Value {
-    Value::Array(xs.into_iter().map(Value::from).collect())
-}
-
 /// Engine batches: vLLM's map form (contracts §5.4) and the positional forms.
 fn zmq_batches() -> Vec<Value> {
-    let stored_map = Value::Map(vec![
-        (s("type"), s("BlockStored")),
-        (s("block_hashes"), ints([15760518052499183552, 7])),
-        (s("parent_block_hash"), Value::Nil),
-        (s("token_ids"), ints(0..32)),
-        (s("block_size"), Value::from(16)),
-        (s("lora_id"), Value::Nil),
-        (s("medium"), s("GPU")),
-        (s("lora_name"), Value::Nil),
-        (s("extra_keys"), Value::Array(vec![Value::Nil, Value::Array(vec![s("dynamo-cache-salt:t")])])),
-        (s("group_idx"), Value::from(0)),
-        (s("kv_cache_spec_kind"), s("full_attention")),
-    ]);
+    let stored_map = vllm_block_stored(Value::Array(vec![Value::Nil, Value::Array(vec![s("dynamo-cache-salt:t")])]));
     let stored_pos = Value::Array(vec![s("BlockStored"), ints([1, 2]), Value::from(7), ints(16..48), Value::from(16), Value::Nil, s("CPU")]);
     let removed = Value::Array(vec![s("BlockRemoved"), ints([1]), s("GPU")]);
     let cleared = Value::Array(vec![s("AllBlocksCleared")]);
     vec![
-        Value::Array(vec![Value::F64(1789095808.83), Value::Array(vec![stored_map.clone()]), Value::from(0)]),
+        vllm_batch(vec![stored_map.clone()], 0),
         Value::Array(vec![Value::F64(1.0), Value::Array(vec![stored_pos, removed.clone(), cleared]), Value::from(1)]),
         map(vec![("ts", Value::F64(2.0)), ("events", Value::Array(vec![stored_map, removed])), ("data_parallel_rank", Value::from(1))]),
     ]

@@ -20,6 +20,8 @@ mod ext_proc;
 mod gen_json;
 mod gen_msgpack;
 mod kv;
+#[path = "../../src/kv/events/examples.rs"]
+mod kv_examples;
 mod prepare;
 mod workers_file;
 
@@ -90,6 +92,11 @@ impl Tally {
     pub fn record(&mut self, outcome: impl Into<String>, took: Duration) -> Result<(), proptest::test_runner::TestCaseError> {
         self.n += 1;
         self.slowest = self.slowest.max(took);
+        // Long runs say how far they got, so a run stopped early still counts its inputs.
+        if self.n.is_multiple_of(PROGRESS_EVERY) {
+            let secs = self.started.elapsed().as_secs_f64();
+            println!("fuzz {}: {} inputs so far, {secs:.0} s ({:.0}/s)", self.name, self.n, self.n as f64 / secs);
+        }
         *self.outcomes.entry(outcome.into()).or_default() += 1;
         proptest::prop_assert!(took < DEADLINE, "answered after {took:?}");
         Ok(())
@@ -108,6 +115,9 @@ impl Tally {
         );
     }
 }
+
+/// Inputs between two progress lines.
+const PROGRESS_EVERY: u64 = 100_000;
 
 /// Memory stays bounded: the process never grows past this while fuzzing.
 pub const MAX_RSS_MIB: u64 = 3 * 1024;

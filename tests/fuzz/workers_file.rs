@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use dynamo_epp::{
     router::{RouteError, Router, RoutingRequest},
-    workers::file,
+    workers::{file, Role},
 };
 use proptest::{prelude::*, test_runner::TestCaseError};
 use serde_json::json;
@@ -173,11 +173,13 @@ fn check(bytes: &[u8], dir: &std::path::Path, tally: &mut Tally) -> Result<(), T
             }
             prop_assert_ne!(fleet.block_size, Some(0));
             let empty = fleet.workers.is_empty();
+            let prefill_only = !empty && fleet.workers.iter().all(|w| w.role == Role::Prefill);
             let mut r = Router::default();
             r.set_fleet(fleet);
             match r.route(&RoutingRequest { tokens: (0..40).collect(), ..Default::default() }, Instant::now(), &mut rand::rng()) {
                 Ok(d) => r.on_end(d.booking, Instant::now()),
                 Err(RouteError::NoWorkers) if empty => {}
+                Err(RouteError::NoDecodeWorkers) if prefill_only => {}
                 // Prefill-only or decode-only fleets may refuse; anything else is a bug.
                 Err(RouteError::PrefillUnavailable) => {}
                 Err(e) => return Err(TestCaseError::fail(format!("route on an accepted fleet: {e}"))),

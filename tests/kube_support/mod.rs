@@ -1,8 +1,9 @@
 //! A fake Kubernetes API server on loopback for the discovery tests: list and watch (chunked
 //! JSON lines) of pods and InferencePools in one namespace, label and field selectors, resource
-//! versions, and a compaction switch that answers stale watches with `410 Gone` as a real API
-//! server does. Objects start from the JSON fixtures in tests/fixtures/kube (written in the API
-//! server's wire format).
+//! versions, watches ended after their `timeoutSeconds`, and a compaction switch that answers
+//! stale watches with `410 Gone` as a real API server does; faults on demand (every call
+//! answered 500, or every call and open watch left silent). Objects start from the JSON
+//! fixtures in tests/fixtures/kube (written in the API server's wire format).
 #![allow(dead_code)] // each test binary uses a different part
 
 pub mod container;
@@ -11,7 +12,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use axum::{
@@ -54,6 +55,18 @@ pub fn set_ready(pod: &mut Value, ready: bool) {
     }
 }
 
+/// How the fake API server misbehaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    Healthy,
+    /// Every call is answered `500 InternalError` (an overloaded or broken API server / etcd).
+    Errors,
+    /// Every call is accepted and never answered, and open watches fall silent: a hung server
+    /// or a dead path to it. Calls caught by this stay silent for good, even once healthy
+    /// again, as connections through a failed load balancer do.
+    Silent,
+}
+
 #[derive(Default)]
 struct ApiState {
     rv: u64,
@@ -63,6 +76,9 @@ struct ApiState {
     /// (resourceVersion, collection, event type, object)
     log: Vec<(u64, String, &'static str, Value)>,
     lists: HashMap<String, usize>,
+    /// Calls answered 500 and calls left hanging under a fault.
+    failed: usize,
+    hung: usize,
 }
 
 struct Shared {
@@ -72,6 +88,7 @@ struct Shared {
     generation: watch::Sender<u64>,
     /// While false, list calls wait: the test decides when the first list completes.
     lists_open: watch::Sender<bool>,
+    fault: watch::Sender<Fault>,
 }
 
 #[derive(Clone)]
@@ -87,6 +104,7 @@ impl FakeApi {
             changed: Notify::new(),
             generation: watch::channel(0).0,
             lists_open: watch::channel(true).0,
+            fault: watch::channel(Fault::Healthy).0,
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -143,8 +161,39 @@ impl FakeApi {
         self.shared.state.lock().lists.get(collection).copied().unwrap_or(0)
     }
 
+    /// Starts or ends a fault. `Errors` also ends every open watch (as a restarting API server
+    /// would), so the clients' next calls meet it; `Silent` leaves them open and mute.
+    pub fn set_fault(&self, fault: Fault) {
+        self.shared.fault.send_replace(fault);
+        if fault == Fault::Errors {
+            self.drop_watches();
+        }
+    }
+
+    /// (calls answered 500, calls left hanging) so far.
+    pub fn faulted_calls(&self) -> (usize, usize) {
+        let st = self.shared.state.lock();
+        (st.failed, st.hung)
+    }
+
     pub fn hold_lists(&self, hold: bool) {
         self.shared.lists_open.send_replace(!hold);
+    }
+
+    /// The environment of the real binary discovering the `vllm-agg` graph's worker pods here,
+    /// its kubeconfig written into `dir`.
+    pub fn epp_env(&self, dir: &std::path::Path) -> Vec<(String, String)> {
+        let kubeconfig = dir.join("kubeconfig");
+        std::fs::write(&kubeconfig, self.kubeconfig()).unwrap();
+        [
+            ("DYN_DISCOVERY", "kubernetes".to_string()),
+            ("KUBECONFIG", kubeconfig.display().to_string()),
+            ("POD_NAMESPACE", NAMESPACE.to_string()),
+            ("DYN_NAMESPACE_PREFIX", "vllm-agg".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
     }
 
     /// A kubeconfig pointing at this server, namespace `dynamo`.
@@ -186,7 +235,25 @@ fn status_410() -> Value {
            "message": "too old resource version", "reason": "Expired", "code": 410})
 }
 
+fn status_500() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": "etcdserver: request timed out", "reason": "InternalError", "code": 500})
+}
+
 async fn handle(State(sh): State<Arc<Shared>>, uri: Uri, Query(q): Query<HashMap<String, String>>) -> Response {
+    let fault = *sh.fault.borrow();
+    match fault {
+        Fault::Healthy => {}
+        Fault::Errors => {
+            sh.state.lock().failed += 1;
+            let body = Body::from(status_500().to_string());
+            return Response::builder().status(StatusCode::INTERNAL_SERVER_ERROR).header("content-type", "application/json").body(body).unwrap();
+        }
+        Fault::Silent => {
+            sh.state.lock().hung += 1;
+            return std::future::pending().await;
+        }
+    }
     let Some(collection) = collection_of(uri.path()) else {
         return Response::builder().status(StatusCode::NOT_FOUND).body(Body::from("{}")).unwrap();
     };
@@ -210,6 +277,7 @@ async fn handle(State(sh): State<Arc<Shared>>, uri: Uri, Query(q): Query<HashMap
 
 fn watch_response(sh: Arc<Shared>, collection: &'static str, q: HashMap<String, String>) -> Response {
     let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let ends = q.get("timeoutSeconds").and_then(|v| v.parse().ok()).map(|s| Instant::now() + Duration::from_secs(s));
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     tokio::spawn(async move {
         let line = |t: &str, o: &Value| Ok(Bytes::from(format!("{}\n", json!({"type": t, "object": o}))));
@@ -219,8 +287,13 @@ fn watch_response(sh: Arc<Shared>, collection: &'static str, q: HashMap<String, 
         }
         let mut generation = sh.generation.subscribe();
         generation.mark_unchanged();
+        let mut fault = sh.fault.subscribe();
         let mut cursor = from;
         loop {
+            if *fault.borrow_and_update() == Fault::Silent {
+                // Mute for good, holding the stream open.
+                return std::future::pending().await;
+            }
             // Registered before reading the log so a change in between still wakes us.
             let mut changed = std::pin::pin!(sh.changed.notified());
             changed.as_mut().enable();
@@ -234,9 +307,17 @@ fn watch_response(sh: Arc<Shared>, collection: &'static str, q: HashMap<String, 
                     return;
                 }
             }
+            let end = async {
+                match ends {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = changed => {}
                 _ = generation.changed() => return,
+                _ = fault.changed() => {}
+                _ = end => return,
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
         }

@@ -6,6 +6,8 @@
 //! - [`nats`]: Dynamo's event plane on NATS core, a msgpack envelope around `Vec<RouterEvent>`.
 //! - [`zmq`]: engine-native ZMQ batches (vLLM, SGLang, TensorRT-LLM), converted like Dynamo does.
 
+#[cfg(test)]
+pub(crate) mod examples;
 pub mod jetstream;
 pub mod nats;
 pub mod zmq;

@@ -165,78 +165,14 @@ mod tests {
         hash::LocalBlockHash,
     };
     use crate::workers::WorkerId;
+    use crate::kv::events::examples::*;
     use proptest::prelude::*;
     use rmpv::Value;
 
-    fn s(x: &str) -> Value {
-        Value::from(x)
-    }
-
-    fn map(kv: Vec<(&str, Value)>) -> Value {
-        Value::Map(kv.into_iter().map(|(k, v)| (s(k), v)).collect())
-    }
-
-    fn enc(v: &Value) -> Vec<u8> {
-        let mut out = Vec::new();
-        rmpv::encode::write_value(&mut out, v).unwrap();
-        out
-    }
-
-    /// A message shaped as Dynamo 1.6.1 publishes it (contracts §13), built by hand.
+    /// A message shaped as Dynamo 1.6.1 publishes it (contracts §13).
     fn observed_message() -> Vec<u8> {
-        let stored = map(vec![
-            ("worker_id", Value::from(7u64)),
-            ("storage_tier", s("device")),
-            ("residency_domain", s("worker")),
-            (
-                "event",
-                map(vec![
-                    ("event_id", Value::from(2u64)),
-                    (
-                        "data",
-                        map(vec![(
-                            "stored",
-                            map(vec![
-                                ("parent_hash", Value::from(11u64)),
-                                ("start_position", Value::Nil),
-                                (
-                                    "blocks",
-                                    Value::Array(vec![map(vec![
-                                        ("block_hash", Value::from(12u64)),
-                                        ("tokens_hash", Value::from(13u64)),
-                                        ("mm_extra_info", Value::Nil),
-                                    ])]),
-                                ),
-                            ]),
-                        )]),
-                    ),
-                    ("dp_rank", Value::from(1u64)),
-                ]),
-            ),
-        ]);
-        let removed = map(vec![
-            ("worker_id", Value::from(7u64)),
-            (
-                "event",
-                map(vec![
-                    ("event_id", Value::from(1u64)),
-                    ("data", map(vec![("removed", map(vec![("block_hashes", Value::Array(vec![Value::from(10u64)]))]))])),
-                    ("dp_rank", Value::from(1u64)),
-                ]),
-            ),
-        ]);
-        let cleared = map(vec![
-            ("worker_id", Value::from(8u64)),
-            ("event", map(vec![("event_id", Value::from(1u64)), ("data", s("cleared"))])),
-        ]);
-        let payload = enc(&Value::Array(vec![removed, stored, cleared]));
-        enc(&map(vec![
-            ("publisher_id", Value::from(99u64)),
-            ("sequence", Value::from(5u64)),
-            ("published_at", Value::from(1_760_000_000_000u64)),
-            ("topic", s("kv-events")),
-            ("payload", Value::Binary(payload)),
-        ]))
+        let payload = enc(&Value::Array(vec![nats_removed(), nats_stored(), nats_cleared()]));
+        enc(&nats_envelope(payload))
     }
 
     #[test]

@@ -356,23 +356,9 @@ fn convert_event(v: &Value, block_size: u32) -> Result<Option<(StorageTier, KvCa
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::hash::LocalBlockHash;
+    use crate::kv::{events::examples::*, hash::LocalBlockHash};
     use proptest::prelude::*;
     use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-    fn enc(v: &Value) -> Vec<u8> {
-        let mut out = Vec::new();
-        rmpv::encode::write_value(&mut out, v).unwrap();
-        out
-    }
-
-    fn s(x: &str) -> Value {
-        Value::from(x)
-    }
-
-    fn ints(xs: impl IntoIterator<Item = u64>) -> Value {
-        Value::Array(xs.into_iter().map(Value::from).collect())
-    }
 
     /// Independent of our hash module: the reference definition, spelled out.
     fn want_hash(tokens: std::ops::Range<u32>, seed: u64) -> LocalBlockHash {
@@ -390,20 +376,7 @@ mod tests {
     // The vLLM 0.26.0 map example of contracts §5.4, with 2 blocks.
     #[test]
     fn map_form_batch_from_vllm() {
-        let ev = Value::Map(vec![
-            (s("type"), s("BlockStored")),
-            (s("block_hashes"), ints([15760518052499183552, 7])),
-            (s("parent_block_hash"), Value::Nil),
-            (s("token_ids"), ints(0..32)),
-            (s("block_size"), Value::from(16)),
-            (s("lora_id"), Value::Nil),
-            (s("medium"), s("GPU")),
-            (s("lora_name"), Value::Nil),
-            (s("extra_keys"), Value::Array(vec![Value::Nil, Value::Nil])),
-            (s("group_idx"), Value::from(0)),
-            (s("kv_cache_spec_kind"), s("full_attention")),
-        ]);
-        let batch = Value::Array(vec![Value::F64(1789095808.83), Value::Array(vec![ev]), Value::from(0)]);
+        let batch = vllm_batch(vec![vllm_block_stored(Value::Array(vec![Value::Nil, Value::Nil]))], 0);
         let mut st = EngineStream::new(WorkerId(5));
         let c = st.convert(&enc(&batch), 16);
         assert_eq!(c.rejected, vec![]);
