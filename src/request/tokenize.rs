@@ -705,6 +705,28 @@ mod tests {
         assert_eq!(ours.encode("\u{212A}! e\u{301}", false).unwrap(), [0, 1, 2], "the Kelvin sign is K, not the added token");
     }
 
+    /// Our chunked NFC equals HF's tables applied to the whole text, across every cut point:
+    /// composition across ASCII and non-ASCII neighbours, Hangul jamo, marks newer than
+    /// Unicode 9.0 (HF leaves them unordered), singletons and two-starter compositions.
+    #[test]
+    fn nfc_like_hf_equals_hfs_nfc_of_the_whole_text() {
+        let hf = |s: &str| s.nfc().map(|(c, _)| c).collect::<String>();
+        let parts = [
+            "e\u{301}", "a", " ", "\u{1100}\u{1161}", "\u{11a8}", "x\u{6e0}\u{7fd}", "\u{212a}", "漢", "\u{301}\u{323}",
+            "A\u{30a}", "\n", "\u{958}", "\u{b47}\u{b3e}", "é", "\u{7fd}\u{301}",
+        ];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let s = format!("{a}{b}{c}{d}");
+                        assert_eq!(nfc_like_hf(&s), hf(&s), "{s:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn cache_evicts_least_recently_used_within_budget() {
         let c = SegmentCache::new(3 * SegmentCache::cost(10));
