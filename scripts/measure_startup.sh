@@ -19,7 +19,8 @@ printf 'workers:\n  - name: w0\n    address: 127.0.0.1:1\n' >"$tmp/workers.yaml"
 port=$((20000 + RANDOM % 20000))
 
 one() { # model backend → "seconds rss_mib"
-  local log="$tmp/log" start pid t
+  local log="$tmp/$1.$2.$RANDOM.log" start pid t
+  : >"$log"
   start=$(date +%s.%N)
   env -i PATH="$PATH" RUST_LOG=info DYN_MODEL_PATH="$fixtures/$1" DYN_TOKENIZER="$2" \
     DYN_EPP_WORKERS_FILE="$tmp/workers.yaml" DYN_EPP_BIND_ADDRESS=127.0.0.1 \

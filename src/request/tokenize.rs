@@ -126,6 +126,7 @@ impl Piece {
 pub struct EncodeError(pub String);
 
 /// The encoder of the pieces between added tokens.
+#[allow(clippy::large_enum_variant)] // one per process: boxing would buy nothing
 enum Encoder {
     Hf {
         /// The file's tokenizer minus an NFC normalizer, which we apply ourselves to the pieces
@@ -278,15 +279,14 @@ impl TextTokenizer {
         // Cut at added tokens, as the library does; take each text piece from the cache or
         // mark it for encoding.
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut misses: Vec<(usize, &str, u128)> = Vec::new();
+        let mut misses: Vec<(usize, &str, Option<u128>)> = Vec::new();
         let mut at = 0;
         let mut piece = |s: &'t str, pieces: &mut Vec<Piece>| {
             if s.is_empty() {
                 return;
             }
-            let cache = cache.filter(|_| !fast || s.len() >= FAST_CACHE_MIN_BYTES);
-            let key = cache.map_or(0, |_| xxhash_rust::xxh3::xxh3_128(s.as_bytes()));
-            match cache.and_then(|c| c.get(key, s.len())) {
+            let key = cache.filter(|_| !fast || s.len() >= FAST_CACHE_MIN_BYTES).map(|_| xxhash_rust::xxh3::xxh3_128(s.as_bytes()));
+            match cache.zip(key).and_then(|(c, key)| c.get(key, s.len())) {
                 Some(ids) => pieces.push(Piece::Cached(ids)),
                 None => {
                     misses.push((pieces.len(), s, key));
@@ -303,8 +303,8 @@ impl TextTokenizer {
         let texts: Vec<&str> = misses.iter().map(|(_, s, _)| *s).collect();
         let encoded = self.encode_pieces(&texts)?;
         for ((slot, s, key), ids) in misses.iter().zip(encoded) {
-            if let Some(c) = cache.filter(|_| !fast || s.len() >= FAST_CACHE_MIN_BYTES) {
-                c.put(*key, s.len(), ids.as_slice().into());
+            if let Some((c, key)) = cache.zip(*key) {
+                c.put(key, s.len(), ids.as_slice().into());
             }
             pieces[*slot] = Piece::New(ids);
         }
