@@ -114,7 +114,7 @@ fn encode(c: &mut Criterion, prose: &str) {
         let json = std::fs::read_to_string(common::tokenizer_fixtures().join(name).join("tokenizer.json")).unwrap();
         let fast = fastokens::Tokenizer::from_json(serde_json::from_str(&json).unwrap()).unwrap();
         let _ = fast.encode("warm up"); // its lazily built tables, as our load does
-        let hf = hf_model.tokenizer.inner();
+        let hf = hf_model.tokenizer.inner().unwrap();
         let chat = |bytes, turns| template(&hf_model).render(&chat(prose, bytes, turns)).unwrap();
         let texts = [
             ("chat_32KB", chat(32 << 10, 8)),
@@ -198,10 +198,10 @@ fn benches(c: &mut Criterion) {
     g.sample_size(20);
     for (label, bytes, turns) in [("32KB", 32 << 10, 8), ("400KB", 400 << 10, 20)] {
         let text = template(&model).render(&chat(&prose, bytes, turns)).unwrap();
-        assert_eq!(tok.encode(&text, false).unwrap(), tok.inner().encode_fast(text.as_str(), false).unwrap().get_ids());
+        assert_eq!(tok.encode(&text, false).unwrap(), tok.inner().unwrap().encode_fast(text.as_str(), false).unwrap().get_ids());
         g.throughput(Throughput::Bytes(text.len() as u64));
         g.bench_with_input(BenchmarkId::new("tokenizers_encode_fast", label), &text, |b, t| {
-            b.iter(|| tok.inner().encode_fast(t.as_str(), false).unwrap().get_ids().len())
+            b.iter(|| tok.inner().unwrap().encode_fast(t.as_str(), false).unwrap().get_ids().len())
         });
         g.bench_with_input(BenchmarkId::new("ours_cache_emptied", label), &text, |b, t| {
             b.iter(|| {
@@ -227,7 +227,7 @@ fn benches(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Bytes(total as u64));
     g.bench_function("tokenizers_encode_fast", |b| {
-        b.iter(|| turns.iter().map(|t| tok.inner().encode_fast(t.as_str(), false).unwrap().get_ids().len()).sum::<usize>())
+        b.iter(|| turns.iter().map(|t| tok.inner().unwrap().encode_fast(t.as_str(), false).unwrap().get_ids().len()).sum::<usize>())
     });
     g.bench_function("ours_uncached", |b| b.iter(|| turns.iter().map(|t| tok.encode_uncached(t, false).unwrap().len()).sum::<usize>()));
     g.bench_function("segment_cache", |b| {
@@ -251,7 +251,7 @@ fn benches(c: &mut Criterion) {
     let ids = tok.encode(&prose[..400 << 10], false).unwrap();
     let mut g = c.benchmark_group("inject_400KB");
     g.throughput(Throughput::Bytes(body.len() as u64));
-    g.bench_function("splice", |b| b.iter(|| inject_token_data(body.as_bytes(), &ids).unwrap().len()));
+    g.bench_function("splice", |b| b.iter(|| inject_token_data(body.as_bytes(), &ids, false).unwrap().len()));
     g.bench_function("serde_json_roundtrip", |b| {
         b.iter(|| {
             let mut v: serde_json::Value = serde_json::from_slice(body.as_bytes()).unwrap();

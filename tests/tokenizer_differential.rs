@@ -18,6 +18,7 @@
 mod common;
 
 use dynamo_epp::request::tokenize::{Backend, BackendChoice, TextTokenizer};
+use tokenizers::Tokenizer;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 
 /// Strings per fixture in CI: the fast backend's, and our HF path's (also covered by the parity
@@ -250,8 +251,8 @@ fn shrink(input: &str, fails: impl Fn(&str) -> bool) -> String {
 
 /// The first of our encodings (uncached, cached cold, cached hit) that differs from HF's on
 /// `text`, as (what, ours, HF).
-fn differs(ours: &TextTokenizer, text: &str, special: bool) -> Option<(String, Vec<u32>, Vec<u32>)> {
-    let want = ours.inner().encode_fast(text, special).map(|e| e.get_ids().to_vec()).unwrap_or_default();
+fn differs(ours: &TextTokenizer, hf: &Tokenizer, text: &str, special: bool) -> Option<(String, Vec<u32>, Vec<u32>)> {
+    let want = hf.encode_fast(text, special).map(|e| e.get_ids().to_vec()).unwrap_or_default();
     let uncached = ours.encode_uncached(text, special).unwrap_or_default();
     if uncached != want {
         return Some(("uncached".into(), uncached, want));
@@ -279,7 +280,11 @@ fn differential(model: &str, backend: Backend) {
     };
     let ours = load(model, choice);
     assert_eq!(ours.selection().backend, backend, "{model}: {}", ours.selection().reason);
-    let added: Vec<String> = ours.inner().get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
+    // The reference: HF as the file defines it (the fast backend loads no HF tokenizer).
+    let reference = load(model, BackendChoice::Default);
+    let hf = reference.inner().unwrap();
+    assert_eq!(ours.vocab_end(), reference.vocab_end(), "{model}: vocabulary bound");
+    let added: Vec<String> = hf.get_added_tokens_decoder().values().map(|t| t.content.clone()).collect();
     let total: usize = env_or("TOKENIZER_DIFF_STRINGS", if backend == Backend::Hf { CI_STRINGS_HF } else { CI_STRINGS });
     let seed: u64 = env_or("TOKENIZER_DIFF_SEED", 14);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -297,11 +302,11 @@ fn differential(model: &str, backend: Backend) {
                     let text = generate(&mut rng, added);
                     bytes.fetch_add(text.len(), std::sync::atomic::Ordering::Relaxed);
                     let special = i % 8 == 0;
-                    if differs(ours, &text, special).is_none() {
+                    if differs(ours, hf, &text, special).is_none() {
                         continue;
                     }
-                    let small = shrink(&text, |t| differs(ours, t, special).is_some());
-                    let (what, got, want) = differs(ours, &small, special).unwrap();
+                    let small = shrink(&text, |t| differs(ours, hf, t, special).is_some());
+                    let (what, got, want) = differs(ours, hf, &small, special).unwrap();
                     let msg = format!(
                         "{model} {backend:?} (seed {seed}, string {i}, add_special_tokens {special}): {what} ids differ from HF on {small:?} (shrunk from {} chars)\n ours {got:?}\n HF   {want:?}",
                         text.chars().count()
@@ -375,7 +380,7 @@ fn unproven_tokenizer_files_fall_back_to_hf() {
             assert_eq!(s.backend, Backend::Hf, "{part} {choice:?}: {}", s.reason);
             let key = if part == "byte_fallback" { "new_option" } else { part };
             assert!(s.reason.contains(key), "{part}: the reason should name it: {}", s.reason);
-            let want = t.inner().encode_fast(text, false).unwrap().get_ids().to_vec();
+            let want = t.inner().unwrap().encode_fast(text, false).unwrap().get_ids().to_vec();
             assert_eq!(t.encode(text, false).unwrap(), want, "{part}");
         }
     }

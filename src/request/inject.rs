@@ -18,23 +18,25 @@ const TOKEN_DATA: &str = "token_data";
 pub struct InjectError(String);
 
 /// Returns `body` with `nvext.token_data = tokens` (created, merged into, or replaced).
-pub fn inject_token_data(body: &[u8], tokens: &[u32]) -> Result<Vec<u8>, InjectError> {
-    let top = top_level_nvext(body)?;
-    let mut ids = String::with_capacity(tokens.len() * 7 + 2);
-    write_ids(&mut ids, tokens);
-    let mut out = Vec::with_capacity(body.len() + ids.len() + 32);
+/// `no_nvext`: the caller parsed `body` and found a non-empty object without a top-level
+/// `nvext` member, so the body need not be scanned again to find one.
+pub fn inject_token_data(body: &[u8], tokens: &[u32], no_nvext: bool) -> Result<Vec<u8>, InjectError> {
+    let top = if no_nvext { Top { members: 1, nvext: None } } else { top_level_nvext(body)? };
+    let mut out = Vec::with_capacity(body.len() + tokens.len() * 7 + 48);
     match top.nvext {
         Some(raw) if raw.get().trim_start().starts_with('{') => {
             let (start, end) = span(body, raw.get());
             out.extend_from_slice(&body[..start]);
-            out.extend_from_slice(merged_nvext(raw.get(), &ids)?.as_bytes());
+            merged_nvext(&mut out, raw.get(), tokens)?;
             out.extend_from_slice(&body[end..]);
         }
         Some(raw) => {
             // `"nvext": null` (anything else was refused when the body was checked).
             let (start, end) = span(body, raw.get());
             out.extend_from_slice(&body[..start]);
-            out.extend_from_slice(format!("{{\"{TOKEN_DATA}\":{ids}}}").as_bytes());
+            out.push(b'{');
+            token_data(&mut out, tokens);
+            out.push(b'}');
             out.extend_from_slice(&body[end..]);
         }
         None => {
@@ -43,7 +45,9 @@ pub fn inject_token_data(body: &[u8], tokens: &[u32]) -> Result<Vec<u8>, InjectE
             if top.members > 0 {
                 out.push(b',');
             }
-            out.extend_from_slice(format!("\"{NVEXT}\":{{\"{TOKEN_DATA}\":{ids}}}").as_bytes());
+            out.extend_from_slice(format!("\"{NVEXT}\":{{").as_bytes());
+            token_data(&mut out, tokens);
+            out.push(b'}');
             out.extend_from_slice(&body[close..]);
         }
     }
@@ -56,12 +60,13 @@ fn span(outer: &[u8], inner: &str) -> (usize, usize) {
     (start, start + inner.len())
 }
 
-fn write_ids(out: &mut String, ids: &[u32]) {
-    out.push('[');
+/// `"token_data":[…]`, written straight into the output.
+fn token_data(out: &mut Vec<u8>, ids: &[u32]) {
+    out.extend_from_slice(format!("\"{TOKEN_DATA}\":[").as_bytes());
     let mut buf = [0u8; 10];
     for (i, &id) in ids.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
         let mut n = id;
         let mut at = buf.len();
@@ -73,24 +78,23 @@ fn write_ids(out: &mut String, ids: &[u32]) {
                 break;
             }
         }
-        out.push_str(std::str::from_utf8(&buf[at..]).expect("digits"));
+        out.extend_from_slice(&buf[at..]);
     }
-    out.push(']');
+    out.push(b']');
 }
 
 /// `{...}` with every member but `token_data` copied verbatim, then ours.
-fn merged_nvext(raw: &str, ids: &str) -> Result<String, InjectError> {
-    let members = members(raw.as_bytes())?;
-    let mut out = String::with_capacity(raw.len() + ids.len() + 16);
-    out.push('{');
-    for (k, v) in members.iter().filter(|(k, _)| k != TOKEN_DATA) {
-        out.push_str(&serde_json::to_string(k).expect("string"));
-        out.push(':');
-        out.push_str(v.get());
-        out.push(',');
+fn merged_nvext(out: &mut Vec<u8>, raw: &str, ids: &[u32]) -> Result<(), InjectError> {
+    out.push(b'{');
+    for (k, v) in members(raw.as_bytes())?.iter().filter(|(k, _)| k != TOKEN_DATA) {
+        out.extend_from_slice(serde_json::to_string(k).expect("string").as_bytes());
+        out.push(b':');
+        out.extend_from_slice(v.get().as_bytes());
+        out.push(b',');
     }
-    out.push_str(&format!("\"{TOKEN_DATA}\":{ids}}}"));
-    Ok(out)
+    token_data(out, ids);
+    out.push(b'}');
+    Ok(())
 }
 
 struct Top<'a> {
@@ -148,7 +152,7 @@ mod tests {
     use super::*;
 
     fn inj(body: &str) -> String {
-        String::from_utf8(inject_token_data(body.as_bytes(), &[1, 23, 4294967295]).unwrap()).unwrap()
+        String::from_utf8(inject_token_data(body.as_bytes(), &[1, 23, 4294967295], false).unwrap()).unwrap()
     }
 
     #[test]
@@ -159,6 +163,9 @@ mod tests {
             "{ \"model\" :\"m\", \"seed\": 12345678901234567890123, \"t\":1.0e0 ,\"s\":\"\\u00e9\" ,\"nvext\":{\"token_data\":[1,23,4294967295]}}\n"
         );
         assert_eq!(inj("{}"), r#"{"nvext":{"token_data":[1,23,4294967295]}}"#);
+        // Told there is no nvext: the same bytes without scanning for one.
+        let told = inject_token_data(body.as_bytes(), &[1, 23, 4294967295], true).unwrap();
+        assert_eq!(String::from_utf8(told).unwrap(), inj(body));
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Preprocessor {
             }
         };
         let body = if self.inject && single {
-            inject::inject_token_data(&body, &tokens).map_err(|e| PrepareError::Tokenizer(e.to_string()))?
+            inject::inject_token_data(&body, &tokens, !req.has_nvext).map_err(|e| PrepareError::Tokenizer(e.to_string()))?
         } else {
             body
         };

@@ -92,6 +92,9 @@ pub struct OpenAiRequest {
     /// `nvext.cache_salt`, else the legacy top-level `cache_salt` (a header may override it).
     pub cache_salt: Option<String>,
     pub hints: AgentHints,
+    /// The body has a top-level `nvext` member (even `null`): `token_data` must be merged into
+    /// it rather than appended.
+    pub has_nvext: bool,
 }
 
 /// Checks that `body` is a request `api` can serve and reads what routing needs.
@@ -126,7 +129,8 @@ pub fn parse(api: Api, body: &[u8]) -> Result<OpenAiRequest, RequestError> {
             };
         }
     }
-    Ok(OpenAiRequest { model, input, cache_salt, hints })
+    let has_nvext = doc.get_attr("nvext").is_ok_and(|v| !v.is_undefined());
+    Ok(OpenAiRequest { model, input, cache_salt, hints, has_nvext })
 }
 
 /// A present, non-null field.

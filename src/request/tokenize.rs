@@ -10,9 +10,12 @@
 //! `fastokens`, an exact BPE one to two orders of magnitude faster, used only for a
 //! `tokenizer.json` whose every ids-relevant part is one we verified against HF ([`fast_support`]).
 
-use std::sync::{
-    atomic::{AtomicUsize, Ordering},
-    Arc, OnceLock,
+use std::{
+    borrow::Cow,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, OnceLock,
+    },
 };
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
@@ -100,10 +103,21 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// One cut of the text: an added token, or a text piece's ids.
+/// One cut of the text: an added token, or a text piece's ids (from the cache, or just encoded).
 enum Piece {
     Added(u32),
-    Ids(Arc<[u32]>),
+    Cached(Arc<[u32]>),
+    New(Vec<u32>),
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Added(_) => 1,
+            Piece::Cached(ids) => ids.len(),
+            Piece::New(ids) => ids.len(),
+        }
+    }
 }
 
 /// The `tokenizers` library refused a text (rare: e.g. an unknown token without `unk`).
@@ -111,18 +125,29 @@ enum Piece {
 #[error("tokenizer failed: {0}")]
 pub struct EncodeError(pub String);
 
+/// The encoder of the pieces between added tokens.
+#[allow(clippy::large_enum_variant)] // one per process: boxing would buy nothing
+enum Encoder {
+    Hf {
+        /// The file's tokenizer minus an NFC normalizer, which we apply ourselves to the pieces
+        /// that need it (most text is NFC already): the library's NFC costs a copy and per-byte
+        /// alignments.
+        tok: Tokenizer,
+        /// The tokenizer exactly as the file defines it, built on first need only (a piece
+        /// whose added tokens change under normalization, and the benches' baseline): a second
+        /// copy of the vocabulary and merges costs tens of MiB.
+        library: OnceLock<Tokenizer>,
+    },
+    /// No HF tokenizer is loaded beside it: everything HF would tell us (added tokens, frame,
+    /// vocabulary bound) is read from the file's verified form.
+    Fast(fastokens::Tokenizer),
+}
+
 /// A tokenizer plus the segment cache.
 pub struct TextTokenizer {
-    /// The file's tokenizer minus an NFC normalizer, which we apply ourselves to the pieces that
-    /// need it (most text is NFC already): the library's NFC costs a copy and per-byte
-    /// alignments.
-    tok: Tokenizer,
-    /// Whether the file's normalizer is NFC (taken out of `tok`).
+    encoder: Encoder,
+    /// Whether the file's normalizer is NFC (taken out of HF's `tok`).
     nfc: bool,
-    /// The tokenizer exactly as the file defines it, built on first need only (a piece whose
-    /// added tokens change under normalization, and the benches' baseline): a second copy of
-    /// the vocabulary and merges costs tens of MiB.
-    library: OnceLock<Tokenizer>,
     /// Leftmost-longest matcher over the added tokens, as `tokenizers` matches them; `None`
     /// when some added token has matching rules (strip, single-word, normalized) that make
     /// cutting outside the library unsafe: then text is encoded whole, uncached.
@@ -132,8 +157,6 @@ pub struct TextTokenizer {
     cache: Option<SegmentCache>,
     /// Computed once: the library builds the whole vocabulary map to answer it.
     vocab_end: u32,
-    /// The fast encoder of the pieces between added tokens, when chosen.
-    fast: Option<fastokens::Tokenizer>,
     selection: Selection,
 }
 
@@ -152,44 +175,63 @@ impl TextTokenizer {
         }
         let selection = Selection { requested: BackendChoice::Default, backend: Backend::Hf, reason: "DYN_TOKENIZER=default".into() };
         let vocab_end = tok.get_vocab(true).into_values().max().map_or(0, |m| m + 1);
-        TextTokenizer { tok, nfc, library: OnceLock::new(), splitter, frame, cache, vocab_end, fast: None, selection }
+        TextTokenizer { encoder: Encoder::Hf { tok, library: OnceLock::new() }, nfc, splitter, frame, cache, vocab_end, selection }
     }
 
     /// From the text of a `tokenizer.json`, with the encoder `choice` asks for if it can prove
     /// support for the file, else HF. A fast encoder's lazily built tables are built here, so
     /// the first request is as fast as later ones.
     pub fn load(json: &str, cache_bytes: usize, choice: BackendChoice) -> Result<Self, String> {
-        // The two libraries parse the file side by side (each takes ~0.3–1 s).
-        let (hf, fast) = std::thread::scope(|s| {
-            let fast = (choice != BackendChoice::Default).then(|| s.spawn(|| fastokens_for(json)));
-            let hf = json.parse::<Tokenizer>().map_err(|e| e.to_string());
-            (hf, fast.map(|f| f.join().unwrap_or_else(|_| Err("fastokens panicked loading the file".into()))))
-        });
-        let mut t = TextTokenizer::new(hf?, cache_bytes);
-        let fast = match fast {
-            None => Err("DYN_TOKENIZER=default".to_string()),
-            Some(Ok(_)) if t.splitter.is_none() || t.frame.is_none() => {
-                Err("added tokens or post-processor need the library's own matching".into())
-            }
-            Some(f) => f,
+        let why = match choice {
+            BackendChoice::Default => "DYN_TOKENIZER=default".to_string(),
+            _ => match Self::fast(json, cache_bytes) {
+                Ok(mut t) => {
+                    let why = "tokenizer.json verified: normalizer, pre-tokenizer, BPE model, added tokens, post-processor frame";
+                    let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
+                    t.selection = Selection { requested: choice, backend: Backend::Fastokens, reason };
+                    return Ok(t);
+                }
+                Err(why) => format!("fastokens not proven exact here: {why}"),
+            },
         };
-        t.selection = match fast {
-            Ok(fast) => {
-                t.fast = Some(fast);
-                let why = "tokenizer.json verified: normalizer, pre-tokenizer, BPE model, added tokens, post-processor frame";
-                let why = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
-                Selection { requested: choice, backend: Backend::Fastokens, reason: why }
-            }
-            Err(why) if choice == BackendChoice::Default => Selection { requested: choice, backend: Backend::Hf, reason: why },
-            Err(why) => Selection { requested: choice, backend: Backend::Hf, reason: format!("fastokens not proven exact here: {why}") },
-        };
+        let mut t = TextTokenizer::new(json.parse::<Tokenizer>().map_err(|e| e.to_string())?, cache_bytes);
+        t.selection = Selection { requested: choice, backend: Backend::Hf, reason: why };
         Ok(t)
+    }
+
+    /// fastokens alone, if the file is of a verified form ([`fast_support`]), with its word
+    /// table built (~100 ms, once for all threads).
+    fn fast(json: &str, cache_bytes: usize) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
+        let FastForm { added, frame, vocab_end, nfc } = fast_support(&value)?;
+        let splitter = if added.is_empty() {
+            AhoCorasick::new(Vec::<String>::new())
+        } else {
+            AhoCorasickBuilder::new().match_kind(MatchKind::LeftmostLongest).build(added.iter().map(|(t, _)| t))
+        }
+        .map_err(|e| e.to_string())?;
+        let mut fast = fastokens::Tokenizer::from_json(value).map_err(|e| e.to_string())?;
+        fast.set_truncation(None);
+        fast.set_padding(None);
+        // Built on a thread that then ends, so no long-lived thread keeps a copy it never uses.
+        std::thread::scope(|s| s.spawn(|| fast.encode_ordinary(WARM_UP).map(drop)).join())
+            .map_err(|_| "fastokens panicked warming up".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(TextTokenizer {
+            encoder: Encoder::Fast(fast),
+            nfc,
+            splitter: Some((splitter, added.into_iter().map(|(_, id)| id).collect())),
+            frame: Some(frame),
+            cache: (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes)),
+            vocab_end,
+            selection: Selection { requested: BackendChoice::Fastokens, backend: Backend::Fastokens, reason: String::new() },
+        })
     }
 
     /// Gives the calling thread its copy of the fast encoder's word table (7–18 ms, ~16 MiB;
     /// its first encode would otherwise pay it). Nothing to do for HF.
     pub fn warm_thread(&self) {
-        if let Some(f) = &self.fast {
+        if let Encoder::Fast(f) = &self.encoder {
             let _ = f.encode_ordinary(WARM_UP);
         }
     }
@@ -205,16 +247,18 @@ impl TextTokenizer {
         &self.selection
     }
 
-    /// The library's tokenizer exactly as the file defines it.
-    pub fn inner(&self) -> &Tokenizer {
+    /// The library's tokenizer exactly as the file defines it; `None` with the fast backend,
+    /// which loads no HF tokenizer.
+    pub fn inner(&self) -> Option<&Tokenizer> {
+        let Encoder::Hf { tok, library } = &self.encoder else { return None };
         if !self.nfc {
-            return &self.tok;
+            return Some(tok);
         }
-        self.library.get_or_init(|| {
-            let mut t = self.tok.clone();
+        Some(library.get_or_init(|| {
+            let mut t = tok.clone();
             t.with_normalizer(Some(NFC));
             t
-        })
+        }))
     }
 
     /// Encodes `text` (with the post-processor's special tokens if `add_special_tokens`).
@@ -227,49 +271,44 @@ impl TextTokenizer {
         self.encode_with(text, add_special_tokens, None)
     }
 
-    fn encode_with(&self, text: &str, add_special: bool, cache: Option<&SegmentCache>) -> Result<Vec<u32>, EncodeError> {
+    fn encode_with<'t>(&self, text: &'t str, add_special: bool, cache: Option<&SegmentCache>) -> Result<Vec<u32>, EncodeError> {
         let (Some((matcher, added)), Some((pre, post))) = (&self.splitter, &self.frame) else {
             return self.whole(text, add_special);
         };
-        // Cut at added tokens, as the library does.
-        let mut cuts: Vec<Result<u32, &str>> = Vec::new();
+        let fast = matches!(self.encoder, Encoder::Fast(_));
+        // Cut at added tokens, as the library does; take each text piece from the cache or
+        // mark it for encoding.
+        let mut pieces: Vec<Piece> = Vec::new();
+        let mut misses: Vec<(usize, &str, Option<u128>)> = Vec::new();
         let mut at = 0;
-        for m in matcher.find_iter(text) {
-            cuts.push(Err(&text[at..m.start()]));
-            cuts.push(Ok(added[m.pattern().as_usize()]));
-            at = m.end();
-        }
-        cuts.push(Err(&text[at..]));
-        // Take each text piece from the cache or mark it for encoding.
-        let mut pieces: Vec<Piece> = Vec::with_capacity(cuts.len());
-        let mut misses: Vec<(usize, &str, u128)> = Vec::new();
-        for cut in cuts {
-            match cut {
-                Ok(id) => pieces.push(Piece::Added(id)),
-                Err("") => {}
-                Err(s) => {
-                    let cache = cache.filter(|_| self.fast.is_none() || s.len() >= FAST_CACHE_MIN_BYTES);
-                    let key = cache.map_or(0, |_| xxhash_rust::xxh3::xxh3_128(s.as_bytes()));
-                    match cache.and_then(|c| c.get(key, s.len())) {
-                        Some(ids) => pieces.push(Piece::Ids(ids)),
-                        None => {
-                            misses.push((pieces.len(), s, key));
-                            pieces.push(Piece::Ids(Arc::from([])));
-                        }
-                    }
+        let mut piece = |s: &'t str, pieces: &mut Vec<Piece>| {
+            if s.is_empty() {
+                return;
+            }
+            let key = cache.filter(|_| !fast || s.len() >= FAST_CACHE_MIN_BYTES).map(|_| xxhash_rust::xxh3::xxh3_128(s.as_bytes()));
+            match cache.zip(key).and_then(|(c, key)| c.get(key, s.len())) {
+                Some(ids) => pieces.push(Piece::Cached(ids)),
+                None => {
+                    misses.push((pieces.len(), s, key));
+                    pieces.push(Piece::New(Vec::new()));
                 }
             }
+        };
+        for m in matcher.find_iter(text) {
+            piece(&text[at..m.start()], &mut pieces);
+            pieces.push(Piece::Added(added[m.pattern().as_usize()]));
+            at = m.end();
         }
+        piece(&text[at..], &mut pieces);
         let texts: Vec<&str> = misses.iter().map(|(_, s, _)| *s).collect();
         let encoded = self.encode_pieces(&texts)?;
         for ((slot, s, key), ids) in misses.iter().zip(encoded) {
-            let ids: Arc<[u32]> = ids.into();
-            if let Some(c) = cache {
-                c.put(*key, s.len(), ids.clone());
+            if let Some((c, key)) = cache.zip(*key) {
+                c.put(key, s.len(), ids.as_slice().into());
             }
-            pieces[*slot] = Piece::Ids(ids);
+            pieces[*slot] = Piece::New(ids);
         }
-        let n: usize = pieces.iter().map(|p| if let Piece::Ids(i) = p { i.len() } else { 1 }).sum();
+        let n: usize = pieces.iter().map(Piece::len).sum();
         let mut out = Vec::with_capacity(n + pre.len() + post.len());
         if add_special {
             out.extend_from_slice(pre);
@@ -277,7 +316,8 @@ impl TextTokenizer {
         for p in &pieces {
             match p {
                 Piece::Added(id) => out.push(*id),
-                Piece::Ids(ids) => out.extend_from_slice(ids),
+                Piece::Cached(ids) => out.extend_from_slice(ids),
+                Piece::New(ids) => out.extend_from_slice(ids),
             }
         }
         if add_special {
@@ -293,7 +333,7 @@ impl TextTokenizer {
     fn encode_pieces(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncodeError> {
         let bytes: usize = texts.iter().map(|t| t.len()).sum();
         let helpers = rayon::current_num_threads().saturating_sub(1).min(texts.len().saturating_sub(1));
-        let min = if self.fast.is_some() { FAST_PARALLEL_MIN_BYTES } else { PARALLEL_MIN_BYTES };
+        let min = if matches!(self.encoder, Encoder::Fast(_)) { FAST_PARALLEL_MIN_BYTES } else { PARALLEL_MIN_BYTES };
         if helpers == 0 || bytes < min {
             return texts.iter().map(|t| self.whole(t, false)).collect();
         }
@@ -316,26 +356,31 @@ impl TextTokenizer {
     }
 
     fn whole(&self, text: &str, add_special: bool) -> Result<Vec<u32>, EncodeError> {
-        if let Some(fast) = &self.fast {
-            // A piece between added tokens (the fast encoder is only chosen when the cut is
-            // exact), in which fastokens matches no added token. It normalizes (NFC) itself:
-            // normalizing first with HF's tables measured 0.76–0.96× as fast.
-            debug_assert!(!add_special);
-            return fast.encode_ordinary(text).map_err(|e| EncodeError(e.to_string()));
-        }
+        let tok = match &self.encoder {
+            Encoder::Fast(fast) => {
+                // A piece between added tokens (the fast encoder is only chosen when the cut is
+                // exact), in which fastokens matches no added token. Normalized first where
+                // needed: fastokens would put the whole rest of a piece after its first non-NFC
+                // char through HF's slow Unicode 9.0 NFC (~35 MB/s).
+                debug_assert!(!add_special);
+                let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
+                return fast.encode_ordinary(&text).map_err(|e| EncodeError(e.to_string()));
+            }
+            Encoder::Hf { tok, .. } => tok,
+        };
         let ids = |tok: &Tokenizer, text: &str| {
             tok.encode_fast(text, add_special).map(|e| e.get_ids().to_vec()).map_err(|e| EncodeError(e.to_string()))
         };
         if !self.nfc || is_nfc_quick(text.chars()) == IsNormalized::Yes {
-            return ids(&self.tok, text);
+            return ids(tok, text);
         }
         // Normalized here with the library's own tables but without the per-byte alignments
         // it keeps (most of its NFC cost). Same ids unless an added token is in the text before
         // or after normalizing: the library matches those on the raw text, so leave it to it.
         let nfc: String = text.nfc().map(|(c, _)| c).collect();
         match &self.splitter {
-            Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(&self.tok, &nfc),
-            _ => ids(self.inner(), text),
+            Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(tok, &nfc),
+            _ => ids(self.inner().expect("the HF backend has its library"), text),
         }
     }
 
@@ -354,23 +399,48 @@ impl TextTokenizer {
     }
 }
 
-/// A `fastokens` encoder for the pieces between added tokens if the file is of a form verified
-/// to encode exactly as HF, with its word table built (~100 ms, once for all threads).
-fn fastokens_for(json: &str) -> Result<fastokens::Tokenizer, String> {
-    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    fast_support(&value)?;
-    let mut fast = fastokens::Tokenizer::from_json(value).map_err(|e| e.to_string())?;
-    fast.set_truncation(None);
-    fast.set_padding(None);
-    let _ = fast.encode_ordinary(WARM_UP);
-    Ok(fast)
+/// NFC exactly as HF `tokenizers` computes it (its Unicode 9.0 tables), at ICU4X's speed over
+/// the parts that are already NFC. ICU4X finds the longest normalized prefix (as fastokens
+/// does; exact because normalization data only grows between versions); the rest is normalized
+/// with HF's tables only up to its next ASCII char, and the search resumes there. Cutting before
+/// an ASCII char is exact: it has combining class 0 (no reordering crosses it, and it blocks
+/// every composition across it) and is the second half of no composition.
+fn nfc_like_hf(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() {
+        return Cow::Borrowed(text);
+    }
+    let icu = icu_normalizer::ComposingNormalizerBorrowed::new_nfc();
+    let (head, mut rest) = icu.split_normalized(text);
+    if rest.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    out.push_str(head);
+    while !rest.is_empty() {
+        let end = rest.bytes().skip(1).position(|b| b.is_ascii()).map_or(rest.len(), |p| p + 1);
+        out.extend(rest[..end].nfc().map(|(c, _)| c));
+        let (done, tail) = icu.split_normalized(&rest[end..]);
+        out.push_str(done);
+        rest = tail;
+    }
+    Cow::Owned(out)
 }
 
-/// `Ok` if every part of the file that decides ids is of a form verified to make fastokens
-/// encode a piece between added tokens exactly as HF does; else why not. Unknown keys fail too,
-/// so a newer format is not guessed at. (Added tokens are checked by `splitter_for`, the
-/// post-processor's frame by `frame_of`; the decoder does not affect encoding.)
-pub fn fast_support(file: &serde_json::Value) -> Result<(), String> {
+/// What a verified file tells us without loading HF: the added tokens (content, id) as HF
+/// numbers them, the post-processor's frame, one past the highest id, and whether the
+/// normalizer is NFC.
+pub struct FastForm {
+    pub added: Vec<(String, u32)>,
+    pub frame: (Vec<u32>, Vec<u32>),
+    pub vocab_end: u32,
+    pub nfc: bool,
+}
+
+/// `Ok` if every part of the file that decides ids is of a form verified to make fastokens,
+/// with our cut at added tokens and our post-processor frame, encode exactly as HF does; else
+/// why not. Unknown keys fail too, so a newer format is not guessed at. (The decoder does not
+/// affect encoding.)
+pub fn fast_support(file: &serde_json::Value) -> Result<FastForm, String> {
     use serde_json::Value;
     let only = |v: &Value, what: &str, keys: &[&str]| -> Result<(), String> {
         let o = v.as_object().ok_or(format!("{what} is not an object"))?;
@@ -380,11 +450,11 @@ pub fn fast_support(file: &serde_json::Value) -> Result<(), String> {
         }
     };
     let is = |v: &Value, key: &str, want: &[Value]| want.contains(v.get(key).unwrap_or(&Value::Null));
-    match &file["normalizer"] {
-        Value::Null => {}
-        n if *n == serde_json::json!({"type": "NFC"}) => {}
+    let nfc = match &file["normalizer"] {
+        Value::Null => false,
+        n if *n == serde_json::json!({"type": "NFC"}) => true,
         n => return Err(format!("normalizer {} (only none or NFC verified)", n["type"])),
-    }
+    };
     let pre = &file["pre_tokenizer"];
     only(pre, "pre_tokenizer", &["type", "pretokenizers"])?;
     let steps = match (pre["type"].as_str(), pre["pretokenizers"].as_array()) {
@@ -415,17 +485,118 @@ pub fn fast_support(file: &serde_json::Value) -> Result<(), String> {
     {
         return Err("model is not a plain byte-level BPE (dropout, unk, affixes or byte fallback set)".into());
     }
-    Ok(())
+    let vocab = model["vocab"].as_object().ok_or("model vocab is not an object")?;
+    let added = added_tokens(&file["added_tokens"], vocab, nfc)?;
+    let ids = vocab.values().map(|v| v.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or("a vocab id is not a u32"));
+    let top = ids.chain(added.iter().map(|(_, id)| Ok(*id))).try_fold(None::<u32>, |m, id| Ok::<_, &str>(m.max(Some(id?))))?;
+    let frame = post_frame(&file["post_processor"])?;
+    Ok(FastForm { added, frame, vocab_end: top.map_or(0, |m| m + 1), nfc })
+}
+
+/// The added tokens in the ids HF gives them on load (`AddedVocabulary::add_tokens`: the
+/// model's id if the content is in the vocabulary, else the next id from the vocabulary's
+/// size on, in file order), if matching them on the raw text with one leftmost-longest pass is
+/// exactly HF's: no strip or single-word rule, one `normalized` value for all (HF matches
+/// normalized and raw ones in two passes) and false under a normalizer, no duplicates. A file
+/// whose listed ids disagree with HF's numbering is not guessed at.
+fn added_tokens(list: &serde_json::Value, vocab: &serde_json::Map<String, serde_json::Value>, has_normalizer: bool) -> Result<Vec<(String, u32)>, String> {
+    let list = match list {
+        serde_json::Value::Null => return Ok(Vec::new()),
+        l => l.as_array().ok_or("added_tokens is not a list")?,
+    };
+    let mut next = vocab.len() as u32;
+    let mut out: Vec<(String, u32)> = Vec::with_capacity(list.len());
+    let mut normalized = None;
+    for t in list {
+        let keys = ["id", "content", "single_word", "lstrip", "rstrip", "normalized", "special"];
+        if let Some(k) = t.as_object().and_then(|o| o.keys().find(|k| !keys.contains(&k.as_str()))) {
+            return Err(format!("added tokens have `{k}`, not verified"));
+        }
+        let content = t["content"].as_str().filter(|c| !c.is_empty()).ok_or("an added token has no content")?;
+        let flag = |k: &str| t[k].as_bool().ok_or(format!("added token {content:?} has no boolean `{k}`"));
+        if flag("single_word")? || flag("lstrip")? || flag("rstrip")? {
+            return Err(format!("added tokens: {content:?} has a strip or single-word rule"));
+        }
+        let norm = flag("normalized")?;
+        if (norm && has_normalizer) || *normalized.get_or_insert(norm) != norm {
+            return Err("added tokens: some are matched after normalization".into());
+        }
+        if out.iter().any(|(c, _)| c == content) {
+            return Err(format!("added tokens: {content:?} is listed twice"));
+        }
+        let id = match vocab.get(content) {
+            Some(v) => v.as_u64().ok_or("a vocab id is not a number")? as u32,
+            None => {
+                next += 1;
+                next - 1
+            }
+        };
+        if t["id"].as_u64() != Some(u64::from(id)) {
+            return Err(format!("added tokens: {content:?} is listed with id {} but HF numbers it {id}", t["id"]));
+        }
+        out.push((content.to_string(), id));
+    }
+    Ok(out)
+}
+
+/// The ids a post-processor of a verified form puts around one sequence: none (absent, or
+/// `ByteLevel`, which only trims offsets), `TemplateProcessing`'s `single` template around
+/// `$A` (its special tokens' listed ids, as HF inserts them), or a `Sequence` of those, each
+/// wrapping the previous one's output.
+fn post_frame(pp: &serde_json::Value) -> Result<(Vec<u32>, Vec<u32>), String> {
+    let keys = |want: &[&str]| pp.as_object().is_some_and(|o| o.keys().all(|k| want.contains(&k.as_str())));
+    match pp["type"].as_str() {
+        None if pp.is_null() => Ok((Vec::new(), Vec::new())),
+        Some("ByteLevel") => Ok((Vec::new(), Vec::new())),
+        Some("Sequence") if keys(&["type", "processors"]) => {
+            let mut frame = (Vec::new(), Vec::new());
+            for step in pp["processors"].as_array().ok_or("post_processor Sequence has no processors")? {
+                let (pre, post) = post_frame(step)?;
+                frame = ([pre, frame.0].concat(), [frame.1, post].concat());
+            }
+            Ok(frame)
+        }
+        Some("TemplateProcessing") if keys(&["type", "single", "pair", "special_tokens"]) => {
+            let mut frame = (Vec::new(), Vec::new());
+            let mut seen_a = false;
+            for item in pp["single"].as_array().ok_or("post_processor template has no single")? {
+                match (item.get("SpecialToken"), item.get("Sequence")) {
+                    (Some(t), None) => {
+                        let name = t["id"].as_str().ok_or("post_processor special token without id")?;
+                        let ids = pp["special_tokens"][name]["ids"]
+                            .as_array()
+                            .ok_or(format!("post_processor special token {name:?} has no ids"))?
+                            .iter()
+                            .map(|i| i.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or("post_processor id is not a u32".to_string()));
+                        let side = if seen_a { &mut frame.1 } else { &mut frame.0 };
+                        for id in ids {
+                            side.push(id?);
+                        }
+                    }
+                    (None, Some(s)) if s["id"] == "A" && !seen_a => seen_a = true,
+                    _ => return Err(format!("post_processor template item {item} not verified")),
+                }
+            }
+            if !seen_a {
+                return Err("post_processor template has no $A".into());
+            }
+            Ok(frame)
+        }
+        _ => Err(format!("post_processor {} not verified", pp["type"])),
+    }
 }
 
 /// Cutting at added tokens outside the library is exact only for tokens matched verbatim on
-/// the raw text (`normalized` false, or no normalizer) with no strip or single-word rule.
+/// the raw text (`normalized` false, or no normalizer and all alike) with no strip or
+/// single-word rule.
 fn splitter_for(tok: &Tokenizer) -> Option<(AhoCorasick, Vec<u32>)> {
     let has_normalizer = tok.get_normalizer().is_some();
     let mut pats = Vec::new();
     let mut ids = Vec::new();
+    let mut normalized = None;
     for (id, t) in tok.get_added_tokens_decoder() {
-        if t.lstrip || t.rstrip || t.single_word || (t.normalized && has_normalizer) {
+        // HF matches raw and normalized tokens in two passes: one pass is exact only for one kind.
+        if t.lstrip || t.rstrip || t.single_word || (t.normalized && has_normalizer) || *normalized.get_or_insert(t.normalized) != t.normalized {
             return None;
         }
         pats.push(t.content.clone());
@@ -532,6 +703,28 @@ mod tests {
             assert_eq!(ours.encode(text, false).unwrap(), want, "{text:?}");
         }
         assert_eq!(ours.encode("\u{212A}! e\u{301}", false).unwrap(), [0, 1, 2], "the Kelvin sign is K, not the added token");
+    }
+
+    /// Our chunked NFC equals HF's tables applied to the whole text, across every cut point:
+    /// composition across ASCII and non-ASCII neighbours, Hangul jamo, marks newer than
+    /// Unicode 9.0 (HF leaves them unordered), singletons and two-starter compositions.
+    #[test]
+    fn nfc_like_hf_equals_hfs_nfc_of_the_whole_text() {
+        let hf = |s: &str| s.nfc().map(|(c, _)| c).collect::<String>();
+        let parts = [
+            "e\u{301}", "a", " ", "\u{1100}\u{1161}", "\u{11a8}", "x\u{6e0}\u{7fd}", "\u{212a}", "漢", "\u{301}\u{323}",
+            "A\u{30a}", "\n", "\u{958}", "\u{b47}\u{b3e}", "é", "\u{7fd}\u{301}",
+        ];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    for d in parts {
+                        let s = format!("{a}{b}{c}{d}");
+                        assert_eq!(nfc_like_hf(&s), hf(&s), "{s:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
