@@ -9,6 +9,7 @@ pub mod health;
 mod kv;
 pub mod listener;
 pub mod metrics;
+pub mod otel;
 mod replica;
 mod sse;
 pub mod tls;
@@ -62,6 +63,8 @@ pub struct App {
     pub count_output: bool,
     /// Signalled when our bookings changed: replica sync publishes them.
     pub peer_events: Notify,
+    /// Span export (OpenTelemetry); `None` = off, the default.
+    pub tracing: Option<otel::Tracing>,
 }
 
 impl App {
@@ -75,6 +78,7 @@ impl App {
             overload_status: 429,
             count_output: false,
             peer_events: Notify::new(),
+            tracing: None,
         }
     }
 
@@ -130,13 +134,15 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("metrics server failed: {0}")]
     Metrics(std::io::Error),
+    #[error(transparent)]
+    Trace(#[from] otel::TraceError),
 }
 
 impl StartError {
     /// Configuration problems exit 2 like invalid variables; runtime failures exit 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Fleet(_) | StartError::Kube(_) | StartError::Model(_) => 2,
+            StartError::Fleet(_) | StartError::Kube(_) | StartError::Model(_) | StartError::Trace(_) => 2,
             StartError::Tls(tls::TlsError::Read { .. } | tls::TlsError::Invalid { .. }) => 2,
             _ => 1,
         }
@@ -247,6 +253,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     let mut app = App::new(router, cfg.max_body_bytes, prep, pool);
     app.overload_status = cfg.overload_status;
     app.count_output = count_output;
+    if let Some(t) = cfg.trace_settings() {
+        tracing::info!(endpoint = %crate::secret::redact_urls(&t.endpoint), service = %t.service_name, sampler = ?t.sampler, "exporting traces over OTLP/gRPC");
+        app.tracing = Some(otel::Tracing::start(&t)?);
+    }
     if let Some(m) = &app.prep.model {
         app.metrics.set_tokenizer(m.tokenizer.selection());
     }
@@ -385,6 +395,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         if let Ok(Err(e)) = t.await {
             return Err(StartError::Metrics(e));
         }
+    }
+    if let Some(t) = &app.tracing {
+        t.shutdown().await;
     }
     tracing::info!("all streams drained; exiting");
     Ok(())
