@@ -12,6 +12,10 @@ use std::{
 };
 
 use common::*;
+use dynamo_epp::{
+    config::TraceSampler,
+    server::otel::{TraceSettings, Tracing},
+};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         trace_service_server::{TraceService, TraceServiceServer},
@@ -233,4 +237,41 @@ async fn export_off_sends_nothing_and_leaves_traceparent_alone() {
         assert!(exit.success(), "{exit:?}");
         assert_eq!(collector.got.lock().len(), 0, "{env:?}: spans exported with export off");
     }
+}
+
+/// The queue's hook (`RequestTrace::queue_wait`) nests under the request span, and a client
+/// that did not sample gets nothing recorded but still a `traceparent` (unsampled) forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_wait_hook_nests_under_the_request_and_unsampled_clients_stay_unsampled() {
+    let (collector, addr) = Collector::start().await;
+    let tracing = Tracing::start(&TraceSettings {
+        endpoint: format!("http://{addr}"),
+        service_name: "hook".into(),
+        sampler: TraceSampler::ParentbasedAlwaysOn,
+        ratio: 1.0,
+        batch_delay: Duration::from_millis(100),
+        policy: "cost".into(),
+    })
+    .unwrap();
+    let headers = |flags: &str| vec![(":path".to_string(), "/v1/completions".to_string()), ("traceparent".to_string(), format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}"))];
+
+    let unsampled_trace = "11111111111111111111111111111111";
+    let mut unsampled = tracing.request(&[(":path".to_string(), "/v1/completions".to_string()), ("traceparent".to_string(), format!("00-{unsampled_trace}-{CLIENT_SPAN}-00"))]);
+    let out = unsampled.outgoing_headers();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(out[0].0 == "traceparent" && out[0].1.starts_with(&format!("00-{unsampled_trace}-")) && out[0].1.ends_with("-00"), "{out:?}");
+    drop(unsampled.queue_wait());
+    unsampled.end();
+
+    let mut req = tracing.request(&headers("01"));
+    let wait = req.queue_wait();
+    drop(wait);
+    req.end();
+    // Shutdown flushes: after it every recorded span has arrived.
+    tracing.shutdown().await;
+    let spans = collector.wait_trace(&unhex(CLIENT_TRACE), 2).await;
+    let root = named(&spans, "ext_proc");
+    assert_eq!(hex(&root.parent_span_id), CLIENT_SPAN);
+    assert_eq!(named(&spans, "queue_wait").parent_span_id, root.span_id);
+    assert!(collector.spans().iter().all(|s| s.trace_id != unhex(unsampled_trace)), "an unsampled trace was recorded");
 }
