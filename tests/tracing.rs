@@ -147,7 +147,7 @@ async fn spans_continue_the_clients_trace_and_the_worker_continues_ours() {
     let (status, text) = post(
         &chain,
         golden_body(case),
-        &[("traceparent", &client_parent), ("authorization", &format!("Bearer {SECRET}")), ("x-mock-mode", "sse")],
+        &[("traceparent", &client_parent), ("tracestate", "vendor=abc"), ("authorization", &format!("Bearer {SECRET}")), ("x-mock-mode", "sse")],
     )
     .await;
     assert_eq!(status, 200, "{text}");
@@ -181,11 +181,14 @@ async fn spans_continue_the_clients_trace_and_the_worker_continues_ours() {
     let seen = chain.workers[0].seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].headers.get("traceparent"), Some(&format!("00-{CLIENT_TRACE}-{}-01", hex(&root.span_id))));
+    assert_eq!(seen[0].headers.get("tracestate").map(String::as_str), Some("vendor=abc"));
 
     // 2. No client trace: a new one, rooted at our span, forwarded the same way.
     let (status, _) = post(&chain, golden_body(case), &[]).await;
     assert_eq!(status, 200);
-    let forwarded = chain.workers[0].seen()[1].headers.get("traceparent").cloned().expect("traceparent to the worker");
+    let second = &chain.workers[0].seen()[1];
+    assert_eq!(second.headers.get("tracestate"), None, "no tracestate is made up");
+    let forwarded = second.headers.get("traceparent").cloned().expect("traceparent to the worker");
     let parts: Vec<&str> = forwarded.split('-').collect();
     assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{forwarded}");
     assert_ne!(parts[1], CLIENT_TRACE);

@@ -126,9 +126,10 @@ struct Outgoing(Vec<(&'static str, String)>);
 
 impl Injector for Outgoing {
     fn set(&mut self, key: &str, value: String) {
+        // The propagator writes an empty `tracestate` when the client sent none: not forwarded.
         match key {
             "traceparent" => self.0.push(("traceparent", value)),
-            "tracestate" => self.0.push(("tracestate", value)),
+            "tracestate" if !value.is_empty() => self.0.push(("tracestate", value)),
             _ => {}
         }
     }
