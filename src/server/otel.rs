@@ -7,12 +7,12 @@
 //! `traceparent` naming our span as its parent. Spans carry what was decided, never header
 //! values or bodies.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
     trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _},
-    Context, KeyValue,
+    Context, KeyValue, StringValue,
 };
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::{
@@ -42,7 +42,7 @@ pub struct TraceSettings {
 pub struct Tracing {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
-    policy: String,
+    policy: Arc<str>,
 }
 
 /// The exporter could not be built from the settings.
@@ -67,7 +67,7 @@ impl Tracing {
             .with_resource(Resource::builder().with_service_name(s.service_name.clone()).build())
             .build();
         let tracer = provider.tracer("dynamo-epp");
-        Ok(Tracing { provider, tracer, policy: s.policy.clone() })
+        Ok(Tracing { provider, tracer, policy: s.policy.as_str().into() })
     }
 
     /// Starts the server span of one ext_proc request, as a child of the client's
@@ -90,9 +90,8 @@ impl Tracing {
     /// Sends what is still buffered and stops the exporter (off the reactor: the flush blocks).
     pub async fn shutdown(&self) {
         let provider = self.provider.clone();
-        match tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(Duration::from_secs(5))).await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "trace exporter shutdown"),
-            Ok(Ok(())) | Err(_) => {}
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(Duration::from_secs(5))).await {
+            tracing::warn!(error = %e, "trace exporter shutdown");
         }
     }
 }
@@ -140,7 +139,7 @@ pub struct RequestTrace {
     tracer: SdkTracer,
     /// Holds the server span; children are started under it.
     root: Context,
-    policy: String,
+    policy: Arc<str>,
     /// From the forwarded request to its first non-empty response chunk.
     first_chunk: Option<Span>,
 }
@@ -165,7 +164,7 @@ impl RequestTrace {
     /// The routing decision; [`RequestTrace::decided`] records its result.
     pub fn route(&self) -> Span {
         let mut s = self.child("route");
-        s.set_attribute(KeyValue::new("epp.policy", self.policy.clone()));
+        s.set_attribute(KeyValue::new("epp.policy", StringValue::from(self.policy.clone())));
         s
     }
 
