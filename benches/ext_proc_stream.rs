@@ -4,7 +4,9 @@
 //!
 //! Baseline in the same run: a do-nothing ext_proc server answering the same message pattern with
 //! empty mutations (and echoing bodies, as full-duplex requires), so the ratio is what picking
-//! costs on top of bare tonic.
+//! costs on top of bare tonic. `dynamo_epp_traced` is the same EPP with OpenTelemetry export on
+//! (every request sampled, spans batched to an OTLP receiver in this process): its ratio to
+//! `dynamo_epp` is what traces cost (docs/tracing.md).
 
 #[path = "../tests/common/in_process.rs"]
 mod in_process;
@@ -13,9 +15,10 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dynamo_epp::{
+    config::TraceSampler,
     request::{pool::WorkPool, Preprocessor},
     router::Router,
-    server::{envoy, ext_proc::ExtProc, App},
+    server::{envoy, ext_proc::ExtProc, otel::{TraceSettings, Tracing}, App},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue},
@@ -27,8 +30,22 @@ use envoy_types::pb::envoy::{
     },
 };
 use futures_util::Stream;
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    trace_service_server::{TraceService, TraceServiceServer},
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tokio_stream::StreamExt;
 use tonic::{transport::Channel, Status, Streaming};
+
+/// An OTLP trace receiver that accepts and drops every export.
+struct SpanSink;
+
+#[tonic::async_trait]
+impl TraceService for SpanSink {
+    async fn export(&self, _: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, Status> {
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
 
 /// Answers every message with its pass-through counterpart; no parsing, no picking.
 struct Baseline;
@@ -113,23 +130,44 @@ async fn one_stream(client: &mut ExternalProcessorClient<Channel>, msgs: &[Proce
     }
 }
 
+/// The EPP as the binary runs without DYN_MODEL_PATH (bodies checked, not tokenized), 8 workers.
+fn epp(tracing: Option<Tracing>) -> Arc<App> {
+    let prep = Preprocessor { model: None, served_model: None, lora_adapters: vec![], inject: false };
+    let mut app = App::new(Router::default(), 16 << 20, prep, WorkPool::new(0, Duration::from_secs(30)));
+    app.tracing = tracing;
+    app.set_fleet(in_process::fleet(8));
+    Arc::new(app)
+}
+
 fn bench(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let content: String = "lorem ipsum dolor sit amet ".repeat(32 * 1024 / 27);
     let body = serde_json::json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string();
     let msgs = stream_messages(body.as_bytes());
-    let (ours, base) = rt.block_on(async {
-        // As the binary runs without DYN_MODEL_PATH: bodies are checked, not tokenized.
-        let prep = Preprocessor { model: None, served_model: None, lora_adapters: vec![], inject: false };
-        let app = Arc::new(App::new(Router::default(), 16 << 20, prep, WorkPool::new(0, Duration::from_secs(30))));
-        app.set_fleet(in_process::fleet(8));
-        let ours = in_process::serve(ExtProc::new(app)).await;
+    let (ours, traced, base) = rt.block_on(async {
+        let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sink_addr = sink.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(SpanSink))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(sink)),
+        );
+        let trace = TraceSettings {
+            endpoint: format!("http://{sink_addr}"),
+            service_name: "bench".into(),
+            sampler: TraceSampler::AlwaysOn,
+            ratio: 1.0,
+            batch_delay: Duration::from_millis(100),
+            policy: "cost".into(),
+        };
+        let ours = in_process::serve(ExtProc::new(epp(None))).await;
+        let traced = in_process::serve(ExtProc::new(epp(Some(Tracing::start(&trace).unwrap())))).await;
         let base = in_process::serve(Baseline).await;
-        (in_process::client(ours).await, in_process::client(base).await)
+        (in_process::client(ours).await, in_process::client(traced).await, in_process::client(base).await)
     });
     let mut g = c.benchmark_group("ext_proc_stream_32k");
     g.throughput(Throughput::Bytes(body.len() as u64));
-    for (name, client) in [("dynamo_epp", ours), ("baseline_passthrough", base)] {
+    for (name, client) in [("dynamo_epp", ours), ("dynamo_epp_traced", traced), ("baseline_passthrough", base)] {
         g.bench_function(name, |b| {
             b.to_async(&rt).iter_batched(
                 || client.clone(),

@@ -81,6 +81,47 @@ pub struct Config {
     #[arg(long = "log-format", env = "DYN_EPP_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    // ---- Traces (docs/tracing.md): OpenTelemetry's own variables; no endpoint = no export.
+    /// OTLP collector (gRPC, `http://host:4317` or `https://…`); setting it turns trace export on.
+    #[arg(long = "otel-exporter-otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
+    pub otlp_endpoint: Option<UrlSetting>,
+
+    /// OTLP collector for traces only; wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+    #[arg(long = "otel-exporter-otlp-traces-endpoint", env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_parser = otlp_endpoint)]
+    pub otlp_traces_endpoint: Option<UrlSetting>,
+
+    /// OTLP transport: only `grpc` is implemented.
+    #[arg(long = "otel-exporter-otlp-protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_parser = ["grpc"])]
+    pub otlp_protocol: Option<String>,
+
+    /// OTLP transport of traces: only `grpc` is implemented.
+    #[arg(long = "otel-exporter-otlp-traces-protocol", env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_parser = ["grpc"])]
+    pub otlp_traces_protocol: Option<String>,
+
+    /// `none` = no export whatever the endpoint; `otlp` without an endpoint = `http://localhost:4317`.
+    #[arg(long = "otel-traces-exporter", env = "OTEL_TRACES_EXPORTER", value_parser = ["otlp", "none"])]
+    pub traces_exporter: Option<String>,
+
+    /// true = no export whatever else is set.
+    #[arg(long = "otel-sdk-disabled", env = "OTEL_SDK_DISABLED", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub otel_sdk_disabled: bool,
+
+    /// `service.name` of the exported spans.
+    #[arg(long = "otel-service-name", env = "OTEL_SERVICE_NAME", default_value = "dynamo-epp")]
+    pub otel_service_name: String,
+
+    /// Which traces are recorded (the `parentbased_*` ones follow the client's sampled flag).
+    #[arg(long = "otel-traces-sampler", env = "OTEL_TRACES_SAMPLER", value_enum, default_value = "parentbased_always_on")]
+    pub traces_sampler: TraceSampler,
+
+    /// Ratio of the `*traceidratio` samplers, 0–1 (default 1); ignored by the others.
+    #[arg(long = "otel-traces-sampler-arg", env = "OTEL_TRACES_SAMPLER_ARG", value_parser = ratio)]
+    pub traces_sampler_arg: Option<f64>,
+
+    /// Milliseconds finished spans wait to be exported in a batch.
+    #[arg(long = "otel-bsp-schedule-delay", env = "OTEL_BSP_SCHEDULE_DELAY", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub otel_bsp_schedule_delay_ms: u64,
+
     // ---- Tokenization (request/): the served model's files and how prompts are tokenized.
     /// Model directory in Hugging Face layout (tokenizer.json, tokenizer_config.json, …), or a
     /// Hub repo id (`Qwen/Qwen3-0.6B`) fetched into HF_HOME; unset = bodies are checked but
@@ -444,6 +485,19 @@ pub enum EventPlane {
     Zmq,
 }
 
+/// `OTEL_TRACES_SAMPLER`: the specification's names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[value(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum TraceSampler {
+    AlwaysOn,
+    AlwaysOff,
+    Traceidratio,
+    ParentbasedAlwaysOn,
+    ParentbasedAlwaysOff,
+    ParentbasedTraceidratio,
+}
+
 /// `DYN_ADMISSION_CONTROL`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -456,6 +510,23 @@ fn non_negative(s: &str) -> Result<f64, String> {
     match s.trim().parse::<f64>() {
         Ok(v) if v >= 0.0 && v.is_finite() => Ok(v),
         _ => Err("a finite number ≥ 0".into()),
+    }
+}
+
+/// A gRPC collector address: an absolute `http`/`https` URI.
+fn otlp_endpoint(s: &str) -> Result<UrlSetting, String> {
+    let ok = (s.starts_with("http://") || s.starts_with("https://"))
+        && s.parse::<tonic::codegen::http::Uri>().is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
+    match ok {
+        true => Ok(s.parse().expect("infallible")),
+        false => Err("an http:// or https:// URL of an OTLP/gRPC collector, such as http://otel-collector:4317".into()),
+    }
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("a ratio from 0 to 1".into()),
     }
 }
 
@@ -608,6 +679,29 @@ impl Config {
             default_capacity: Capacity { total_kv_blocks: self.total_kv_blocks, max_num_batched_tokens: self.max_num_batched_tokens },
             enforce_disagg: self.enforce_disagg,
         }
+    }
+
+    /// Trace export settings; `None` = off (no endpoint, `OTEL_TRACES_EXPORTER=none` or
+    /// `OTEL_SDK_DISABLED=true`).
+    pub fn trace_settings(&self) -> Option<crate::server::otel::TraceSettings> {
+        let endpoint = self.otlp_traces_endpoint.as_ref().or(self.otlp_endpoint.as_ref()).map(|u| u.expose().to_string());
+        let endpoint = match (self.traces_exporter.as_deref(), endpoint) {
+            (Some("none"), _) => return None,
+            (_, Some(e)) => e,
+            (Some("otlp"), None) => "http://localhost:4317".to_string(),
+            (_, None) => return None,
+        };
+        if self.otel_sdk_disabled {
+            return None;
+        }
+        Some(crate::server::otel::TraceSettings {
+            endpoint,
+            service_name: self.otel_service_name.clone(),
+            sampler: self.traces_sampler,
+            ratio: self.traces_sampler_arg.unwrap_or(1.0),
+            batch_delay: Duration::from_millis(self.otel_bsp_schedule_delay_ms),
+            policy: self.router_policy.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+        })
     }
 
     /// Settings that are accepted but deserve a warning at start-up.
@@ -897,6 +991,37 @@ mod tests {
     }
 
     #[test]
+    fn trace_export_follows_the_otel_variables() {
+        let parse = |args: &[&str]| Config::from_args(std::iter::once("dynamo-epp").chain(args.iter().copied())).unwrap();
+        // Off by default, and switched off by either off switch whatever the endpoint.
+        assert_eq!(parse(&[]).trace_settings(), None);
+        let ep = ["--otel-exporter-otlp-endpoint", "http://collector:4317"];
+        assert_eq!(parse(&[&ep[..], &["--otel-traces-exporter", "none"]].concat()).trace_settings(), None);
+        assert_eq!(parse(&[&ep[..], &["--otel-sdk-disabled", "true"]].concat()).trace_settings(), None);
+        let t = parse(&ep).trace_settings().unwrap();
+        assert_eq!((t.endpoint.as_str(), t.service_name.as_str()), ("http://collector:4317", "dynamo-epp"));
+        assert_eq!((t.sampler, t.ratio, t.batch_delay), (TraceSampler::ParentbasedAlwaysOn, 1.0, Duration::from_secs(5)));
+        assert_eq!(t.policy, "cost");
+        // The traces endpoint wins; `otlp` alone means the specification's default address.
+        let t = parse(&[&ep[..], &["--otel-exporter-otlp-traces-endpoint", "https://traces:443"]].concat()).trace_settings().unwrap();
+        assert_eq!(t.endpoint, "https://traces:443");
+        assert_eq!(parse(&["--otel-traces-exporter", "otlp"]).trace_settings().unwrap().endpoint, "http://localhost:4317");
+        let t = parse(&[
+            &ep[..],
+            &["--otel-service-name", "epp-a", "--otel-traces-sampler", "parentbased_traceidratio", "--otel-traces-sampler-arg", "0.25"],
+            &["--otel-bsp-schedule-delay", "100", "--otel-exporter-otlp-protocol", "grpc", "--router-policy", "predicted-ttft"],
+        ]
+        .concat())
+        .trace_settings()
+        .unwrap();
+        assert_eq!((t.service_name.as_str(), t.sampler, t.ratio), ("epp-a", TraceSampler::ParentbasedTraceidratio, 0.25));
+        assert_eq!((t.batch_delay, t.policy.as_str()), (Duration::from_millis(100), "predicted-ttft"));
+        for name in ["always_on", "always_off", "traceidratio", "parentbased_always_off"] {
+            assert!(Config::from_args(["dynamo-epp", "--otel-traces-sampler", name]).is_ok(), "{name}");
+        }
+    }
+
+    #[test]
     fn bad_values_give_one_line_naming_flag_value_and_expectation() {
         for (args, needles) in [
             (vec!["--grpc-port", "99999"], vec!["DYN_EPP_GRPC_PORT", "99999", "65535"]),
@@ -918,6 +1043,13 @@ mod tests {
             (vec!["--kube-api-timeout-secs", "1"], vec!["DYN_EPP_KUBE_API_TIMEOUT_SECS", "\"1\"", "2 to 3600"]),
             (vec!["--kube-api-timeout-secs", "2.5"], vec!["DYN_EPP_KUBE_API_TIMEOUT_SECS", "whole number"]),
             (vec!["--debug-api", "sometimes"], vec!["DYN_EPP_DEBUG_API", "sometimes"]),
+            (vec!["--otel-exporter-otlp-endpoint", "collector:4317"], vec!["OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317", "http://"]),
+            (vec!["--otel-exporter-otlp-traces-endpoint", "http://"], vec!["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://"]),
+            (vec!["--otel-exporter-otlp-protocol", "http/protobuf"], vec!["OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", "grpc"]),
+            (vec!["--otel-traces-exporter", "jaeger"], vec!["OTEL_TRACES_EXPORTER", "jaeger", "otlp, none"]),
+            (vec!["--otel-traces-sampler", "xray"], vec!["OTEL_TRACES_SAMPLER", "xray", "parentbased_always_on"]),
+            (vec!["--otel-traces-sampler-arg", "1.5"], vec!["OTEL_TRACES_SAMPLER_ARG", "1.5", "0 to 1"]),
+            (vec!["--otel-sdk-disabled", "perhaps"], vec!["OTEL_SDK_DISABLED", "perhaps"]),
             (vec!["--secure-serving", "false", "--cert-path", "/etc/epp-tls"], vec!["DYN_EPP_CERT_PATH", "DYN_SECURE_SERVING=true"]),
             (vec!["--secure-serving", "false", "--client-ca-file", "/etc/ca.crt"], vec!["DYN_EPP_CLIENT_CA_FILE", "DYN_SECURE_SERVING=true"]),
         ] {

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Status, Streaming};
 
-use super::{envoy, error::EppError, metrics::RankLabel, queue, sse::ResponseScan, App};
+use super::{envoy, error::EppError, metrics::RankLabel, otel::{self, RequestTrace}, queue, sse::ResponseScan, App};
 use crate::{
     request::{openai::{AgentHints, Api}, Prepared},
     router::{BookingId, Decision, EndpointMatch, RouteError, RoutingRequest},
@@ -88,6 +88,8 @@ struct StreamState {
     scan: Option<ResponseScan>,
     /// Cached prompt tokens the decision expected on the worker that runs the prompt.
     predicted_cached: u64,
+    /// This request's spans when traces are exported.
+    trace: Option<RequestTrace>,
 }
 
 impl Drop for StreamState {
@@ -114,6 +116,7 @@ impl StreamState {
             first_token_seen: false,
             scan: None,
             predicted_cached: 0,
+            trace: None,
         }
     }
 
@@ -184,6 +187,7 @@ impl StreamState {
             return true;
         }
         self.headers = envoy::headers_of(h.headers.as_ref());
+        self.trace = self.app.tracing.as_ref().map(|t| t.request(&self.headers));
         if h.end_of_stream {
             self.phase = Phase::Forwarded;
             return self.route_headers_only().await;
@@ -247,7 +251,9 @@ impl StreamState {
         match picked {
             Ok(t) => {
                 self.app.metrics.outcome("passthrough");
-                self.send(envoy::route_headers(&t.endpoint.to_string(), &[])).await
+                let extra = self.trace_headers();
+                self.forwarded("passthrough");
+                self.send(envoy::route_headers(&t.endpoint.to_string(), &extra)).await
             }
             Err(e) => self.reject(self.route_error(e)).await,
         }
@@ -267,7 +273,14 @@ impl StreamState {
         let mut body = std::mem::take(&mut self.body);
         let mut hints = AgentHints::default();
         if let Some(api) = api {
-            match self.prepare(api, body).await {
+            let span = self.trace.as_ref().map(RequestTrace::tokenize);
+            let prepared = self.prepare(api, body).await;
+            match (span, &prepared) {
+                (Some(span), Ok(p)) => otel::tokenized(span, p.tokens.len()),
+                (Some(span), Err(e)) => otel::failed(span, e.code()),
+                (None, _) => {}
+            }
+            match prepared {
                 Ok(p) => {
                     req.tokens = p.tokens;
                     req.cache_salt = p.cache_salt;
@@ -279,10 +292,11 @@ impl StreamState {
                 Err(e) => return self.reject(e).await,
             }
         }
+        let span = self.trace.as_ref().map(RequestTrace::route);
         let decided = match &self.app.queue {
             Some(wl) => {
                 let arrival = self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref());
-                queue::decide(&self.app, wl, req, arrival, started, &self.tx).await
+                queue::decide(&self.app, wl, req, arrival, started, &self.tx, self.trace.as_ref()).await
             }
             None => {
                 let mut router = self.app.router.lock();
@@ -293,18 +307,29 @@ impl StreamState {
         };
         let d = match decided {
             Ok(d) => d,
-            Err(e) => return self.reject(e).await,
+            Err(e) => {
+                if let Some(span) = span {
+                    otel::failed(span, e.code());
+                }
+                return self.reject(e).await;
+            }
         };
+        if let Some(span) = span {
+            otel::decided(span, &d);
+        }
         self.booking = Some(d.booking);
         if api.is_some() {
             self.scan = Some(ResponseScan::default());
             self.predicted_cached = d.predicted_cached_tokens;
             self.app.metrics.predicted_cached_tokens.observe(d.predicted_cached_tokens as f64);
         }
-        let extra = if api.is_some() { dynamo_headers(&d) } else { Vec::new() };
+        let mut extra = if api.is_some() { dynamo_headers(&d) } else { Vec::new() };
+        extra.extend(self.trace_headers());
         let headers = envoy::route_headers(&d.decode.endpoint.to_string(), &extra);
         self.app.metrics.decision_seconds.observe(started.elapsed().as_secs_f64());
-        self.app.metrics.outcome(if api.is_some() { "routed" } else { "passthrough" });
+        let outcome = if api.is_some() { "routed" } else { "passthrough" };
+        self.app.metrics.outcome(outcome);
+        self.forwarded(outcome);
         if !self.send(headers).await {
             return false;
         }
@@ -333,9 +358,24 @@ impl StreamState {
         Ok(self.app.pool.run(bytes, job).await??)
     }
 
+    /// Our `traceparent` for the worker; nothing when traces are off (the client's passes on).
+    fn trace_headers(&self) -> Vec<(&'static str, String)> {
+        self.trace.as_ref().map(RequestTrace::outgoing_headers).unwrap_or_default()
+    }
+
+    fn forwarded(&mut self, outcome: &'static str) {
+        if let Some(t) = &mut self.trace {
+            t.outcome(outcome, None);
+            t.forwarded();
+        }
+    }
+
     async fn on_response_body(&mut self, b: HttpBody) -> bool {
         if !b.body.is_empty() && !self.first_token_seen {
             self.first_token_seen = true;
+            if let Some(t) = &mut self.trace {
+                t.first_chunk();
+            }
             if let Some(id) = self.booking {
                 let sample = {
                     let mut router = self.app.router.lock();
@@ -371,6 +411,9 @@ impl StreamState {
     async fn reject(&mut self, e: EppError) -> bool {
         tracing::info!(status = e.status(), error = %e, path = self.header(":path").unwrap_or(""), "request rejected");
         self.app.metrics.outcome(e.code());
+        if let Some(t) = &self.trace {
+            t.outcome(e.code(), Some(e.status()));
+        }
         self.send(envoy::immediate(e.status(), e.body(), e.code(), &e.headers())).await
     }
 
@@ -385,6 +428,9 @@ impl StreamState {
             self.app.note_active(&router);
             drop(router);
             self.app.dispatch_waiting();
+        }
+        if let Some(mut t) = self.trace.take() {
+            t.end();
         }
     }
 }

@@ -10,6 +10,7 @@ mod kv;
 pub mod listener;
 pub mod metrics;
 pub mod queue;
+pub mod otel;
 mod replica;
 mod sse;
 pub mod tls;
@@ -65,6 +66,8 @@ pub struct App {
     pub peer_events: Notify,
     /// The router queue (`DYN_ROUTER_QUEUE_THRESHOLD`); `None` = requests never wait.
     pub queue: Option<queue::Waitlist>,
+    /// Span export (OpenTelemetry); `None` = off, the default.
+    pub tracing: Option<otel::Tracing>,
 }
 
 impl App {
@@ -79,6 +82,7 @@ impl App {
             count_output: false,
             peer_events: Notify::new(),
             queue: None,
+            tracing: None,
         }
     }
 
@@ -143,13 +147,15 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("metrics server failed: {0}")]
     Metrics(std::io::Error),
+    #[error(transparent)]
+    Trace(#[from] otel::TraceError),
 }
 
 impl StartError {
     /// Configuration problems exit 2 like invalid variables; runtime failures exit 1.
     pub fn exit_code(&self) -> u8 {
         match self {
-            StartError::Fleet(_) | StartError::Kube(_) | StartError::Model(_) => 2,
+            StartError::Fleet(_) | StartError::Kube(_) | StartError::Model(_) | StartError::Trace(_) => 2,
             StartError::Tls(tls::TlsError::Read { .. } | tls::TlsError::Invalid { .. }) => 2,
             _ => 1,
         }
@@ -264,6 +270,10 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     if let Some(q) = cfg.queue_settings() {
         app.queue = Some(queue::Waitlist::new(q, cfg.queue_max_wait(), cfg.queue_full_status));
         app.metrics.queue.set_depths(cfg.policy_classes.iter().flatten().map(|c| c.name.as_str()).chain(cfg.policy_classes.is_none().then_some("default")), &[]);
+    }
+    if let Some(t) = cfg.trace_settings() {
+        tracing::info!(endpoint = %crate::secret::redact_urls(&t.endpoint), service = %t.service_name, sampler = ?t.sampler, "exporting traces over OTLP/gRPC");
+        app.tracing = Some(otel::Tracing::start(&t)?);
     }
     if let Some(m) = &app.prep.model {
         app.metrics.set_tokenizer(m.tokenizer.selection());
@@ -414,6 +424,9 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         if let Ok(Err(e)) = t.await {
             return Err(StartError::Metrics(e));
         }
+    }
+    if let Some(t) = &app.tracing {
+        t.shutdown().await;
     }
     tracing::info!("all streams drained; exiting");
     Ok(())

@@ -12,7 +12,9 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{envoy, error::EppError, App};
+use opentelemetry_sdk::trace::Span;
+
+use super::{envoy, error::EppError, otel::{self, RequestTrace}, App};
 use crate::{
     router::{Decision, RouteError, RoutingRequest},
     sched::queue::{Arrival, Queue, QueuePolicy, QueueSettings, Ticket},
@@ -54,7 +56,7 @@ impl Waitlist {
 
 /// Routes now when no one waits and a worker has room; otherwise queues the request, tells the
 /// gateway to wait (`override_message_timeout`), and waits for [`pump`]'s decision.
-pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant, gateway: &mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>) -> Result<Decision, EppError> {
+pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant, gateway: &mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>, trace: Option<&RequestTrace>) -> Result<Decision, EppError> {
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
@@ -84,7 +86,7 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
             }
         }
     };
-    let mut waiting = Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false };
+    let mut waiting = Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false, span: trace.map(RequestTrace::queue_wait) };
     pump(app, wl, Instant::now());
     // Our answer may take up to the queue's limit; a second more lets our own eviction answer
     // arrive before the gateway gives up.
@@ -116,12 +118,17 @@ struct Waiting {
     rx: oneshot::Receiver<Reply>,
     reason: &'static str,
     done: bool,
+    /// The `queue_wait` span: ends with the wait, however it ends.
+    span: Option<Span>,
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
         if self.done {
             return;
+        }
+        if let Some(span) = self.span.as_mut() {
+            otel::left_queue(span, self.reason);
         }
         let Some(wl) = &self.app.queue else { return };
         let removed = {

@@ -1,0 +1,242 @@
+//! OpenTelemetry traces of ext_proc requests (docs/tracing.md).
+//!
+//! Off unless an OTLP endpoint is configured: then `App::tracing` is `None`, every stream's
+//! [`RequestTrace`] is `None` and the request path pays one `Option` check per phase. On, each
+//! request gets a server span continuing the client's W3C `traceparent`, children for its
+//! phases (`tokenize`, `queue_wait`, `route`, `first_chunk`), and the worker receives a
+//! `traceparent` naming our span as its parent. Spans carry what was decided, never header
+//! values or bodies.
+
+use std::{sync::Arc, time::Duration};
+
+use opentelemetry::{
+    propagation::{Extractor, Injector, TextMapPropagator},
+    trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _},
+    Context, KeyValue, StringValue,
+};
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::{
+    propagation::TraceContextPropagator,
+    trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, Span},
+    Resource,
+};
+
+use crate::{config::TraceSampler, router::Decision};
+
+/// What `Config::trace_settings` hands the server when export is on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TraceSettings {
+    /// OTLP/gRPC collector, `http://` or `https://` (system roots).
+    pub endpoint: String,
+    pub service_name: String,
+    pub sampler: TraceSampler,
+    /// The ratio of the `*traceidratio` samplers.
+    pub ratio: f64,
+    /// How long finished spans wait to be sent in a batch (`OTEL_BSP_SCHEDULE_DELAY`).
+    pub batch_delay: Duration,
+    /// `DYN_ROUTER_POLICY`, recorded on every `route` span.
+    pub policy: String,
+}
+
+/// The process's tracer and exporter.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    tracer: SdkTracer,
+    policy: Arc<str>,
+}
+
+/// The exporter could not be built from the settings.
+#[derive(Debug, thiserror::Error)]
+#[error("OTLP trace exporter: {0}")]
+pub struct TraceError(#[from] opentelemetry_otlp::ExporterBuildError);
+
+impl Tracing {
+    /// Builds the exporter (its channel connects lazily, so no collector needs to be up yet).
+    /// Must run inside the tokio runtime: tonic's channel spawns its worker there.
+    pub fn start(s: &TraceSettings) -> Result<Tracing, TraceError> {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(s.endpoint.clone());
+        if s.endpoint.starts_with("https://") {
+            use opentelemetry_otlp::tonic_types::transport::ClientTlsConfig;
+            exporter = exporter.with_tls_config(ClientTlsConfig::new().with_native_roots());
+        }
+        let batch = BatchConfigBuilder::default().with_scheduled_delay(s.batch_delay).build();
+        let processor = BatchSpanProcessor::builder(exporter.build()?).with_batch_config(batch).build();
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(processor)
+            .with_sampler(sampler(s.sampler, s.ratio))
+            .with_resource(Resource::builder().with_service_name(s.service_name.clone()).build())
+            .build();
+        let tracer = provider.tracer("dynamo-epp");
+        Ok(Tracing { provider, tracer, policy: s.policy.as_str().into() })
+    }
+
+    /// Starts the server span of one ext_proc request, as a child of the client's
+    /// `traceparent` when the request headers carry a valid one.
+    pub fn request(&self, headers: &[(String, String)]) -> RequestTrace {
+        let client = TraceContextPropagator::new().extract_with_context(&Context::new(), &Headers(headers));
+        let path = headers.iter().find(|(k, _)| k == ":path").map(|(_, v)| v.as_str()).unwrap_or("");
+        let method = headers.iter().find(|(k, _)| k == ":method").map(|(_, v)| v.as_str()).unwrap_or("");
+        // The path without its query: query strings may carry keys.
+        let path = path.split('?').next().unwrap_or("").to_string();
+        let root = self
+            .tracer
+            .span_builder("ext_proc")
+            .with_kind(SpanKind::Server)
+            .with_attributes([KeyValue::new("http.request.method", method.to_string()), KeyValue::new("url.path", path)])
+            .start_with_context(&self.tracer, &client);
+        RequestTrace { tracer: self.tracer.clone(), root: Context::new().with_span(root), policy: self.policy.clone(), first_chunk: None }
+    }
+
+    /// Sends what is still buffered and stops the exporter (off the reactor: the flush blocks).
+    pub async fn shutdown(&self) {
+        let provider = self.provider.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(Duration::from_secs(5))).await {
+            tracing::warn!(error = %e, "trace exporter shutdown");
+        }
+    }
+}
+
+fn sampler(s: TraceSampler, ratio: f64) -> Sampler {
+    match s {
+        TraceSampler::AlwaysOn => Sampler::AlwaysOn,
+        TraceSampler::AlwaysOff => Sampler::AlwaysOff,
+        TraceSampler::Traceidratio => Sampler::TraceIdRatioBased(ratio),
+        TraceSampler::ParentbasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        TraceSampler::ParentbasedAlwaysOff => Sampler::ParentBased(Box::new(Sampler::AlwaysOff)),
+        TraceSampler::ParentbasedTraceidratio => Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio))),
+    }
+}
+
+/// Request headers as the propagator reads them (names are lower case already).
+struct Headers<'a>(&'a [(String, String)]);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_str()).collect()
+    }
+}
+
+/// The headers the worker receives: our `traceparent` (and the client's `tracestate`).
+struct Outgoing(Vec<(&'static str, String)>);
+
+impl Injector for Outgoing {
+    fn set(&mut self, key: &str, value: String) {
+        // The propagator writes an empty `tracestate` when the client sent none: not forwarded.
+        match key {
+            "traceparent" => self.0.push(("traceparent", value)),
+            "tracestate" if !value.is_empty() => self.0.push(("tracestate", value)),
+            _ => {}
+        }
+    }
+}
+
+/// One request's spans. Dropping it ends whatever is still open (client cancel, gateway reset).
+pub struct RequestTrace {
+    tracer: SdkTracer,
+    /// Holds the server span; children are started under it.
+    root: Context,
+    policy: Arc<str>,
+    /// From the forwarded request to its first non-empty response chunk.
+    first_chunk: Option<Span>,
+}
+
+impl RequestTrace {
+    fn child(&self, name: &'static str) -> Span {
+        self.tracer.span_builder(name).with_kind(SpanKind::Internal).start_with_context(&self.tracer, &self.root)
+    }
+
+    /// Checking, tokenizing and rewriting the body (waiting for a work-pool slot included).
+    pub fn tokenize(&self) -> Span {
+        self.child("tokenize")
+    }
+
+    /// The hook for a router queue: start it when the request is queued, drop (or end) it when
+    /// the request is dispatched or leaves the queue; set `epp.queue.outcome` before ending if
+    /// it did not dispatch.
+    pub fn queue_wait(&self) -> Span {
+        self.child("queue_wait")
+    }
+
+    /// The routing decision; [`RequestTrace::decided`] records its result.
+    pub fn route(&self) -> Span {
+        let mut s = self.child("route");
+        s.set_attribute(KeyValue::new("epp.policy", StringValue::from(self.policy.clone())));
+        s
+    }
+
+    /// `traceparent` (and `tracestate`) for the worker, naming our server span as the parent.
+    pub fn outgoing_headers(&self) -> Vec<(&'static str, String)> {
+        let mut out = Outgoing(Vec::with_capacity(2));
+        TraceContextPropagator::new().inject_context(&self.root, &mut out);
+        out.0
+    }
+
+    /// The request went to a worker: time to its first response chunk starts now.
+    pub fn forwarded(&mut self) {
+        self.first_chunk = Some(self.child("first_chunk"));
+    }
+
+    /// The first non-empty response chunk arrived.
+    pub fn first_chunk(&mut self) {
+        if let Some(mut s) = self.first_chunk.take() {
+            s.end();
+        }
+    }
+
+    /// How the request ended for us: `routed`, `passthrough`, or an error code with its status.
+    pub fn outcome(&self, outcome: &'static str, rejected_with: Option<u16>) {
+        let span = self.root.span();
+        span.set_attribute(KeyValue::new("epp.outcome", outcome));
+        if let Some(status) = rejected_with {
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+            span.set_status(Status::error(outcome));
+        }
+    }
+
+    /// Ends the server span (and a `first_chunk` still open).
+    pub fn end(&mut self) {
+        self.first_chunk = None;
+        self.root.span().end();
+    }
+}
+
+/// Records the decision on its `route` span and ends it.
+pub fn decided(mut span: Span, d: &Decision) {
+    span.set_attributes([
+        KeyValue::new("epp.worker.id", d.decode.worker.id.to_string()),
+        KeyValue::new("epp.worker.dp_rank", i64::from(d.decode.worker.dp_rank.0)),
+        KeyValue::new("epp.worker.endpoint", d.decode.endpoint.to_string()),
+        KeyValue::new("epp.routing_mode", d.mode.as_str()),
+        KeyValue::new("epp.predicted_cached_tokens", d.predicted_cached_tokens as i64),
+    ]);
+    if let Some(p) = &d.prefill {
+        span.set_attributes([
+            KeyValue::new("epp.prefill.worker.id", p.worker.id.to_string()),
+            KeyValue::new("epp.prefill.dp_rank", i64::from(p.worker.dp_rank.0)),
+        ]);
+    }
+    span.end();
+}
+
+/// Ends the `tokenize` span of a prompt of `tokens` ids.
+pub fn tokenized(mut span: Span, tokens: usize) {
+    span.set_attribute(KeyValue::new("epp.prompt_tokens", tokens as i64));
+    span.end();
+}
+
+/// Marks a `queue_wait` span whose request left the queue without being dispatched
+/// (`timeout`, `disconnected`); it ends when dropped.
+pub fn left_queue(span: &mut Span, outcome: &'static str) {
+    span.set_attribute(KeyValue::new("epp.queue.outcome", outcome));
+}
+
+/// Ends a phase span that failed, naming the error code.
+pub fn failed(mut span: Span, code: &'static str) {
+    span.set_attribute(KeyValue::new("error.type", code));
+    span.set_status(Status::error(code));
+    span.end();
+}

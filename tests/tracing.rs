@@ -1,0 +1,280 @@
+//! OpenTelemetry traces from the real binary behind the real Envoy, received over OTLP/gRPC by a
+//! collector built here on the official protobuf service definitions (`opentelemetry-proto`).
+//! Expected ids come from the client's `traceparent` and the workers file, expected prompt
+//! lengths from the golden corpus (Python `transformers`).
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use dynamo_epp::{
+    config::TraceSampler,
+    server::otel::{TraceSettings, Tracing},
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    common::v1::{any_value::Value as Any, KeyValue},
+    trace::v1::{span::SpanKind, status::StatusCode, Span},
+};
+use parking_lot::Mutex;
+
+/// Every export request received, whole.
+#[derive(Clone, Default)]
+struct Collector {
+    got: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(&self, r: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.got.lock().push(r.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+impl Collector {
+    async fn start() -> (Collector, SocketAddr) {
+        let c = Collector::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let svc = TraceServiceServer::new(c.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        (c, addr)
+    }
+
+    fn spans(&self) -> Vec<Span> {
+        let got = self.got.lock();
+        got.iter().flat_map(|r| &r.resource_spans).flat_map(|rs| &rs.scope_spans).flat_map(|ss| ss.spans.clone()).collect()
+    }
+
+    fn service_names(&self) -> Vec<String> {
+        let got = self.got.lock();
+        got.iter().flat_map(|r| &r.resource_spans).filter_map(|rs| attr(&rs.resource.as_ref()?.attributes, "service.name")).collect()
+    }
+
+    /// Waits (bounded) until `n` spans of `trace_id` arrived.
+    async fn wait_trace(&self, trace_id: &[u8], n: usize) -> Vec<Span> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let spans: Vec<Span> = self.spans().into_iter().filter(|s| s.trace_id == trace_id).collect();
+            if spans.len() >= n {
+                return spans;
+            }
+            assert!(Instant::now() < deadline, "only {} of {n} spans of trace {} arrived: {spans:#?}", spans.len(), hex(trace_id));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    let v = attrs.iter().find(|kv| kv.key == key)?.value.as_ref()?.value.as_ref()?;
+    Some(match v {
+        Any::StringValue(s) => s.clone(),
+        Any::IntValue(i) => i.to_string(),
+        Any::BoolValue(b) => b.to_string(),
+        Any::DoubleValue(d) => d.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+fn named<'a>(spans: &'a [Span], name: &str) -> &'a Span {
+    let found: Vec<&Span> = spans.iter().filter(|s| s.name == name).collect();
+    assert_eq!(found.len(), 1, "one {name} span expected: {spans:#?}");
+    found[0]
+}
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+const SECRET: &str = "sk-SECRET-never-in-a-span";
+const WORKER_ID: u64 = 4242;
+
+fn epp_env(extra: &[(&str, &str)]) -> EppOptions {
+    let mut env = vec![
+        ("DYN_MODEL_PATH".to_string(), tokenizer_fixtures().join("qwen3").display().to_string()),
+        ("DYN_MODEL_NAME".to_string(), "m".to_string()),
+    ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    EppOptions { env, ..Default::default() }
+}
+
+async fn post(chain: &Chain, body: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    let mut req = chain.client.post(chain.envoy.url("/v1/chat/completions?api-key=QUERYSECRET")).body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_continue_the_clients_trace_and_the_worker_continues_ours() {
+    let (collector, addr) = Collector::start().await;
+    let endpoint = format!("http://{addr}");
+    let chain = Chain::start(
+        &[("w0", Some(WORKER_ID))],
+        epp_env(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
+            ("OTEL_SERVICE_NAME", "epp-under-test"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ]),
+    )
+    .await;
+    let case = golden_case("hello");
+    let prompt_ids = case["expected"]["qwen3"]["ids"].as_array().unwrap().len();
+    let client_parent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+
+    // 1. A streamed request inside the client's trace, with a credential the spans must not show.
+    let (status, text) = post(
+        &chain,
+        golden_body(case),
+        &[("traceparent", &client_parent), ("tracestate", "vendor=abc"), ("authorization", &format!("Bearer {SECRET}")), ("x-mock-mode", "sse")],
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("[DONE]"), "{text}");
+
+    let trace = unhex(CLIENT_TRACE);
+    let spans = collector.wait_trace(&trace, 4).await;
+    let root = named(&spans, "ext_proc");
+    assert_eq!((hex(&root.parent_span_id), root.kind), (CLIENT_SPAN.to_string(), SpanKind::Server as i32), "{root:#?}");
+    assert_eq!(attr(&root.attributes, "url.path").as_deref(), Some("/v1/chat/completions"));
+    assert_eq!(attr(&root.attributes, "http.request.method").as_deref(), Some("POST"));
+    assert_eq!(attr(&root.attributes, "epp.outcome").as_deref(), Some("routed"));
+    for name in ["tokenize", "route", "first_chunk"] {
+        let s = named(&spans, name);
+        assert_eq!(s.parent_span_id, root.span_id, "{name} must be a child of the server span: {s:#?}");
+        assert!(root.start_time_unix_nano <= s.start_time_unix_nano && s.end_time_unix_nano <= root.end_time_unix_nano, "{name} outside the request: {spans:#?}");
+    }
+    let (tokenize, route, first) = (named(&spans, "tokenize"), named(&spans, "route"), named(&spans, "first_chunk"));
+    // The phases follow each other: tokenize, decide, then wait for the worker's first chunk.
+    assert!(tokenize.end_time_unix_nano <= route.start_time_unix_nano && route.end_time_unix_nano <= first.start_time_unix_nano, "{spans:#?}");
+    assert_eq!(attr(&tokenize.attributes, "epp.prompt_tokens"), Some(prompt_ids.to_string()));
+    assert_eq!(attr(&route.attributes, "epp.worker.id"), Some(WORKER_ID.to_string()));
+    assert_eq!(attr(&route.attributes, "epp.worker.dp_rank").as_deref(), Some("0"));
+    assert_eq!(attr(&route.attributes, "epp.worker.endpoint"), Some(chain.workers[0].addr.to_string()));
+    assert_eq!(attr(&route.attributes, "epp.policy").as_deref(), Some("cost"));
+    assert_eq!(attr(&route.attributes, "epp.routing_mode").as_deref(), Some("aggregated"));
+    // Nothing cached yet (no KV events, first request).
+    assert_eq!(attr(&route.attributes, "epp.predicted_cached_tokens").as_deref(), Some("0"));
+
+    // The worker was told to continue our trace, under our server span.
+    let seen = chain.workers[0].seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers.get("traceparent"), Some(&format!("00-{CLIENT_TRACE}-{}-01", hex(&root.span_id))));
+    assert_eq!(seen[0].headers.get("tracestate").map(String::as_str), Some("vendor=abc"));
+
+    // 2. No client trace: a new one, rooted at our span, forwarded the same way.
+    let (status, _) = post(&chain, golden_body(case), &[]).await;
+    assert_eq!(status, 200);
+    let second = &chain.workers[0].seen()[1];
+    assert_eq!(second.headers.get("tracestate"), None, "no tracestate is made up");
+    let forwarded = second.headers.get("traceparent").cloned().expect("traceparent to the worker");
+    let parts: Vec<&str> = forwarded.split('-').collect();
+    assert_eq!((parts.len(), parts[0], parts[3]), (4, "00", "01"), "{forwarded}");
+    assert_ne!(parts[1], CLIENT_TRACE);
+    let spans = collector.wait_trace(&unhex(parts[1]), 4).await;
+    let root = named(&spans, "ext_proc");
+    assert!(root.parent_span_id.is_empty(), "{root:#?}");
+    assert_eq!(hex(&root.span_id), parts[2]);
+
+    // 3. A rejected body: the server span says so, the tokenize span names the error, no worker.
+    let rejected_trace = "0af7651916cd43dd8448eb211c80319c";
+    let (status, _) = post(&chain, r#"{"model": "m", "messages": "not a list"}"#, &[("traceparent", &format!("00-{rejected_trace}-b7ad6b7169203331-01"))]).await;
+    assert_eq!(status, 400);
+    let spans = collector.wait_trace(&unhex(rejected_trace), 2).await;
+    let root = named(&spans, "ext_proc");
+    assert_eq!(attr(&root.attributes, "http.response.status_code").as_deref(), Some("400"));
+    assert_eq!(root.status.as_ref().map(|s| s.code), Some(StatusCode::Error as i32), "{root:#?}");
+    let tokenize = named(&spans, "tokenize");
+    assert_eq!(tokenize.status.as_ref().map(|s| s.code), Some(StatusCode::Error as i32), "{tokenize:#?}");
+    assert!(spans.iter().all(|s| s.name != "route" && s.name != "first_chunk"), "{spans:#?}");
+    assert_eq!(chain.workers[0].seen().len(), 2);
+
+    // Every span came from our service, and none shows a header value or the query string.
+    assert!(collector.service_names().iter().all(|n| n == "epp-under-test") && !collector.service_names().is_empty());
+    let everything = format!("{:?}", collector.spans());
+    assert!(!everything.contains(SECRET) && !everything.contains("QUERYSECRET") && !everything.contains("authorization"), "{everything}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn export_off_sends_nothing_and_leaves_traceparent_alone() {
+    let (collector, addr) = Collector::start().await;
+    let endpoint = format!("http://{addr}");
+    // Off by default (no OTEL variable), and off by OTEL_SDK_DISABLED despite an endpoint.
+    for env in [vec![], vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_SDK_DISABLED", "true"), ("OTEL_BSP_SCHEDULE_DELAY", "100")]] {
+        let mut chain = Chain::start(&[("w0", None)], epp_env(&env)).await;
+        let client_parent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
+        let (status, _) = post(&chain, golden_body(golden_case("hello")), &[("traceparent", &client_parent)]).await;
+        assert_eq!(status, 200);
+        let (status, _) = post(&chain, golden_body(golden_case("hello")), &[]).await;
+        assert_eq!(status, 200);
+        let seen = chain.workers[0].seen();
+        // The client's own header passes through untouched; none is made up.
+        assert_eq!(seen[0].headers.get("traceparent"), Some(&client_parent), "{env:?}");
+        assert_eq!(seen[1].headers.get("traceparent"), None, "{env:?}");
+        // A graceful exit flushes whatever an exporter holds: after it, nothing may have come.
+        let pid = chain.epp.pid();
+        // SAFETY: signalling our own child process.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let exit = tokio::time::timeout(Duration::from_secs(30), chain.epp.child.wait()).await.expect("EPP exits on SIGTERM").unwrap();
+        assert!(exit.success(), "{exit:?}");
+        assert_eq!(collector.got.lock().len(), 0, "{env:?}: spans exported with export off");
+    }
+}
+
+/// The queue's hook (`RequestTrace::queue_wait`) nests under the request span, and a client
+/// that did not sample gets nothing recorded but still a `traceparent` (unsampled) forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_wait_hook_nests_under_the_request_and_unsampled_clients_stay_unsampled() {
+    let (collector, addr) = Collector::start().await;
+    let tracing = Tracing::start(&TraceSettings {
+        endpoint: format!("http://{addr}"),
+        service_name: "hook".into(),
+        sampler: TraceSampler::ParentbasedAlwaysOn,
+        ratio: 1.0,
+        batch_delay: Duration::from_millis(100),
+        policy: "cost".into(),
+    })
+    .unwrap();
+    let headers = |flags: &str| vec![(":path".to_string(), "/v1/completions".to_string()), ("traceparent".to_string(), format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}"))];
+
+    let unsampled_trace = "11111111111111111111111111111111";
+    let mut unsampled = tracing.request(&[(":path".to_string(), "/v1/completions".to_string()), ("traceparent".to_string(), format!("00-{unsampled_trace}-{CLIENT_SPAN}-00"))]);
+    let out = unsampled.outgoing_headers();
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(out[0].0 == "traceparent" && out[0].1.starts_with(&format!("00-{unsampled_trace}-")) && out[0].1.ends_with("-00"), "{out:?}");
+    drop(unsampled.queue_wait());
+    unsampled.end();
+
+    let mut req = tracing.request(&headers("01"));
+    let wait = req.queue_wait();
+    drop(wait);
+    req.end();
+    // Shutdown flushes: after it every recorded span has arrived.
+    tracing.shutdown().await;
+    let spans = collector.wait_trace(&unhex(CLIENT_TRACE), 2).await;
+    let root = named(&spans, "ext_proc");
+    assert_eq!(hex(&root.parent_span_id), CLIENT_SPAN);
+    assert_eq!(named(&spans, "queue_wait").parent_span_id, root.span_id);
+    assert!(collector.spans().iter().all(|s| s.trace_id != unhex(unsampled_trace)), "an unsampled trace was recorded");
+}
