@@ -181,7 +181,9 @@ struct Booking {
     osl: Option<u32>,
     /// The prompt's blocks pinned in the `lru` cache model (keyed by the booking id).
     lease: Option<Lease>,
-    seen: Observation,
+    /// What the latency models learn from it (`predicted-ttft` only: the default policy pays
+    /// for no prediction, booking or fit).
+    seen: Option<Observation>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -660,12 +662,11 @@ impl Router {
             Some(p) if q.isl > 0 => p.acquire(holder, booking.0, &q.hashes, (q.isl % bs != 0) as usize, now).then_some(Lease { rank: holder, isl: q.isl }),
             _ => None,
         };
-        let seen = {
-            let (pi, di) = (self.inputs(&cache_holder, q.isl), self.inputs(&decode, q.isl));
-            let predicted = cache_holder.prediction.unwrap_or_else(|| self.latency.predict(&holder, pi));
+        // Under `predicted-ttft` every candidate carries its prediction.
+        let seen = cache_holder.prediction.zip(decode.prediction).map(|(predicted, d)| {
             let prefill_done = self.latency.book(holder, &predicted, now);
-            Observation { dispatched: now, prefill: (holder, pi, predicted), prefill_done, decode: (decode.target.worker, di), first_token: None, generated: 0 }
-        };
+            Observation { dispatched: now, prefill: (holder, predicted.inputs, predicted), prefill_done, decode: (decode.target.worker, d.inputs), first_token: None, generated: 0 }
+        });
         self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
         Ok(Decision {
             decode: decode.target,
@@ -726,11 +727,11 @@ impl Router {
     /// prediction made at dispatch is returned beside the actual time (first chunk only).
     pub fn on_first_token(&mut self, booking: BookingId, now: Instant) -> Option<TtftSample> {
         let b = self.bookings.get_mut(&booking)?;
-        let sample = b.seen.first_token.is_none().then(|| {
-            b.seen.first_token = Some(now);
-            let (worker, inputs, predicted) = b.seen.prefill;
-            let actual_ms = now.saturating_duration_since(b.seen.dispatched).as_secs_f64() * 1e3;
-            self.latency.observe_ttft(worker, &inputs, actual_ms, b.seen.prefill_done, predicted.base_ms, now);
+        let sample = b.seen.as_mut().filter(|s| s.first_token.is_none()).map(|seen| {
+            seen.first_token = Some(now);
+            let (worker, inputs, predicted) = seen.prefill;
+            let actual_ms = now.saturating_duration_since(seen.dispatched).as_secs_f64() * 1e3;
+            self.latency.observe_ttft(worker, &inputs, actual_ms, seen.prefill_done, predicted.base_ms, now);
             TtftSample { worker, predicted_ms: predicted.ttft_ms, actual_ms }
         });
         let (decode, prefill) = (b.decode, b.prefill.take());
@@ -764,7 +765,9 @@ impl Router {
     pub fn on_output(&mut self, booking: BookingId, generated: u64) {
         let tracks = self.tracks_output_blocks();
         let Some(b) = self.bookings.get_mut(&booking) else { return };
-        b.seen.generated = generated;
+        if let Some(seen) = &mut b.seen {
+            seen.generated = generated;
+        }
         let bs = self.kv.block_size as u64;
         if let (Some(l), Some(p)) = (b.lease, &mut self.kv.predicted) {
             let tokens = l.isl + generated;
@@ -779,10 +782,14 @@ impl Router {
     /// decoding rank's TPOT model learns from the spacing of what streamed.
     pub fn on_end(&mut self, booking: BookingId, now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
-        if let Some(first) = b.seen.first_token {
-            let (worker, inputs) = b.seen.decode;
-            let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
-            self.latency.observe_decode(worker, &inputs, b.seen.generated, ms);
+        match b.seen {
+            Some(Observation { first_token: Some(first), decode: (worker, inputs), generated, .. }) => {
+                let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
+                self.latency.observe_decode(worker, &inputs, generated, ms);
+            }
+            // Ended before its first chunk (cancelled, failed): its prefill leaves the backlog.
+            Some(Observation { first_token: None, prefill: (worker, _, predicted), .. }) => self.latency.unbook(worker, &predicted, now),
+            None => {}
         }
         self.kv.release(booking, b.lease);
         if let Some(p) = b.prefill {
@@ -1125,6 +1132,22 @@ mod tests {
         }
         assert_eq!(r.load(&d3), RankLoad::default());
         assert_eq!(r.active_requests(), 0);
+    }
+
+    #[test]
+    fn the_cost_policy_predicts_and_learns_nothing() {
+        // The default path pays for no latency model: no prediction to report, no samples.
+        let mut r = router(vec![worker(1, 1, Role::Worker, 1), worker(2, 2, Role::Worker, 1)]);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        for _ in 0..5 {
+            let d = r.route(&tokens(64), now, &mut rng).unwrap();
+            assert_eq!(r.on_first_token(d.booking, now + Duration::from_millis(50)), None);
+            r.on_output(d.booking, 10);
+            r.on_end(d.booking, now + Duration::from_millis(100));
+        }
+        assert!(r.workers().iter().flat_map(Worker::ranks).all(|w| !r.has_latency_samples(&w)));
+        assert_eq!(r.fleet_latency_model().ttft.samples(), 0);
     }
 
     #[test]

@@ -252,6 +252,14 @@ impl LatencyModels {
         *end
     }
 
+    /// A request booked with prediction `p` ended before its first chunk: its prefill will not
+    /// run, so the backlog behind it is that much shorter.
+    pub fn unbook(&mut self, r: WorkerRank, p: &Prediction, now: Instant) {
+        if let Some(end) = self.backlog.get_mut(&r) {
+            *end = end.checked_sub(Duration::from_secs_f64(p.prefill_ms.max(0.0) / 1e3)).unwrap_or(now).max(now);
+        }
+    }
+
     /// A first response chunk came `ttft_ms` after dispatch to `r`, with these inputs then;
     /// its prefill was expected done at `done`, `base_ms` before the chunk. The backlog behind
     /// it moves by the difference (FCFS: whatever was behind it is that much early or late).
