@@ -163,6 +163,8 @@ pub struct Inputs {
     pub decode_tokens: f64,
     /// This request's own context (its prompt), added to the decode load for its TPOT.
     pub own_tokens: u64,
+    /// Requests booked on the rank (their decoding waits while this prompt is prefilled).
+    pub active_requests: u32,
 }
 
 impl Inputs {
