@@ -2,7 +2,8 @@
 //! (worker, rank), select, book, then free at the end) on the shared workload
 //! (`benches/common/decision_workload.rs`): 100 workers × 1 rank and 32 workers × 8 ranks,
 //! 8192-token prompts over ~1 M indexed (rank, block) pairs. Dynamo's router does the same
-//! decisions in `benches/dynamo-baseline` (decision_vs_dynamo).
+//! decisions in `benches/dynamo-baseline` (decision_vs_dynamo). The `predicted-ttft` policy
+//! decides the same requests in the same run; its ratio to the default (`cost`) is printed.
 //!
 //!   cargo bench --bench decision
 
@@ -10,16 +11,19 @@
 mod decision_workload;
 
 use decision_workload::{bench_decider, build, print_rows, Ours, TOPOLOGIES};
+use dynamo_epp::sched::RoutingPolicy;
 
 fn main() {
     let mut c = criterion::Criterion::default().configure_from_args();
     let rows: Vec<_> = TOPOLOGIES
         .into_iter()
-        .map(|t| {
+        .flat_map(|t| {
             let w = build(t, 200);
-            bench_decider(&mut c, &w, &mut Ours::new(&w))
+            let cost = bench_decider(&mut c, &w, &mut Ours::new(&w));
+            let predicted = bench_decider(&mut c, &w, &mut Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "predicted-ttft"));
+            [cost, predicted]
         })
         .collect();
     c.final_summary();
-    print_rows(&rows, None);
+    print_rows(&rows, ["dynamo-epp"]);
 }

@@ -341,6 +341,57 @@ async fn disaggregated_through_our_epp_prefill_and_decode_run_on_our_picks() {
     assert_eq!(delta(&before, &dy.served_all().await), vec![0; 4]);
 }
 
+/// `DYN_ROUTER_POLICY=predicted-ttft` against the default `cost` on the same two real mockers,
+/// one of them made 6× slower with the mocker's own `--speedup-ratio`. One request at a time,
+/// alternating between an EPP of each policy (machine noise hits both alike), prompts of the
+/// same length and distinct from their first block (no cache hit favours either). `cost` sees
+/// two idle workers and splits evenly; `predicted-ttft` learns the slower one's first-chunk
+/// times and avoids it. Served counts come from the mockers' own metrics, TTFT from the client
+/// (request sent → first streamed chunk).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn predicted_ttft_moves_load_off_a_slower_mocker_and_lowers_the_ttft() {
+    let (slow, factor) = (1, 6.0);
+    let opts = DynamoOptions { workers: vec![Mode::Agg; 2], speedup_ratio: 2.0, slower: Some((slow, factor)), ..Default::default() };
+    let chain = InteropChain::start(opts, &[0, 1]).await;
+    let (_epp, predicted) = chain.another_front(&[0, 1], vec![("DYN_ROUTER_POLICY".into(), "predicted-ttft".into())]).await;
+    let dy = &chain.dynamo;
+    const N: usize = 40;
+    let mut served = [vec![0u64; 2], vec![0u64; 2]];
+    let mut ttft_ms = [Vec::new(), Vec::new()];
+    for i in 0..N {
+        for (k, url) in [chain.envoy.url("/v1/completions"), predicted.url("/v1/completions")].into_iter().enumerate() {
+            // ~1,500 prompt tokens: the prefill dominates the first chunk's time.
+            let prompt = format!("Policy {k}, request {i:02}: ") + &"the rivers of the world run to the sea, ".repeat(160);
+            let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 4, "stream": true});
+            let before = dy.served_all().await;
+            let sent = Instant::now();
+            let r = post_json(&chain.client, &url, &[], &body, T).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            assert!(r.body.trim_end().ends_with("data: [DONE]") && !r.body.contains("\"error\""), "{}", r.body);
+            ttft_ms[k].push(r.first_chunk_at.expect("a streamed chunk").duration_since(sent).as_secs_f64() * 1e3);
+            // The served counter moves once the worker is done: wait for it (bounded).
+            let deadline = Instant::now() + T;
+            let d = loop {
+                let d = delta(&before, &dy.served_all().await);
+                if d.iter().sum::<u64>() == 1 || Instant::now() > deadline {
+                    break d;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert_eq!(d.iter().sum::<u64>(), 1, "one worker serves each request: {d:?}");
+            served[k].iter_mut().zip(&d).for_each(|(s, d)| *s += d);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (cost_ttft, predicted_ttft) = (mean(&ttft_ms[0]), mean(&ttft_ms[1]));
+    eprintln!("served (cost, predicted-ttft): {served:?}; client TTFT mean ms: {cost_ttft:.1} vs {predicted_ttft:.1}");
+    // Even split for `cost` (idle workers tie): under 10 of 40 on either by chance is ~0.1 %.
+    assert!(served[0][slow] >= 10, "cost no longer splits idle workers evenly: {served:?}");
+    // `predicted-ttft` learns within a few requests; a few more may probe the slow one.
+    assert!(served[1][slow] <= 8, "predicted-ttft kept the slower worker busy: {served:?}");
+    assert!(predicted_ttft < cost_ttft, "TTFT mean {predicted_ttft:.1} ms (predicted-ttft) vs {cost_ttft:.1} ms (cost)");
+}
+
 /// Our NATS-core decoder on the real payloads in tests/fixtures/dynamo-1.6.1, against Python
 /// msgpack's reading of the same bytes (kv-events.json); our block hashes of the token ids that
 /// produced them against the engine's.

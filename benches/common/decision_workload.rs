@@ -285,12 +285,20 @@ pub struct Ours {
     pub router: dynamo_epp::router::Router,
     pub rng: SmallRng,
     pub now: Instant,
+    name: &'static str,
 }
 
 impl Ours {
+    /// With Dynamo's defaults (the `cost` policy).
     pub fn new(w: &DecisionWorkload) -> Self {
-        use dynamo_epp::router::{PeerEvent, PeerEventData, Router};
-        let mut router = Router::default();
+        Self::with_policy(w, dynamo_epp::sched::RoutingPolicy::Cost, "dynamo-epp")
+    }
+
+    /// With the defaults but `policy`, reported as `name`.
+    pub fn with_policy(w: &DecisionWorkload, policy: dynamo_epp::sched::RoutingPolicy, name: &'static str) -> Self {
+        use dynamo_epp::router::{KvSettings, PeerEvent, PeerEventData, Router};
+        use dynamo_epp::sched::SchedSettings;
+        let mut router = Router::new(KvSettings::default(), SchedSettings { policy, ..SchedSettings::default() });
         router.set_fleet(w.topology.fleet());
         for e in &w.stores {
             router.apply(e);
@@ -305,14 +313,14 @@ impl Ours {
                 router.apply_peer(1, ev(PeerEventData::PrefillCompleted), now);
             }
         }
-        Ours { router, rng: SmallRng::seed_from_u64(7), now }
+        Ours { router, rng: SmallRng::seed_from_u64(7), now, name }
     }
 }
 
 impl Decider for Ours {
     type Req = dynamo_epp::router::RoutingRequest;
     fn name(&self) -> &'static str {
-        "dynamo-epp"
+        self.name
     }
     fn prepare(&self, tokens: &[u32]) -> Self::Req {
         dynamo_epp::router::RoutingRequest { tokens: tokens.to_vec(), ..Default::default() }

@@ -163,6 +163,8 @@ pub struct Inputs {
     pub decode_tokens: f64,
     /// This request's own context (its prompt), added to the decode load for its TPOT.
     pub own_tokens: u64,
+    /// Requests booked on the rank (their decoding waits while this prompt is prefilled).
+    pub active_requests: u32,
 }
 
 impl Inputs {
@@ -250,6 +252,14 @@ impl LatencyModels {
         let end = self.backlog.entry(r).or_insert(now);
         *end = (*end).max(now) + Duration::from_secs_f64(p.prefill_ms.max(0.0) / 1e3);
         *end
+    }
+
+    /// A request booked with prediction `p` ended before its first chunk: its prefill will not
+    /// run, so the backlog behind it is that much shorter.
+    pub fn unbook(&mut self, r: WorkerRank, p: &Prediction, now: Instant) {
+        if let Some(end) = self.backlog.get_mut(&r) {
+            *end = end.checked_sub(Duration::from_secs_f64(p.prefill_ms.max(0.0) / 1e3)).unwrap_or(now).max(now);
+        }
     }
 
     /// A first response chunk came `ttft_ms` after dispatch to `r`, with these inputs then;

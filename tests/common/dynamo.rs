@@ -110,6 +110,9 @@ pub struct DynamoOptions {
     pub speedup_ratio: f64,
     /// KV capacity per worker in blocks (mocker default 16384); small values force evictions.
     pub num_gpu_blocks: Option<u32>,
+    /// (worker index, factor): that mocker runs this many times slower (its `--speedup-ratio`
+    /// divided by the factor).
+    pub slower: Option<(usize, f64)>,
 }
 
 impl Default for DynamoOptions {
@@ -120,7 +123,16 @@ impl Default for DynamoOptions {
             block_size: 16,
             speedup_ratio: 10.0,
             num_gpu_blocks: None,
+            slower: None,
         }
+    }
+}
+
+/// Worker `i`'s `--speedup-ratio`.
+fn speedup_of(opts: &DynamoOptions, i: usize) -> f64 {
+    match opts.slower {
+        Some((w, factor)) if w == i => opts.speedup_ratio / factor,
+        _ => opts.speedup_ratio,
     }
 }
 
@@ -171,7 +183,7 @@ impl DynamoFleet {
                 .arg(format!("dyn://{}.{}.generate", opts.namespace, mode.component()))
                 .args(["--disaggregation-mode", mode.flag()])
                 .args(["--block-size", &opts.block_size.to_string()])
-                .args(["--speedup-ratio", &opts.speedup_ratio.to_string()]);
+                .args(["--speedup-ratio", &speedup_of(&opts, i).to_string()]);
             if let Some(n) = opts.num_gpu_blocks {
                 cmd.args(["--num-gpu-blocks-override", &n.to_string()]);
             }
@@ -522,18 +534,15 @@ impl InteropChain {
         epp_env: impl FnOnce(&DynamoFleet) -> Vec<(String, String)>,
     ) -> InteropChain {
         let dynamo = DynamoFleet::start(opts).await;
-        // As deployed: our EPP tokenizes with the served model's files and injects
-        // nvext.token_data, so the frontend skips its own tokenization.
-        let mut env = vec![
-            ("DYN_MODEL_PATH".into(), dynamo.model_dir().display().to_string()),
-            ("DYN_MODEL_NAME".into(), MODEL.into()),
-        ];
-        env.extend(epp_env(&dynamo));
-        let epp_opts = EppOptions { env, ..Default::default() };
-        let epp = Epp::start(&dynamo.fleet_yaml(fleet), epp_opts).await;
-        let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+        let (epp, envoy) = front(&dynamo, fleet, epp_env(&dynamo)).await;
         let client = reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap();
         InteropChain { dynamo, epp, envoy, client }
+    }
+
+    /// Another EPP (configured by `env` on top of the chain's) and Envoy in front of the same
+    /// Dynamo fleet: two router configurations compared on the same workers.
+    pub async fn another_front(&self, fleet: &[usize], env: Vec<(String, String)>) -> (Epp, Envoy) {
+        front(&self.dynamo, fleet, env).await
     }
 
     /// Rewrites our EPP's fleet file and waits until it serves exactly that many workers.
@@ -569,6 +578,20 @@ impl InteropChain {
     pub async fn post(&self, path: &str, body: &serde_json::Value, timeout: Duration) -> Reply {
         post_json(&self.client, &self.envoy.url(path), &[], body, timeout).await
     }
+}
+
+/// Our EPP (its fleet file naming `fleet`) and an Envoy asking it, in front of `dynamo`.
+async fn front(dynamo: &DynamoFleet, fleet: &[usize], extra_env: Vec<(String, String)>) -> (Epp, Envoy) {
+    // As deployed: our EPP tokenizes with the served model's files and injects
+    // nvext.token_data, so the frontend skips its own tokenization.
+    let mut env = vec![
+        ("DYN_MODEL_PATH".into(), dynamo.model_dir().display().to_string()),
+        ("DYN_MODEL_NAME".into(), MODEL.into()),
+    ];
+    env.extend(extra_env);
+    let epp = Epp::start(&dynamo.fleet_yaml(fleet), EppOptions { env, ..Default::default() }).await;
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    (epp, envoy)
 }
 
 /// POSTs JSON and reads the whole answer, within `timeout` (a hung request fails the test).
