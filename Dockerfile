@@ -30,6 +30,7 @@ RUN apt-get update \
  && echo 'fn main() {}' > benches/tokenize.rs \
  && echo 'fn main() {}' > benches/decision.rs \
  && echo 'fn main() {}' > benches/full_path.rs \
+ && echo 'fn main() {}' > benches/queue.rs \
  && cargo fetch --locked \
  && cargo build --release --locked --offline --bin dynamo-epp
 
