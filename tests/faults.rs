@@ -441,29 +441,72 @@ async fn kubernetes_api_errors_and_silence() {
     assert_eq!(*tally.hung.lock(), 0, "{line}");
 }
 
-/// Six ~16 MB chat bodies at once (the default body limit), with six tokenizer threads as a
-/// six-core node has: the byte budget (`DYN_EPP_TOKENIZATION_BUDGET_BYTES`, default 16 MiB)
-/// tokenizes one at a time, so the EPP's peak RSS (VmHWM of the real binary) grows by at most
-/// [`HUGE_PEAK_BOUND_MIB`], whatever the thread count; every body is answered (200, or 504 past
-/// the tokenization deadline), none hangs. For the figures in docs/robustness.md,
-/// `EPP_TOKENIZATION_BUDGET` (bytes) and `EPP_TOKENIZER` (`default` = HF) override the defaults;
-/// the bound is checked only with the defaults.
+/// Six large chat bodies at once with six tokenizer threads (as a six-core node has): the byte
+/// budget (`DYN_EPP_TOKENIZATION_BUDGET_BYTES`) lets one body be tokenized at a time, so the EPP's
+/// peak RSS (VmHWM of the real binary) grows about as much as for one body alone, not six times;
+/// every body is answered (200, or 504 past the tokenization deadline), none hangs. A ratio in one
+/// run (one body on a fresh EPP, six on another), with HF's encoder, whose working memory is large
+/// enough to dwarf the buffered bodies and the allocator's noise: 2 MB bodies, a 2 MiB budget.
+/// `EPP_TOKENIZER`, `EPP_TOKENIZATION_BUDGET` (bytes) and `EPP_HUGE_BODY_MB` override these for the
+/// figures in docs/robustness.md; the bound is checked only without overrides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn huge_bodies_at_once_stay_within_the_memory_bound() {
-    let mut env = vec![
+    let body_bytes: usize = std::env::var("EPP_HUGE_BODY_MB").map_or(2, |m| m.parse().unwrap()) * 1_000_000;
+    // Varied prose (the corpus' 100k-token chat), repeated to 95 % of the body size (the JSON
+    // escapes stay within it); each body its own text so none is served from the segment cache.
+    let case: serde_json::Value = serde_json::from_str(golden_body(golden_case("chat_100k_tokens"))).unwrap();
+    let prose = case["messages"][1]["content"].as_str().unwrap();
+    let bodies: Vec<String> = (0..7)
+        .map(|i| {
+            let mut content = format!("request {i}: ");
+            while content.len() < body_bytes * 95 / 100 {
+                content.push_str(prose);
+            }
+            let mut cut = body_bytes * 95 / 100;
+            while !content.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            content.truncate(cut);
+            json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string()
+        })
+        .collect();
+    assert!(bodies.iter().all(|b| b.len() > body_bytes * 9 / 10 && b.len() <= body_bytes));
+    let (mut one, six) = (bodies, Vec::new());
+    let six = one.drain(1..).fold(six, |mut v, b| {
+        v.push(b);
+        v
+    });
+    let (grew_one, _, _) = peak_growth(one).await;
+    let (grew_six, statuses, took) = peak_growth(six).await;
+    let line = format!(
+        "~{} MB bodies, 6 tokenizer threads: EPP peak RSS growth {grew_one} MiB for one body alone, {grew_six} MiB for six at once (answered {statuses:?} in {took:?}; bound {HUGE_GROWTH_RATIO}× one)",
+        body_bytes / 1_000_000
+    );
+    println!("{line}");
+    assert!(statuses.contains(&200), "{line}");
+    if ["EPP_TOKENIZATION_BUDGET", "EPP_TOKENIZER", "EPP_HUGE_BODY_MB"].iter().all(|v| std::env::var_os(v).is_none()) {
+        assert!(grew_six as f64 <= HUGE_GROWTH_RATIO * grew_one as f64, "{line}");
+    }
+}
+
+/// Six bodies tokenized one at a time grow the peak beyond one body's (the five others buffered
+/// and forwarded, the allocator not reusing every page at once): measured 1.9×; all six
+/// tokenized at once (no budget) measured 4.4× (docs/robustness.md).
+const HUGE_GROWTH_RATIO: f64 = 3.0;
+
+/// Posts `bodies` at once to a fresh EPP (HF, 2 MiB budget unless overridden): its peak RSS
+/// growth in MiB over the idle process, the statuses and the time taken.
+async fn peak_growth(bodies: Vec<String>) -> (u64, Vec<u16>, Duration) {
+    let env = vec![
         ("DYN_MODEL_PATH".to_string(), tokenizer_fixtures().join("qwen3").display().to_string()),
         ("DYN_MODEL_NAME".to_string(), "m".to_string()),
         ("DYN_EPP_TOKENIZER_THREADS".to_string(), "6".to_string()),
-        // Debug build: one 16 MB body takes seconds; the queue behind it more.
+        // Debug build: a big body takes seconds; the queue behind it more.
         ("DYN_EPP_TOKENIZATION_TIMEOUT_MS".to_string(), "240000".to_string()),
         ("DYN_USE_KV_EVENTS".to_string(), "false".to_string()),
+        ("DYN_TOKENIZER".to_string(), std::env::var("EPP_TOKENIZER").unwrap_or("default".into())),
+        ("DYN_EPP_TOKENIZATION_BUDGET_BYTES".to_string(), std::env::var("EPP_TOKENIZATION_BUDGET").unwrap_or((2u64 << 20).to_string())),
     ];
-    if let Ok(t) = std::env::var("EPP_TOKENIZER") {
-        env.push(("DYN_TOKENIZER".to_string(), t));
-    }
-    if let Ok(b) = std::env::var("EPP_TOKENIZATION_BUDGET") {
-        env.push(("DYN_EPP_TOKENIZATION_BUDGET_BYTES".to_string(), b));
-    }
     let chain = Chain::start(&[("w0", None)], EppOptions { env, ..Default::default() }).await;
     chain.workers[0].stop_recording();
     let pid = chain.epp.pid() as u32;
@@ -477,40 +520,12 @@ async fn huge_bodies_at_once_stay_within_the_memory_bound() {
     };
     assert_eq!(post(json!({"model": "m", "messages": [{"role": "user", "content": "warm"}]}).to_string()).await.0, 200);
     let idle = status_kib(pid, "VmHWM") / 1024;
-    // Varied prose (the corpus' 100k-token chat), repeated to ~16 MB; each body its own text so
-    // that none is served from the segment cache.
-    let case: serde_json::Value = serde_json::from_str(golden_body(golden_case("chat_100k_tokens"))).unwrap();
-    let prose = case["messages"][1]["content"].as_str().unwrap();
-    let bodies: Vec<String> = (0..6)
-        .map(|i| {
-            let mut content = format!("request {i}: ");
-            while content.len() + prose.len() < 16_000_000 {
-                content.push_str(prose);
-            }
-            json!({"model": "m", "messages": [{"role": "user", "content": content}]}).to_string()
-        })
-        .collect();
-    assert!(bodies.iter().all(|b| b.len() > 15_000_000 && b.len() <= 16 << 20));
     let started = Instant::now();
     let answers = futures_util::future::join_all(bodies.into_iter().map(post)).await;
     let took = started.elapsed();
     let peak = status_kib(pid, "VmHWM") / 1024;
-    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
-    let line = format!(
-        "6 bodies of ~16 MB at once, 6 tokenizer threads: answered {statuses:?} in {took:?}; EPP peak RSS {peak} MiB, {idle} MiB before, growth {} MiB (bound {HUGE_PEAK_BOUND_MIB})",
-        peak - idle
-    );
-    println!("{line}");
     for (s, text) in &answers {
         assert!(*s == 200 || *s == 504, "{s}: {}", &text[..text.len().min(300)]);
     }
-    assert!(statuses.contains(&200), "{line}");
-    if std::env::var_os("EPP_TOKENIZATION_BUDGET").is_none() && std::env::var_os("EPP_TOKENIZER").is_none() {
-        assert!(peak - idle <= HUGE_PEAK_BOUND_MIB, "{line}");
-    }
+    (peak - idle, answers.iter().map(|(s, _)| *s).collect(), took)
 }
-
-/// The EPP's memory growth allowed in the test above (Qwen3, `auto` → fastokens): one body
-/// tokenized at a time plus six buffered and forwarded measured 335 MiB; without the budget
-/// (all six at once) 677 MiB (docs/robustness.md).
-const HUGE_PEAK_BOUND_MIB: u64 = 512;
