@@ -270,14 +270,8 @@ impl LatencyModels {
             let actual_done = now.checked_sub(Duration::from_secs_f64(base_ms.max(0.0) / 1e3)).unwrap_or(now);
             *end = if actual_done >= done { *end + (actual_done - done) } else { end.checked_sub(done - actual_done).unwrap_or(now) }.max(now);
         }
-        let x = inputs.ttft_x();
-        let seed = self.fleet.ttft.samples() >= FLEET_SEED_SAMPLES;
         let m = self.ranks.entry(r).or_default();
-        if m.ttft.samples() == 0 && seed {
-            m.ttft = Rls::seeded(&self.fleet.ttft);
-        }
-        m.ttft.update(&x, ttft_ms);
-        self.fleet.ttft.update(&x, ttft_ms);
+        learn(&mut m.ttft, &mut self.fleet.ttft, &inputs.ttft_x(), ttft_ms);
     }
 
     /// A response streamed `generated` tokens, `decode_ms` after its first one.
@@ -286,14 +280,8 @@ impl LatencyModels {
             return;
         }
         let tpot = decode_ms / (generated - 1) as f64;
-        let x = inputs.tpot_x();
-        let seed = self.fleet.tpot.samples() >= FLEET_SEED_SAMPLES;
         let m = self.ranks.entry(r).or_default();
-        if m.tpot.samples() == 0 && seed {
-            m.tpot = Rls::seeded(&self.fleet.tpot);
-        }
-        m.tpot.update(&x, tpot);
-        self.fleet.tpot.update(&x, tpot);
+        learn(&mut m.tpot, &mut self.fleet.tpot, &inputs.tpot_x(), tpot);
     }
 
     /// Forgets ranks that left the fleet.
@@ -306,6 +294,16 @@ impl LatencyModels {
     pub fn has(&self, r: &WorkerRank) -> bool {
         self.ranks.contains_key(r)
     }
+}
+
+/// One sample for a rank's model and the fleet's: a rank without samples of its own starts from
+/// the fleet's fit once that has enough.
+fn learn<const N: usize>(own: &mut Rls<N>, fleet: &mut Rls<N>, x: &[f64; N], y: f64) {
+    if own.samples() == 0 && fleet.samples() >= FLEET_SEED_SAMPLES {
+        *own = Rls::seeded(fleet);
+    }
+    own.update(x, y);
+    fleet.update(x, y);
 }
 
 #[cfg(test)]
