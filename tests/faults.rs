@@ -471,11 +471,8 @@ async fn huge_bodies_at_once_stay_within_the_memory_bound() {
         })
         .collect();
     assert!(bodies.iter().all(|b| b.len() > body_bytes * 9 / 10 && b.len() <= body_bytes));
-    let (mut one, six) = (bodies, Vec::new());
-    let six = one.drain(1..).fold(six, |mut v, b| {
-        v.push(b);
-        v
-    });
+    let mut one = bodies;
+    let six = one.split_off(1);
     let (grew_one, _, _) = peak_growth(one).await;
     let (grew_six, statuses, took) = peak_growth(six).await;
     let line = format!(
