@@ -1,8 +1,9 @@
 //! What the router queue adds to a decision: the same decisions on the shared workload
 //! (`benches/common/decision_workload.rs`, 100 × 1 and 32 × 8 fleets, 8192-token prompts),
 //! once routed directly and once through the queue as the server does it when requests wait
-//! (enqueue, the saturation gate, peek, route, pop; `wspt` also looks up the prompt's uncached
-//! tokens at enqueue). Same run, so the difference is the queue's cost.
+//! (enqueue; `wspt` also looks up the prompt's cache at enqueue for its key; then the
+//! dispatch round: the head-of-line rule's gate, the route — `wspt` with the lookup kept from
+//! enqueue — and the pop). Same run, so the difference is the queue's cost.
 //!
 //!   cargo bench --bench queue
 
@@ -12,14 +13,14 @@ mod decision_workload;
 use decision_workload::{bench_decider, build, Decider, Ours, TOPOLOGIES};
 use dynamo_epp::{
     router::RoutingRequest,
-    sched::queue::{Arrival, Queue, QueuePolicy, QueueSettings},
+    sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings},
     workers::WorkerRank,
 };
 
 /// Our router behind the queue: every decision waits once, then is dispatched.
 struct Queued {
     ours: Ours,
-    queue: Queue<()>,
+    queue: Queue<Option<dynamo_epp::router::Lookup>>,
     wspt: bool,
     name: &'static str,
 }
@@ -35,12 +36,24 @@ impl Decider for Queued {
     fn decide(&mut self, req: &Self::Req) -> WorkerRank {
         let now = self.ours.now;
         let router = &mut self.ours.router;
-        let uncached_tokens = if self.wspt { router.uncached_tokens(req) } else { 0 };
-        let a = Arrival { bytes: 4 * req.tokens.len() as u64, uncached_tokens, ..Default::default() };
-        self.queue.push((), a, now).expect("room");
-        assert!(self.queue.peek().is_some() && !router.queue_saturated(req, 1e9));
-        let d = router.route(req, now, &mut self.ours.rng).expect("a worker is chosen");
-        self.queue.pop(now).expect("queued");
+        let mut a = Arrival { bytes: 4 * req.tokens.len() as u64, ..Default::default() };
+        let lookup = self.wspt.then(|| {
+            let l = router.lookup(req);
+            a.uncached_tokens = router.uncached_tokens(req, &l);
+            l
+        });
+        self.queue.push(lookup, a, now).expect("room");
+        let claims = Claims::default();
+        let mut decided = None;
+        let rng = &mut self.ours.rng;
+        self.queue
+            .pop_first(now, |kept| {
+                assert!(router.queue_gate_open(req, 1e9, &claims));
+                decided = Some(router.route_waiting(req, kept.as_ref(), &claims, now, rng).expect("a worker is chosen"));
+                true
+            })
+            .expect("queued");
+        let d = decided.expect("routed");
         router.on_end(d.booking, now);
         d.decode.worker
     }

@@ -31,7 +31,7 @@ use crate::{
         cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
         disagg::Stage,
         latency::{Inputs, LatencyModels, Prediction, RankModel},
-        queue::saturated as queue_saturated,
+        queue::{saturated as queue_saturated, Claims},
         select::select,
         RoutingPolicy, SchedSettings,
     },
@@ -308,6 +308,19 @@ impl Query {
     }
 }
 
+/// A prompt's cache lookup (block hashes and each rank's cached prefix), kept by a request
+/// waiting in the router queue under `wspt`: taken once at arrival for its key, and used again
+/// for its decision unless refreshed (`DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS`), as Dynamo's
+/// queue keeps the overlap scores computed at arrival.
+pub struct Lookup(Query);
+
+impl Lookup {
+    /// What it holds while waiting (hashes, 8 bytes a block; the overlap map).
+    pub fn bytes(&self) -> u64 {
+        8 * self.0.hashes.len() as u64 + 8 * self.0.seq.as_ref().map_or(0, Vec::len) as u64 + 32 * self.0.overlaps.len() as u64
+    }
+}
+
 /// The routing state shared by every stream.
 pub struct Router {
     workers: Vec<Worker>,
@@ -476,6 +489,13 @@ impl Router {
     fn query(&self, req: &RoutingRequest) -> Query {
         let seed = hash_seed(req.lora.as_deref(), req.cache_salt.as_deref());
         let hashes = local_block_hashes(&req.tokens, self.kv.block_size as usize, seed);
+        let overlaps = self.overlaps(&hashes);
+        let seq = self.outbox.is_some().then(|| seq_hashes(&hashes).into_iter().map(|s| s.0).collect());
+        Query { hashes, seq, isl: req.tokens.len() as u64, overlaps }
+    }
+
+    /// Each rank's cached prefix of these blocks, per tier.
+    fn overlaps(&self, hashes: &[LocalBlockHash]) -> FxHashMap<WorkerRank, TierOverlap> {
         let mut overlaps: FxHashMap<WorkerRank, TierOverlap> = FxHashMap::default();
         if !hashes.is_empty() {
             let mut add = |os: Vec<Overlap>| {
@@ -490,15 +510,14 @@ impl Router {
                 add(self.kv.index.overlaps(&hashes));
             }
             if let Some(p) = &self.kv.predicted {
-                add(p.overlaps(&hashes));
+                add(p.overlaps(hashes));
             }
         }
-        let seq = self.outbox.is_some().then(|| seq_hashes(&hashes).into_iter().map(|s| s.0).collect());
-        Query { hashes, seq, isl: req.tokens.len() as u64, overlaps }
+        overlaps
     }
 
     /// Every eligible rank of `stage`'s pool, with its cost terms and busy flag.
-    fn score(&self, stage: Stage, req: &RoutingRequest, q: &Query) -> Vec<Scored> {
+    fn score(&self, stage: Stage, req: &RoutingRequest, q: &Query, claims: &Claims) -> Vec<Scored> {
         let rules = stage.rules(&self.sched);
         // Without token ids (no tokenizer configured) only the request count tells load apart.
         let weights = if q.isl == 0 {
@@ -511,7 +530,9 @@ impl Router {
         // One pass gathers each rank's load (a decision visits every rank: no per-rank
         // allocation), the next prices it against the least active prefill.
         let mut scored = Vec::with_capacity(self.workers.iter().map(|w| w.dp_size as usize).sum());
-        for w in self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)) {
+        // Workers claimed by blocked requests ahead in the router queue run no prompt of ours.
+        let claimed = |w: &Worker| stage != Stage::Decode && claims.holds(w.id);
+        for w in self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint) && !claimed(w)) {
             let first = scored.len();
             let cap = self.capacity(w);
             // `extend` over the ranks writes each candidate straight into the vector.
@@ -633,38 +654,76 @@ impl Router {
     pub fn explain(&self, req: &RoutingRequest) -> (Vec<Scored>, Vec<Scored>) {
         let q = self.query(req);
         if self.disaggregates(req) {
-            (self.score(Stage::Decode, req, &q), self.score(Stage::Prefill, req, &q))
+            (self.score(Stage::Decode, req, &q, &Claims::default()), self.score(Stage::Prefill, req, &q, &Claims::default()))
         } else {
-            (self.score(Stage::Aggregated, req, &q), Vec::new())
+            (self.score(Stage::Aggregated, req, &q, &Claims::default()), Vec::new())
         }
+    }
+
+    /// The workers that would run this prompt: the prefill pool when disaggregated, else the
+    /// aggregated pool (the router queue's gate and claims are over these).
+    fn prompt_pool<'a>(&'a self, req: &'a RoutingRequest) -> impl Iterator<Item = &'a Worker> + 'a {
+        let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
+        self.workers.iter().filter(move |w| stage.admits(w.role) && req.allows(w.endpoint))
+    }
+
+    fn worker_saturated(&self, w: &Worker, threshold: f64) -> bool {
+        let cap = self.capacity(w);
+        w.ranks().all(|r| queue_saturated(threshold, &cap, &self.active.load(&r)))
     }
 
     /// The router queue's gate (`DYN_ROUTER_QUEUE_THRESHOLD`): every worker that would run this
     /// prompt (the prefill pool when disaggregated) has every rank saturated. No eligible
     /// worker is not saturation: `route` answers that.
     pub fn queue_saturated(&self, req: &RoutingRequest, threshold: f64) -> bool {
-        let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
-        let mut eligible = self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint)).peekable();
-        eligible.peek().is_some()
-            && eligible.all(|w| {
-                let cap = self.capacity(w);
-                w.ranks().all(|r| queue_saturated(threshold, &cap, &self.active.load(&r)))
-            })
+        let mut eligible = self.prompt_pool(req).peekable();
+        eligible.peek().is_some() && eligible.all(|w| self.worker_saturated(w, threshold))
+    }
+
+    /// The gate for a request waiting behind blocked ones: whether a worker of its pool that
+    /// no blocked request ahead claims has room. A pool wholly claimed is closed; an empty one
+    /// open (`route` answers that).
+    pub fn queue_gate_open(&self, req: &RoutingRequest, threshold: f64, claims: &Claims) -> bool {
+        let mut any = false;
+        let open = self.prompt_pool(req).any(|w| {
+            any = true;
+            !claims.holds(w.id) && !self.worker_saturated(w, threshold)
+        });
+        open || !any
+    }
+
+    /// A blocked request claims its pool (the head-of-line rule, `sched::queue::Claims`).
+    pub fn claim_pool(&self, req: &RoutingRequest, claims: &mut Claims) {
+        claims.claim(self.prompt_pool(req).map(|w| w.id));
+    }
+
+    /// The prompt's cache lookup, for a request that waits (`wspt`).
+    pub fn lookup(&self, req: &RoutingRequest) -> Lookup {
+        Lookup(self.query(req))
+    }
+
+    /// Recomputes a kept lookup's cached prefixes from the current cache state (its hashes
+    /// do not change).
+    pub fn refresh(&self, l: &mut Lookup) {
+        l.0.overlaps = self.overlaps(&l.0.hashes);
     }
 
     /// Prompt tokens not on the device cache of the eligible rank holding the most (a waiting
-    /// request's `wspt` weight).
-    pub fn uncached_tokens(&self, req: &RoutingRequest) -> u64 {
-        let q = self.query(req);
+    /// request's `wspt` weight), from its lookup.
+    pub fn uncached_tokens(&self, req: &RoutingRequest, l: &Lookup) -> u64 {
+        let q = &l.0;
         let bs = self.kv.block_size as u64;
-        let best = self
-            .workers
-            .iter()
-            .filter(|w| req.allows(w.endpoint))
-            .flat_map(|w| w.ranks())
-            .map(|r| q.overlaps.get(&r).map_or(0, |o| o.device as u64 * bs))
-            .max()
-            .unwrap_or(0);
+        let best = if q.overlaps.is_empty() {
+            0
+        } else {
+            self.workers
+                .iter()
+                .filter(|w| req.allows(w.endpoint))
+                .flat_map(|w| w.ranks())
+                .map(|r| q.overlaps.get(&r).map_or(0, |o| o.device as u64 * bs))
+                .max()
+                .unwrap_or(0)
+        };
         q.isl - best.min(q.isl)
     }
 
@@ -673,13 +732,30 @@ impl Router {
     pub fn route(&mut self, req: &RoutingRequest, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         self.expire(now);
         let q = self.query(req);
+        self.route_query(req, &q, &Claims::default(), now, rng)
+    }
+
+    /// [`route`](Self::route) for a request leaving the router queue: with the lookup it
+    /// kept (else a fresh one), and not onto workers claimed by blocked requests ahead of it.
+    pub fn route_waiting(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
+        self.expire(now);
+        match kept {
+            Some(l) => self.route_query(req, &l.0, claims, now, rng),
+            None => {
+                let q = self.query(req);
+                self.route_query(req, &q, claims, now, rng)
+            }
+        }
+    }
+
+    fn route_query(&mut self, req: &RoutingRequest, q: &Query, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         let disagg = self.disaggregates(req);
         if !disagg && self.sched.enforce_disagg {
             return Err(RouteError::PrefillUnavailable);
         }
-        let prefill = if disagg { Some(self.choose(req, &self.score(Stage::Prefill, req, &q), rng)?) } else { None };
+        let prefill = if disagg { Some(self.choose(req, &self.score(Stage::Prefill, req, q, claims), rng)?) } else { None };
         let stage = if disagg { Stage::Decode } else { Stage::Aggregated };
-        let decode = self.choose(req, &self.score(stage, req, &q), rng)?;
+        let decode = self.choose(req, &self.score(stage, req, q, claims), rng)?;
 
         // The worker that runs the prompt books its prefill tokens; the decode side of a
         // disaggregated request books only its blocks.
@@ -769,7 +845,7 @@ impl Router {
     /// is booked.
     pub fn pick_any(&self, req: &RoutingRequest, rng: &mut impl Rng) -> Result<Target, RouteError> {
         let q = Query { hashes: Vec::new(), seq: None, isl: 0, overlaps: FxHashMap::default() };
-        self.choose(req, &self.score(Stage::Aggregated, req, &q), rng).map(|s| s.target)
+        self.choose(req, &self.score(Stage::Aggregated, req, &q, &Claims::default()), rng).map(|s| s.target)
     }
 
     /// The first non-empty response chunk arrived: prefill is done (and a prefill worker's

@@ -10,8 +10,8 @@ use std::{
 
 use dynamo_epp::{
     config::Config,
-    router::{Router, RoutingRequest},
-    sched::queue::{Arrival, Priority, Queue, QueuePolicy},
+    router::{EndpointMatch, Router, RoutingRequest},
+    sched::queue::{Arrival, Claims, Priority, Queue, QueuePolicy},
     workers::{Fleet, Role, Worker, WorkerId},
 };
 use rand::{rngs::SmallRng, SeedableRng};
@@ -66,6 +66,45 @@ fn router_queue_threshold_gates_on_prefill_tokens_over_the_batch_budget() {
     router.route(&prompt(40, 3), t0, &mut rng).unwrap();
     router.route(&prompt(40, 4), t0, &mut rng).unwrap();
     assert!(!router.queue_saturated(&prompt(1, 0), 0.0));
+}
+
+#[test]
+fn a_blocked_request_claims_its_workers_from_the_requests_behind_it() {
+    // Budget 100, threshold 0.5: saturated above 50 prefill tokens. Workers 1 and 2 are;
+    // worker 3 is not, but carries more decode load than 2 (a prompt past its first token).
+    let c = cfg(&["--router-queue-threshold", "0.5", "--max-num-batched-tokens", "100"]);
+    let thr = c.queue_settings().unwrap().threshold;
+    let mut router = Router::new(c.kv_settings(), c.sched_settings());
+    router.set_fleet(Fleet { block_size: Some(16), workers: (1..=3).map(|i| worker(i, None)).collect() });
+    let mut rng = SmallRng::seed_from_u64(1);
+    let t0 = Instant::now();
+    let on = |ids: &[u16], n: u32, salt: u32| RoutingRequest {
+        tokens: (0..n).map(|t| t + salt * 100_000).collect(),
+        subset: Some(ids.iter().map(|&i| EndpointMatch::Exact(SocketAddr::from(([127, 0, 0, 1], i)))).collect()),
+        ..Default::default()
+    };
+    let decoding = router.route(&on(&[3], 2000, 1), t0, &mut rng).unwrap();
+    router.on_first_token(decoding.booking, t0);
+    router.route(&on(&[1], 51, 2), t0, &mut rng).unwrap();
+    router.route(&on(&[2], 51, 3), t0, &mut rng).unwrap();
+    let none = Claims::default();
+    // Left alone, a request that may use 2 or 3 goes to 2, the cheaper.
+    let b = on(&[2, 3], 16, 4);
+    assert!(router.queue_gate_open(&b, thr, &none));
+    assert_eq!(router.explain(&b).0.iter().min_by(|x, y| x.terms.logit.total_cmp(&y.terms.logit)).unwrap().target.worker.id, WorkerId(2));
+    // A waiting request that may use 1 or 2 is blocked, and claims them.
+    let a = on(&[1, 2], 16, 5);
+    assert!(!router.queue_gate_open(&a, thr, &none));
+    let mut claims = Claims::default();
+    router.claim_pool(&a, &mut claims);
+    // Behind it, the request that may use 2 or 3 still runs — on 3; one that needs 1 waits; one
+    // without a subset runs on 3.
+    assert!(router.queue_gate_open(&b, thr, &claims));
+    assert_eq!(router.route_waiting(&b, None, &claims, t0, &mut rng).unwrap().decode.worker.id, WorkerId(3));
+    assert!(!router.queue_gate_open(&on(&[1], 16, 6), thr, &claims));
+    let any = RoutingRequest { tokens: vec![7; 16], ..Default::default() };
+    assert!(router.queue_gate_open(&any, thr, &claims));
+    assert_eq!(router.route_waiting(&any, None, &claims, t0, &mut rng).unwrap().decode.worker.id, WorkerId(3));
 }
 
 /// The order `n` requests leave a queue built from `args`, pushed at one instant with

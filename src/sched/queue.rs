@@ -13,6 +13,13 @@
 //!    `priority_jump − arrival offset (s)`, `wspt` = `(1 + priority_jump) / max(1, isl − cached)`.
 //!
 //! With one flow (no tenants) and one class this is Dynamo's order, `(strict_priority, key)`.
+//!
+//! **Dispatch** ([`Queue::pop_first`], [`Claims`]): the first request in that order that can run
+//! goes. A request that cannot (every worker it may use is saturated) does not hold the ones
+//! behind it, but it *claims* its workers: a request behind it may only run on workers that no
+//! blocked request ahead of it could use. Requests competing for the same workers keep their
+//! order; a blocked head starves no one who can run elsewhere (another subset hint, pool or
+//! class).
 
 use std::{
     cmp::{Ordering, Reverse},
@@ -20,7 +27,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashSet;
+
 use super::{active::RankLoad, admission::Capacity};
+use crate::workers::WorkerId;
 
 /// `DYN_ROUTER_QUEUE_POLICY`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
@@ -117,6 +127,32 @@ pub fn saturated(threshold: f64, cap: &Capacity, load: &RankLoad) -> bool {
     cap.max_num_batched_tokens.is_some_and(|b| load.active_prefill_tokens as f64 > threshold * b as f64)
 }
 
+/// Workers claimed by blocked requests ahead in the queue during one dispatch round: a
+/// request further back may not take them (the head-of-line rule).
+#[derive(Debug, Default)]
+pub struct Claims {
+    workers: FxHashSet<WorkerId>,
+}
+
+impl Claims {
+    /// A blocked request claims every worker it may use.
+    pub fn claim(&mut self, workers: impl IntoIterator<Item = WorkerId>) {
+        self.workers.extend(workers);
+    }
+
+    pub fn holds(&self, w: WorkerId) -> bool {
+        !self.workers.is_empty() && self.workers.contains(&w)
+    }
+
+    pub fn len(&self) -> usize {
+        self.workers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.workers.is_empty()
+    }
+}
+
 /// A request's priority as Dynamo reads it.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Priority {
@@ -201,17 +237,6 @@ struct Band {
     flows: HashMap<Option<String>, Flow>,
 }
 
-impl Band {
-    /// The flow served least (ties: the better head), and its head.
-    fn next(&self) -> Option<(&Option<String>, Slot)> {
-        self.flows
-            .iter()
-            .filter_map(|(k, f)| f.waiting.first().map(|s| (k, f.served, *s)))
-            .min_by(|a, b| a.1.cmp(&b.1).then(a.2.cmp(&b.2)))
-            .map(|(k, _, s)| (k, s))
-    }
-}
-
 struct Class {
     name: String,
     quantum: u32,
@@ -219,7 +244,6 @@ struct Class {
     /// Dispatches left in this class's current turn.
     deficit: u32,
     bands: BTreeMap<Reverse<u32>, Band>,
-    len: usize,
 }
 
 struct Entry<T> {
@@ -260,7 +284,7 @@ impl<T> Queue<T> {
         let classes = settings
             .classes
             .iter()
-            .map(|c| Class { name: c.name.clone(), quantum: c.quantum, policy: c.policy.unwrap_or(settings.policy), deficit: 0, bands: BTreeMap::new(), len: 0 })
+            .map(|c| Class { name: c.name.clone(), quantum: c.quantum, policy: c.policy.unwrap_or(settings.policy), deficit: 0, bands: BTreeMap::new() })
             .collect();
         Queue { settings, classes, entries: HashMap::new(), next_ticket: 0, cursor: 0, bytes: 0, epoch: None }
     }
@@ -309,7 +333,6 @@ impl<T> Queue<T> {
             band.flows.insert(a.flow.clone(), Flow { waiting: BTreeSet::new(), served });
         }
         band.flows.get_mut(&a.flow).expect("inserted").waiting.insert(slot);
-        c.len += 1;
         self.bytes += a.bytes;
         self.entries.insert(ticket, Entry { item, class, flow: a.flow, priority: a.priority, slot, bytes: a.bytes, arrived: now, keyed: now });
         Ok(ticket)
@@ -325,7 +348,6 @@ impl<T> Queue<T> {
     fn unlink(&mut self, e: &Entry<T>) {
         self.bytes -= e.bytes;
         let c = &mut self.classes[e.class];
-        c.len -= 1;
         let band_key = Reverse(e.priority.strict);
         let band = c.bands.get_mut(&band_key).expect("entry's band");
         let flow = band.flows.get_mut(&e.flow).expect("entry's flow");
@@ -338,25 +360,35 @@ impl<T> Queue<T> {
         }
     }
 
-    /// The class to serve next: the current one if it has requests, else the next that has.
-    fn next_class(&self) -> Option<usize> {
-        let n = self.classes.len();
-        (0..n).map(|i| (self.cursor + i) % n).find(|&i| self.classes[i].len > 0)
-    }
-
-    /// The request that goes next, without taking it (the edge checks capacity first).
-    pub fn peek(&self) -> Option<(Ticket, &T)> {
-        let c = &self.classes[self.next_class()?];
-        let (_, band) = c.bands.first_key_value()?;
-        let (_, (_, ticket)) = band.next()?;
-        Some((ticket, &self.entries[&ticket].item))
-    }
-
-    /// Takes the request [`peek`](Self::peek) shows, advancing the round robins.
+    /// Takes the request that goes next, advancing the round robins.
     pub fn pop(&mut self, now: Instant) -> Option<Dispatched<T>> {
-        let ci = self.next_class()?;
+        self.pop_first(now, |_| true)
+    }
+
+    /// Takes the first request in the queue's order that `runs` accepts (the edge routes it
+    /// there, or finds it blocked and claims its workers), advancing the round robins as if
+    /// the rejected ones were not there: classes whose requests all stay lose the rest of
+    /// their turn, and within a band the flow served least that has an accepted request goes
+    /// (ties by the flows' heads). `runs` sees each request at most once, in that order.
+    pub fn pop_first(&mut self, now: Instant, mut runs: impl FnMut(&T) -> bool) -> Option<Dispatched<T>> {
         let n = self.classes.len();
-        // Classes skipped for being empty lose their turn's remainder.
+        let mut found = None;
+        'classes: for ci in (0..n).map(|i| (self.cursor + i) % n) {
+            for band in self.classes[ci].bands.values() {
+                let mut flows: Vec<(&Option<String>, &Flow)> = band.flows.iter().collect();
+                if flows.len() > 1 {
+                    flows.sort_by(|a, b| a.1.served.cmp(&b.1.served).then(a.1.waiting.first().cmp(&b.1.waiting.first())));
+                }
+                for (flow, f) in flows {
+                    if let Some(&(_, t)) = f.waiting.iter().find(|(_, t)| runs(&self.entries[t].item)) {
+                        found = Some((ci, flow.clone(), t));
+                        break 'classes;
+                    }
+                }
+            }
+        }
+        let (ci, flow, ticket) = found?;
+        // Classes passed over (empty, or nothing in them could run) lose their turn's remainder.
         let mut i = self.cursor;
         while i != ci {
             self.classes[i].deficit = 0;
@@ -371,21 +403,25 @@ impl<T> Queue<T> {
         if c.deficit == 0 {
             self.cursor = (ci + 1) % n;
         }
-        let band = self.classes[ci].bands.first_entry()?.into_mut();
-        let (flow, (_, ticket)) = band.next().map(|(f, s)| (f.clone(), s))?;
-        band.flows.get_mut(&flow).expect("flow").served += 1;
         let e = self.entries.remove(&ticket).expect("queued entry");
+        let band = self.classes[ci].bands.get_mut(&Reverse(e.priority.strict)).expect("entry's band");
+        band.flows.get_mut(&flow).expect("entry's flow").served += 1;
         self.unlink(&e);
         Some(Dispatched { class: self.classes[ci].name.clone(), priority: e.priority, waited: now.saturating_duration_since(e.arrived), item: e.item })
     }
 
+    /// What the edge keeps for a waiting request (to refresh its cache lookup).
+    pub fn item_mut(&mut self, ticket: Ticket) -> Option<&mut T> {
+        self.entries.get_mut(&ticket).map(|e| &mut e.item)
+    }
+
     /// `wspt` entries keyed longer ago than `refresh_after`, for the edge to rekey.
-    pub fn stale(&self, now: Instant) -> Vec<(Ticket, &T)> {
+    pub fn stale(&self, now: Instant) -> Vec<Ticket> {
         let Some(after) = self.settings.refresh_after else { return Vec::new() };
         self.entries
             .iter()
             .filter(|(_, e)| self.classes[e.class].policy == QueuePolicy::Wspt && now.saturating_duration_since(e.keyed) >= after)
-            .map(|(t, e)| (*t, &e.item))
+            .map(|(t, _)| *t)
             .collect()
     }
 
@@ -430,13 +466,7 @@ mod tests {
     }
 
     fn drain<T: Copy + PartialEq + std::fmt::Debug>(q: &mut Queue<T>, now: Instant) -> Vec<T> {
-        std::iter::from_fn(|| {
-            let peeked = q.peek().map(|(_, v)| *v);
-            let popped = q.pop(now).map(|d| d.item);
-            assert_eq!(peeked, popped, "peek shows what pop takes");
-            popped
-        })
-        .collect()
+        std::iter::from_fn(|| q.pop(now).map(|d| d.item)).collect()
     }
 
     #[test]
@@ -501,6 +531,71 @@ mod tests {
         q.push('y', Arrival { flow: tenant("a"), ..arrival(2, 0.0) }, t0).unwrap();
         q.push('z', Arrival { flow: tenant("b"), ..arrival(1, 0.0) }, t0).unwrap();
         assert_eq!(drain(&mut q, t0), vec!['y', 'z', 'x']);
+    }
+
+    /// One dispatch round over workers 1..=3 as the server runs it: a request runs on the
+    /// first worker it may use that is neither full nor claimed (taking it), else it claims
+    /// every worker it may use. Returns (request, worker) in dispatch order.
+    fn round(q: &mut Queue<(char, Vec<u64>)>, full: &mut Vec<u64>, now: Instant) -> Vec<(char, u64)> {
+        let mut claims = Claims::default();
+        let mut ran = Vec::new();
+        while let Some(d) = q.pop_first(now, |(name, may)| match may.iter().find(|w| !full.contains(w) && !claims.holds(WorkerId(**w))) {
+            Some(&w) => {
+                full.push(w);
+                ran.push((*name, w));
+                true
+            }
+            None => {
+                claims.claim(may.iter().map(|&w| WorkerId(w)));
+                false
+            }
+        }) {
+            assert_eq!(d.item.0, ran.last().unwrap().0, "the accepted request is the one taken");
+        }
+        ran
+    }
+
+    #[test]
+    fn a_blocked_head_holds_only_the_requests_that_need_its_workers() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut q = Queue::new(settings(QueuePolicy::Fcfs));
+        q.push(('a', vec![1, 2]), arrival(1, 0.0), t0).unwrap();
+        q.push(('b', vec![1]), arrival(0, 0.0), t0).unwrap();
+        q.push(('c', vec![2, 3]), arrival(0, 0.0), t0 + ms).unwrap();
+        q.push(('d', vec![3]), arrival(0, 0.0), t0 + 2 * ms).unwrap();
+        q.push(('e', vec![3]), arrival(0, 0.0), t0 + 3 * ms).unwrap();
+        // 1 and 2 are full: a (the head) and b wait; c runs, but on 3 — 2 is a's —; d and e,
+        // needing 3, then wait behind c.
+        let mut full = vec![1, 2];
+        assert_eq!(round(&mut q, &mut full, t0), vec![('c', 3)]);
+        // 1 frees: a, ahead, takes it, though b was waiting for that very worker.
+        full.retain(|&w| w != 1);
+        assert_eq!(round(&mut q, &mut full, t0), vec![('a', 1)]);
+        // 1 and 3 free: b and d (in order), not e.
+        full.retain(|&w| w == 2);
+        assert_eq!(round(&mut q, &mut full, t0), vec![('b', 1), ('d', 3)]);
+        full.clear();
+        assert_eq!(round(&mut q, &mut full, t0), vec![('e', 3)]);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_class_whose_requests_cannot_run_does_not_hold_the_others() {
+        let t0 = Instant::now();
+        let mut s = settings(QueuePolicy::Fcfs);
+        s.classes = parse_policy_config("- name: gold\n  quantum: 2\n- name: bronze\n").unwrap();
+        let mut q = Queue::new(s);
+        for (name, class, may) in [('g', "gold", 1), ('G', "gold", 1), ('b', "bronze", 2), ('B', "bronze", 3)] {
+            q.push((name, vec![may]), Arrival { class: Some(class.into()), ..arrival(0, 0.0) }, t0).unwrap();
+        }
+        // gold's turn, but worker 1 is full: bronze's requests go meanwhile.
+        let mut full = vec![1];
+        assert_eq!(round(&mut q, &mut full, t0), vec![('b', 2), ('B', 3)]);
+        full.clear();
+        assert_eq!(round(&mut q, &mut full, t0), vec![('g', 1)]);
+        full.clear();
+        assert_eq!(round(&mut q, &mut full, t0), vec![('G', 1)]);
     }
 
     #[test]

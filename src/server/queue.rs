@@ -16,15 +16,17 @@ use opentelemetry_sdk::trace::Span;
 
 use super::{envoy, error::EppError, otel::{self, RequestTrace}, App};
 use crate::{
-    router::{Decision, RouteError, RoutingRequest},
-    sched::queue::{Arrival, Queue, QueuePolicy, QueueSettings, Ticket},
+    router::{Decision, EndpointMatch, Lookup, RouteError, RoutingRequest},
+    sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings, Ticket},
 };
 
 type Reply = Result<Decision, RouteError>;
 
-/// What a waiting request keeps in the queue: its routing input and where its decision goes.
+/// What a waiting request keeps in the queue: its routing input, its cache lookup (`wspt`:
+/// taken once for its key and reused for its decision), and where its decision goes.
 pub struct Waiter {
     req: RoutingRequest,
+    lookup: Option<Lookup>,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -71,12 +73,15 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
                 Err(e) => return Err(e.into()),
             }
         }
-        if wl.wspt {
-            arrival.uncached_tokens = router.uncached_tokens(&req);
-        }
+        let lookup = wl.wspt.then(|| {
+            let l = router.lookup(&req);
+            arrival.uncached_tokens = router.uncached_tokens(&req, &l);
+            arrival.bytes += l.bytes();
+            l
+        });
         drop(router);
         let (tx, rx) = oneshot::channel();
-        let pushed = q.push(Waiter { req, reply: tx }, arrival, now);
+        let pushed = q.push(Waiter { req, lookup, reply: tx }, arrival, now);
         app.metrics.queue.set_depths(q.class_names(), &q.depths());
         match pushed {
             Ok(t) => (t, rx),
@@ -149,34 +154,53 @@ impl Drop for Waiting {
     }
 }
 
-/// Dispatches waiting requests, best first, while the best one's workers have room: called
-/// when capacity may have freed (a first token, a booking's end, a fleet change) and on a tick
-/// (load expiry, stale `wspt` keys).
+/// Dispatches waiting requests in the queue's order, each that can run (`sched::queue`'s
+/// head-of-line rule: a blocked request claims its workers and holds only the requests that
+/// would need them): called when capacity may have freed (a first token, a booking's end, a
+/// fleet change) and on a tick (load expiry, stale `wspt` keys).
 pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
     let mut q = wl.queue.lock();
     if q.is_empty() {
         return;
     }
     let mut router = app.router.lock();
-    let stale: Vec<(Ticket, u64)> = q.stale(now).into_iter().map(|(t, w)| (t, router.uncached_tokens(&w.req))).collect();
-    for (t, uncached) in stale {
+    for t in q.stale(now) {
+        let w = q.item_mut(t).expect("stale entry");
+        let l = w.lookup.get_or_insert_with(|| router.lookup(&w.req));
+        router.refresh(l);
+        let uncached = router.uncached_tokens(&w.req, l);
         q.rekey(t, uncached, now);
     }
+    let mut claims = Claims::default();
+    // Subset hints found blocked this round (claims only grow: they stay blocked).
+    let mut blocked: Vec<Option<Vec<EndpointMatch>>> = Vec::new();
+    let mut rng = rand::rng();
     let mut dispatched = false;
-    while let Some((ticket, w)) = q.peek() {
-        if w.reply.is_closed() {
-            // Its stream is gone; its own drop counts the eviction.
-            q.remove(ticket);
-            continue;
-        }
-        if router.queue_saturated(&w.req, wl.threshold) {
-            break;
-        }
-        let decided = router.route(&w.req, now, &mut rand::rng());
-        if matches!(decided, Err(RouteError::Overloaded)) {
-            break;
-        }
-        let d = q.pop(now).expect("peeked");
+    while claims.len() < router.worker_count() {
+        let mut decided = None;
+        let popped = q.pop_first(now, |w| {
+            if w.reply.is_closed() {
+                // Its stream is gone (its own drop counts the eviction): it leaves.
+                return true;
+            }
+            if blocked.contains(&w.req.subset) {
+                return false;
+            }
+            let d = if router.queue_gate_open(&w.req, wl.threshold, &claims) {
+                router.route_waiting(&w.req, w.lookup.as_ref(), &claims, now, &mut rng)
+            } else {
+                Err(RouteError::Overloaded)
+            };
+            if d == Err(RouteError::Overloaded) {
+                router.claim_pool(&w.req, &mut claims);
+                blocked.push(w.req.subset.clone());
+                return false;
+            }
+            decided = Some(d);
+            true
+        });
+        let Some(d) = popped else { break };
+        let Some(decided) = decided else { continue };
         let class = super::metrics::ClassLabel { class: d.class };
         app.metrics.queue.dispatched.get_or_create(&class).inc();
         app.metrics.queue.wait_seconds.get_or_create(&class).observe(d.waited.as_secs_f64());

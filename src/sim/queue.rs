@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use super::{fleet, prepare, report, Event, SimConfig, State};
 use crate::{
-    router::{KvSettings, RouteError, Router, RoutingRequest},
+    router::{KvSettings, Lookup, RouteError, Router, RoutingRequest},
     sched::{
-        queue::{Arrival, Priority, Queue, QueuePolicy, QueueSettings},
+        queue::{Arrival, Claims, Priority, Queue, QueuePolicy, QueueSettings},
         SchedSettings,
     },
 };
@@ -82,6 +82,8 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
     let threshold = run.queue.as_ref().map_or(0.0, |q| q.threshold);
     let wspt = run.queue.as_ref().is_some_and(|q| q.policy == QueuePolicy::Wspt);
     let mut waits = vec![0u64; prepared.len()];
+    // `wspt`: the lookup a request was keyed by is the one its decision uses (as in the server).
+    let mut lookups: Vec<Option<Lookup>> = (0..prepared.len()).map(|_| None).collect();
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     for (i, r) in prepared.iter().enumerate() {
         st.push(r.arrival_us, Event::Arrival(i));
@@ -95,32 +97,46 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
                 let router = st.router.as_mut().expect("router");
                 match &mut queue {
                     Some(q) if !q.is_empty() || router.queue_saturated(&any, threshold) => {
-                        let uncached_tokens = if wspt { router.uncached_tokens(&req(i)) } else { 0 };
+                        let uncached_tokens = if wspt {
+                            let l = router.lookup(&req(i));
+                            let u = router.uncached_tokens(&req(i), &l);
+                            lookups[i] = Some(l);
+                            u
+                        } else {
+                            0
+                        };
                         let a = Arrival { priority: Priority { strict: high[i] as u32, jump: 0.0 }, uncached_tokens, ..Default::default() };
                         q.push(i, a, at).map_err(|_| "simulated queue is unbounded").unwrap();
                     }
-                    _ => dispatch(&mut st, i, &req(i), &prepared[i].engine, now, &mut rng),
+                    _ => dispatch(&mut st, i, &req(i), None, &prepared[i].engine, now, &mut rng),
                 }
             }
             ev => st.step(ev, now),
         }
         // Capacity may have freed (a first token, an end) or a request arrived behind others.
+        // (One pool, no subsets: a blocked head blocks every request, so the gate is checked once.)
         let Some(q) = &mut queue else { continue };
-        while let Some((_, &i)) = q.peek() {
-            if st.router.as_ref().expect("router").queue_saturated(&any, threshold) {
-                break;
+        let router = st.router.as_ref().expect("router");
+        for t in q.stale(at) {
+            let i = *q.item_mut(t).expect("stale entry");
+            if let Some(l) = &mut lookups[i] {
+                router.refresh(l);
+                q.rekey(t, router.uncached_tokens(&req(i), l), at);
             }
-            let d = q.pop(at).expect("peeked");
+        }
+        while !q.is_empty() && !st.router.as_ref().expect("router").queue_saturated(&any, threshold) {
+            let d = q.pop(at).expect("not empty");
+            let i = d.item;
             waits[i] = d.waited.as_micros() as u64;
-            dispatch(&mut st, i, &req(i), &prepared[i].engine, now, &mut rng);
+            dispatch(&mut st, i, &req(i), lookups[i].take().as_ref(), &prepared[i].engine, now, &mut rng);
         }
     }
     (st.outcomes, waits)
 }
 
-fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, engine: &super::engine::EngineRequest, now: u64, rng: &mut SmallRng) {
+fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup>, engine: &super::engine::EngineRequest, now: u64, rng: &mut SmallRng) {
     let at = st.instant(now);
-    match st.router.as_mut().expect("router").route(req, at, rng) {
+    match st.router.as_mut().expect("router").route_waiting(req, kept, &Claims::default(), at, rng) {
         Ok(d) => {
             st.bookings[i] = Some(d.booking);
             st.assign(i, d.decode.worker.id.0 as usize, engine, now);
