@@ -42,7 +42,7 @@ impl Decider for Queued {
             a.uncached_tokens = router.uncached_tokens(req, &l);
             l
         });
-        self.queue.push(lookup, a, now).expect("room");
+        self.queue.push(lookup, a, now).unwrap_or_else(|_| panic!("the queue has room"));
         let claims = Claims::default();
         let mut decided = None;
         let rng = &mut self.ours.rng;
