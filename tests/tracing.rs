@@ -242,7 +242,7 @@ async fn export_off_sends_nothing_and_leaves_traceparent_alone() {
     }
 }
 
-/// The queue's hook (`RequestTrace::queue_wait`) nests under the request span, and a client
+/// The queue's hook (`RequestTrace::queue_wait`) nests under the request's `route` span, and a client
 /// that did not sample gets nothing recorded but still a `traceparent` (unsampled) forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_wait_hook_nests_under_the_request_and_unsampled_clients_stay_unsampled() {
@@ -263,18 +263,90 @@ async fn queue_wait_hook_nests_under_the_request_and_unsampled_clients_stay_unsa
     let out = unsampled.outgoing_headers();
     assert_eq!(out.len(), 1, "{out:?}");
     assert!(out[0].0 == "traceparent" && out[0].1.starts_with(&format!("00-{unsampled_trace}-")) && out[0].1.ends_with("-00"), "{out:?}");
-    drop(unsampled.queue_wait());
+    let route = unsampled.route();
+    drop(unsampled.queue_wait(&route));
+    drop(route);
     unsampled.end();
 
     let mut req = tracing.request(&headers("01"));
-    let wait = req.queue_wait();
-    drop(wait);
+    let route = req.route();
+    drop(req.queue_wait(&route));
+    drop(route);
     req.end();
     // Shutdown flushes: after it every recorded span has arrived.
     tracing.shutdown().await;
-    let spans = collector.wait_trace(&unhex(CLIENT_TRACE), 2).await;
+    let spans = collector.wait_trace(&unhex(CLIENT_TRACE), 3).await;
     let root = named(&spans, "ext_proc");
     assert_eq!(hex(&root.parent_span_id), CLIENT_SPAN);
-    assert_eq!(named(&spans, "queue_wait").parent_span_id, root.span_id);
+    let route = named(&spans, "route");
+    assert_eq!(route.parent_span_id, root.span_id);
+    assert_eq!(named(&spans, "queue_wait").parent_span_id, route.span_id);
     assert!(collector.spans().iter().all(|s| s.trace_id != unhex(unsampled_trace)), "an unsampled trace was recorded");
+}
+
+/// With the router queue on, behind the real Envoy: a request that waits for a busy worker
+/// shows its wait as `queue_wait` inside its `route` span (client span → `ext_proc` → `route`
+/// → `queue_wait`), lasting at least as long as the worker was held; one that did not wait has
+/// none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_queued_request_shows_its_wait_inside_its_decision() {
+    let (collector, addr) = Collector::start().await;
+    let worker = MockWorker::start("a").await;
+    // Budget 1 token and threshold 0: a request in prefill saturates the worker.
+    let yaml = format!("block_size: 16\nworkers:\n  - name: a\n    address: {}\n    id: {WORKER_ID}\n    max_num_batched_tokens: 1\n", worker.addr);
+    let mut opts = epp_env(&[
+        ("DYN_ROUTER_QUEUE_THRESHOLD", "0"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &format!("http://{addr}")),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ]);
+    opts.env.retain(|(k, _)| k != "DYN_MODEL_NAME");
+    opts.env.push(("DYN_MODEL_NAME".into(), "qwen".into()));
+    let epp = Epp::start(&yaml, opts).await;
+    let envoy = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
+    let client = reqwest::Client::new();
+    let send = |trace: &str, hold: bool| {
+        let mut rb = client.post(envoy.url("/v1/chat/completions")).body(chat_body(trace)).header("traceparent", format!("00-{trace}-{CLIENT_SPAN}-01"));
+        if hold {
+            rb = rb.header("x-mock-mode", "hold");
+        }
+        tokio::spawn(async move { rb.send().await.unwrap() })
+    };
+    let (first, queued) = ("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb");
+    let blocker = send(first, true);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while worker.seen().is_empty() {
+        assert!(Instant::now() < deadline, "the first request never reached the worker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waiter = send(queued, false);
+    let queued_depth = || async { epp.metrics().await.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum::<f64>() };
+    while queued_depth().await != 1.0 {
+        assert!(Instant::now() < deadline, "the second request was never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = Instant::now();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(worker.seen().len(), 1, "the queued request must wait for the worker");
+    worker.release(1);
+    let held = held.elapsed();
+    assert_eq!(blocker.await.unwrap().status(), 200);
+    assert_eq!(waiter.await.unwrap().status(), 200);
+
+    let spans = collector.wait_trace(&unhex(queued), 5).await;
+    let root = named(&spans, "ext_proc");
+    assert_eq!(hex(&root.parent_span_id), CLIENT_SPAN, "{root:#?}");
+    let route = named(&spans, "route");
+    assert_eq!(route.parent_span_id, root.span_id, "{spans:#?}");
+    let wait = named(&spans, "queue_wait");
+    assert_eq!(wait.parent_span_id, route.span_id, "queue_wait must be a child of route: {spans:#?}");
+    assert!(route.start_time_unix_nano <= wait.start_time_unix_nano && wait.end_time_unix_nano <= route.end_time_unix_nano, "{spans:#?}");
+    assert!(named(&spans, "tokenize").end_time_unix_nano <= wait.start_time_unix_nano, "{spans:#?}");
+    assert!(wait.end_time_unix_nano <= named(&spans, "first_chunk").start_time_unix_nano, "{spans:#?}");
+    let waited = Duration::from_nanos(wait.end_time_unix_nano - wait.start_time_unix_nano);
+    assert!(waited >= held, "waited {waited:?}, held {held:?}");
+    assert_eq!(attr(&wait.attributes, "epp.queue.outcome"), None, "dispatched: {wait:#?}");
+    assert_eq!(attr(&route.attributes, "epp.worker.id"), Some(WORKER_ID.to_string()));
+    // The request that found the worker free did not wait.
+    let spans = collector.wait_trace(&unhex(first), 4).await;
+    assert!(spans.iter().all(|s| s.name != "queue_wait"), "{spans:#?}");
 }

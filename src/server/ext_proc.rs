@@ -296,7 +296,7 @@ impl StreamState {
         let decided = match &self.app.queue {
             Some(wl) => {
                 let arrival = self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref());
-                queue::decide(&self.app, wl, req, arrival, started, &self.tx, self.trace.as_ref()).await
+                queue::decide(&self.app, wl, req, arrival, started, &self.tx, self.trace.as_ref().zip(span.as_ref())).await
             }
             None => {
                 let mut router = self.app.router.lock();

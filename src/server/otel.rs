@@ -154,11 +154,12 @@ impl RequestTrace {
         self.child("tokenize")
     }
 
-    /// The hook for a router queue: start it when the request is queued, drop (or end) it when
-    /// the request is dispatched or leaves the queue; set `epp.queue.outcome` before ending if
-    /// it did not dispatch.
-    pub fn queue_wait(&self) -> Span {
-        self.child("queue_wait")
+    /// The router queue's wait, inside the `route` span whose decision it delays: started
+    /// when the request is queued, ended (dropped) when it is dispatched or leaves the queue
+    /// (`epp.queue.outcome` set then if it did not dispatch).
+    pub fn queue_wait(&self, route: &Span) -> Span {
+        let parent = self.root.with_remote_span_context(route.span_context().clone());
+        self.tracer.span_builder("queue_wait").with_kind(SpanKind::Internal).start_with_context(&self.tracer, &parent)
     }
 
     /// The routing decision; [`RequestTrace::decided`] records its result.

@@ -58,7 +58,7 @@ impl Waitlist {
 
 /// Routes now when no one waits and a worker has room; otherwise queues the request, tells the
 /// gateway to wait (`override_message_timeout`), and waits for [`pump`]'s decision.
-pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant, gateway: &mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>, trace: Option<&RequestTrace>) -> Result<Decision, EppError> {
+pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant, gateway: &mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
@@ -91,7 +91,7 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
             }
         }
     };
-    let mut waiting = Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false, span: trace.map(RequestTrace::queue_wait) };
+    let mut waiting = Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false, span: trace.map(|(t, route)| t.queue_wait(route)) };
     pump(app, wl, Instant::now());
     // Our answer may take up to the queue's limit; a second more lets our own eviction answer
     // arrive before the gateway gives up.
