@@ -70,6 +70,12 @@ struct Args {
     /// class (instead of the policy comparison).
     #[arg(long)]
     queue_threshold: Option<f64>,
+    /// In the queue experiment, the runs with the queue also skip saturated workers
+    /// (`DYN_ACTIVE_PREFILL_TOKENS_THRESHOLD_FRAC` = the queue threshold, Dynamo's busy
+    /// threshold): requests then wait in the router queue, in its order, instead of in the
+    /// queue of a busy engine the cost model prefers.
+    #[arg(long)]
+    queue_skip_saturated: bool,
     /// Share of requests in the high (strict) priority class in the queue experiment.
     #[arg(long, default_value_t = 0.2)]
     high_priority_share: f64,
@@ -160,6 +166,7 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
     use dynamo_epp::{
         router::KvSettings,
         sched::{
+            admission::Thresholds,
             queue::{QueuePolicy, QueueSettings},
             SchedSettings,
         },
@@ -169,10 +176,11 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
         return Err("--high-priority-share must be within 0..=1 and --queue-threshold ≥ 0".into());
     }
     let kv = KvSettings { use_kv_events: true, ..KvSettings::default() };
+    let skip = a.queue_skip_saturated.then_some(Thresholds { prefill_tokens_frac: Some(threshold), ..Thresholds::default() });
     let run = |name: &str, policy: Option<QueuePolicy>| QueueRun {
         name: name.into(),
         kv,
-        sched: SchedSettings::default(),
+        sched: SchedSettings { admission: policy.and(skip), ..SchedSettings::default() },
         queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, ..QueueSettings::single_class(threshold, p) }),
     };
     let runs = [run("no-queue", None), run("queue-fcfs", Some(QueuePolicy::Fcfs)), run("queue-wspt", Some(QueuePolicy::Wspt))];
@@ -181,7 +189,7 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
     print!("{}", queue::markdown(&reports));
     if let Some(p) = &a.json {
         let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "queue_threshold": threshold,
-            "high_priority_share": a.high_priority_share, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
+            "high_priority_share": a.high_priority_share, "queue_skip_saturated": a.queue_skip_saturated, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
         std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
