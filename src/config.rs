@@ -1046,6 +1046,7 @@ mod tests {
             (vec!["--otel-exporter-otlp-endpoint", "collector:4317"], vec!["OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317", "http://"]),
             (vec!["--otel-exporter-otlp-traces-endpoint", "http://"], vec!["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://"]),
             (vec!["--otel-exporter-otlp-protocol", "http/protobuf"], vec!["OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", "grpc"]),
+            (vec!["--otel-exporter-otlp-traces-protocol", "http/json"], vec!["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json", "grpc"]),
             (vec!["--otel-traces-exporter", "jaeger"], vec!["OTEL_TRACES_EXPORTER", "jaeger", "otlp, none"]),
             (vec!["--otel-traces-sampler", "xray"], vec!["OTEL_TRACES_SAMPLER", "xray", "parentbased_always_on"]),
             (vec!["--otel-traces-sampler-arg", "1.5"], vec!["OTEL_TRACES_SAMPLER_ARG", "1.5", "0 to 1"]),
