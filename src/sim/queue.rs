@@ -41,6 +41,11 @@ pub struct ClassReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueReport {
     pub run: String,
+    /// Requests that waited in the router queue.
+    pub queued: usize,
+    /// Requests sent to a worker that still had prompt tokens to prefill (the router's view):
+    /// they wait in that engine's queue instead.
+    pub behind_prefill: usize,
     pub overall: report::PolicyReport,
     pub classes: Vec<ClassReport>,
 }
@@ -59,7 +64,7 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[QueueR
     runs.iter()
         .map(|r| {
             let started = std::time::Instant::now();
-            let (outcomes, waits) = run_one(&prepared, cfg, r, high);
+            let (outcomes, waits, counts) = run_one(&prepared, cfg, r, high);
             let overall = report::PolicyReport::new(&r.name, &outcomes, ideal, started.elapsed());
             let class = |name, want: bool| {
                 let ms = |us: u64| us as f64 / 1000.0;
@@ -72,13 +77,20 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[QueueR
                     prefill_floor_ms: report::latency(idx.iter().map(|&i| cfg.engine.prefill_alone_ms((outcomes[i].isl - outcomes[i].reused_tokens.min(outcomes[i].isl)) as u64)).collect()),
                 }
             };
-            QueueReport { run: r.name.clone(), overall, classes: vec![class("high", true), class("normal", false)] }
+            QueueReport { run: r.name.clone(), queued: counts.queued, behind_prefill: counts.behind_prefill, overall, classes: vec![class("high", true), class("normal", false)] }
         })
         .collect()
 }
 
-/// One configuration: outcomes, and each request's wait in the router queue (µs).
-fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: &[bool]) -> (Vec<report::RequestOutcome>, Vec<u64>) {
+#[derive(Default)]
+struct Counts {
+    queued: usize,
+    behind_prefill: usize,
+}
+
+/// One configuration: outcomes, each request's wait in the router queue (µs), and where the
+/// waiting happened.
+fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: &[bool]) -> (Vec<report::RequestOutcome>, Vec<u64>, Counts) {
     let mut router = Router::new(run.kv, run.sched);
     router.set_fleet(fleet(cfg));
     let mut st = State::new(cfg, prepared, Some(router));
@@ -86,6 +98,7 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
     let threshold = run.queue.as_ref().map_or(0.0, |q| q.threshold);
     let wspt = run.queue.as_ref().is_some_and(|q| q.policy == QueuePolicy::Wspt);
     let mut waits = vec![0u64; prepared.len()];
+    let mut counts = Counts::default();
     // `wspt`: the lookup a request was keyed by is the one its decision uses (as in the server).
     let mut lookups: Vec<Option<Lookup>> = (0..prepared.len()).map(|_| None).collect();
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
@@ -111,8 +124,9 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
                         };
                         let a = Arrival { priority: Priority { strict: high[i] as u32, jump: 0.0 }, uncached_tokens, ..Default::default() };
                         q.push(i, a, at).map_err(|_| "simulated queue is unbounded").unwrap();
+                        counts.queued += 1;
                     }
-                    _ => dispatch(&mut st, i, &req(i), None, &prepared[i].engine, now, &mut rng),
+                    _ => dispatch(&mut st, i, &req(i), None, &prepared[i].engine, now, &mut rng, &mut counts),
                 }
             }
             ev => st.step(ev, now),
@@ -132,16 +146,21 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
             let d = q.pop(at).expect("not empty");
             let i = d.item;
             waits[i] = d.waited.as_micros() as u64;
-            dispatch(&mut st, i, &req(i), lookups[i].take().as_ref(), &prepared[i].engine, now, &mut rng);
+            dispatch(&mut st, i, &req(i), lookups[i].take().as_ref(), &prepared[i].engine, now, &mut rng, &mut counts);
         }
     }
-    (st.outcomes, waits)
+    (st.outcomes, waits, counts)
 }
 
-fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup>, engine: &super::engine::EngineRequest, now: u64, rng: &mut SmallRng) {
+#[allow(clippy::too_many_arguments)]
+fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup>, engine: &super::engine::EngineRequest, now: u64, rng: &mut SmallRng, counts: &mut Counts) {
     let at = st.instant(now);
-    match st.router.as_mut().expect("router").route_waiting(req, kept, &Claims::default(), at, rng) {
+    let router = st.router.as_mut().expect("router");
+    match router.route_waiting(req, kept, &Claims::default(), at, rng) {
         Ok(d) => {
+            // Its own booking is counted too: more than its uncached prompt means others'.
+            let pending = router.load(&d.decode.worker).active_prefill_tokens;
+            counts.behind_prefill += (pending > (engine.isl as u64).saturating_sub(d.predicted_cached_tokens)) as usize;
             st.bookings[i] = Some(d.booking);
             st.assign(i, d.decode.worker.id.0 as usize, engine, now);
         }
@@ -153,6 +172,7 @@ fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup
 /// A Markdown table: each run's TTFT and queue wait per class, and overall.
 pub fn markdown(reports: &[QueueReport]) -> String {
     let mut s = String::from("| run | class | requests | TTFT mean / p50 / p99 (ms) | queue wait mean / p99 (ms) | prefill floor p99 (ms) |\n|---|---|---:|---|---|---:|\n");
+    let mut waited = String::from("\n| run | waited in the router queue | sent behind another prompt's prefill |\n|---|---:|---:|\n");
     for r in reports {
         for c in &r.classes {
             s.push_str(&format!(
@@ -161,7 +181,8 @@ pub fn markdown(reports: &[QueueReport]) -> String {
             ));
         }
         let t = &r.overall.ttft_ms;
+        waited.push_str(&format!("| {} | {} | {} |\n", r.run, r.queued, r.behind_prefill));
         s.push_str(&format!("| {} | all | {} | {:.0} / {:.0} / {:.0} | | |\n", r.run, r.overall.requests, t.mean, t.p50, t.p99));
     }
-    s
+    s + &waited
 }
