@@ -507,7 +507,7 @@ impl Router {
                 }
             };
             if self.kv.settings.use_kv_events {
-                add(self.kv.index.overlaps(&hashes));
+                add(self.kv.index.overlaps(hashes));
             }
             if let Some(p) = &self.kv.predicted {
                 add(p.overlaps(hashes));

@@ -58,8 +58,8 @@ impl EngineParams {
     /// `max_batch_tokens` — the floor under its TTFT that no routing or queue order lowers.
     pub fn prefill_alone_ms(&self, tokens: u64) -> f64 {
         let budget = self.max_batch_tokens.max(1) as u64;
-        let full = tokens / budget;
-        full as f64 * self.pass_ms(budget, 0, 0) + if tokens % budget > 0 { self.pass_ms(tokens % budget, 0, 0) } else { 0.0 }
+        let (full, rest) = (tokens / budget, tokens % budget);
+        full as f64 * self.pass_ms(budget, 0, 0) + if rest > 0 { self.pass_ms(rest, 0, 0) } else { 0.0 }
     }
 }
 
