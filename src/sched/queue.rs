@@ -461,6 +461,11 @@ mod tests {
         QueueSettings::single_class(0.0, policy)
     }
 
+    /// An `fcfs` queue with the classes of this policy file.
+    fn with_classes<T>(yaml: &str) -> Queue<T> {
+        Queue::new(QueueSettings { classes: parse_policy_config(yaml).unwrap(), ..settings(QueuePolicy::Fcfs) })
+    }
+
     fn arrival(strict: u32, jump: f64) -> Arrival {
         Arrival { priority: Priority { strict, jump }, bytes: 10, ..Default::default() }
     }
@@ -583,9 +588,7 @@ mod tests {
     #[test]
     fn a_class_whose_requests_cannot_run_does_not_hold_the_others() {
         let t0 = Instant::now();
-        let mut s = settings(QueuePolicy::Fcfs);
-        s.classes = parse_policy_config("- name: gold\n  quantum: 2\n- name: bronze\n").unwrap();
-        let mut q = Queue::new(s);
+        let mut q = with_classes("- name: gold\n  quantum: 2\n- name: bronze\n");
         for (name, class, may) in [('g', "gold", 1), ('G', "gold", 1), ('b', "bronze", 2), ('B', "bronze", 3)] {
             q.push((name, vec![may]), Arrival { class: Some(class.into()), ..arrival(0, 0.0) }, t0).unwrap();
         }
@@ -601,9 +604,7 @@ mod tests {
     #[test]
     fn classes_share_dispatches_by_quantum() {
         let t0 = Instant::now();
-        let mut s = settings(QueuePolicy::Fcfs);
-        s.classes = parse_policy_config("classes:\n  - name: batch\n  - name: interactive\n    quantum: 3\n").unwrap();
-        let mut q = Queue::new(s);
+        let mut q = with_classes("classes:\n  - name: batch\n  - name: interactive\n    quantum: 3\n");
         for i in 0..10 {
             q.push(('b', i), Arrival { class: Some("batch".into()), ..arrival(0, 0.0) }, t0).unwrap();
             q.push(('i', i), Arrival { class: Some("interactive".into()), ..arrival(0, 0.0) }, t0).unwrap();
