@@ -578,7 +578,8 @@ impl Router {
         let held_tokens = held * self.kv.block_size as u64;
         Inputs {
             queued_tokens: s.load.active_prefill_tokens,
-            wait_ms: self.clock.map_or(0.0, |now| self.latency.wait_ms(&s.target.worker, now)),
+            // Filled in from the rank's backlog by the prediction.
+            wait_ms: 0.0,
             new_tokens: isl - s.terms.cached_tokens.max(held_tokens).min(isl),
             decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
             own_tokens: isl,
@@ -596,7 +597,7 @@ impl Router {
     fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
-            let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
+            let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h), self.clock);
             let stall = STALL_WEIGHT * p.inputs.active_requests as f64 * p.prefill_ms;
             s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall };
             s.prediction = Some(p);

@@ -56,6 +56,9 @@ const MIN_SLOPE_SHARE: f64 = 0.01;
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rls<const N: usize> {
     theta: [f64; N],
+    /// `theta` as predictions use it (see [`usable`]), kept with every update: a decision
+    /// predicts on every rank, a sample updates one.
+    coef: [f64; N],
     p: [[f64; N]; N],
     prior: [f64; N],
     /// Running typical absolute residual (ms); residuals are clipped at `CLIP` times it.
@@ -67,28 +70,23 @@ pub struct Rls<const N: usize> {
 
 impl<const N: usize> Rls<N> {
     pub fn new(prior: [f64; N]) -> Self {
-        Rls { theta: prior, p: prior_covariance(), prior, scale: prior[0].max(1.0), rel_err: 1.0, samples: 0 }
+        Rls { theta: prior, coef: usable(&prior, &prior), p: prior_covariance(), prior, scale: prior[0].max(1.0), rel_err: 1.0, samples: 0 }
     }
 
     /// Starts from another model's fit (a rank's first sample, from the fleet's): its
     /// coefficients, and its certainty loosened a few times — the rank may differ, but a
     /// handful of its own samples must not throw a good fit away.
     fn seeded(from: &Rls<N>) -> Self {
-        Rls { theta: from.theta, p: from.p.map(|row| row.map(|v| v * SEED_LOOSEN)), scale: from.scale, ..Rls::new(from.prior) }
+        Rls { theta: from.theta, coef: from.coef, p: from.p.map(|row| row.map(|v| v * SEED_LOOSEN)), scale: from.scale, ..Rls::new(from.prior) }
     }
 
-    /// The coefficients used for prediction: slopes kept non-negative (and off zero where the
-    /// prior is not), the intercept non-negative.
-    pub fn coefficients(&self) -> [f64; N] {
-        let mut c = self.theta;
-        for (i, v) in c.iter_mut().enumerate() {
-            *v = v.max(if i == 0 { 0.0 } else { MIN_SLOPE_SHARE * self.prior[i] });
-        }
-        c
+    /// The coefficients used for prediction (see [`usable`]).
+    pub fn coefficients(&self) -> &[f64; N] {
+        &self.coef
     }
 
     pub fn predict(&self, x: &[f64; N]) -> f64 {
-        self.coefficients().iter().zip(x).map(|(c, x)| c * x).sum()
+        self.coef.iter().zip(x).map(|(c, x)| c * x).sum()
     }
 
     pub fn samples(&self) -> u64 {
@@ -141,9 +139,15 @@ impl<const N: usize> Rls<N> {
         if trace > cap {
             p.iter_mut().flatten().for_each(|v| *v *= cap / trace);
         }
-        (self.theta, self.p) = (theta, p);
+        (self.theta, self.coef, self.p) = (theta, usable(&theta, &self.prior), p);
         self.samples += 1;
     }
+}
+
+/// Fitted coefficients as predictions use them: slopes kept non-negative (and off zero where
+/// the prior is not), the intercept non-negative.
+fn usable<const N: usize>(theta: &[f64; N], prior: &[f64; N]) -> [f64; N] {
+    std::array::from_fn(|i| theta[i].max(if i == 0 { 0.0 } else { MIN_SLOPE_SHARE * prior[i] }))
 }
 
 fn prior_covariance<const N: usize>() -> [[f64; N]; N] {
@@ -206,13 +210,20 @@ impl Default for RankModel {
     }
 }
 
-/// Every live rank's models and the fleet-wide ones.
+/// Every live rank's models and prefill backlog, and the fleet-wide models.
 #[derive(Clone, Debug, Default)]
 pub struct LatencyModels {
-    ranks: FxHashMap<WorkerRank, RankModel>,
+    /// One entry per rank: a decision reads each rank's model and backlog with one lookup.
+    ranks: FxHashMap<WorkerRank, RankState>,
     fleet: RankModel,
-    /// Per rank: when the prefill booked on it is expected to be done.
-    backlog: FxHashMap<WorkerRank, Instant>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct RankState {
+    /// `None` until the rank's first sample (it predicts with the fleet's fit until then).
+    model: Option<RankModel>,
+    /// When the prefill booked on the rank is expected to be done.
+    backlog: Option<Instant>,
 }
 
 /// How much less certain a rank's fit starts than the fleet's it is seeded from.
@@ -224,15 +235,23 @@ const FLEET_SEED_SAMPLES: u64 = 8;
 impl LatencyModels {
     /// The model a rank's predictions use: its own once it has samples, else the fleet's.
     pub fn model(&self, r: &WorkerRank) -> &RankModel {
-        self.ranks.get(r).unwrap_or(&self.fleet)
+        self.ranks.get(r).and_then(|s| s.model.as_ref()).unwrap_or(&self.fleet)
     }
 
     pub fn fleet(&self) -> &RankModel {
         &self.fleet
     }
 
-    pub fn predict(&self, r: &WorkerRank, inputs: Inputs) -> Prediction {
-        let m = self.model(r);
+    /// The prediction on `r` for `inputs`, the wait taken from the rank's backlog at `now`
+    /// (none without a clock).
+    pub fn predict(&self, r: &WorkerRank, mut inputs: Inputs, now: Option<Instant>) -> Prediction {
+        // (Before any booking or sample the map is empty: skip hashing the rank.)
+        let state = if self.ranks.is_empty() { None } else { self.ranks.get(r) };
+        let m = state.and_then(|s| s.model.as_ref()).unwrap_or(&self.fleet);
+        inputs.wait_ms = match (state.and_then(|s| s.backlog), now) {
+            (Some(end), Some(now)) => end.saturating_duration_since(now).as_secs_f64() * 1e3,
+            _ => 0.0,
+        };
         let c = m.ttft.coefficients();
         let x = inputs.ttft_x();
         let queue_ms = c[1] * x[1];
@@ -241,15 +260,10 @@ impl LatencyModels {
         Prediction { inputs, queue_ms, prefill_ms, base_ms, ttft_ms: queue_ms + prefill_ms + base_ms, tpot_ms: m.tpot.predict(&inputs.tpot_x()) }
     }
 
-    /// How long until rank `r` is through the prefill work booked on it (ms).
-    pub fn wait_ms(&self, r: &WorkerRank, now: Instant) -> f64 {
-        self.backlog.get(r).map_or(0.0, |end| end.saturating_duration_since(now).as_secs_f64() * 1e3)
-    }
-
     /// A request with prediction `p` was booked on `r`: its prefill joins the backlog. Returns
     /// when its prefill is expected to be done.
     pub fn book(&mut self, r: WorkerRank, p: &Prediction, now: Instant) -> Instant {
-        let end = self.backlog.entry(r).or_insert(now);
+        let end = self.ranks.entry(r).or_default().backlog.get_or_insert(now);
         *end = (*end).max(now) + Duration::from_secs_f64(p.prefill_ms.max(0.0) / 1e3);
         *end
     }
@@ -257,7 +271,7 @@ impl LatencyModels {
     /// A request booked with prediction `p` ended before its first chunk: its prefill will not
     /// run, so the backlog behind it is that much shorter.
     pub fn unbook(&mut self, r: WorkerRank, p: &Prediction, now: Instant) {
-        if let Some(end) = self.backlog.get_mut(&r) {
+        if let Some(end) = self.ranks.get_mut(&r).and_then(|s| s.backlog.as_mut()) {
             *end = end.checked_sub(Duration::from_secs_f64(p.prefill_ms.max(0.0) / 1e3)).unwrap_or(now).max(now);
         }
     }
@@ -266,11 +280,12 @@ impl LatencyModels {
     /// its prefill was expected done at `done`, `base_ms` before the chunk. The backlog behind
     /// it moves by the difference (FCFS: whatever was behind it is that much early or late).
     pub fn observe_ttft(&mut self, r: WorkerRank, inputs: &Inputs, ttft_ms: f64, done: Instant, base_ms: f64, now: Instant) {
-        if let Some(end) = self.backlog.get_mut(&r) {
+        let state = self.ranks.entry(r).or_default();
+        if let Some(end) = state.backlog.as_mut() {
             let actual_done = now.checked_sub(Duration::from_secs_f64(base_ms.max(0.0) / 1e3)).unwrap_or(now);
             *end = if actual_done >= done { *end + (actual_done - done) } else { end.checked_sub(done - actual_done).unwrap_or(now) }.max(now);
         }
-        let m = self.ranks.entry(r).or_default();
+        let m = state.model.get_or_insert_with(RankModel::default);
         learn(&mut m.ttft, &mut self.fleet.ttft, &inputs.ttft_x(), ttft_ms);
     }
 
@@ -280,19 +295,18 @@ impl LatencyModels {
             return;
         }
         let tpot = decode_ms / (generated - 1) as f64;
-        let m = self.ranks.entry(r).or_default();
+        let m = self.ranks.entry(r).or_default().model.get_or_insert_with(RankModel::default);
         learn(&mut m.tpot, &mut self.fleet.tpot, &inputs.tpot_x(), tpot);
     }
 
     /// Forgets ranks that left the fleet.
     pub fn retain(&mut self, keep: impl Fn(&WorkerRank) -> bool) {
         self.ranks.retain(|r, _| keep(r));
-        self.backlog.retain(|r, _| keep(r));
     }
 
     /// Whether a rank has samples of its own.
     pub fn has(&self, r: &WorkerRank) -> bool {
-        self.ranks.contains_key(r)
+        self.ranks.get(r).is_some_and(|s| s.model.is_some())
     }
 }
 
@@ -384,10 +398,10 @@ mod tests {
             ms.observe_ttft(a, &inputs, truth(&inputs.ttft_x()), now, 0.0, now);
         }
         let i = Inputs { new_tokens: 4000, ..Default::default() };
-        assert_eq!(ms.predict(&b, i), ms.predict(&WorkerRank::rank0(99), i));
-        assert!((ms.predict(&b, i).ttft_ms / truth(&i.ttft_x()) - 1.0).abs() < 0.1);
+        assert_eq!(ms.predict(&b, i, None), ms.predict(&WorkerRank::rank0(99), i, None));
+        assert!((ms.predict(&b, i, None).ttft_ms / truth(&i.ttft_x()) - 1.0).abs() < 0.1);
         ms.observe_ttft(b, &i, truth(&i.ttft_x()), now, 0.0, now);
-        assert!((ms.predict(&b, i).ttft_ms / truth(&i.ttft_x()) - 1.0).abs() < 0.1);
+        assert!((ms.predict(&b, i, None).ttft_ms / truth(&i.ttft_x()) - 1.0).abs() < 0.1);
         ms.retain(|r| *r == b);
         assert!(ms.has(&b) && !ms.has(&a));
     }
