@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Start-up time and idle memory of the EPP per tokenizer backend (issue 14): for each fixture and
 # DYN_TOKENIZER value, runs alternated, the time from exec to the "dynamo-epp serving" log line
-# (the model is loaded and every warm-up done by then) and VmRSS once the process has idled
-# STARTUP_RSS_SETTLE_SECS (default 12: past jemalloc's 10 s decay of the load's garbage).
+# (the model is loaded and every warm-up done by then), the CPU time the process spent until
+# then (all its threads; steadier than the wall time on a shared machine), and VmRSS once the
+# process has idled STARTUP_RSS_SETTLE_SECS (default 12: past jemalloc's 10 s decay of the
+# load's garbage).
 #
 #   cargo build --release && scripts/measure_startup.sh [runs]     (default 3 runs per cell)
 #
@@ -18,8 +20,9 @@ trap 'rm -rf "$tmp"' EXIT
 printf 'workers:\n  - name: w0\n    address: 127.0.0.1:1\n' >"$tmp/workers.yaml"
 port=$((20000 + RANDOM % 20000))
 
-one() { # model backend → "seconds rss_mib"
-  local log="$tmp/$1.$2.$RANDOM.log" start pid t
+tick=$(getconf CLK_TCK)
+one() { # model backend → "seconds cpu_seconds rss_mib"
+  local log="$tmp/$1.$2.$RANDOM.log" start pid t cpu
   : >"$log"
   start=$(date +%s.%N)
   env -i PATH="$PATH" RUST_LOG=info DYN_MODEL_PATH="$fixtures/$1" DYN_TOKENIZER="$2" \
@@ -32,11 +35,13 @@ one() { # model backend → "seconds rss_mib"
     sleep 0.01
   done
   t=$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { print b - a }')
+  # utime + stime (fields 14, 15; the command name in field 2 has no spaces here).
+  cpu=$(awk -v hz="$tick" '{ print ($14 + $15) / hz }' /proc/$pid/stat)
   sleep "$settle"
   rss=$(awk '/^VmRSS/ {print int($2 / 1024)}' /proc/$pid/status)
   kill $pid
   wait $pid 2>/dev/null || true
-  printf '%.2f s %d MiB' "$t" "$rss"
+  printf '%.2f s (cpu %.2f s) %d MiB' "$t" "$cpu" "$rss"
 }
 
 for model in qwen3 llama3_1; do

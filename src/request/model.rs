@@ -44,8 +44,7 @@ impl Model {
             return Err(LoadError::NotADirectory(dir.to_path_buf()));
         }
         let tok_path = dir.join("tokenizer.json");
-        let json = std::fs::read_to_string(&tok_path).map_err(|e| unreadable(&tok_path, e))?;
-        let tokenizer = TextTokenizer::load(&json, cache_bytes, backend).map_err(|e| unreadable(&tok_path, e))?;
+        let tokenizer = TextTokenizer::load(&tok_path, cache_bytes, backend).map_err(|e| unreadable(&tok_path, e))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Json = match std::fs::read(&cfg_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| unreadable(&cfg_path, e))?,

@@ -12,6 +12,7 @@
 
 use std::{
     borrow::Cow,
+    path::Path,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, OnceLock,
@@ -178,41 +179,61 @@ impl TextTokenizer {
         TextTokenizer { encoder: Encoder::Hf { tok, library: OnceLock::new() }, nfc, splitter, frame, cache, vocab_end, selection }
     }
 
-    /// From the text of a `tokenizer.json`, with the encoder `choice` asks for if it can prove
-    /// support for the file, else HF. A fast encoder's lazily built tables are built here, so
-    /// the first request is as fast as later ones.
-    pub fn load(json: &str, cache_bytes: usize, choice: BackendChoice) -> Result<Self, String> {
-        let why = match choice {
-            BackendChoice::Default => "DYN_TOKENIZER=default".to_string(),
-            _ => match Self::fast(json, cache_bytes) {
-                Ok(mut t) => {
-                    let why = "tokenizer.json verified: normalizer, pre-tokenizer, BPE model, added tokens, post-processor frame";
-                    let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
-                    t.selection = Selection { requested: choice, backend: Backend::Fastokens, reason };
-                    return Ok(t);
+    /// From a `tokenizer.json` file, with the encoder `choice` asks for if it can prove support
+    /// for the file, else HF. A fast encoder's lazily built tables are built here, so the first
+    /// request is as fast as later ones.
+    pub fn load(path: &Path, cache_bytes: usize, choice: BackendChoice) -> Result<Self, String> {
+        let read = || std::fs::read_to_string(path).map_err(|e| e.to_string());
+        if choice == BackendChoice::Default {
+            return Self::hf(&read()?, cache_bytes, choice, "DYN_TOKENIZER=default".into());
+        }
+        // fastokens parses the file straight into its own types (its load from a parsed
+        // `serde_json::Value` costs that parse plus a third more), on its own thread while this
+        // one reads and proves the file: start-up is its load, not the sum. Not scoped: if the
+        // proof fails, HF loads without waiting for it.
+        let owned = path.to_path_buf();
+        let loading = std::thread::spawn(move || fastokens::Tokenizer::from_file(&owned));
+        let json = read()?;
+        let why = match Self::fast(&json, loading, cache_bytes) {
+            Ok(mut t) => {
+                // fastokens read the file itself: it must be the text that was proven.
+                if read()? != json {
+                    return Err("tokenizer.json changed while it was loaded".into());
                 }
-                Err(why) => format!("fastokens not proven exact here: {why}"),
-            },
+                let why = "tokenizer.json verified: normalizer, pre-tokenizer, BPE model, added tokens, post-processor frame";
+                let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
+                t.selection = Selection { requested: choice, backend: Backend::Fastokens, reason };
+                return Ok(t);
+            }
+            Err(why) => format!("fastokens not proven exact here: {why}"),
         };
+        Self::hf(&json, cache_bytes, choice, why)
+    }
+
+    fn hf(json: &str, cache_bytes: usize, requested: BackendChoice, reason: String) -> Result<Self, String> {
         let mut t = TextTokenizer::new(json.parse::<Tokenizer>().map_err(|e| e.to_string())?, cache_bytes);
-        t.selection = Selection { requested: choice, backend: Backend::Hf, reason: why };
+        t.selection = Selection { requested, backend: Backend::Hf, reason };
         Ok(t)
     }
 
-    /// fastokens alone, if the file is of a verified form ([`fast_support`]), with its word
-    /// table built (~100 ms, once for all threads).
-    fn fast(json: &str, cache_bytes: usize) -> Result<Self, String> {
+    /// fastokens alone (being loaded by `loading`), if the file is of a verified form
+    /// ([`fast_support`]), with its word table built (~100 ms, once for all threads).
+    fn fast(json: &str, loading: std::thread::JoinHandle<Result<fastokens::Tokenizer, fastokens::Error>>, cache_bytes: usize) -> Result<Self, String> {
         let value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
         let FastForm { added, frame, vocab_end, nfc } = fast_support(&value)?;
+        drop(value);
         let splitter = if added.is_empty() {
             AhoCorasick::new(Vec::<String>::new())
         } else {
             AhoCorasickBuilder::new().match_kind(MatchKind::LeftmostLongest).build(added.iter().map(|(t, _)| t))
         }
         .map_err(|e| e.to_string())?;
-        let mut fast = fastokens::Tokenizer::from_json(value).map_err(|e| e.to_string())?;
+        let mut fast = loading.join().map_err(|_| "fastokens panicked loading".to_string())?.map_err(|e| format!("fastokens cannot load it: {e}"))?;
         fast.set_truncation(None);
         fast.set_padding(None);
+        // Every piece is normalized by `nfc_like_hf` first (HF's NFC, idempotent): fastokens'
+        // own NFC would only scan it again (~10 % of an encode of non-ASCII NFC text).
+        fast.set_normalizer(None);
         // Built on a thread that then ends, so no long-lived thread keeps a copy it never uses.
         std::thread::scope(|s| s.spawn(|| fast.encode_ordinary(WARM_UP).map(drop)).join())
             .map_err(|_| "fastokens panicked warming up".to_string())?
@@ -308,6 +329,11 @@ impl TextTokenizer {
             }
             pieces[*slot] = Piece::New(ids);
         }
+        if let ([Piece::New(_)], false) = (pieces.as_slice(), add_special) {
+            // One piece (no added token in the text): its ids are the answer, no copy.
+            let Some(Piece::New(ids)) = pieces.pop() else { unreachable!() };
+            return Ok(ids);
+        }
         let n: usize = pieces.iter().map(Piece::len).sum();
         let mut out = Vec::with_capacity(n + pre.len() + post.len());
         if add_special {
@@ -359,9 +385,10 @@ impl TextTokenizer {
         let tok = match &self.encoder {
             Encoder::Fast(fast) => {
                 // A piece between added tokens (the fast encoder is only chosen when the cut is
-                // exact), in which fastokens matches no added token. Normalized first where
-                // needed: fastokens would put the whole rest of a piece after its first non-NFC
-                // char through HF's slow Unicode 9.0 NFC (~35 MB/s).
+                // exact), in which fastokens matches no added token. Normalized here, not by
+                // fastokens (its normalizer is removed at load): it would put the whole rest of
+                // a piece after its first non-NFC char through HF's slow Unicode 9.0 NFC
+                // (~35 MB/s).
                 debug_assert!(!add_special);
                 let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
                 return fast.encode_ordinary(&text).map_err(|e| EncodeError(e.to_string()));
