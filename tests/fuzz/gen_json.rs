@@ -148,7 +148,7 @@ impl J {
     fn pick(&mut self, at: usize, want: fn(Kind) -> bool, below_root: bool) -> Option<&mut J> {
         match (self.count(want), want(self.kind())) {
             (0, _) => None,
-            (n, true) if below_root && at % n == 0 => None,
+            (n, true) if below_root && at.is_multiple_of(n) => None,
             (n, _) => self.nth(want, &mut (at % n)),
         }
     }
