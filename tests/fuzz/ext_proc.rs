@@ -301,7 +301,7 @@ fn check(svc: &Service, c: &Case, body: &[u8], tally: &mut Tally) -> Result<(), 
     let took = started.elapsed();
     // Every booking and stream is released once the stream is gone. The server's own threads
     // release them, so this thread polls without the runtime, at a finer grain than tokio's 1 ms
-    // timer (which, not the EPP, bounded the rate of this surface in release builds).
+    // timer (which added up to a millisecond or two of waiting to every input).
     let until = Instant::now() + DEADLINE;
     loop {
         let active = svc.app.router.lock().active_requests();
