@@ -54,8 +54,27 @@ fn one() -> u32 {
 /// bound a `dp_size: 4294967295` (found by tests/fuzz) allocated until memory ran out.
 pub const MAX_DP_SIZE: u32 = 4096;
 
+/// Longest error message kept. Messages echo values from the file (serde's "unknown variant
+/// `…`", a bad address): a 32 KB role made a 64 KB log line (found by tests/fuzz).
+pub const MAX_MESSAGE_BYTES: usize = 512;
+
 /// Parses a workers file's text into a fleet, checking what the router relies on.
 pub fn parse(text: &str) -> Result<Fleet, String> {
+    check(text).map_err(shorten)
+}
+
+/// Keeps the head (which field) and the tail (why, where) of a long message.
+fn shorten(m: String) -> String {
+    if m.len() <= MAX_MESSAGE_BYTES {
+        return m;
+    }
+    let half = MAX_MESSAGE_BYTES / 2;
+    let head = (0..=half).rev().find(|&i| m.is_char_boundary(i)).unwrap_or(0);
+    let tail = (m.len() - half..=m.len()).find(|&i| m.is_char_boundary(i)).unwrap_or(m.len());
+    format!("{} … ({} bytes cut) … {}", &m[..head], tail - head, &m[tail..])
+}
+
+fn check(text: &str) -> Result<Fleet, String> {
     let doc: FileDoc = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
     if doc.block_size == Some(0) {
         return Err("block_size must be at least 1".into());

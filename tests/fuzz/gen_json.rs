@@ -109,33 +109,47 @@ impl J {
         out
     }
 
-    /// Every node in pre-order, as paths of child positions.
-    fn paths(&self, here: &mut Vec<usize>, out: &mut Vec<(Vec<usize>, Kind)>) {
-        let kind = match self {
+    fn kind(&self) -> Kind {
+        match self {
             J::Str(_) => Kind::Str,
             J::Arr(_) => Kind::Arr,
             J::Obj(_) => Kind::Obj,
             _ => Kind::Other,
-        };
-        out.push((here.clone(), kind));
-        let children: Box<dyn Iterator<Item = &J>> = match self {
-            J::Arr(a) => Box::new(a.iter()),
-            J::Obj(o) => Box::new(o.iter().map(|(_, v)| v)),
-            _ => return,
-        };
-        for (i, c) in children.enumerate() {
-            here.push(i);
-            c.paths(here, out);
-            here.pop();
         }
     }
 
-    fn at(&mut self, path: &[usize]) -> &mut J {
-        let Some((&i, rest)) = path.split_first() else { return self };
+    /// Nodes are array items and member values, counted in pre-order.
+    fn count(&self, want: fn(Kind) -> bool) -> usize {
+        want(self.kind()) as usize
+            + match self {
+                J::Arr(a) => a.iter().map(|c| c.count(want)).sum(),
+                J::Obj(o) => o.iter().map(|(_, c)| c.count(want)).sum(),
+                _ => 0,
+            }
+    }
+
+    fn nth(&mut self, want: fn(Kind) -> bool, n: &mut usize) -> Option<&mut J> {
+        if want(self.kind()) {
+            if *n == 0 {
+                return Some(self);
+            }
+            *n -= 1;
+        }
         match self {
-            J::Arr(a) => a[i].at(rest),
-            J::Obj(o) => o[i].1.at(rest),
-            _ => unreachable!("paths only lead through containers"),
+            J::Arr(a) => a.iter_mut().find_map(|c| c.nth(want, n)),
+            J::Obj(o) => o.iter_mut().find_map(|(_, c)| c.nth(want, n)),
+            _ => None,
+        }
+    }
+
+    /// The `at % n`-th of the `n` nodes `want` accepts, found without listing them (listing
+    /// them cost more than many of the surfaces under test); `None` past a root-only pick when
+    /// `below_root`.
+    fn pick(&mut self, at: usize, want: fn(Kind) -> bool, below_root: bool) -> Option<&mut J> {
+        match (self.count(want), want(self.kind())) {
+            (0, _) => None,
+            (n, true) if below_root && at.is_multiple_of(n) => None,
+            (n, _) => self.nth(want, &mut (at % n)),
         }
     }
 }
@@ -290,70 +304,55 @@ pub fn mutation() -> impl Strategy<Value = Mutation> {
 
 impl Mutation {
     pub fn apply(&self, doc: &mut J) {
-        let mut nodes = Vec::new();
-        doc.paths(&mut Vec::new(), &mut nodes);
-        let pick = |at: usize, want: &dyn Fn(Kind) -> bool| -> Option<Vec<usize>> {
-            let c: Vec<&Vec<usize>> = nodes.iter().filter(|(_, k)| want(*k)).map(|(p, _)| p).collect();
-            (!c.is_empty()).then(|| c[at % c.len()].clone())
-        };
+        let any = |_| true;
+        let obj = |k| k == Kind::Obj;
         match self {
             Mutation::Replace(at, h) => {
                 // Never the root: a non-object body is one case, not thousands.
-                if let Some(p) = pick(*at, &|_| true).filter(|p| !p.is_empty()) {
-                    *doc.at(&p) = h.to_j();
+                if let Some(node) = doc.pick(*at, any, true) {
+                    *node = h.to_j();
                 }
             }
             Mutation::InsertInStr(at, pos, piece) => {
-                if let Some(p) = pick(*at, &|k| k == Kind::Str) {
-                    if let J::Str(s) = doc.at(&p) {
-                        // Splice between escapes, never inside one.
-                        let cuts: Vec<usize> =
-                            (0..=s.len()).filter(|&i| i == 0 || i == s.len() || (s[i - 1] != b'\\' && s[i] != b'\\')).collect();
-                        let i = cuts[pos % cuts.len()];
-                        s.splice(i..i, piece.iter().copied());
-                    }
+                if let Some(J::Str(s)) = doc.pick(*at, |k| k == Kind::Str, false) {
+                    // Splice between escapes, never inside one.
+                    let cut = |i: usize| i == 0 || i == s.len() || (s[i - 1] != b'\\' && s[i] != b'\\');
+                    let n = (0..=s.len()).filter(|&i| cut(i)).count();
+                    let i = (0..=s.len()).filter(|&i| cut(i)).nth(pos % n).expect("0 is a cut");
+                    s.splice(i..i, piece.iter().copied());
                 }
             }
             Mutation::DupMember(at, which, with) => {
-                if let Some(p) = pick(*at, &|k| k == Kind::Obj) {
-                    if let J::Obj(o) = doc.at(&p) {
-                        if !o.is_empty() {
-                            let (k, v) = o[which % o.len()].clone();
-                            o.push((k, with.as_ref().map(Hostile::to_j).unwrap_or(v)));
-                        }
+                if let Some(J::Obj(o)) = doc.pick(*at, obj, false) {
+                    if !o.is_empty() {
+                        let (k, v) = o[which % o.len()].clone();
+                        o.push((k, with.as_ref().map(Hostile::to_j).unwrap_or(v)));
                     }
                 }
             }
             Mutation::DropMember(at, which) => {
-                if let Some(p) = pick(*at, &|k| k == Kind::Obj) {
-                    if let J::Obj(o) = doc.at(&p) {
-                        if !o.is_empty() {
-                            let n = o.len();
-                            o.remove(which % n);
-                        }
+                if let Some(J::Obj(o)) = doc.pick(*at, obj, false) {
+                    if !o.is_empty() {
+                        let n = o.len();
+                        o.remove(which % n);
                     }
                 }
             }
             Mutation::AddMember(at, key, h) => {
-                if let Some(p) = pick(*at, &|k| k == Kind::Obj) {
-                    if let J::Obj(o) = doc.at(&p) {
-                        o.push((key.as_bytes().to_vec(), h.to_j()));
-                    }
+                if let Some(J::Obj(o)) = doc.pick(*at, obj, false) {
+                    o.push((key.as_bytes().to_vec(), h.to_j()));
                 }
             }
             Mutation::Repeat(at, n) => {
-                if let Some(p) = pick(*at, &|k| k == Kind::Arr) {
-                    if let J::Arr(a) = doc.at(&p) {
-                        // Not past what `build` would keep anyway (the copies would cost GBs).
-                        if let Some(first) = a.first().filter(|f| f.size().saturating_mul(*n as usize) <= 16 << 20).cloned() {
-                            a.extend(std::iter::repeat_n(first, *n as usize));
-                        }
+                if let Some(J::Arr(a)) = doc.pick(*at, |k| k == Kind::Arr, false) {
+                    // Not past what `build` would keep anyway (the copies would cost GBs).
+                    if let Some(first) = a.first().filter(|f| f.size().saturating_mul(*n as usize) <= 16 << 20).cloned() {
+                        a.extend(std::iter::repeat_n(first, *n as usize));
                     }
                 }
             }
             Mutation::Wrap(at, depth, obj) => {
-                if let Some(p) = pick(*at, &|_| true).filter(|p| !p.is_empty()) {
-                    let node = doc.at(&p);
+                if let Some(node) = doc.pick(*at, any, true) {
                     let inner = std::mem::replace(node, J::Null);
                     *node = J::Deep { depth: *depth, obj: *obj, inner: Box::new(inner) };
                 }
@@ -414,11 +413,15 @@ impl Generated {
     /// tried by dedicated cases, not thousands of times).
     pub fn build(&self, seeds: &[J], max: usize) -> Vec<u8> {
         let mut doc = seeds[self.seed].clone();
-        for m in &self.mutations {
-            let mut next = doc.clone();
-            m.apply(&mut next);
-            if next.size() <= max {
-                doc = next;
+        let mut kept = Vec::new();
+        for (i, m) in self.mutations.iter().enumerate() {
+            m.apply(&mut doc);
+            if doc.size() <= max {
+                kept.push(i);
+            } else {
+                // Rare: rebuild without it rather than copy the document before every mutation.
+                doc = seeds[self.seed].clone();
+                kept.iter().for_each(|&k| self.mutations[k].apply(&mut doc));
             }
         }
         let mut b = doc.bytes();

@@ -110,60 +110,81 @@ pub fn mutation() -> impl Strategy<Value = Mutation> {
     ]
 }
 
-/// Pre-order paths to every node (map values and array items; keys are replaced via entries).
-fn paths(v: &Value, here: &mut Vec<usize>, out: &mut Vec<Vec<usize>>) {
-    out.push(here.clone());
-    let children: Vec<&Value> = match v {
-        Value::Array(a) => a.iter().collect(),
-        Value::Map(m) => m.iter().map(|(_, v)| v).collect(),
-        _ => return,
-    };
-    for (i, c) in children.into_iter().enumerate() {
-        here.push(i);
-        paths(c, here, out);
-        here.pop();
+/// Counts the bytes `rmpv` writes for a value, without writing them.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len();
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
-fn at<'a>(v: &'a mut Value, path: &[usize]) -> &'a mut Value {
-    let Some((&i, rest)) = path.split_first() else { return v };
+fn encoded_len(v: &Value) -> usize {
+    let mut c = Counter(0);
+    rmpv::encode::write_value(&mut c, v).expect("counting cannot fail");
+    c.0
+}
+
+/// Nodes are map values and array items (keys are replaced via entries), counted in pre-order.
+fn count(v: &Value, want: fn(&Value) -> bool) -> usize {
+    want(v) as usize
+        + match v {
+            Value::Array(a) => a.iter().map(|c| count(c, want)).sum(),
+            Value::Map(m) => m.iter().map(|(_, c)| count(c, want)).sum(),
+            _ => 0,
+        }
+}
+
+fn nth<'a>(v: &'a mut Value, want: fn(&Value) -> bool, n: &mut usize) -> Option<&'a mut Value> {
+    if want(v) {
+        if *n == 0 {
+            return Some(v);
+        }
+        *n -= 1;
+    }
     match v {
-        Value::Array(a) => at(&mut a[i], rest),
-        Value::Map(m) => at(&mut m[i].1, rest),
-        _ => unreachable!("paths only lead through containers"),
+        Value::Array(a) => a.iter_mut().find_map(|c| nth(c, want, n)),
+        Value::Map(m) => m.iter_mut().find_map(|(_, c)| nth(c, want, n)),
+        _ => None,
+    }
+}
+
+/// The `i % n`-th of the `n` nodes `want` accepts (found without listing them: this generator,
+/// not the decoders, was most of the KV surfaces' time).
+fn pick(root: &mut Value, i: usize, want: fn(&Value) -> bool) -> Option<&mut Value> {
+    match count(root, want) {
+        0 => None,
+        n => nth(root, want, &mut (i % n)),
     }
 }
 
 impl Mutation {
     pub fn apply(&self, root: &mut Value) {
-        let mut all = Vec::new();
-        paths(root, &mut Vec::new(), &mut all);
-        let pick = |i: usize, want: fn(&Value) -> bool, root: &mut Value| -> Option<Vec<usize>> {
-            let c: Vec<&Vec<usize>> = all.iter().filter(|p| want(at(root, p))).collect();
-            (!c.is_empty()).then(|| c[i % c.len()].clone())
-        };
         let is_map = |v: &Value| matches!(v, Value::Map(_));
         let is_arr = |v: &Value| matches!(v, Value::Array(_));
         let is_any = |_: &Value| true;
         match self {
             Mutation::Replace(i, h) => {
-                if let Some(p) = pick(*i, is_any, root) {
-                    *at(root, &p) = h.to_value();
+                if let Some(v) = pick(root, *i, is_any) {
+                    *v = h.to_value();
                 }
             }
             Mutation::DupEntry(i, w) => {
-                if let Some(p) = pick(*i, is_map, root) {
-                    if let Value::Map(m) = at(root, &p) {
-                        if !m.is_empty() {
-                            let e = m[w % m.len()].clone();
-                            m.push(e);
-                        }
+                if let Some(Value::Map(m)) = pick(root, *i, is_map) {
+                    if !m.is_empty() {
+                        let e = m[w % m.len()].clone();
+                        m.push(e);
                     }
                 }
             }
             Mutation::DropEntry(i, w) => {
-                if let Some(p) = pick(*i, |v| matches!(v, Value::Map(m) if !m.is_empty()) || matches!(v, Value::Array(a) if !a.is_empty()), root) {
-                    match at(root, &p) {
+                if let Some(v) = pick(root, *i, |v| matches!(v, Value::Map(m) if !m.is_empty()) || matches!(v, Value::Array(a) if !a.is_empty())) {
+                    match v {
                         Value::Map(m) => {
                             let n = m.len();
                             m.remove(w % n);
@@ -177,28 +198,22 @@ impl Mutation {
                 }
             }
             Mutation::AddEntry(i, k, h) => {
-                if let Some(p) = pick(*i, is_map, root) {
-                    if let Value::Map(m) = at(root, &p) {
-                        m.push((s(k), h.to_value()));
-                    }
+                if let Some(Value::Map(m)) = pick(root, *i, is_map) {
+                    m.push((s(k), h.to_value()));
                 }
             }
             Mutation::Repeat(i, n) => {
-                if let Some(p) = pick(*i, is_arr, root) {
-                    if let Value::Array(a) = at(root, &p) {
-                        // Not past what `value` would keep anyway (the copies would cost GBs).
-                        if let Some(first) = a.first().filter(|f| enc(f).len().saturating_mul(*n as usize) <= 1 << 20).cloned() {
-                            a.extend(std::iter::repeat_n(first, *n as usize));
-                        }
+                if let Some(Value::Array(a)) = pick(root, *i, is_arr) {
+                    // Not past what `value` would keep anyway (the copies would cost GBs).
+                    if let Some(first) = a.first().filter(|f| encoded_len(f).saturating_mul(*n as usize) <= 1 << 20).cloned() {
+                        a.extend(std::iter::repeat_n(first, *n as usize));
                     }
                 }
             }
             Mutation::Truncate(i, n) => {
-                if let Some(p) = pick(*i, is_arr, root) {
-                    if let Value::Array(a) = at(root, &p) {
-                        let keep = n % (a.len() + 1);
-                        a.truncate(keep);
-                    }
+                if let Some(Value::Array(a)) = pick(root, *i, is_arr) {
+                    let keep = n % (a.len() + 1);
+                    a.truncate(keep);
                 }
             }
         }
@@ -256,11 +271,15 @@ impl Generated {
     /// A mutation that would grow the encoding past 1 MiB (NATS' default payload limit) is skipped.
     pub fn value(&self, seeds: &[Value]) -> Value {
         let mut v = seeds[self.seed].clone();
-        for m in &self.mutations {
-            let mut next = v.clone();
-            m.apply(&mut next);
-            if enc(&next).len() <= 1 << 20 {
-                v = next;
+        let mut kept = Vec::new();
+        for (i, m) in self.mutations.iter().enumerate() {
+            m.apply(&mut v);
+            if encoded_len(&v) <= 1 << 20 {
+                kept.push(i);
+            } else {
+                // Rare: rebuild without it rather than copy the tree before every mutation.
+                v = seeds[self.seed].clone();
+                kept.iter().for_each(|&k| self.mutations[k].apply(&mut v));
             }
         }
         v

@@ -9,9 +9,10 @@
 //! [`DEADLINE`], the right error (an OpenAI error JSON with a 4xx for a bad request, nothing
 //! forwarded), the router's counters back to zero, sizes bounded by the input.
 //!
-//! CI runs `FUZZ_CASES` (default 50,000) inputs per surface; the long run is
-//! `FUZZ_CASES=10000000 cargo test --release --test fuzz -- --nocapture --test-threads 1`.
-//! Failing inputs are kept by proptest in `tests/fuzz/proptest-regressions/` and as explicit
+//! CI runs `FUZZ_CASES` (default 50,000) inputs per surface; the long run (docs/robustness.md)
+//! is `FUZZ_CASES=10000000 PROPTEST_RNG_SEED=<not CI's> cargo test --release --test fuzz --
+//! --nocapture --test-threads 1 --exact <surface>`, one surface at a time.
+//! Failing inputs are kept by proptest in `tests/proptest-regressions/` and as explicit
 //! cases in each module's `regressions` test.
 
 #[path = "../common/mod.rs"]
@@ -78,6 +79,7 @@ where
 pub struct Tally {
     name: &'static str,
     started: Instant,
+    cpu_started: Duration,
     n: u64,
     slowest: Duration,
     outcomes: std::collections::BTreeMap<String, u64>,
@@ -85,7 +87,7 @@ pub struct Tally {
 
 impl Tally {
     pub fn new(name: &'static str) -> Self {
-        Tally { name, started: Instant::now(), n: 0, slowest: Duration::ZERO, outcomes: Default::default() }
+        Tally { name, started: Instant::now(), cpu_started: process_cpu(), n: 0, slowest: Duration::ZERO, outcomes: Default::default() }
     }
 
     /// Records one input's outcome and time; fails the case past the deadline.
@@ -94,8 +96,14 @@ impl Tally {
         self.slowest = self.slowest.max(took);
         // Long runs say how far they got, so a run stopped early still counts its inputs.
         if self.n.is_multiple_of(PROGRESS_EVERY) {
-            let secs = self.started.elapsed().as_secs_f64();
-            println!("fuzz {}: {} inputs so far, {secs:.0} s ({:.0}/s)", self.name, self.n, self.n as f64 / secs);
+            let (secs, cpu) = (self.started.elapsed().as_secs_f64(), self.cpu_secs());
+            println!(
+                "fuzz {}: {} inputs so far, {secs:.0} s ({:.0}/s), {cpu:.0} CPU-s ({:.0}/CPU-s)",
+                self.name,
+                self.n,
+                self.n as f64 / secs,
+                self.n as f64 / cpu
+            );
         }
         *self.outcomes.entry(outcome.into()).or_default() += 1;
         proptest::prop_assert!(took < DEADLINE, "answered after {took:?}");
@@ -103,17 +111,35 @@ impl Tally {
     }
 
     pub fn report(&self) {
-        let secs = self.started.elapsed().as_secs_f64();
+        let (secs, cpu) = (self.started.elapsed().as_secs_f64(), self.cpu_secs());
         let rss = common::status_kib(std::process::id(), "VmHWM") / 1024;
         println!(
-            "fuzz {}: {} inputs in {secs:.1} s ({:.0}/s), slowest {:?}, peak RSS {rss} MiB, outcomes {:?}",
+            "fuzz {}: {} inputs in {secs:.1} s ({:.0}/s), {cpu:.1} CPU-s ({:.0}/CPU-s), slowest {:?}, peak RSS {rss} MiB, outcomes {:?}",
             self.name,
             self.n,
             self.n as f64 / secs,
+            self.n as f64 / cpu,
             self.slowest,
             self.outcomes
         );
     }
+
+    /// CPU time of the whole process (every thread: the in-process server's too) since the
+    /// surface started: on a shared machine the wall-clock rate says more about the neighbours.
+    fn cpu_secs(&self) -> f64 {
+        (process_cpu() - self.cpu_started).as_secs_f64()
+    }
+}
+
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let u = unsafe {
+        let mut u = std::mem::zeroed::<libc::rusage>();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let t = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    t(u.ru_utime) + t(u.ru_stime)
 }
 
 /// Inputs between two progress lines.
