@@ -6,9 +6,10 @@
 //! headers, invalid protocol reports; every stream is cut somewhere (half-close or reset).
 
 use std::{
+    net::SocketAddr,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, OnceLock,
+        Arc, Mutex, OnceLock,
     },
     time::{Duration, Instant},
 };
@@ -40,7 +41,26 @@ const WORKERS: u8 = 4;
 struct Service {
     rt: tokio::runtime::Runtime,
     app: Arc<App>,
-    client: ExternalProcessorClient<Channel>,
+    addr: SocketAddr,
+    /// The client connection and the inputs sent over it.
+    client: Mutex<(ExternalProcessorClient<Channel>, u32)>,
+}
+
+/// Inputs per client connection. The client's own `h2` closes a connection after 1,024 resets
+/// it had to send for protocol errors (its rapid-reset defence, `too_many_internal_resets`);
+/// half the inputs cut their stream mid-exchange, so one connection reached that after ~150k
+/// inputs in a long run. A GOAWAY the *server* sends still fails the input it happens on.
+const INPUTS_PER_CONNECTION: u32 = 10_000;
+
+impl Service {
+    fn client(&self) -> ExternalProcessorClient<Channel> {
+        let mut c = self.client.lock().unwrap();
+        if c.1 == INPUTS_PER_CONNECTION {
+            *c = (self.rt.block_on(in_process::client(self.addr)), 0);
+        }
+        c.1 += 1;
+        c.0.clone()
+    }
 }
 
 /// Panics on the server's threads (tokio workers and blocking pool), which would otherwise only
@@ -58,15 +78,15 @@ fn service() -> &'static Service {
             previous(info)
         }));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let (app, client) = rt.block_on(async {
+        let (app, addr, client) = rt.block_on(async {
             let mut app = App::new(Router::default(), MAX_BODY, prepare::preprocessor(), WorkPool::new(2, Duration::from_secs(5)));
             app.count_output = true;
             let app = Arc::new(app);
             app.set_fleet(in_process::fleet(WORKERS));
-            let client = in_process::client(in_process::serve(ExtProc::new(app.clone())).await).await;
-            (app, client)
+            let addr = in_process::serve(ExtProc::new(app.clone())).await;
+            (app, addr, in_process::client(addr).await)
         });
-        Service { rt, app, client }
+        Service { rt, app, addr, client: Mutex::new((client, 0)) }
     })
 }
 
@@ -293,9 +313,10 @@ async fn exchange(client: &ExternalProcessorClient<Channel>, msgs: Vec<Processin
 fn check(svc: &Service, c: &Case, body: &[u8], tally: &mut Tally) -> Result<(), TestCaseError> {
     let started = Instant::now();
     let msgs = messages(c, body);
+    let client = svc.client();
     let replies = svc
         .rt
-        .block_on(async { tokio::time::timeout(DEADLINE, exchange(&svc.client, msgs, c.cut)).await })
+        .block_on(async { tokio::time::timeout(DEADLINE, exchange(&client, msgs, c.cut)).await })
         .map_err(|_| TestCaseError::fail("no answer within the deadline"))?
         .map_err(TestCaseError::fail)?;
     let took = started.elapsed();
