@@ -731,22 +731,22 @@ impl Router {
     /// Picks and books a worker (and a prefill worker when disaggregated) for a request that
     /// carries a body. A rejected request books nothing.
     pub fn route(&mut self, req: &RoutingRequest, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
-        self.expire(now);
-        let q = self.query(req);
-        self.route_query(req, &q, &Claims::default(), now, rng)
+        self.route_waiting(req, None, &Claims::default(), now, rng)
     }
 
     /// [`route`](Self::route) for a request leaving the router queue: with the lookup it
     /// kept (else a fresh one), and not onto workers claimed by blocked requests ahead of it.
     pub fn route_waiting(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         self.expire(now);
-        match kept {
-            Some(l) => self.route_query(req, &l.0, claims, now, rng),
+        let fresh;
+        let q = match kept {
+            Some(l) => &l.0,
             None => {
-                let q = self.query(req);
-                self.route_query(req, &q, claims, now, rng)
+                fresh = self.query(req);
+                &fresh
             }
-        }
+        };
+        self.route_query(req, q, claims, now, rng)
     }
 
     fn route_query(&mut self, req: &RoutingRequest, q: &Query, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
