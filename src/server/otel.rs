@@ -139,12 +139,25 @@ fn header_map(headers: &[(String, Secret)]) -> Result<HeaderMap, TraceError> {
 }
 
 fn grpc_exporter(s: &TraceSettings) -> Result<SpanExporter, TraceError> {
-    use opentelemetry_otlp::tonic_types::{metadata::MetadataMap, transport::ClientTlsConfig};
-    let mut exporter = SpanExporter::builder()
-        .with_tonic()
-        .with_endpoint(s.endpoint.clone())
-        .with_timeout(s.timeout)
-        .with_metadata(MetadataMap::from_headers(header_map(&s.headers)?));
+    use opentelemetry_otlp::tonic_types::transport::ClientTlsConfig;
+    use tonic::metadata::{KeyAndValueRef, MetadataMap};
+    let metadata = MetadataMap::from_headers(header_map(&s.headers)?);
+    // Set on each request after the exporter's own metadata: ours replace any it read from
+    // the environment itself.
+    let set_headers = move |mut req: tonic::Request<()>| {
+        for kv in metadata.iter() {
+            match kv {
+                KeyAndValueRef::Ascii(k, v) => {
+                    req.metadata_mut().insert(k, v.clone());
+                }
+                KeyAndValueRef::Binary(k, v) => {
+                    req.metadata_mut().insert_bin(k, v.clone());
+                }
+            }
+        }
+        Ok(req)
+    };
+    let mut exporter = SpanExporter::builder().with_tonic().with_endpoint(s.endpoint.clone()).with_timeout(s.timeout).with_interceptor(set_headers);
     if s.gzip {
         exporter = exporter.with_compression(Compression::Gzip);
     }
