@@ -134,7 +134,8 @@ pub struct Config {
     #[arg(long = "otel-resource-attributes", env = "OTEL_RESOURCE_ATTRIBUTES", value_parser = resource_attributes)]
     pub otel_resource_attributes: Option<KeyValues>,
 
-    /// `none` = no export whatever the endpoint; `otlp` without an endpoint = `http://localhost:4317`.
+    /// `none` = no export whatever the endpoint; `otlp` without an endpoint = the protocol's default
+    /// collector (`http://localhost:4317`, or `http://localhost:4318/v1/traces` over HTTP).
     #[arg(long = "otel-traces-exporter", env = "OTEL_TRACES_EXPORTER", value_parser = ["otlp", "none"])]
     pub traces_exporter: Option<String>,
 
