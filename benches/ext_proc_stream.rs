@@ -15,10 +15,10 @@ use std::{pin::Pin, sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dynamo_epp::{
-    config::TraceSampler,
+    config::Config,
     request::{pool::WorkPool, Preprocessor},
     router::Router,
-    server::{envoy, ext_proc::ExtProc, otel::{TraceSettings, Tracing}, App},
+    server::{envoy, ext_proc::ExtProc, otel::Tracing, App},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue},
@@ -152,14 +152,10 @@ fn bench(c: &mut Criterion) {
                 .add_service(TraceServiceServer::new(SpanSink))
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(sink)),
         );
-        let trace = TraceSettings {
-            endpoint: format!("http://{sink_addr}"),
-            service_name: "bench".into(),
-            sampler: TraceSampler::AlwaysOn,
-            ratio: 1.0,
-            batch_delay: Duration::from_millis(100),
-            policy: "cost".into(),
-        };
+        // Through `Config`, as the binary gets them: every request sampled, batches every 100 ms.
+        let endpoint = format!("http://{sink_addr}");
+        let args = ["dynamo-epp", "--otel-exporter-otlp-traces-endpoint", &endpoint, "--otel-service-name", "bench", "--otel-traces-sampler", "always_on", "--otel-bsp-schedule-delay", "100"];
+        let trace = Config::from_args(args).unwrap().trace_settings().unwrap();
         let ours = in_process::serve(ExtProc::new(epp(None))).await;
         let traced = in_process::serve(ExtProc::new(epp(Some(Tracing::start(&trace).unwrap())))).await;
         let base = in_process::serve(Baseline).await;

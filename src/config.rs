@@ -82,23 +82,60 @@ pub struct Config {
     pub log_format: LogFormat,
 
     // ---- Traces (docs/tracing.md): OpenTelemetry's own variables; no endpoint = no export.
-    /// OTLP collector (gRPC, `http://host:4317` or `https://…`); setting it turns trace export on.
+    /// OTLP collector, `http://…` or `https://…`; setting it turns trace export on. Over
+    /// `http/protobuf` it is a base URL: spans go to `<it>/v1/traces`.
     #[arg(long = "otel-exporter-otlp-endpoint", env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = otlp_endpoint)]
     pub otlp_endpoint: Option<UrlSetting>,
 
-    /// OTLP collector for traces only; wins over OTEL_EXPORTER_OTLP_ENDPOINT.
+    /// OTLP collector for traces only, used as is (no path appended); wins over OTEL_EXPORTER_OTLP_ENDPOINT.
     #[arg(long = "otel-exporter-otlp-traces-endpoint", env = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", value_parser = otlp_endpoint)]
     pub otlp_traces_endpoint: Option<UrlSetting>,
 
-    /// OTLP transport: only `grpc` is implemented.
-    #[arg(long = "otel-exporter-otlp-protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_parser = ["grpc"])]
-    pub otlp_protocol: Option<String>,
+    /// OTLP transport: `grpc` (default) or `http/protobuf`.
+    #[arg(long = "otel-exporter-otlp-protocol", env = "OTEL_EXPORTER_OTLP_PROTOCOL", value_enum)]
+    pub otlp_protocol: Option<OtlpProtocol>,
 
-    /// OTLP transport of traces: only `grpc` is implemented.
-    #[arg(long = "otel-exporter-otlp-traces-protocol", env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_parser = ["grpc"])]
-    pub otlp_traces_protocol: Option<String>,
+    /// OTLP transport of traces; wins over OTEL_EXPORTER_OTLP_PROTOCOL.
+    #[arg(long = "otel-exporter-otlp-traces-protocol", env = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", value_enum)]
+    pub otlp_traces_protocol: Option<OtlpProtocol>,
 
-    /// `none` = no export whatever the endpoint; `otlp` without an endpoint = `http://localhost:4317`.
+    /// Headers sent with every export, `key=value,key2=value2` (values percent-encoded), such
+    /// as a collector's API key. Secret: never shown.
+    #[arg(long = "otel-exporter-otlp-headers", env = "OTEL_EXPORTER_OTLP_HEADERS", hide_env_values = true)]
+    pub otlp_headers: Option<Secret>,
+
+    /// Headers of trace exports; wins over OTEL_EXPORTER_OTLP_HEADERS. Secret: never shown.
+    #[arg(long = "otel-exporter-otlp-traces-headers", env = "OTEL_EXPORTER_OTLP_TRACES_HEADERS", hide_env_values = true)]
+    pub otlp_traces_headers: Option<Secret>,
+
+    /// The headers that are sent (the traces ones, else the general ones), parsed at start-up.
+    #[arg(skip)]
+    #[serde(skip)]
+    pub otlp_headers_parsed: Vec<(String, Secret)>,
+
+    /// Milliseconds one export may take (default 10000).
+    #[arg(long = "otel-exporter-otlp-timeout", env = "OTEL_EXPORTER_OTLP_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub otlp_timeout_ms: Option<u64>,
+
+    /// Milliseconds one trace export may take; wins over OTEL_EXPORTER_OTLP_TIMEOUT.
+    #[arg(long = "otel-exporter-otlp-traces-timeout", env = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", value_parser = clap::value_parser!(u64).range(1..))]
+    pub otlp_traces_timeout_ms: Option<u64>,
+
+    /// `gzip` or `none` (default).
+    #[arg(long = "otel-exporter-otlp-compression", env = "OTEL_EXPORTER_OTLP_COMPRESSION", value_enum)]
+    pub otlp_compression: Option<OtlpCompression>,
+
+    /// Compression of trace exports; wins over OTEL_EXPORTER_OTLP_COMPRESSION.
+    #[arg(long = "otel-exporter-otlp-traces-compression", env = "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", value_enum)]
+    pub otlp_traces_compression: Option<OtlpCompression>,
+
+    /// Resource attributes of the spans, `key=value,key2=value2` (values percent-encoded);
+    /// OTEL_SERVICE_NAME wins over a `service.name` here.
+    #[arg(long = "otel-resource-attributes", env = "OTEL_RESOURCE_ATTRIBUTES", value_parser = resource_attributes)]
+    pub otel_resource_attributes: Option<KeyValues>,
+
+    /// `none` = no export whatever the endpoint; `otlp` without an endpoint = the protocol's default
+    /// collector (`http://localhost:4317`, or `http://localhost:4318/v1/traces` over HTTP).
     #[arg(long = "otel-traces-exporter", env = "OTEL_TRACES_EXPORTER", value_parser = ["otlp", "none"])]
     pub traces_exporter: Option<String>,
 
@@ -106,9 +143,9 @@ pub struct Config {
     #[arg(long = "otel-sdk-disabled", env = "OTEL_SDK_DISABLED", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub otel_sdk_disabled: bool,
 
-    /// `service.name` of the exported spans.
-    #[arg(long = "otel-service-name", env = "OTEL_SERVICE_NAME", default_value = "dynamo-epp")]
-    pub otel_service_name: String,
+    /// `service.name` of the exported spans (else OTEL_RESOURCE_ATTRIBUTES' `service.name`, else `dynamo-epp`).
+    #[arg(long = "otel-service-name", env = "OTEL_SERVICE_NAME")]
+    pub otel_service_name: Option<String>,
 
     /// Which traces are recorded (the `parentbased_*` ones follow the client's sampled flag).
     #[arg(long = "otel-traces-sampler", env = "OTEL_TRACES_SAMPLER", value_enum, default_value = "parentbased_always_on")]
@@ -513,14 +550,111 @@ fn non_negative(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A gRPC collector address: an absolute `http`/`https` URI.
+/// `OTEL_EXPORTER_OTLP_*PROTOCOL`: the specification's names (`http/json` is not built in).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum OtlpProtocol {
+    #[value(name = "grpc")]
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// Where spans go when only OTEL_EXPORTER_OTLP_ENDPOINT (`base`) is set: gRPC has no path
+    /// (the service names it); OTLP/HTTP appends `v1/traces` to the base's path.
+    fn traces_url(self, base: &str) -> String {
+        match self {
+            OtlpProtocol::Grpc => base.to_string(),
+            OtlpProtocol::HttpProtobuf => format!("{}/v1/traces", base.strip_suffix('/').unwrap_or(base)),
+        }
+    }
+
+    /// The specification's default collector.
+    fn default_traces_url(self) -> String {
+        match self {
+            OtlpProtocol::Grpc => "http://localhost:4317".into(),
+            OtlpProtocol::HttpProtobuf => "http://localhost:4318/v1/traces".into(),
+        }
+    }
+}
+
+/// `OTEL_EXPORTER_OTLP_*COMPRESSION`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OtlpCompression {
+    Gzip,
+    #[value(name = "none")]
+    #[serde(rename = "none")]
+    Uncompressed,
+}
+
+/// A collector address: an absolute `http`/`https` URI.
 fn otlp_endpoint(s: &str) -> Result<UrlSetting, String> {
     let ok = (s.starts_with("http://") || s.starts_with("https://"))
         && s.parse::<tonic::codegen::http::Uri>().is_ok_and(|u| u.host().is_some_and(|h| !h.is_empty()));
     match ok {
         true => Ok(s.parse().expect("infallible")),
-        false => Err("an http:// or https:// URL of an OTLP/gRPC collector, such as http://otel-collector:4317".into()),
+        false => Err("an http:// or https:// URL of an OTLP collector, such as http://otel-collector:4317 (gRPC) or http://otel-collector:4318 (HTTP)".into()),
     }
+}
+
+/// A `key=value,key2=value2` list as OTEL_RESOURCE_ATTRIBUTES and OTEL_EXPORTER_OTLP_HEADERS
+/// hold it (W3C Baggage without properties; values percent-decoded).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct KeyValues(pub Vec<(String, String)>);
+
+/// Parses a [`KeyValues`] list. Errors name the entry by position and never quote it: the
+/// same parser reads headers holding credentials.
+fn key_values(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    // Empty members (a trailing comma, `a=1,,b=2`) are skipped, as the SDKs do.
+    for (i, member) in s.split(',').map(str::trim).enumerate().filter(|(_, m)| !m.is_empty()) {
+        let n = i + 1;
+        let (key, value) = member.split_once('=').ok_or_else(|| format!("entry {n} has no '='"))?;
+        let key = key.trim();
+        if key.is_empty() {
+            return Err(format!("entry {n} has an empty key"));
+        }
+        let value = percent_decode(value.trim()).ok_or_else(|| format!("entry {n} has a malformed percent-encoding (%XX of UTF-8)"))?;
+        out.push((key.to_string(), value));
+    }
+    Ok(out)
+}
+
+/// `%XX` escapes decoded; `None` for a bad escape or bytes that are not UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(s.len());
+    let mut rest = s.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+fn resource_attributes(s: &str) -> Result<KeyValues, String> {
+    key_values(s).map(KeyValues).map_err(|e| format!("key=value pairs separated by commas: {e}"))
+}
+
+/// OTEL_EXPORTER_OTLP_HEADERS: a [`key_values`] list whose keys are header names and whose
+/// decoded values are header values (visible ASCII, spaces, tabs).
+fn otlp_headers(s: &str) -> Result<Vec<(String, Secret)>, String> {
+    use tonic::codegen::http::{HeaderName, HeaderValue};
+    let pairs = key_values(s)?;
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if HeaderName::from_bytes(k.as_bytes()).is_err() || HeaderValue::from_str(v).is_err() {
+            return Err(format!("entry {} is not a valid HTTP header name and value", i + 1));
+        }
+    }
+    Ok(pairs.into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v.parse().expect("infallible"))).collect())
 }
 
 fn ratio(s: &str) -> Result<f64, String> {
@@ -682,21 +816,34 @@ impl Config {
     }
 
     /// Trace export settings; `None` = off (no endpoint, `OTEL_TRACES_EXPORTER=none` or
-    /// `OTEL_SDK_DISABLED=true`).
+    /// `OTEL_SDK_DISABLED=true`). Each `*_TRACES_*` variable wins over its general one.
     pub fn trace_settings(&self) -> Option<crate::server::otel::TraceSettings> {
-        let endpoint = self.otlp_traces_endpoint.as_ref().or(self.otlp_endpoint.as_ref()).map(|u| u.expose().to_string());
+        let protocol = self.otlp_traces_protocol.or(self.otlp_protocol).unwrap_or(OtlpProtocol::Grpc);
+        let endpoint = match (&self.otlp_traces_endpoint, &self.otlp_endpoint) {
+            (Some(traces), _) => Some(traces.expose().to_string()),
+            (None, Some(base)) => Some(protocol.traces_url(base.expose())),
+            (None, None) => None,
+        };
         let endpoint = match (self.traces_exporter.as_deref(), endpoint) {
             (Some("none"), _) => return None,
             (_, Some(e)) => e,
-            (Some("otlp"), None) => "http://localhost:4317".to_string(),
+            (Some("otlp"), None) => protocol.default_traces_url(),
             (_, None) => return None,
         };
         if self.otel_sdk_disabled {
             return None;
         }
+        let mut resource = self.otel_resource_attributes.as_ref().map(|kv| kv.0.clone()).unwrap_or_default();
+        let named = resource.iter().rev().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone());
+        resource.retain(|(k, _)| k != "service.name");
         Some(crate::server::otel::TraceSettings {
+            protocol,
             endpoint,
-            service_name: self.otel_service_name.clone(),
+            headers: self.otlp_headers_parsed.clone(),
+            timeout: Duration::from_millis(self.otlp_traces_timeout_ms.or(self.otlp_timeout_ms).unwrap_or(10_000)),
+            gzip: self.otlp_traces_compression.or(self.otlp_compression) == Some(OtlpCompression::Gzip),
+            service_name: self.otel_service_name.clone().or(named).unwrap_or_else(|| "dynamo-epp".into()),
+            resource,
             sampler: self.traces_sampler,
             ratio: self.traces_sampler_arg.unwrap_or(1.0),
             batch_delay: Duration::from_millis(self.otel_bsp_schedule_delay_ms),
@@ -820,6 +967,14 @@ impl Config {
                 "DYN_ROUTER_APPROXIMATE_CACHE_POLICY=lru (--router-approximate-cache-policy) requires DYN_USE_KV_EVENTS=false: with KV events the cache state comes from the workers".into(),
                 2,
             ));
+        }
+        // Headers hold credentials: the message names the variable, never the value. Both are
+        // checked; the traces ones, parsed last, are the ones sent.
+        for (header, name) in [(&cfg.otlp_headers, "OTEL_EXPORTER_OTLP_HEADERS (--otel-exporter-otlp-headers)"), (&cfg.otlp_traces_headers, "OTEL_EXPORTER_OTLP_TRACES_HEADERS (--otel-exporter-otlp-traces-headers)")] {
+            if let Some(h) = header {
+                let parsed = otlp_headers(h.expose()).map_err(|e| (format!("invalid value for {name} (hidden: it may hold a credential): expected key=value pairs separated by commas, values percent-encoded; {e}"), 2))?;
+                cfg.otlp_headers_parsed = parsed;
+            }
         }
         if let Some(path) = &cfg.policy_config {
             let classes = std::fs::read_to_string(path)
@@ -1019,6 +1174,113 @@ mod tests {
         for name in ["always_on", "always_off", "traceidratio", "parentbased_always_off"] {
             assert!(Config::from_args(["dynamo-epp", "--otel-traces-sampler", name]).is_ok(), "{name}");
         }
+        // The exporter's defaults (the specification's): gRPC, no headers, 10 s, uncompressed,
+        // and the resource is the service name only.
+        let t = parse(&ep).trace_settings().unwrap();
+        assert_eq!((t.protocol, t.headers.len(), t.timeout, t.gzip, t.resource.len()), (OtlpProtocol::Grpc, 0, Duration::from_secs(10), false, 0));
+    }
+
+    fn traces(args: &[&str]) -> crate::server::otel::TraceSettings {
+        Config::from_args(std::iter::once("dynamo-epp").chain(args.iter().copied())).unwrap().trace_settings().expect("export on")
+    }
+
+    /// The specification's endpoint rules (protocol/exporter.md): over gRPC every endpoint is used
+    /// as it is; over HTTP the general one is a base that `v1/traces` is appended to (no double
+    /// slash), the traces one is used as it is, and the defaults are ports 4317 / 4318.
+    #[test]
+    fn otlp_protocol_and_endpoint_follow_the_specification() {
+        let http = ["--otel-exporter-otlp-protocol", "http/protobuf"];
+        for (base, url) in [
+            ("http://collector:4318", "http://collector:4318/v1/traces"),
+            ("http://collector:4318/", "http://collector:4318/v1/traces"),
+            ("https://gateway.example/otlp", "https://gateway.example/otlp/v1/traces"),
+            ("https://gateway.example/otlp/", "https://gateway.example/otlp/v1/traces"),
+        ] {
+            let t = traces(&[&http[..], &["--otel-exporter-otlp-endpoint", base]].concat());
+            assert_eq!((t.protocol, t.endpoint.as_str()), (OtlpProtocol::HttpProtobuf, url), "{base}");
+            // gRPC has no path to add.
+            assert_eq!(traces(&["--otel-exporter-otlp-endpoint", base]).endpoint, base);
+        }
+        let signal = ["--otel-exporter-otlp-traces-endpoint", "https://traces.example:4318/custom", "--otel-exporter-otlp-endpoint", "http://other:4318"];
+        assert_eq!(traces(&[&http[..], &signal[..]].concat()).endpoint, "https://traces.example:4318/custom");
+        assert_eq!(traces(&[&http[..], &["--otel-traces-exporter", "otlp"]].concat()).endpoint, "http://localhost:4318/v1/traces");
+        assert_eq!(traces(&["--otel-traces-exporter", "otlp", "--otel-exporter-otlp-protocol", "grpc"]).endpoint, "http://localhost:4317");
+        // The traces protocol wins, either way round.
+        let ep = ["--otel-exporter-otlp-endpoint", "http://c:4318"];
+        let t = traces(&[&ep[..], &["--otel-exporter-otlp-protocol", "grpc", "--otel-exporter-otlp-traces-protocol", "http/protobuf"]].concat());
+        assert_eq!((t.protocol, t.endpoint.as_str()), (OtlpProtocol::HttpProtobuf, "http://c:4318/v1/traces"));
+        let t = traces(&[&ep[..], &["--otel-exporter-otlp-protocol", "http/protobuf", "--otel-exporter-otlp-traces-protocol", "grpc"]].concat());
+        assert_eq!((t.protocol, t.endpoint.as_str()), (OtlpProtocol::Grpc, "http://c:4318"));
+    }
+
+    #[test]
+    fn otlp_headers_timeout_compression_and_resource_attributes() {
+        let ep = ["--otel-exporter-otlp-endpoint", "http://c:4317"];
+        let headers = |t: &crate::server::otel::TraceSettings| t.headers.iter().map(|(k, v)| (k.clone(), v.expose().to_string())).collect::<Vec<_>>();
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        // Percent-decoded values, trimmed around '=' and ',', names in lower case, empty members skipped.
+        let t = traces(&[&ep[..], &["--otel-exporter-otlp-headers", " Api-Key = a%2Fb%3D%3D ,x-org=acme%20corp,,"]].concat());
+        assert_eq!(headers(&t), vec![pair("api-key", "a/b=="), pair("x-org", "acme corp")]);
+        // Only the traces headers when both are set (the specification: the signal's option overrides).
+        let both = ["--otel-exporter-otlp-headers", "a=1,b=2", "--otel-exporter-otlp-traces-headers", "c=3"];
+        assert_eq!(headers(&traces(&[&ep[..], &both[..]].concat())), vec![pair("c", "3")]);
+        // Timeout (ms): 10 s unless set; the traces one wins.
+        assert_eq!(traces(&[&ep[..], &["--otel-exporter-otlp-timeout", "2500"]].concat()).timeout, Duration::from_millis(2500));
+        let t = traces(&[&ep[..], &["--otel-exporter-otlp-timeout", "2500", "--otel-exporter-otlp-traces-timeout", "700"]].concat());
+        assert_eq!(t.timeout, Duration::from_millis(700));
+        // Compression: gzip, or none; the traces one wins.
+        assert!(traces(&[&ep[..], &["--otel-exporter-otlp-compression", "gzip"]].concat()).gzip);
+        assert!(!traces(&[&ep[..], &["--otel-exporter-otlp-compression", "gzip", "--otel-exporter-otlp-traces-compression", "none"]].concat()).gzip);
+        assert!(traces(&[&ep[..], &["--otel-exporter-otlp-compression", "none", "--otel-exporter-otlp-traces-compression", "gzip"]].concat()).gzip);
+        // Resource attributes, decoded; their service.name is used when OTEL_SERVICE_NAME is unset,
+        // and OTEL_SERVICE_NAME wins over it; the resource list never repeats it.
+        let attrs = ["--otel-resource-attributes", "deployment.environment=prod,service.name=from%20attrs,k8s.pod.name=epp-0"];
+        let t = traces(&[&ep[..], &attrs[..]].concat());
+        assert_eq!(t.service_name, "from attrs");
+        assert_eq!(t.resource, vec![pair("deployment.environment", "prod"), pair("k8s.pod.name", "epp-0")]);
+        assert_eq!(traces(&[&ep[..], &attrs[..], &["--otel-service-name", "epp-a"]].concat()).service_name, "epp-a");
+    }
+
+    /// Each setting is read from the variable the specification names.
+    #[test]
+    fn otlp_settings_are_read_from_the_specifications_variables() {
+        let cmd = Config::command();
+        for (flag, env) in [
+            ("otel-exporter-otlp-protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+            ("otel-exporter-otlp-traces-protocol", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"),
+            ("otel-exporter-otlp-headers", "OTEL_EXPORTER_OTLP_HEADERS"),
+            ("otel-exporter-otlp-traces-headers", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"),
+            ("otel-exporter-otlp-timeout", "OTEL_EXPORTER_OTLP_TIMEOUT"),
+            ("otel-exporter-otlp-traces-timeout", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"),
+            ("otel-exporter-otlp-compression", "OTEL_EXPORTER_OTLP_COMPRESSION"),
+            ("otel-exporter-otlp-traces-compression", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"),
+            ("otel-resource-attributes", "OTEL_RESOURCE_ATTRIBUTES"),
+            ("otel-service-name", "OTEL_SERVICE_NAME"),
+        ] {
+            let arg = cmd.get_arguments().find(|a| a.get_long() == Some(flag)).unwrap_or_else(|| panic!("--{flag}"));
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(env));
+        }
+    }
+
+    /// The headers hold a collector's credential: shown nowhere, not even when they are invalid.
+    #[test]
+    fn otlp_headers_are_secret() {
+        let c = Config::from_args(["dynamo-epp", "--otel-exporter-otlp-endpoint", "http://c:4317", "--otel-exporter-otlp-traces-headers", "authorization=Bearer%20TOK3N-S3CRET"]).unwrap();
+        let t = c.trace_settings().unwrap();
+        assert_eq!(t.headers[0].1.expose(), "Bearer TOK3N-S3CRET");
+        for shown in [format!("{c:?}"), serde_json::to_string(&c).unwrap(), format!("{t:?}")] {
+            assert!(!shown.contains("TOK3N") && shown.contains(crate::secret::REDACTED), "{shown}");
+        }
+        for (flag, env) in [("--otel-exporter-otlp-headers", "OTEL_EXPORTER_OTLP_HEADERS"), ("--otel-exporter-otlp-traces-headers", "OTEL_EXPORTER_OTLP_TRACES_HEADERS")] {
+            for bad in ["TOK3N-S3CRET", "=TOK3N-S3CRET", "k=TOK3N-S3CRET%zz", "k=TOK3N-S3CRET%FF", "bad key=TOK3N-S3CRET", "k=TOK3N-S3CRET%0A", "ok=1,TOK3N-S3CRET"] {
+                let (msg, code) = Config::from_args(["dynamo-epp", flag, bad]).unwrap_err();
+                assert_eq!((code, msg.lines().count()), (2, 1), "{bad}: {msg}");
+                assert!(msg.contains(env) && !msg.contains("TOK3N"), "{bad}: {msg}");
+            }
+        }
+        // The entry at fault is named by position.
+        let (msg, _) = Config::from_args(["dynamo-epp", "--otel-exporter-otlp-headers", "a=1,b"]).unwrap_err();
+        assert!(msg.contains("entry 2"), "{msg}");
     }
 
     #[test]
@@ -1045,8 +1307,14 @@ mod tests {
             (vec!["--debug-api", "sometimes"], vec!["DYN_EPP_DEBUG_API", "sometimes"]),
             (vec!["--otel-exporter-otlp-endpoint", "collector:4317"], vec!["OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317", "http://"]),
             (vec!["--otel-exporter-otlp-traces-endpoint", "http://"], vec!["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://"]),
-            (vec!["--otel-exporter-otlp-protocol", "http/protobuf"], vec!["OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf", "grpc"]),
-            (vec!["--otel-exporter-otlp-traces-protocol", "http/json"], vec!["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json", "grpc"]),
+            (vec!["--otel-exporter-otlp-protocol", "http/json"], vec!["OTEL_EXPORTER_OTLP_PROTOCOL", "http/json", "grpc, http/protobuf"]),
+            (vec!["--otel-exporter-otlp-traces-protocol", "http/json"], vec!["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json", "grpc, http/protobuf"]),
+            (vec!["--otel-exporter-otlp-timeout", "0"], vec!["OTEL_EXPORTER_OTLP_TIMEOUT", "\"0\""]),
+            (vec!["--otel-exporter-otlp-traces-timeout", "10s"], vec!["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "10s"]),
+            (vec!["--otel-exporter-otlp-compression", "zstd"], vec!["OTEL_EXPORTER_OTLP_COMPRESSION", "zstd", "gzip, none"]),
+            (vec!["--otel-exporter-otlp-traces-compression", "br"], vec!["OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "br", "gzip, none"]),
+            (vec!["--otel-resource-attributes", "a=1,novalue"], vec!["OTEL_RESOURCE_ATTRIBUTES", "entry 2", "key=value"]),
+            (vec!["--otel-resource-attributes", "a=%E2%82"], vec!["OTEL_RESOURCE_ATTRIBUTES", "percent-encoding"]),
             (vec!["--otel-traces-exporter", "jaeger"], vec!["OTEL_TRACES_EXPORTER", "jaeger", "otlp, none"]),
             (vec!["--otel-traces-sampler", "xray"], vec!["OTEL_TRACES_SAMPLER", "xray", "parentbased_always_on"]),
             (vec!["--otel-traces-sampler-arg", "1.5"], vec!["OTEL_TRACES_SAMPLER_ARG", "1.5", "0 to 1"]),

@@ -1,20 +1,30 @@
-//! OpenTelemetry traces from the real binary behind the real Envoy, received over OTLP/gRPC by a
-//! collector built here on the official protobuf service definitions (`opentelemetry-proto`).
+//! OpenTelemetry traces from the real binary behind the real Envoy, received by collectors built
+//! here on the official protobuf definitions (`opentelemetry-proto`): OTLP/gRPC on their tonic
+//! service, OTLP/HTTP on a small axum (hyper) server decoding the same messages with prost.
 //! Expected ids come from the client's `traceparent` and the workers file, expected prompt
-//! lengths from the golden corpus (Python `transformers`).
+//! lengths from the golden corpus (Python `transformers`), header and attribute values from the
+//! variables as written here, decoded by hand.
 
 mod common;
 
 use std::{
-    net::SocketAddr,
+    io::Read,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use axum::{
+    body::Bytes,
+    extract::State,
+    http::{header::CONTENT_TYPE, HeaderMap, StatusCode, Uri},
+};
 use common::*;
 use dynamo_epp::{
-    config::TraceSampler,
-    server::otel::{TraceSettings, Tracing},
+    config::Config,
+    server::{
+        debug::proto::{debug_client::DebugClient, ConfigRequest},
+        otel::{TraceSettings, Tracing},
+    },
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -22,46 +32,83 @@ use opentelemetry_proto::tonic::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
     },
     common::v1::{any_value::Value as Any, KeyValue},
-    trace::v1::{span::SpanKind, status::StatusCode, Span},
+    trace::v1::{span::SpanKind, status::StatusCode as SpanStatus, Span},
 };
 use parking_lot::Mutex;
+use prost::Message;
 
-/// Every export request received, whole.
+/// How spans travel to the collector (`OTEL_EXPORTER_OTLP_PROTOCOL`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Transport {
+    Grpc,
+    HttpProtobuf,
+}
+
+/// One export request, whole, as the collector received it.
+struct Export {
+    request: ExportTraceServiceRequest,
+    /// The HTTP request's headers (over gRPC: its metadata).
+    headers: HeaderMap,
+    /// The request path (OTLP/HTTP only; gRPC's is the service's).
+    path: Option<String>,
+}
+
+/// Every export received.
 #[derive(Clone, Default)]
 struct Collector {
-    got: Arc<Mutex<Vec<ExportTraceServiceRequest>>>,
+    got: Arc<Mutex<Vec<Export>>>,
 }
 
 #[tonic::async_trait]
 impl TraceService for Collector {
     async fn export(&self, r: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        self.got.lock().push(r.into_inner());
+        let headers = r.metadata().clone().into_headers();
+        self.got.lock().push(Export { request: r.into_inner(), headers, path: None });
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
 
+/// The OTLP/HTTP receiver on any path: a protobuf `ExportTraceServiceRequest`, gzipped when
+/// the request says so; answers with a protobuf `ExportTraceServiceResponse`.
+async fn http_export(State(c): State<Collector>, uri: Uri, headers: HeaderMap, body: Bytes) -> Result<([(axum::http::HeaderName, &'static str); 1], Vec<u8>), StatusCode> {
+    let mut raw = body.to_vec();
+    if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+        raw.clear();
+        flate2::read::GzDecoder::new(&body[..]).read_to_end(&mut raw).map_err(|_| StatusCode::BAD_REQUEST)?;
+    }
+    let request = ExportTraceServiceRequest::decode(raw.as_slice()).map_err(|_| StatusCode::BAD_REQUEST)?;
+    c.got.lock().push(Export { request, headers, path: Some(uri.path().to_string()) });
+    Ok(([(CONTENT_TYPE, "application/x-protobuf")], ExportTraceServiceResponse { partial_success: None }.encode_to_vec()))
+}
+
 impl Collector {
-    async fn start() -> (Collector, SocketAddr) {
+    /// A collector on a free loopback port; returns it and its `http://` address.
+    async fn start(transport: Transport) -> (Collector, String) {
         let c = Collector::default();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let svc = TraceServiceServer::new(c.clone());
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-        );
-        (c, addr)
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        match transport {
+            Transport::Grpc => {
+                let svc = TraceServiceServer::new(c.clone()).accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+                tokio::spawn(tonic::transport::Server::builder().add_service(svc).serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
+            }
+            Transport::HttpProtobuf => {
+                let app = axum::Router::new().fallback(http_export).with_state(c.clone());
+                tokio::spawn(async move { axum::serve(listener, app).await });
+            }
+        }
+        (c, url)
     }
 
     fn spans(&self) -> Vec<Span> {
         let got = self.got.lock();
-        got.iter().flat_map(|r| &r.resource_spans).flat_map(|rs| &rs.scope_spans).flat_map(|ss| ss.spans.clone()).collect()
+        got.iter().flat_map(|e| &e.request.resource_spans).flat_map(|rs| &rs.scope_spans).flat_map(|ss| ss.spans.clone()).collect()
     }
 
-    fn service_names(&self) -> Vec<String> {
+    /// The value of resource attribute `key` of every resource that sent spans.
+    fn resource_attr(&self, key: &str) -> Vec<Option<String>> {
         let got = self.got.lock();
-        got.iter().flat_map(|r| &r.resource_spans).filter_map(|rs| attr(&rs.resource.as_ref()?.attributes, "service.name")).collect()
+        got.iter().flat_map(|e| &e.request.resource_spans).map(|rs| attr(&rs.resource.as_ref()?.attributes, key)).collect()
     }
 
     /// Waits (bounded) until `n` spans of `trace_id` arrived.
@@ -76,6 +123,11 @@ impl Collector {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Trace settings through the real `Config`, as the binary gets them.
+fn trace_settings(args: &[&str]) -> TraceSettings {
+    Config::from_args(std::iter::once("dynamo-epp").chain(args.iter().copied())).unwrap().trace_settings().expect("export on")
 }
 
 fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
@@ -126,19 +178,42 @@ async fn post(chain: &Chain, body: &str, headers: &[(&str, &str)]) -> (u16, Stri
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
+/// The collector's credential, percent-encoded in OTEL_EXPORTER_OTLP_HEADERS as an operator writes it.
+const COLLECTOR_KEY: &str = "COLLECTOR-S3CRET/key==";
+const COLLECTOR_KEY_ENCODED: &str = "COLLECTOR-S3CRET%2Fkey%3D%3D";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn spans_continue_the_clients_trace_and_the_worker_continues_ours() {
-    let (collector, addr) = Collector::start().await;
-    let endpoint = format!("http://{addr}");
-    let chain = Chain::start(
-        &[("w0", Some(WORKER_ID))],
-        epp_env(&[
-            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &endpoint),
-            ("OTEL_SERVICE_NAME", "epp-under-test"),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ]),
-    )
-    .await;
+async fn spans_continue_the_clients_trace_and_the_worker_continues_ours_over_grpc() {
+    spans_continue_the_clients_trace_and_the_worker_continues_ours(Transport::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spans_continue_the_clients_trace_and_the_worker_continues_ours_over_http() {
+    spans_continue_the_clients_trace_and_the_worker_continues_ours(Transport::HttpProtobuf).await;
+}
+
+/// One request chain, checked the same way whichever transport carries the spans; then what the
+/// exports themselves carry (headers, resource, OTLP/HTTP's path and content type), and that the
+/// collector's credential is in no log line and not in the Config RPC.
+async fn spans_continue_the_clients_trace_and_the_worker_continues_ours(transport: Transport) {
+    let (collector, url) = Collector::start(transport).await;
+    let headers = format!("x-collector-key={COLLECTOR_KEY_ENCODED}, x-scope = epp%20test");
+    let mut env = vec![
+        ("OTEL_SERVICE_NAME", "epp-under-test"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", headers.as_str()),
+        ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=ci%20run,service.name=overridden"),
+        ("RUST_LOG", "debug"),
+    ];
+    match transport {
+        // The traces endpoint is used as it is.
+        Transport::Grpc => env.push(("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &url)),
+        // The general endpoint is a base URL: spans go to `<it>/v1/traces`.
+        Transport::HttpProtobuf => env.extend([("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]),
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("epp.log");
+    let chain = Chain::start(&[("w0", Some(WORKER_ID))], EppOptions { log: Some(log.clone()), ..epp_env(&env) }).await;
     let case = golden_case("hello");
     let prompt_ids = case["expected"]["qwen3"]["ids"].as_array().unwrap().len();
     let client_parent = format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01");
@@ -204,22 +279,47 @@ async fn spans_continue_the_clients_trace_and_the_worker_continues_ours() {
     let spans = collector.wait_trace(&unhex(rejected_trace), 2).await;
     let root = named(&spans, "ext_proc");
     assert_eq!(attr(&root.attributes, "http.response.status_code").as_deref(), Some("400"));
-    assert_eq!(root.status.as_ref().map(|s| s.code), Some(StatusCode::Error as i32), "{root:#?}");
+    assert_eq!(root.status.as_ref().map(|s| s.code), Some(SpanStatus::Error as i32), "{root:#?}");
     let tokenize = named(&spans, "tokenize");
-    assert_eq!(tokenize.status.as_ref().map(|s| s.code), Some(StatusCode::Error as i32), "{tokenize:#?}");
+    assert_eq!(tokenize.status.as_ref().map(|s| s.code), Some(SpanStatus::Error as i32), "{tokenize:#?}");
     assert!(spans.iter().all(|s| s.name != "route" && s.name != "first_chunk"), "{spans:#?}");
     assert_eq!(chain.workers[0].seen().len(), 2);
 
-    // Every span came from our service, and none shows a header value or the query string.
-    assert!(collector.service_names().iter().all(|n| n == "epp-under-test") && !collector.service_names().is_empty());
+    // Every span came from our service (OTEL_SERVICE_NAME wins over the service.name in
+    // OTEL_RESOURCE_ATTRIBUTES) with the other resource attribute, and none shows a header value
+    // or the query string.
+    let names = collector.resource_attr("service.name");
+    assert!(!names.is_empty() && names.iter().all(|n| n.as_deref() == Some("epp-under-test")), "{names:?}");
+    assert!(collector.resource_attr("deployment.environment").iter().all(|v| v.as_deref() == Some("ci run")));
     let everything = format!("{:?}", collector.spans());
     assert!(!everything.contains(SECRET) && !everything.contains("QUERYSECRET") && !everything.contains("authorization"), "{everything}");
+
+    // Every export carried the configured headers, percent-decoded; over HTTP as protobuf to /v1/traces.
+    for e in collector.got.lock().iter() {
+        // Once each: the exporter also reads the variable itself, ours replace its values.
+        let values = |k: &str| e.headers.get_all(k).iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>();
+        assert_eq!(values("x-collector-key"), [COLLECTOR_KEY], "{transport:?}");
+        assert_eq!(values("x-scope"), ["epp test"], "{transport:?}");
+        if transport == Transport::HttpProtobuf {
+            assert_eq!(e.path.as_deref(), Some("/v1/traces"));
+            assert_eq!(e.headers.get(CONTENT_TYPE).map(|v| v.as_bytes()), Some(&b"application/x-protobuf"[..]));
+        }
+    }
+
+    // The credential is neither in the Config RPC nor in the output (at debug level).
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", chain.epp.grpc_port)).unwrap().connect().await.unwrap();
+    let config = format!("{:?}", DebugClient::new(channel).config(ConfigRequest {}).await.unwrap().into_inner().config.unwrap());
+    assert!(config.contains("otlp_headers") && config.contains("<redacted>"), "the headers are set but hidden: {config}");
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(output.contains("exporting traces over OTLP"), "{output}");
+    for shown in [&config, &output] {
+        assert!(!shown.contains("S3CRET") && !shown.contains(COLLECTOR_KEY_ENCODED), "{transport:?}: the collector's key is shown:\n{shown}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn export_off_sends_nothing_and_leaves_traceparent_alone() {
-    let (collector, addr) = Collector::start().await;
-    let endpoint = format!("http://{addr}");
+    let (collector, endpoint) = Collector::start(Transport::Grpc).await;
     // Off by default (no OTEL variable), and off by OTEL_SDK_DISABLED despite an endpoint.
     for env in [vec![], vec![("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_SDK_DISABLED", "true"), ("OTEL_BSP_SCHEDULE_DELAY", "100")]] {
         let mut chain = Chain::start(&[("w0", None)], epp_env(&env)).await;
@@ -246,16 +346,8 @@ async fn export_off_sends_nothing_and_leaves_traceparent_alone() {
 /// that did not sample gets nothing recorded but still a `traceparent` (unsampled) forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_wait_hook_nests_under_the_request_and_unsampled_clients_stay_unsampled() {
-    let (collector, addr) = Collector::start().await;
-    let tracing = Tracing::start(&TraceSettings {
-        endpoint: format!("http://{addr}"),
-        service_name: "hook".into(),
-        sampler: TraceSampler::ParentbasedAlwaysOn,
-        ratio: 1.0,
-        batch_delay: Duration::from_millis(100),
-        policy: "cost".into(),
-    })
-    .unwrap();
+    let (collector, url) = Collector::start(Transport::Grpc).await;
+    let tracing = Tracing::start(&trace_settings(&["--otel-exporter-otlp-traces-endpoint", &url, "--otel-service-name", "hook", "--otel-bsp-schedule-delay", "100"])).unwrap();
     let headers = |flags: &str| vec![(":path".to_string(), "/v1/completions".to_string()), ("traceparent".to_string(), format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-{flags}"))];
 
     let unsampled_trace = "11111111111111111111111111111111";
@@ -284,19 +376,47 @@ async fn queue_wait_hook_nests_under_the_request_and_unsampled_clients_stay_unsa
     assert!(collector.spans().iter().all(|s| s.trace_id != unhex(unsampled_trace)), "an unsampled trace was recorded");
 }
 
+/// The settings as flags, with no OTEL variable in the environment (so the exporter cannot have
+/// read them itself): over both transports every export carries the headers and the resource
+/// attribute, gzipped (gRPC's `grpc-encoding`, HTTP's `content-encoding`) bodies that decode to
+/// the recorded span.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flag_settings_reach_every_export_over_both_transports() {
+    assert!(std::env::vars().all(|(k, _)| !k.starts_with("OTEL_")), "the test's environment sets OTEL variables");
+    for (transport, protocol, encoding) in [(Transport::Grpc, "grpc", "grpc-encoding"), (Transport::HttpProtobuf, "http/protobuf", "content-encoding")] {
+        let (collector, url) = Collector::start(transport).await;
+        let args = [
+            &["--otel-exporter-otlp-endpoint", &url, "--otel-exporter-otlp-protocol", protocol, "--otel-exporter-otlp-compression", "gzip"][..],
+            &["--otel-exporter-otlp-traces-headers", "x-collector-key=flag%2Dkey", "--otel-resource-attributes", "k8s.pod.name=epp-0", "--otel-bsp-schedule-delay", "100"],
+        ]
+        .concat();
+        let tracing = Tracing::start(&trace_settings(&args)).unwrap();
+        let mut req = tracing.request(&[("traceparent".to_string(), format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))]);
+        req.end();
+        tracing.shutdown().await;
+        let spans = collector.wait_trace(&unhex(CLIENT_TRACE), 1).await;
+        assert_eq!(named(&spans, "ext_proc").parent_span_id, unhex(CLIENT_SPAN), "{transport:?}");
+        assert_eq!(collector.resource_attr("k8s.pod.name"), vec![Some("epp-0".to_string())], "{transport:?}");
+        for e in collector.got.lock().iter() {
+            assert_eq!(e.headers.get(encoding).map(|v| v.as_bytes()), Some(&b"gzip"[..]), "{transport:?}");
+            assert_eq!(e.headers.get("x-collector-key").map(|v| v.as_bytes()), Some(&b"flag-key"[..]), "{transport:?}");
+        }
+    }
+}
+
 /// With the router queue on, behind the real Envoy: a request that waits for a busy worker
 /// shows its wait as `queue_wait` inside its `route` span (client span → `ext_proc` → `route`
 /// → `queue_wait`), lasting at least as long as the worker was held; one that did not wait has
 /// none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_queued_request_shows_its_wait_inside_its_decision() {
-    let (collector, addr) = Collector::start().await;
+    let (collector, url) = Collector::start(Transport::Grpc).await;
     let worker = MockWorker::start("a").await;
     // Budget 1 token and threshold 0: a request in prefill saturates the worker.
     let yaml = format!("block_size: 16\nworkers:\n  - name: a\n    address: {}\n    id: {WORKER_ID}\n    max_num_batched_tokens: 1\n", worker.addr);
     let mut opts = epp_env(&[
         ("DYN_ROUTER_QUEUE_THRESHOLD", "0"),
-        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &format!("http://{addr}")),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", &url),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ]);
     opts.env.retain(|(k, _)| k != "DYN_MODEL_NAME");

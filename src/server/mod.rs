@@ -272,7 +272,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         app.metrics.queue.set_depths(cfg.policy_classes.iter().flatten().map(|c| c.name.as_str()).chain(cfg.policy_classes.is_none().then_some("default")), &[]);
     }
     if let Some(t) = cfg.trace_settings() {
-        tracing::info!(endpoint = %crate::secret::redact_urls(&t.endpoint), service = %t.service_name, sampler = ?t.sampler, "exporting traces over OTLP/gRPC");
+        let header_names: Vec<&str> = t.headers.iter().map(|(k, _)| k.as_str()).collect();
+        tracing::info!(endpoint = %crate::secret::redact_urls(&t.endpoint), protocol = ?t.protocol, ?header_names, gzip = t.gzip, service = %t.service_name, sampler = ?t.sampler, "exporting traces over OTLP");
         app.tracing = Some(otel::Tracing::start(&t)?);
     }
     if let Some(m) = &app.prep.model {

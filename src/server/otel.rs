@@ -14,21 +14,37 @@ use opentelemetry::{
     trace::{Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _},
     Context, KeyValue, StringValue,
 };
-use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_http::{hyper::HyperClient, Bytes, HttpClient, HttpError, Request, Response};
+use opentelemetry_otlp::{Compression, Protocol, SpanExporter, WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::{
     propagation::TraceContextPropagator,
+    resource::TelemetryResourceDetector,
     trace::{BatchConfigBuilder, BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, Span},
     Resource,
 };
+use tonic::codegen::http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::{config::TraceSampler, router::Decision};
+use crate::{
+    config::{OtlpProtocol, TraceSampler},
+    router::Decision,
+    secret::Secret,
+};
 
 /// What `Config::trace_settings` hands the server when export is on.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TraceSettings {
-    /// OTLP/gRPC collector, `http://` or `https://` (system roots).
+    pub protocol: OtlpProtocol,
+    /// Where spans go, `http://` or `https://` (system roots): the gRPC collector, or the whole
+    /// OTLP/HTTP URL (`…/v1/traces`).
     pub endpoint: String,
+    /// Sent with every export (a collector's API key): secret values.
+    pub headers: Vec<(String, Secret)>,
+    /// How long one export may take.
+    pub timeout: Duration,
+    pub gzip: bool,
     pub service_name: String,
+    /// Further resource attributes (`OTEL_RESOURCE_ATTRIBUTES` without `service.name`).
+    pub resource: Vec<(String, String)>,
     pub sampler: TraceSampler,
     /// The ratio of the `*traceidratio` samplers.
     pub ratio: f64,
@@ -47,24 +63,38 @@ pub struct Tracing {
 
 /// The exporter could not be built from the settings.
 #[derive(Debug, thiserror::Error)]
-#[error("OTLP trace exporter: {0}")]
-pub struct TraceError(#[from] opentelemetry_otlp::ExporterBuildError);
+pub enum TraceError {
+    #[error("OTLP trace exporter: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("OTLP trace exporter: the system's root certificates for the https collector: {0}")]
+    Roots(std::io::Error),
+    /// Names the header, never its value.
+    #[error("OTLP trace exporter: header {0:?} is not a valid HTTP header")]
+    Header(String),
+}
 
 impl Tracing {
-    /// Builds the exporter (its channel connects lazily, so no collector needs to be up yet).
-    /// Must run inside the tokio runtime: tonic's channel spawns its worker there.
+    /// Builds the exporter (it connects lazily, so no collector needs to be up yet). Must run
+    /// inside the tokio runtime: tonic's channel spawns its worker there and OTLP/HTTP exports
+    /// run there.
     pub fn start(s: &TraceSettings) -> Result<Tracing, TraceError> {
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(s.endpoint.clone());
-        if s.endpoint.starts_with("https://") {
-            use opentelemetry_otlp::tonic_types::transport::ClientTlsConfig;
-            exporter = exporter.with_tls_config(ClientTlsConfig::new().with_native_roots());
-        }
+        let exporter = match s.protocol {
+            OtlpProtocol::Grpc => grpc_exporter(s)?,
+            OtlpProtocol::HttpProtobuf => http_exporter(s)?,
+        };
         let batch = BatchConfigBuilder::default().with_scheduled_delay(s.batch_delay).build();
-        let processor = BatchSpanProcessor::builder(exporter.build()?).with_batch_config(batch).build();
+        let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch).build();
+        // Only what `Config` says: the SDK's default detectors would read OTEL_SERVICE_NAME and
+        // OTEL_RESOURCE_ATTRIBUTES from the environment again, behind a flag's back.
+        let resource = Resource::builder_empty()
+            .with_detector(Box::new(TelemetryResourceDetector))
+            .with_attributes(s.resource.iter().map(|(k, v)| KeyValue::new(k.clone(), v.clone())))
+            .with_service_name(s.service_name.clone())
+            .build();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_sampler(sampler(s.sampler, s.ratio))
-            .with_resource(Resource::builder().with_service_name(s.service_name.clone()).build())
+            .with_resource(resource)
             .build();
         let tracer = provider.tracer("dynamo-epp");
         Ok(Tracing { provider, tracer, policy: s.policy.as_str().into() })
@@ -93,6 +123,94 @@ impl Tracing {
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || provider.shutdown_with_timeout(Duration::from_secs(5))).await {
             tracing::warn!(error = %e, "trace exporter shutdown");
         }
+    }
+}
+
+/// The settings' headers, values marked sensitive (h2 never indexes them, `Debug` hides them).
+fn header_map(headers: &[(String, Secret)]) -> Result<HeaderMap, TraceError> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| TraceError::Header(k.clone()))?;
+        let mut value = HeaderValue::from_str(v.expose()).map_err(|_| TraceError::Header(k.clone()))?;
+        value.set_sensitive(true);
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+fn grpc_exporter(s: &TraceSettings) -> Result<SpanExporter, TraceError> {
+    use opentelemetry_otlp::tonic_types::transport::ClientTlsConfig;
+    use tonic::metadata::{KeyAndValueRef, MetadataMap};
+    let metadata = MetadataMap::from_headers(header_map(&s.headers)?);
+    // Set on each request after the exporter's own metadata: ours replace any it read from
+    // the environment itself.
+    let set_headers = move |mut req: tonic::Request<()>| {
+        for kv in metadata.iter() {
+            match kv {
+                KeyAndValueRef::Ascii(k, v) => {
+                    req.metadata_mut().insert(k, v.clone());
+                }
+                KeyAndValueRef::Binary(k, v) => {
+                    req.metadata_mut().insert_bin(k, v.clone());
+                }
+            }
+        }
+        Ok(req)
+    };
+    let mut exporter = SpanExporter::builder().with_tonic().with_endpoint(s.endpoint.clone()).with_timeout(s.timeout).with_interceptor(set_headers);
+    if s.gzip {
+        exporter = exporter.with_compression(Compression::Gzip);
+    }
+    if s.endpoint.starts_with("https://") {
+        exporter = exporter.with_tls_config(ClientTlsConfig::new().with_native_roots());
+    }
+    Ok(exporter.build()?)
+}
+
+fn http_exporter(s: &TraceSettings) -> Result<SpanExporter, TraceError> {
+    let client: Arc<dyn HttpClient> = if s.endpoint.starts_with("https://") {
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_native_roots(rustls::crypto::ring::default_provider())
+            .map_err(TraceError::Roots)?
+            .https_only()
+            .enable_http1()
+            .build();
+        Arc::new(HyperClient::new(tls, s.timeout, None))
+    } else {
+        Arc::new(HyperClient::new(hyper_util::client::legacy::connect::HttpConnector::new(), s.timeout, None))
+    };
+    let client = OnRuntime { client, runtime: tokio::runtime::Handle::current(), headers: header_map(&s.headers)? };
+    let mut exporter = SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpBinary)
+        .with_endpoint(s.endpoint.clone())
+        .with_timeout(s.timeout)
+        .with_http_client(client);
+    if s.gzip {
+        exporter = exporter.with_compression(Compression::Gzip);
+    }
+    Ok(exporter.build()?)
+}
+
+/// The OTLP/HTTP client: hyper-util's, run on our tokio runtime (the batch span processor
+/// exports from its own thread, where hyper could not spawn its connections), setting the
+/// configured headers on every request.
+#[derive(Debug)]
+struct OnRuntime {
+    client: Arc<dyn HttpClient>,
+    runtime: tokio::runtime::Handle,
+    headers: HeaderMap,
+}
+
+#[async_trait::async_trait]
+impl HttpClient for OnRuntime {
+    async fn send_bytes(&self, mut request: Request<Bytes>) -> Result<Response<Bytes>, HttpError> {
+        // Ours win over any the exporter read from the environment itself.
+        for (k, v) in &self.headers {
+            request.headers_mut().insert(k, v.clone());
+        }
+        let client = self.client.clone();
+        self.runtime.spawn(async move { client.send_bytes(request).await }).await?
     }
 }
 

@@ -236,7 +236,7 @@ pub struct EppOptions {
     pub env: Vec<(String, String)>,
     /// Write the workers file before start (else the test writes it later).
     pub write_workers_first: bool,
-    /// Where the EPP's log (stderr) goes; None = inherited.
+    /// Where the EPP's output (its log on stderr, and stdout) goes; None = inherited.
     pub log: Option<PathBuf>,
     /// Listen for ext_proc on this port (a restarted EPP behind the same Envoy); else a free one.
     pub grpc_port: Option<u16>,
@@ -271,7 +271,8 @@ impl Epp {
             .stdin(Stdio::null())
             .kill_on_drop(true);
         if let Some(log) = &opts.log {
-            cmd.stderr(std::fs::File::create(log).unwrap());
+            let file = std::fs::File::create(log).unwrap();
+            cmd.stdout(file.try_clone().unwrap()).stderr(file);
         }
         let child = cmd.spawn().expect("spawn dynamo-epp");
         let epp = Epp { child, grpc_port, health_port, metrics_port, tls: opts.tls, _dir: dir, workers_file };
