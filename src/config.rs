@@ -969,13 +969,16 @@ impl Config {
             ));
         }
         // Headers hold credentials: the message names the variable, never the value. Both are
-        // checked; the traces ones, parsed last, are the ones sent.
-        for (header, name) in [(&cfg.otlp_headers, "OTEL_EXPORTER_OTLP_HEADERS (--otel-exporter-otlp-headers)"), (&cfg.otlp_traces_headers, "OTEL_EXPORTER_OTLP_TRACES_HEADERS (--otel-exporter-otlp-traces-headers)")] {
-            if let Some(h) = header {
-                let parsed = otlp_headers(h.expose()).map_err(|e| (format!("invalid value for {name} (hidden: it may hold a credential): expected key=value pairs separated by commas, values percent-encoded; {e}"), 2))?;
-                cfg.otlp_headers_parsed = parsed;
-            }
-        }
+        // checked; the traces ones win.
+        let headers = |h: &Option<Secret>, name: &str| {
+            h.as_ref()
+                .map(|h| otlp_headers(h.expose()))
+                .transpose()
+                .map_err(|e| (format!("invalid value for {name} (hidden: it may hold a credential): expected key=value pairs separated by commas, values percent-encoded; {e}"), 2))
+        };
+        let general = headers(&cfg.otlp_headers, "OTEL_EXPORTER_OTLP_HEADERS (--otel-exporter-otlp-headers)")?;
+        let traces = headers(&cfg.otlp_traces_headers, "OTEL_EXPORTER_OTLP_TRACES_HEADERS (--otel-exporter-otlp-traces-headers)")?;
+        cfg.otlp_headers_parsed = traces.or(general).unwrap_or_default();
         if let Some(path) = &cfg.policy_config {
             let classes = std::fs::read_to_string(path)
                 .map_err(|e| e.to_string())

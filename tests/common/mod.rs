@@ -30,11 +30,10 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A port free right now on 127.0.0.1.
-/// A port nothing listens on now and that this process has not handed out before: the kernel may
-/// give a just-released port again, and the tests of one binary start their servers concurrently
-/// (a second hand-out of a port whose server is still loading made a test talk to another test's
-/// process).
+/// A port on 127.0.0.1 nothing listens on now and that this process has not handed out before:
+/// the kernel may give a just-released port again, and the tests of one binary start their
+/// servers concurrently (a port handed out twice, its first server still loading, makes a test
+/// talk to another test's process).
 pub fn free_port() -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
