@@ -287,6 +287,38 @@ fn lat(outs: &[Outcome], keep: impl Fn(&Outcome) -> bool) -> (f64, f64, usize) {
 }
 
 /// Least-squares slope of (seconds, MiB), in MiB per minute.
+/// One Prometheus histogram's observations between two scrapes of the EPP's /metrics.
+struct HistogramDelta {
+    sum: f64,
+    count: f64,
+    /// (upper bound s, cumulative count), ascending.
+    buckets: Vec<(f64, f64)>,
+}
+
+impl HistogramDelta {
+    fn between(before: &str, after: &str, name: &str) -> HistogramDelta {
+        let value = |text: &str, key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(0.0);
+        let les = after.lines().filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")).and_then(|r| r.split_once('"')).map(|(le, _)| le.to_string()));
+        let buckets = les
+            .map(|le| {
+                let key = format!("{name}_bucket{{le=\"{le}\"}}");
+                (le.parse::<f64>().unwrap_or(f64::INFINITY), value(after, &key) - value(before, &key))
+            })
+            .collect();
+        let delta = |suffix: &str| value(after, &format!("{name}_{suffix}")) - value(before, &format!("{name}_{suffix}"));
+        HistogramDelta { sum: delta("sum"), count: delta("count"), buckets }
+    }
+
+    fn mean_ms(&self) -> f64 {
+        1e3 * self.sum / self.count
+    }
+
+    /// The upper bound of the bucket holding the median.
+    fn p50_bound_ms(&self) -> f64 {
+        1e3 * self.buckets.iter().find(|(_, n)| *n >= self.count / 2.0).map_or(f64::NAN, |b| b.0)
+    }
+}
+
 fn slope_mib_per_min(pts: &[(f64, f64)]) -> f64 {
     let n = pts.len() as f64;
     if n < 2.0 {
@@ -415,6 +447,7 @@ async fn run(o: Opts) {
         })
     };
     let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
+    let steps0 = epp.metrics().await;
     let (c1_epp, c1_env, c1_me) = (cpu_secs(epp_pid), cpu_secs(with_pid), cpu_secs(me));
     let ours = replay(&client, &with.url("/v1/chat/completions"), &plan, o.secs, &words, None).await;
     let (epp_cpu, env_cpu, me_cpu) = (cpu_secs(epp_pid) - c1_epp, cpu_secs(with_pid) - c1_env, cpu_secs(me) - c1_me);
@@ -423,6 +456,10 @@ async fn run(o: Opts) {
     let (rss_pts, parts) = sampler.await.unwrap();
     let epp_with_tokens = stats.with_tokens.load(Relaxed) - t0_with;
     let epp_tokens = (stats.tokens.load(Relaxed) - t0_tokens) as f64 / epp_with_tokens.max(1) as f64;
+    // Where the added latency goes: the EPP's tokenize and its whole routing step (body complete
+    // → decision made: prepare, a pool hop, the router lock, the pick).
+    let steps1 = epp.metrics().await;
+    let (tokenize_ms, decision_ms) = (HistogramDelta::between(&steps0, &steps1, "dynamo_epp_tokenize_seconds"), HistogramDelta::between(&steps0, &steps1, "dynamo_epp_decision_seconds"));
     let kv_applied = epp.metric("dynamo_epp_kv_events_applied_total").await.unwrap_or(f64::NAN);
     let kv_lost = epp.metric("dynamo_epp_kv_events_lost_total").await.unwrap_or(f64::NAN);
 
@@ -490,6 +527,13 @@ async fn run(o: Opts) {
     println!("{:<44} {:>12.1} {:>12.1}", "max send lag ms (open loop)", max_lag(&base), max_lag(&ours));
     println!("EPP-added latency: p50 {:+.1} ms, p99 {:+.1} ms", m50 - b50, m99 - b99);
     println!(
+        "of which (EPP histograms, ms): tokenize mean {:.2}, p50 ≤ {:.2}; body complete → decision made mean {:.2}, p50 ≤ {:.2}",
+        tokenize_ms.mean_ms(),
+        tokenize_ms.p50_bound_ms(),
+        decision_ms.mean_ms(),
+        decision_ms.p50_bound_ms()
+    );
+    println!(
         "CPU s per request: EPP {:.4} (= {:.0} req/s per core); Envoy {:.4} (alone {:.4}); generator+workers {:.4} (baseline {:.4})",
         cpu_per_req,
         1.0 / cpu_per_req,
@@ -544,7 +588,9 @@ async fn run(o: Opts) {
             "p50_ms": a50, "p99_ms": a99, "added_p50_ms": m50 - b50, "added_p99_ms": m99 - b99,
             "epp_cpu_s_per_req": cpu_per_req, "req_per_s_per_core": 1.0 / cpu_per_req, "envoy_cpu_s_per_req": env_cpu / n,
             "generator_workers_cpu_s_per_req": me_cpu / n, "mean_prompt_tokens": planned_tokens as f64 / plan.len().max(1) as f64,
-            "kv_events_applied": kv_applied, "kv_events_lost": kv_lost},
+            "kv_events_applied": kv_applied, "kv_events_lost": kv_lost,
+            "tokenize_mean_ms": tokenize_ms.mean_ms(), "tokenize_p50_bound_ms": tokenize_ms.p50_bound_ms(),
+            "body_to_decision_mean_ms": decision_ms.mean_ms(), "body_to_decision_p50_bound_ms": decision_ms.p50_bound_ms()},
         "long": {"cold_cpu_s_per_req": cold_per, "cold_p50_ms": cl50, "warm_cpu_s_per_req": warm_per, "warm_p50_ms": wl50, "warm_p99_ms": wl99,
             "cold_ok": ok(&cold), "warm_ok": ok(&warm), "prompt_tokens": (LONG_HISTORY_IDS + LONG_TURN_IDS) * TRACE_BLOCK},
         "rss": {"idle_mib": mib(rss_start.0), "max_mib": rss_sorted.last(), "median_mib": percentile(&rss_sorted, 50.0), "after_long_mib": mib(rss_end.0),

@@ -58,7 +58,7 @@ impl Demo {
 
     /// Waits until the EPP has applied every event the engines published; returns the count.
     async fn wait_events(&self, stats: &WorkerStats) -> f64 {
-        let published = stats.events.load(std::sync::atomic::Ordering::Relaxed) as f64;
+        let published = stats.produced.load(std::sync::atomic::Ordering::Relaxed) as f64;
         self.epp.wait_metric("dynamo_epp_kv_events_applied_total", Duration::from_secs(10), |v| v >= published).await
     }
 }

@@ -8,6 +8,10 @@
 //! vLLM frees a request's blocks tail-first. It answers OpenAI-shaped JSON (or SSE when the body
 //! asks `"stream": true`) after `decode`, with `usage.prompt_tokens_details.cached_tokens` = the
 //! prompt's prefix it already held.
+//!
+//! The events are computed on the request's path and published by one task per worker, in
+//! event-id order, off that path: an engine's KV publisher runs beside its scheduler and no
+//! response waits for the event stream's acknowledgement.
 
 use std::{
     collections::HashMap,
@@ -48,6 +52,8 @@ pub struct WorkerStats {
     pub tokens: AtomicU64,
     pub stored_blocks: AtomicU64,
     pub removed_blocks: AtomicU64,
+    /// Event messages computed and handed to the publishing tasks (final once a response is sent).
+    pub produced: AtomicU64,
     /// Event messages the stream acknowledged.
     pub events: AtomicU64,
     pub publish_failures: AtomicU64,
@@ -84,8 +90,9 @@ struct Cache {
 
 struct KvWorkerState {
     cfg: KvWorkerConfig,
-    js: async_nats::jetstream::Context,
-    cache: tokio::sync::Mutex<Cache>,
+    /// To this worker's publishing task, in event-id order.
+    publish: tokio::sync::mpsc::UnboundedSender<Vec<RouterEvent>>,
+    cache: Mutex<Cache>,
     stats: Arc<WorkerStats>,
     served: Mutex<Vec<Served>>,
 }
@@ -114,7 +121,9 @@ impl KvWorker {
         let listener = tokio::net::TcpListener::bind(cfg.addr).await.unwrap_or_else(|e| panic!("{} on {}: {e}", cfg.name, cfg.addr));
         let addr = listener.local_addr().unwrap();
         let lru = lru::LruCache::new(NonZeroUsize::new(cfg.capacity_blocks).unwrap());
-        let state = Arc::new(KvWorkerState { cfg, js, cache: tokio::sync::Mutex::new(Cache { lru, next_event: 0 }), stats, served: Mutex::default() });
+        let (publish, events) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(publish_events(js, events, stats.clone()));
+        let state = Arc::new(KvWorkerState { cfg, publish, cache: Mutex::new(Cache { lru, next_event: 0 }), stats, served: Mutex::default() });
         let app = axum::Router::new().fallback(worker_handle).layer(axum::extract::DefaultBodyLimit::max(64 << 20)).with_state(state.clone());
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         KvWorker { addr, state }
@@ -143,7 +152,7 @@ async fn worker_handle(State(st): State<Arc<KvWorkerState>>, headers: HeaderMap,
     if !tokens.is_empty() {
         st.stats.with_tokens.fetch_add(1, Relaxed);
         st.stats.tokens.fetch_add(tokens.len() as u64, Relaxed);
-        cached = publish_blocks(&st, &tokens).await;
+        cached = store_blocks(&st, &tokens);
     }
     if st.cfg.record {
         let headers = headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
@@ -166,63 +175,74 @@ async fn worker_handle(State(st): State<Arc<KvWorkerState>>, headers: HeaderMap,
     Response::builder().header("content-type", "application/json").body(answer.into()).unwrap()
 }
 
-/// What a prefix-caching engine reports after prefill: the new full blocks, then evictions.
-/// Returns the prompt tokens that were already cached (a prompt ending on a block boundary
-/// recomputes its last block, as engines always compute at least one token).
-async fn publish_blocks(st: &KvWorkerState, tokens: &[u32]) -> usize {
+/// What a prefix-caching engine reports after prefill: the new full blocks, then evictions,
+/// handed to the publishing task. Returns the prompt tokens that were already cached (a prompt
+/// ending on a block boundary recomputes its last block, as engines always compute at least
+/// one token).
+fn store_blocks(st: &KvWorkerState, tokens: &[u32]) -> usize {
     let bs = st.cfg.block_size;
     let local = local_block_hashes(tokens, bs, hash_seed(None, None));
     let seq: Vec<u64> = seq_hashes(&local).into_iter().map(|s| s.0).collect();
-    let subject = format!("{KV_STREAM}.kv-events");
-    let mut acks = Vec::new();
-    let cached;
-    {
-        // One lock over cache update, event ids and the publish call keeps event ids in order.
-        let mut c = st.cache.lock().await;
-        let hit = seq.iter().take_while(|h| c.lru.contains(*h)).count();
-        cached = (hit * bs).min((tokens.len() - 1) / bs * bs);
-        let mut events = Vec::new();
-        for start in (hit..seq.len()).step_by(BLOCKS_PER_EVENT) {
-            let end = (start + BLOCKS_PER_EVENT).min(seq.len());
-            let blocks = (start..end)
-                .map(|b| KvCacheStoredBlockData { block_hash: ExternalBlockHash(seq[b]), tokens_hash: local[b], mm_extra_info: None })
-                .collect();
-            let parent_hash = start.checked_sub(1).map(|p| ExternalBlockHash(seq[p]));
-            events.push(KvCacheEventData::Stored(KvCacheStoreData { parent_hash, start_position: None, blocks }));
-            st.stats.stored_blocks.fetch_add((end - start) as u64, Relaxed);
-        }
-        // Touch leaf first, root last: the root ends most recently used, so leaves go first.
-        let mut evicted = Vec::new();
-        for &h in seq.iter().rev() {
-            if let Some((k, ())) = c.lru.push(h, ()) {
-                if k != h {
-                    evicted.push(ExternalBlockHash(k));
-                }
-            }
-        }
-        if !evicted.is_empty() {
-            st.stats.removed_blocks.fetch_add(evicted.len() as u64, Relaxed);
-            events.push(KvCacheEventData::Removed(KvCacheRemoveData { block_hashes: evicted }));
-        }
-        for data in events {
-            let ev = RouterEvent {
-                worker_id: st.cfg.id,
-                storage_tier: Default::default(),
-                residency_domain: None,
-                event: KvCacheEvent { event_id: c.next_event, data, dp_rank: 0 },
-            };
-            c.next_event += 1;
-            match st.js.publish(subject.clone(), serde_json::to_vec(&ev).unwrap().into()).await {
-                Ok(ack) => acks.push(ack),
-                Err(_) => {
-                    st.stats.publish_failures.fetch_add(1, Relaxed);
-                }
+    // One lock over cache update, event ids and the hand-off keeps event ids in order.
+    let mut c = st.cache.lock();
+    let hit = seq.iter().take_while(|h| c.lru.contains(*h)).count();
+    let cached = (hit * bs).min((tokens.len() - 1) / bs * bs);
+    let mut events = Vec::new();
+    for start in (hit..seq.len()).step_by(BLOCKS_PER_EVENT) {
+        let end = (start + BLOCKS_PER_EVENT).min(seq.len());
+        let blocks = (start..end)
+            .map(|b| KvCacheStoredBlockData { block_hash: ExternalBlockHash(seq[b]), tokens_hash: local[b], mm_extra_info: None })
+            .collect();
+        let parent_hash = start.checked_sub(1).map(|p| ExternalBlockHash(seq[p]));
+        events.push(KvCacheEventData::Stored(KvCacheStoreData { parent_hash, start_position: None, blocks }));
+        st.stats.stored_blocks.fetch_add((end - start) as u64, Relaxed);
+    }
+    // Touch leaf first, root last: the root ends most recently used, so leaves go first.
+    let mut evicted = Vec::new();
+    for &h in seq.iter().rev() {
+        if let Some((k, ())) = c.lru.push(h, ()) {
+            if k != h {
+                evicted.push(ExternalBlockHash(k));
             }
         }
     }
-    for a in acks {
-        let counter = if a.await.is_ok() { &st.stats.events } else { &st.stats.publish_failures };
-        counter.fetch_add(1, Relaxed);
+    if !evicted.is_empty() {
+        st.stats.removed_blocks.fetch_add(evicted.len() as u64, Relaxed);
+        events.push(KvCacheEventData::Removed(KvCacheRemoveData { block_hashes: evicted }));
+    }
+    let events: Vec<RouterEvent> = events
+        .into_iter()
+        .map(|data| {
+            let event = KvCacheEvent { event_id: c.next_event, data, dp_rank: 0 };
+            c.next_event += 1;
+            RouterEvent { worker_id: st.cfg.id, storage_tier: Default::default(), residency_domain: None, event }
+        })
+        .collect();
+    if !events.is_empty() {
+        st.stats.produced.fetch_add(events.len() as u64, Relaxed);
+        // The task lives as long as the runtime; a send after it ends has no one to tell.
+        let _ = st.publish.send(events);
     }
     cached
+}
+
+/// One worker's KV publisher: its events in order, each batch's acknowledgements awaited
+/// together.
+async fn publish_events(js: async_nats::jetstream::Context, mut batches: tokio::sync::mpsc::UnboundedReceiver<Vec<RouterEvent>>, stats: Arc<WorkerStats>) {
+    let subject = format!("{KV_STREAM}.kv-events");
+    while let Some(batch) = batches.recv().await {
+        let mut acks = Vec::new();
+        for ev in batch {
+            match js.publish(subject.clone(), serde_json::to_vec(&ev).unwrap().into()).await {
+                Ok(ack) => acks.push(ack),
+                Err(_) => {
+                    stats.publish_failures.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        for a in acks {
+            let counter = if a.await.is_ok() { &stats.events } else { &stats.publish_failures };
+            counter.fetch_add(1, Relaxed);
+        }
+    }
 }
