@@ -7,12 +7,14 @@
 //! cache · `model` loads a model directory · `hub` fetches one by repo id · `inject` splices
 //! `token_data` · `pool` runs the CPU work off the reactor.
 
+pub mod bpe;
 pub mod hub;
 pub mod inject;
 pub mod json;
 pub mod model;
 pub mod openai;
 pub mod pool;
+pub mod pretokenize;
 pub mod template;
 pub mod tokenize;
 
