@@ -490,6 +490,9 @@ fn unproven_tokenizer_files_fall_back_to_hf() {
             assert_eq!(s.backend, Backend::Hf, "{part} {choice:?}: {}", s.reason);
             let key = if part == "byte_fallback" { "new_option" } else { part };
             assert!(s.reason.contains(key), "{part}: the reason should name it: {}", s.reason);
+            if part == "dropout" {
+                continue; // HF's dropout is random: no fixed ids to compare
+            }
             let want = t.inner().unwrap().encode_fast(text, false).unwrap().get_ids().to_vec();
             assert_eq!(t.encode(text, false).unwrap(), want, "{part}");
         }
