@@ -5,9 +5,10 @@
 //!     `prepare` of 32 KB and 400 KB chat bodies with each backend;
 //! (a) cold: 32 KB and 400 KB chats, segment cache emptied before every iteration (HF backend);
 //! (b) a 20-turn conversation replayed turn by turn: segment cache vs uncached;
-//! (c) chat template render time; (d) token_data injection: byte splice vs serde_json round trip.
+//! (c) chat template render time; (d) token_data injection: byte splice vs serde_json round trip;
+//! (e) pretokenize: our split-regex scanner vs HF's `Split` pre-tokenizer, each fixture's.
 //!
-//! `cargo bench --bench tokenize` (`-- encode_` / `prepare_` / `cold` … to pick groups; fixtures:
+//! `cargo bench --bench tokenize` (`-- encode_` / `prepare_` / `cold` / `pretokenize_` … to pick groups; fixtures:
 //! `common::tokenizer_fixtures()`, filled by scripts/setup.sh).
 
 #[path = "../tests/common/mod.rs"]
@@ -271,6 +272,40 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("parse_request_only", |b| b.iter(|| json::parse(body.as_bytes()).unwrap().len()));
     g.finish();
+
+    pretokenize(c, &prose);
+}
+
+/// Our pre-tokenizer vs HF's `Split` step (each fixture's own), one thread: prose, the same
+/// with only its ASCII characters, mixed scripts.
+fn pretokenize(c: &mut Criterion, prose: &str) {
+    use dynamo_epp::request::pretokenize::{split, SplitPattern};
+    use tokenizers::{pre_tokenizers::split::Split, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let prose = &prose[..floor(prose, 400 << 10)];
+    let texts = [("prose_400KB", prose.to_string()), ("ascii_prose", prose.chars().filter(char::is_ascii).collect()), ("mixed_scripts_64KB", mixed_scripts(64 << 10))];
+    for (name, pattern) in [("qwen3", SplitPattern::Qwen2), ("llama3_1", SplitPattern::Llama3)] {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::tokenizer_fixtures().join(name).join("tokenizer.json")).unwrap()).unwrap();
+        let hf: Split = serde_json::from_value(json["pre_tokenizer"]["pretokenizers"][0].clone()).unwrap();
+        let hf_pieces = |t: &str| {
+            let mut pre = PreTokenizedString::from(t);
+            hf.pre_tokenize(&mut pre).unwrap();
+            pre.get_splits(OffsetReferential::Original, OffsetType::Byte).len()
+        };
+        let ours = |t: &str| {
+            let mut n = 0;
+            split(pattern, t, |_| n += 1);
+            n
+        };
+        let mut g = c.benchmark_group(format!("pretokenize_{name}"));
+        g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+        for (label, text) in &texts {
+            assert_eq!(ours(text), hf_pieces(text), "{name} {label}");
+            g.throughput(Throughput::Bytes(text.len() as u64));
+            g.bench_with_input(BenchmarkId::new("hf_split", label), text, |b, t| b.iter(|| hf_pieces(t)));
+            g.bench_with_input(BenchmarkId::new("ours", label), text, |b, t| b.iter(|| ours(t)));
+        }
+        g.finish();
+    }
 }
 
 criterion_group!(tokenize, benches);

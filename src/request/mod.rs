@@ -4,7 +4,7 @@
 //!
 //! Map: `openai` checks and reads bodies · `json` keeps Python's view of JSON (key order,
 //! `json.dumps`) · `template` renders chat templates · `tokenize` encodes with the segment
-//! cache · `model` loads a model directory · `hub` fetches one by repo id · `inject` splices
+//! cache · `pretokenize` cuts text as the verified split regexes do · `model` loads a model directory · `hub` fetches one by repo id · `inject` splices
 //! `token_data` · `pool` runs the CPU work off the reactor.
 
 pub mod bpe;
