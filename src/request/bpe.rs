@@ -327,6 +327,9 @@ pub struct Bpe {
     merges: FxHashMap<u64, u64>,
     /// The token of each single byte.
     byte_ids: [u32; 256],
+    /// `merges` for the pairs of two single-byte tokens, indexed by the two bytes (every word's
+    /// first pairs; 512 KiB, against a probe of the large map each); `u64::MAX`: no merge.
+    byte_pairs: Box<[u64]>,
     /// Per id, one bit: BPE of the token's own bytes gives the token itself, so a pre-token
     /// equal to it needs no merging (computed at load with this BPE).
     whole: Vec<u64>,
@@ -356,6 +359,7 @@ impl Bpe {
             table: HashTable::with_capacity(vocab.len()),
             merges: FxHashMap::default(),
             byte_ids: [u32::MAX; 256],
+            byte_pairs: vec![u64::MAX; 1 << 16].into_boxed_slice(),
             whole: Vec::new(),
             ignore_merges,
             alphabet: ByteAlphabet::new(),
@@ -398,6 +402,12 @@ impl Bpe {
             merges.insert(u64::from(l) << 32 | u64::from(r), (rank as u64) << 32 | u64::from(merged));
         }
         bpe.merges = merges;
+        for pair in 0..1 << 16 {
+            let (l, r) = (bpe.byte_ids[pair >> 8], bpe.byte_ids[pair & 0xFF]);
+            if let Some(&v) = bpe.merges.get(&(u64::from(l) << 32 | u64::from(r))) {
+                bpe.byte_pairs[pair] = v;
+            }
+        }
         if !ignore_merges {
             bpe.whole = vec![0; (top as usize + 1).div_ceil(64)];
             let mut out = Vec::new();
@@ -470,6 +480,13 @@ impl Bpe {
         })
     }
 
+    /// (rank, merged id) of a pair of single bytes' tokens.
+    #[inline]
+    fn byte_pair(&self, l: u8, r: u8) -> Option<(u32, u32)> {
+        let v = self.byte_pairs[usize::from(l) << 8 | usize::from(r)];
+        (v != u64::MAX).then_some(((v >> 32) as u32, v as u32))
+    }
+
     /// (rank, merged id) of a pair.
     #[inline]
     fn pair(&self, l: u32, r: u32) -> Option<(u32, u32)> {
@@ -491,7 +508,7 @@ impl Bpe {
             ids[i] = self.byte_ids[b as usize];
         }
         for i in 0..n0 - 1 {
-            if let Some((r, m)) = self.pair(ids[i], ids[i + 1]) {
+            if let Some((r, m)) = self.byte_pair(word[i], word[i + 1]) {
                 (ranks[i], merged[i]) = (r, m);
             }
         }
@@ -540,7 +557,7 @@ impl Bpe {
         // Min-heap on (rank, position of the left symbol); the merged id checks staleness.
         let mut heap: BinaryHeap<std::cmp::Reverse<(u32, usize, u32)>> = BinaryHeap::with_capacity(n);
         for i in 0..n - 1 {
-            if let Some((r, m)) = self.pair(syms[i].id, syms[i + 1].id) {
+            if let Some((r, m)) = self.byte_pair(word[i], word[i + 1]) {
                 heap.push(std::cmp::Reverse((r, i, m)));
             }
         }
