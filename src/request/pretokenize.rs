@@ -333,6 +333,12 @@ mod tests {
         v
     }
 
+    fn assert_cuts(pattern: SplitPattern, cases: &[(&str, &[&str])]) {
+        for &(text, want) in cases {
+            assert_eq!(pieces(pattern, text), want, "{text:?}");
+        }
+    }
+
     #[test]
     fn regexes_round_trip() {
         for p in SplitPattern::ALL {
@@ -358,9 +364,7 @@ mod tests {
             (" 's", &[" '", "s"]),
             ("'", &["'"]),
         ];
-        for (text, want) in cases {
-            assert_eq!(pieces(Qwen2, text), want, "{text:?}");
-        }
+        assert_cuts(Qwen2, &cases);
     }
 
     #[test]
@@ -383,9 +387,7 @@ mod tests {
             (" \u{200B}\u{FEFF}x", &[" \u{200B}\u{FEFF}", "x"]),
             ("", &[]),
         ];
-        for (text, want) in cases {
-            assert_eq!(pieces(Qwen2, text), want, "{text:?}");
-        }
+        assert_cuts(Qwen2, &cases);
     }
 
     #[test]
@@ -401,9 +403,7 @@ mod tests {
             ("e\u{301}", &["e", "\u{301}"]),
             ("\nx", &["\n", "x"]),
         ];
-        for (text, want) in cases {
-            assert_eq!(pieces(Qwen2, text), want, "{text:?}");
-        }
+        assert_cuts(Qwen2, &cases);
     }
 
     // Letter runs are scanned eight ASCII bytes at a time: words across those chunks, non-ASCII
@@ -417,9 +417,7 @@ mod tests {
             ("a@b[c`d{eZ", &["a", "@b", "[c", "`d", "{eZ"]),
             ("漢字abcdefghijk漢字", &["漢字abcdefghijk漢字"]),
         ];
-        for (text, want) in cases {
-            assert_eq!(pieces(Qwen2, text), want, "{text:?}");
-        }
+        assert_cuts(Qwen2, &cases);
     }
 
     #[test]
