@@ -211,7 +211,8 @@ fn shrink_finds_the_shortest_failing_input() {
 fn unproven_tokenizer_files_fall_back_to_hf() {
     let path = common::tokenizer_fixtures().join("qwen3").join("tokenizer.json");
     let original: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let variants: [(&str, fn(&mut serde_json::Value)); 11] = [
+    type Change = fn(&mut serde_json::Value);
+    let variants: [(&str, Change); 11] = [
         ("normalizer", |j| j["normalizer"] = serde_json::json!({"type": "NFKC"})),
         ("Split", |j| {
             let re = j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"].as_str().unwrap().replace(r"\p{N}|", r"\p{N}{1,2}|");
