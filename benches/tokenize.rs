@@ -1,13 +1,14 @@
 //! Tokenization speed, ours vs the `tokenizers` crate called directly, same inputs, same run.
 //!
-//! (0) encode: per fixture, HF `tokenizers` and `fastokens` called directly vs ours with each
-//!     backend, over chats, prose, code, mixed scripts and never-seen words; the whole
+//! (0) encode: per fixture, HF `tokenizers`, `fastokens` and our `epp` encoder called directly
+//!     (no added-token cut, no cache) vs ours with each backend, over chats, prose, code, mixed scripts and never-seen words; the whole
 //!     `prepare` of 32 KB and 400 KB chat bodies with each backend;
 //! (a) cold: 32 KB and 400 KB chats, segment cache emptied before every iteration (HF backend);
 //! (b) a 20-turn conversation replayed turn by turn: segment cache vs uncached;
-//! (c) chat template render time; (d) token_data injection: byte splice vs serde_json round trip.
+//! (c) chat template render time; (d) token_data injection: byte splice vs serde_json round trip;
+//! (e) pretokenize: our split-regex scanner vs HF's `Split` pre-tokenizer, each fixture's.
 //!
-//! `cargo bench --bench tokenize` (`-- encode_` / `prepare_` / `cold` … to pick groups; fixtures:
+//! `cargo bench --bench tokenize` (`-- encode_` / `prepare_` / `cold` / `pretokenize_` … to pick groups; fixtures:
 //! `common::tokenizer_fixtures()`, filled by scripts/setup.sh).
 
 #[path = "../tests/common/mod.rs"]
@@ -109,8 +110,10 @@ fn encode(c: &mut Criterion, prose: &str) {
         .map(|f| std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src").join(f)).unwrap())
         .collect();
     for name in ["qwen3", "llama3_1"] {
-        let (hf_model, fast_model) = (load(name, BackendChoice::Default), load(name, BackendChoice::Fastokens));
+        let (hf_model, fast_model, epp_model) = (load(name, BackendChoice::Default), load(name, BackendChoice::Fastokens), load(name, BackendChoice::Epp));
         assert_eq!(fast_model.tokenizer.selection().backend, Backend::Fastokens);
+        assert_eq!(epp_model.tokenizer.selection().backend, Backend::Epp);
+        let epp = &epp_model.tokenizer;
         let json = std::fs::read_to_string(common::tokenizer_fixtures().join(name).join("tokenizer.json")).unwrap();
         let fast = fastokens::Tokenizer::from_json(serde_json::from_str(&json).unwrap()).unwrap();
         let _ = fast.encode("warm up"); // its lazily built tables, as our load does
@@ -129,10 +132,12 @@ fn encode(c: &mut Criterion, prose: &str) {
             let want = hf.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
             assert_eq!(fast_model.tokenizer.encode(text, false).unwrap(), want, "{name} {label}");
             assert_eq!(fast.encode(text).unwrap(), want, "{name} {label}");
+            assert_eq!(epp.encode(text, false).unwrap(), want, "{name} {label}");
             g.throughput(Throughput::Bytes(text.len() as u64));
             g.bench_with_input(BenchmarkId::new("hf_tokenizers", label), text, |b, t| b.iter(|| hf.encode_fast(t.as_str(), false).unwrap().get_ids().len()));
             g.bench_with_input(BenchmarkId::new("fastokens_direct", label), text, |b, t| b.iter(|| fast.encode(t).unwrap().len()));
-            for (who, m) in [("ours_fastokens", &fast_model), ("ours_hf", &hf_model)] {
+            g.bench_with_input(BenchmarkId::new("epp_direct", label), text, |b, t| b.iter(|| epp.encode_ordinary(t).unwrap().len()));
+            for (who, m) in [("ours_fastokens", &fast_model), ("ours_epp", &epp_model), ("ours_hf", &hf_model)] {
                 g.bench_with_input(BenchmarkId::new(who, label), text, |b, t| {
                     b.iter(|| {
                         m.tokenizer.clear_cache();
@@ -154,6 +159,12 @@ fn encode(c: &mut Criterion, prose: &str) {
         g.bench_function(BenchmarkId::new("ours_fastokens", "novel_32KB"), |b| {
             b.iter_batched(|| fresh(&mut rng), |t| fast_model.tokenizer.encode(&t, false).unwrap().len(), BatchSize::SmallInput)
         });
+        g.bench_function(BenchmarkId::new("epp_direct", "novel_32KB"), |b| {
+            b.iter_batched(|| fresh(&mut rng), |t| epp.encode_ordinary(&t).unwrap().len(), BatchSize::SmallInput)
+        });
+        g.bench_function(BenchmarkId::new("ours_epp", "novel_32KB"), |b| {
+            b.iter_batched(|| fresh(&mut rng), |t| epp.encode(&t, false).unwrap().len(), BatchSize::SmallInput)
+        });
         g.finish();
     }
 }
@@ -163,7 +174,7 @@ fn encode(c: &mut Criterion, prose: &str) {
 fn prepare(c: &mut Criterion, prose: &str) {
     let mut g = c.benchmark_group("prepare_qwen3");
     g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    for backend in [BackendChoice::Fastokens, BackendChoice::Default] {
+    for backend in [BackendChoice::Epp, BackendChoice::Fastokens, BackendChoice::Default] {
         let prep = Preprocessor { model: Some(Arc::new(load("qwen3", backend))), served_model: None, lora_adapters: vec![], inject: true };
         for (label, bytes, turns) in [("32KB", 32 << 10, 8), ("400KB", 400 << 10, 20)] {
             let per = bytes / turns;
@@ -261,6 +272,40 @@ fn benches(c: &mut Criterion) {
     });
     g.bench_function("parse_request_only", |b| b.iter(|| json::parse(body.as_bytes()).unwrap().len()));
     g.finish();
+
+    pretokenize(c, &prose);
+}
+
+/// Our pre-tokenizer vs HF's `Split` step (each fixture's own), one thread: prose, the same
+/// with only its ASCII characters, mixed scripts.
+fn pretokenize(c: &mut Criterion, prose: &str) {
+    use dynamo_epp::request::pretokenize::{split, SplitPattern};
+    use tokenizers::{pre_tokenizers::split::Split, OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let prose = &prose[..floor(prose, 400 << 10)];
+    let texts = [("prose_400KB", prose.to_string()), ("ascii_prose", prose.chars().filter(char::is_ascii).collect()), ("mixed_scripts_64KB", mixed_scripts(64 << 10))];
+    for (name, pattern) in [("qwen3", SplitPattern::Qwen2), ("llama3_1", SplitPattern::Llama3)] {
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(common::tokenizer_fixtures().join(name).join("tokenizer.json")).unwrap()).unwrap();
+        let hf: Split = serde_json::from_value(json["pre_tokenizer"]["pretokenizers"][0].clone()).unwrap();
+        let hf_pieces = |t: &str| {
+            let mut pre = PreTokenizedString::from(t);
+            hf.pre_tokenize(&mut pre).unwrap();
+            pre.get_splits(OffsetReferential::Original, OffsetType::Byte).len()
+        };
+        let ours = |t: &str| {
+            let mut n = 0;
+            split(pattern, t, |_| n += 1);
+            n
+        };
+        let mut g = c.benchmark_group(format!("pretokenize_{name}"));
+        g.sample_size(10).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+        for (label, text) in &texts {
+            assert_eq!(ours(text), hf_pieces(text), "{name} {label}");
+            g.throughput(Throughput::Bytes(text.len() as u64));
+            g.bench_with_input(BenchmarkId::new("hf_split", label), text, |b, t| b.iter(|| hf_pieces(t)));
+            g.bench_with_input(BenchmarkId::new("ours", label), text, |b, t| b.iter(|| ours(t)));
+        }
+        g.finish();
+    }
 }
 
 criterion_group!(tokenize, benches);

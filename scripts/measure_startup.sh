@@ -46,7 +46,7 @@ one() { # model backend → "seconds cpu_seconds rss_mib"
 
 for model in qwen3 llama3_1; do
   for run in $(seq "$runs"); do
-    for backend in default fastokens auto; do
+    for backend in default fastokens epp auto; do
       echo "$model $backend run $run: $(one $model $backend)"
     done
   done

@@ -203,8 +203,9 @@ pub struct Config {
     #[arg(long = "tokenization-timeout-ms", env = "DYN_EPP_TOKENIZATION_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub tokenization_timeout_ms: u64,
 
-    /// Encoder of prompts: `default` (HF tokenizers), `fastokens`, or `auto` (the fastest one
-    /// proven exact for the model's tokenizer.json); an unproven fast one falls back to HF.
+    /// Encoder of prompts: `default` (HF tokenizers), `fastokens`, `epp` (our own byte-level BPE),
+    /// or `auto` (`epp` if proven exact for the model's tokenizer.json, else HF); an unproven
+    /// fast one falls back to HF.
     #[arg(long = "tokenizer", env = "DYN_TOKENIZER", default_value = "auto",
         value_parser = PossibleValuesParser::new(BackendChoice::NAMES).map(|s| BackendChoice::parse(&s).expect("listed values")))]
     pub tokenizer: BackendChoice,
@@ -1113,6 +1114,7 @@ mod tests {
         assert_eq!(c.tokenizer, BackendChoice::Auto);
         assert_eq!(auto(&["--tokenizer", "default"]).tokenizer, BackendChoice::Default);
         assert_eq!(auto(&["--tokenizer", "fastokens"]).tokenizer, BackendChoice::Fastokens);
+        assert_eq!(auto(&["--tokenizer", "epp"]).tokenizer, BackendChoice::Epp);
     }
 
     #[test]
@@ -1303,7 +1305,7 @@ mod tests {
             (vec!["--tokenization-timeout-ms", "0"], vec!["DYN_EPP_TOKENIZATION_TIMEOUT_MS", "\"0\""]),
             (vec!["--tokenization-budget-bytes", "0"], vec!["DYN_EPP_TOKENIZATION_BUDGET_BYTES", "\"0\""]),
             (vec!["--inject-tokens", "perhaps"], vec!["DYN_EPP_INJECT_TOKENS", "perhaps"]),
-            (vec!["--tokenizer", "tiktoken"], vec!["DYN_TOKENIZER", "tiktoken", "default, fastokens, auto"]),
+            (vec!["--tokenizer", "tiktoken"], vec!["DYN_TOKENIZER", "tiktoken", "default, fastokens, epp, auto"]),
             (vec!["--replica-timeout-secs", "1.5"], vec!["DYN_EPP_REPLICA_TIMEOUT_SECS", "at least 2"]),
             (vec!["--kube-api-timeout-secs", "1"], vec!["DYN_EPP_KUBE_API_TIMEOUT_SECS", "\"1\"", "2 to 3600"]),
             (vec!["--kube-api-timeout-secs", "2.5"], vec!["DYN_EPP_KUBE_API_TIMEOUT_SECS", "whole number"]),

@@ -41,8 +41,11 @@ fn seen_body(chain: &Chain, marker: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workers_receive_transformers_token_ids_and_the_body_otherwise_unchanged() {
-    // The default (`auto`: fastokens for both fixtures), and HF `tokenizers` asked for by name.
-    for (model, tokenizer, backend) in [("qwen3", "auto", "fastokens"), ("llama3_1", "auto", "fastokens"), ("qwen3", "default", "default")] {
+    // The default (`auto`: our own `epp` for both fixtures), and fastokens and HF `tokenizers`
+    // asked for by name.
+    for (model, tokenizer, backend) in
+        [("qwen3", "auto", "epp"), ("llama3_1", "auto", "epp"), ("qwen3", "fastokens", "fastokens"), ("qwen3", "default", "default")]
+    {
         let chain = Chain::start(&[("w0", None)], model_env(model, &[("DYN_TOKENIZER", tokenizer)])).await;
         let info = format!("dynamo_epp_tokenizer_backend{{backend=\"{backend}\",requested=\"{tokenizer}\",reason=");
         assert!(chain.epp.metrics().await.lines().any(|l| l.starts_with(&info) && l.ends_with(" 1")), "{model}: no {info}");
@@ -65,8 +68,8 @@ async fn workers_receive_transformers_token_ids_and_the_body_otherwise_unchanged
             got["nvext"].as_object_mut().unwrap().remove("token_data");
             assert_eq!(got, body, "{model} {name}: only nvext.token_data may be added");
         }
-        // Every body was tokenized once (HF: small ones inline and chat_32k in the work pool;
-        // fastokens: all in the pool's warmed threads).
+        // Every body was tokenized once (HF and epp: small ones inline and chat_32k in the work
+        // pool; fastokens: all in the pool's warmed threads).
         assert_eq!(chain.epp.metric("dynamo_epp_tokenize_seconds_count").await, Some(8.0), "{model}");
         let sum = chain.epp.metric("dynamo_epp_tokenize_seconds_sum").await.unwrap();
         assert!(sum > 0.0 && sum < 8.0 * 5.0, "{model}: {sum}");

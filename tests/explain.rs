@@ -79,7 +79,7 @@ async fn explain_predicts_the_pick_and_shows_every_cost_term() {
     assert_eq!(cfg.fields["grpc_port"].kind, Some(Kind::NumberValue(chain.epp.grpc_port as f64)));
     // DYN_TOKENIZER as asked (the default) and what it resolved to for the qwen3 files.
     assert_eq!(cfg.fields["tokenizer"].kind, Some(Kind::StringValue("auto".into())));
-    assert_eq!(cfg.fields["tokenizer_backend"].kind, Some(Kind::StringValue("fastokens".into())));
+    assert_eq!(cfg.fields["tokenizer_backend"].kind, Some(Kind::StringValue("epp".into())));
     assert!(matches!(&cfg.fields["tokenizer_backend_reason"].kind, Some(Kind::StringValue(r)) if r.contains("verified")));
 
     // A body the picker refuses is an invalid argument, not a decision.

@@ -100,6 +100,7 @@ fn parity(name: &str, backend: Backend) {
     let choice = match backend {
         Backend::Hf => BackendChoice::Default,
         Backend::Fastokens => BackendChoice::Fastokens,
+        Backend::Epp => BackendChoice::Epp,
     };
     let cached = prep(model(name, 64 << 20, choice));
     let uncached = prep(model(name, 0, choice));
@@ -161,6 +162,16 @@ fn qwen3_ids_equal_transformers_with_fastokens() {
 #[test]
 fn llama3_1_ids_equal_transformers_with_fastokens() {
     parity("llama3_1", Backend::Fastokens);
+}
+
+#[test]
+fn qwen3_ids_equal_transformers_with_epp() {
+    parity("qwen3", Backend::Epp);
+}
+
+#[test]
+fn llama3_1_ids_equal_transformers_with_epp() {
+    parity("llama3_1", Backend::Epp);
 }
 
 /// `DYN_MODEL_PATH` as a repo id, served offline from a Hugging Face cache laid out as

@@ -4,15 +4,17 @@
 //!
 //! Map: `openai` checks and reads bodies · `json` keeps Python's view of JSON (key order,
 //! `json.dumps`) · `template` renders chat templates · `tokenize` encodes with the segment
-//! cache · `model` loads a model directory · `hub` fetches one by repo id · `inject` splices
+//! cache · `pretokenize` cuts text as the verified split regexes do · `model` loads a model directory · `hub` fetches one by repo id · `inject` splices
 //! `token_data` · `pool` runs the CPU work off the reactor.
 
+pub mod bpe;
 pub mod hub;
 pub mod inject;
 pub mod json;
 pub mod model;
 pub mod openai;
 pub mod pool;
+pub mod pretokenize;
 pub mod template;
 pub mod tokenize;
 

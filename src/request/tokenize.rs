@@ -6,9 +6,10 @@
 //! piece's ids can be cached under a hash of its text and reused whenever the same piece
 //! reappears, and the concatenation is exactly what encoding the whole text gives.
 //!
-//! The pieces go to one of two encoders (`DYN_TOKENIZER`): Hugging Face `tokenizers` itself, or
-//! `fastokens`, an exact BPE one to two orders of magnitude faster, used only for a
-//! `tokenizer.json` whose every ids-relevant part is one we verified against HF ([`fast_support`]).
+//! The pieces go to one of three encoders (`DYN_TOKENIZER`): Hugging Face `tokenizers` itself,
+//! `fastokens` (a crate), or `epp`, our own byte-level BPE ([`super::bpe`]) after our own
+//! pre-tokenizer ([`super::pretokenize`]); the fast two are used only for a `tokenizer.json`
+//! whose every ids-relevant part is one we verified against HF ([`fast_support`]).
 
 use std::{
     borrow::Cow,
@@ -21,12 +22,18 @@ use std::{
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use tokenizers::{
     normalizers::{unicode::NFC, NormalizerWrapper},
     Tokenizer,
 };
 // The normalization tables `tokenizers` itself uses, so "already NFC" agrees with its NFC.
 use unicode_normalization_alignments::{is_nfc_quick, IsNormalized, UnicodeNormalization};
+
+use super::{
+    bpe::{Bpe, TokenizerFile},
+    pretokenize::{self, SplitPattern},
+};
 
 /// Bytes of overhead charged per cache entry on top of its ids (key, links, allocation).
 const ENTRY_OVERHEAD: usize = 64;
@@ -43,13 +50,6 @@ const FAST_CACHE_MIN_BYTES: usize = 256;
 /// Encoded once at load so the fast encoder's lazily built tables exist before serving: words,
 /// digits, CJK and an NFC-changing piece.
 const WARM_UP: &str = "Warm up: the quick brown fox, 12345 jumps; 漢字 e\u{301}\n";
-/// Split regexes whose fastokens scanner was verified id-for-id against HF (the differential
-/// test, tests/tokenizer_differential.rs): Qwen2/Qwen3's and Llama 3's (cl100k's).
-const VERIFIED_SPLITS: [&str; 2] = [
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-];
-
 /// `DYN_TOKENIZER`: which encoder to use, Dynamo's names.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,22 +58,25 @@ pub enum BackendChoice {
     Default,
     /// `fastokens` when it supports the file, else HF.
     Fastokens,
+    /// The EPP's own byte-level BPE when it supports the file, else HF.
+    Epp,
     /// The fastest backend that supports the file, else HF.
     #[default]
     Auto,
 }
 
 impl BackendChoice {
-    pub const NAMES: [&'static str; 3] = ["default", "fastokens", "auto"];
+    pub const NAMES: [&'static str; 4] = ["default", "fastokens", "epp", "auto"];
 
     pub fn parse(name: &str) -> Option<Self> {
-        [BackendChoice::Default, BackendChoice::Fastokens, BackendChoice::Auto].into_iter().find(|c| c.name() == name)
+        [BackendChoice::Default, BackendChoice::Fastokens, BackendChoice::Epp, BackendChoice::Auto].into_iter().find(|c| c.name() == name)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             BackendChoice::Default => "default",
             BackendChoice::Fastokens => "fastokens",
+            BackendChoice::Epp => "epp",
             BackendChoice::Auto => "auto",
         }
     }
@@ -84,6 +87,7 @@ impl BackendChoice {
 pub enum Backend {
     Hf,
     Fastokens,
+    Epp,
 }
 
 impl Backend {
@@ -92,6 +96,7 @@ impl Backend {
         match self {
             Backend::Hf => "default",
             Backend::Fastokens => "fastokens",
+            Backend::Epp => "epp",
         }
     }
 }
@@ -142,6 +147,8 @@ enum Encoder {
     /// No HF tokenizer is loaded beside it: everything HF would tell us (added tokens, frame,
     /// vocabulary bound) is read from the file's verified form.
     Fast(fastokens::Tokenizer),
+    /// Our own: the file's split regex, then byte-level BPE per pre-token. Like `Fast`, alone.
+    Epp { split: SplitPattern, bpe: Bpe },
 }
 
 /// A tokenizer plus the segment cache.
@@ -184,8 +191,22 @@ impl TextTokenizer {
     /// request is as fast as later ones.
     pub fn load(path: &Path, cache_bytes: usize, choice: BackendChoice) -> Result<Self, String> {
         let read = || std::fs::read_to_string(path).map_err(|e| e.to_string());
-        if choice == BackendChoice::Default {
-            return Self::hf(&read()?, cache_bytes, choice, "DYN_TOKENIZER=default".into());
+        match choice {
+            BackendChoice::Default => return Self::hf(&read()?, cache_bytes, choice, "DYN_TOKENIZER=default".into()),
+            BackendChoice::Epp | BackendChoice::Auto => {
+                let json = read()?;
+                let why = match Self::epp(&json, cache_bytes) {
+                    Ok(mut t) => {
+                        let why = "tokenizer.json verified: normalizer, pre-tokenizer, byte-level BPE vocabulary and merges, added tokens, post-processor frame";
+                        let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
+                        t.selection = Selection { requested: choice, backend: Backend::Epp, reason };
+                        return Ok(t);
+                    }
+                    Err(why) => format!("epp not proven exact here: {why}"),
+                };
+                return Self::hf(&json, cache_bytes, choice, why);
+            }
+            BackendChoice::Fastokens => {}
         }
         // fastokens parses the file straight into its own types (its load from a parsed
         // `serde_json::Value` costs that parse plus a third more), on its own thread while this
@@ -216,18 +237,52 @@ impl TextTokenizer {
         Ok(t)
     }
 
-    /// fastokens alone (being loaded by `loading`), if the file is of a verified form
-    /// ([`fast_support`]), with its word table built (~100 ms, once for all threads).
-    fn fast(json: &str, loading: std::thread::JoinHandle<Result<fastokens::Tokenizer, fastokens::Error>>, cache_bytes: usize) -> Result<Self, String> {
-        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-        let FastForm { added, frame, vocab_end, nfc } = fast_support(&value)?;
-        drop(value);
+    /// Our own BPE alone, if the file is of a verified form ([`fast_support`], [`Bpe::load`]).
+    /// Everything it needs is built here: nothing is left for the first request.
+    fn epp(json: &str, cache_bytes: usize) -> Result<Self, String> {
+        let file = TokenizerFile::parse(json)?;
+        let form = fast_support(&file)?;
+        let split = SplitPattern::from_regex(&form.split_regex).ok_or("our pre-tokenizer does not implement this split regex")?;
+        let bpe = Bpe::load(&file, form.ignore_merges)?;
+        let form = form.with_added(&file, &|t| bpe.find_text(t))?;
+        Self::proven(Encoder::Epp { split, bpe }, form, cache_bytes)
+    }
+
+    /// The wrapper around a fast encoder of a proven file: our added-token cut, frame, cache.
+    fn proven(encoder: Encoder, form: FastForm, cache_bytes: usize) -> Result<Self, String> {
+        let FastForm { added, frame, vocab_end, nfc, .. } = form;
         let splitter = if added.is_empty() {
             AhoCorasick::new(Vec::<String>::new())
         } else {
             AhoCorasickBuilder::new().match_kind(MatchKind::LeftmostLongest).build(added.iter().map(|(t, _)| t))
         }
         .map_err(|e| e.to_string())?;
+        Ok(TextTokenizer {
+            encoder,
+            nfc,
+            splitter: Some((splitter, added.into_iter().map(|(_, id)| id).collect())),
+            frame: Some(frame),
+            cache: (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes)),
+            vocab_end,
+            selection: Selection { requested: BackendChoice::Auto, backend: Backend::Hf, reason: String::new() },
+        })
+    }
+
+    /// fastokens alone (being loaded by `loading`), if the file is of a verified form
+    /// ([`fast_support`]), with its word table built (~100 ms, once for all threads).
+    fn fast(json: &str, loading: std::thread::JoinHandle<Result<fastokens::Tokenizer, fastokens::Error>>, cache_bytes: usize) -> Result<Self, String> {
+        let file = TokenizerFile::parse(json)?;
+        let form = fast_support(&file)?;
+        let vocab = file.vocab.as_deref().ok_or("model has no vocab")?;
+        let mut ids: FxHashMap<&str, u32> = FxHashMap::with_capacity_and_hasher(vocab.len(), Default::default());
+        for (k, id) in vocab {
+            if ids.insert(k, *id).is_some() {
+                return Err(format!("vocab key {k:?} is listed twice"));
+            }
+        }
+        let form = form.with_added(&file, &|t| ids.get(t).copied())?;
+        drop(ids);
+        drop(file);
         let mut fast = loading.join().map_err(|_| "fastokens panicked loading".to_string())?.map_err(|e| format!("fastokens cannot load it: {e}"))?;
         fast.set_truncation(None);
         fast.set_padding(None);
@@ -238,15 +293,7 @@ impl TextTokenizer {
         std::thread::scope(|s| s.spawn(|| fast.encode_ordinary(WARM_UP).map(drop)).join())
             .map_err(|_| "fastokens panicked warming up".to_string())?
             .map_err(|e| e.to_string())?;
-        Ok(TextTokenizer {
-            encoder: Encoder::Fast(fast),
-            nfc,
-            splitter: Some((splitter, added.into_iter().map(|(_, id)| id).collect())),
-            frame: Some(frame),
-            cache: (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes)),
-            vocab_end,
-            selection: Selection { requested: BackendChoice::Fastokens, backend: Backend::Fastokens, reason: String::new() },
-        })
+        Self::proven(Encoder::Fast(fast), form, cache_bytes)
     }
 
     /// Gives the calling thread its copy of the fast encoder's word table (7–18 ms, ~16 MiB;
@@ -296,7 +343,7 @@ impl TextTokenizer {
         let (Some((matcher, added)), Some((pre, post))) = (&self.splitter, &self.frame) else {
             return self.whole(text, add_special);
         };
-        let fast = matches!(self.encoder, Encoder::Fast(_));
+        let fast = !matches!(self.encoder, Encoder::Hf { .. });
         // Cut at added tokens, as the library does; take each text piece from the cache or
         // mark it for encoding.
         let mut pieces: Vec<Piece> = Vec::new();
@@ -359,7 +406,7 @@ impl TextTokenizer {
     fn encode_pieces(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncodeError> {
         let bytes: usize = texts.iter().map(|t| t.len()).sum();
         let helpers = rayon::current_num_threads().saturating_sub(1).min(texts.len().saturating_sub(1));
-        let min = if matches!(self.encoder, Encoder::Fast(_)) { FAST_PARALLEL_MIN_BYTES } else { PARALLEL_MIN_BYTES };
+        let min = if matches!(self.encoder, Encoder::Hf { .. }) { PARALLEL_MIN_BYTES } else { FAST_PARALLEL_MIN_BYTES };
         if helpers == 0 || bytes < min {
             return texts.iter().map(|t| self.whole(t, false)).collect();
         }
@@ -393,6 +440,14 @@ impl TextTokenizer {
                 let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
                 return fast.encode_ordinary(&text).map_err(|e| EncodeError(e.to_string()));
             }
+            Encoder::Epp { split, bpe } => {
+                // A piece between added tokens, as for `Fast`; NFC exactly as HF (idempotent).
+                debug_assert!(!add_special);
+                let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
+                let mut ids = Vec::with_capacity(text.len() / 3);
+                bpe.with_cache(|words| pretokenize::split(*split, &text, |word| words.encode(word.as_bytes(), &mut ids)));
+                return Ok(ids);
+            }
             Encoder::Hf { tok, .. } => tok,
         };
         let ids = |tok: &Tokenizer, text: &str| {
@@ -409,6 +464,12 @@ impl TextTokenizer {
             Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(tok, &nfc),
             _ => ids(self.inner().expect("the HF backend has its library"), text),
         }
+    }
+
+    /// The encoder alone on a text taken as one piece: no cut at added tokens, no cache, no
+    /// frame (the benches' "called directly" figure for our own encoder).
+    pub fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>, EncodeError> {
+        self.whole(text, false)
     }
 
     /// Empties the segment cache (benches measure cold tokenization with it).
@@ -454,20 +515,35 @@ fn nfc_like_hf(text: &str) -> Cow<'_, str> {
 }
 
 /// What a verified file tells us without loading HF: the added tokens (content, id) as HF
-/// numbers them, the post-processor's frame, one past the highest id, and whether the
-/// normalizer is NFC.
+/// numbers them, the post-processor's frame, one past the highest id, whether the normalizer is
+/// NFC, the split regex and the BPE model's `ignore_merges`.
 pub struct FastForm {
     pub added: Vec<(String, u32)>,
     pub frame: (Vec<u32>, Vec<u32>),
     pub vocab_end: u32,
     pub nfc: bool,
+    pub split_regex: String,
+    pub ignore_merges: bool,
 }
 
-/// `Ok` if every part of the file that decides ids is of a form verified to make fastokens,
-/// with our cut at added tokens and our post-processor frame, encode exactly as HF does; else
-/// why not. Unknown keys fail too, so a newer format is not guessed at. (The decoder does not
-/// affect encoding.)
-pub fn fast_support(file: &serde_json::Value) -> Result<FastForm, String> {
+impl FastForm {
+    /// Adds the added tokens, numbered with `vocab` (a vocabulary key → its id), which the
+    /// caller builds from the file as its encoder needs.
+    pub fn with_added(mut self, file: &TokenizerFile<'_>, vocab: &dyn Fn(&str) -> Option<u32>) -> Result<Self, String> {
+        let size = file.vocab.as_ref().map_or(0, Vec::len);
+        self.added = added_tokens(&file.rest["added_tokens"], vocab, size, self.nfc)?;
+        let top = self.added.iter().map(|(_, id)| id + 1).max().unwrap_or(0);
+        self.vocab_end = self.vocab_end.max(top);
+        Ok(self)
+    }
+}
+
+/// `Ok` if every part of the file that decides ids is of a form verified to make a fast
+/// encoder, with our cut at added tokens and our post-processor frame, encode exactly as HF
+/// does; else why not. Unknown keys fail too, so a newer format is not guessed at. (The decoder
+/// does not affect encoding.) The added tokens are checked by [`FastForm::with_added`], which
+/// needs the vocabulary in the form the encoder keeps it.
+pub fn fast_support(file: &TokenizerFile<'_>) -> Result<FastForm, String> {
     use serde_json::Value;
     let only = |v: &Value, what: &str, keys: &[&str]| -> Result<(), String> {
         let o = v.as_object().ok_or(format!("{what} is not an object"))?;
@@ -477,12 +553,13 @@ pub fn fast_support(file: &serde_json::Value) -> Result<FastForm, String> {
         }
     };
     let is = |v: &Value, key: &str, want: &[Value]| want.contains(v.get(key).unwrap_or(&Value::Null));
-    let nfc = match &file["normalizer"] {
+    let rest = &file.rest;
+    let nfc = match &rest["normalizer"] {
         Value::Null => false,
         n if *n == serde_json::json!({"type": "NFC"}) => true,
         n => return Err(format!("normalizer {} (only none or NFC verified)", n["type"])),
     };
-    let pre = &file["pre_tokenizer"];
+    let pre = &rest["pre_tokenizer"];
     only(pre, "pre_tokenizer", &["type", "pretokenizers"])?;
     let steps = match (pre["type"].as_str(), pre["pretokenizers"].as_array()) {
         (Some("Sequence"), Some(steps)) if steps.len() == 2 => steps,
@@ -490,16 +567,19 @@ pub fn fast_support(file: &serde_json::Value) -> Result<FastForm, String> {
     };
     let (split, bytes) = (&steps[0], &steps[1]);
     only(split, "Split", &["type", "pattern", "behavior", "invert"])?;
+    // The split regexes our pre-tokenizer cuts, each also verified id-for-id through fastokens
+    // against HF (tests/tokenizer_differential.rs): Qwen2/Qwen3's and Llama 3's (cl100k's).
     let regex = split["pattern"]["Regex"].as_str().unwrap_or_default();
-    if split["type"] != "Split" || split["behavior"] != "Isolated" || split["invert"] != false || !VERIFIED_SPLITS.contains(&regex) {
+    if split["type"] != "Split" || split["behavior"] != "Isolated" || split["invert"] != false || SplitPattern::from_regex(regex).is_none() {
         return Err(format!("pre_tokenizer Split {split} is not a verified regex split"));
     }
     only(bytes, "ByteLevel", &["type", "add_prefix_space", "trim_offsets", "use_regex"])?;
     if bytes["type"] != "ByteLevel" || bytes["add_prefix_space"] != false || bytes["use_regex"] != false {
         return Err(format!("pre_tokenizer step {bytes} is not a plain ByteLevel"));
     }
-    let model = &file["model"];
-    only(model, "model", &["type", "dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback", "ignore_merges", "vocab", "merges"])?;
+    let model = &rest["model"];
+    // `vocab` and `merges` were taken out of `rest` by the parse.
+    only(model, "model", &["type", "dropout", "unk_token", "continuing_subword_prefix", "end_of_word_suffix", "fuse_unk", "byte_fallback", "ignore_merges"])?;
     let none_or_empty = [Value::Null, Value::from("")];
     let off = [Value::Null, Value::from(false)];
     if model["type"] != "BPE"
@@ -512,12 +592,18 @@ pub fn fast_support(file: &serde_json::Value) -> Result<FastForm, String> {
     {
         return Err("model is not a plain byte-level BPE (dropout, unk, affixes or byte fallback set)".into());
     }
-    let vocab = model["vocab"].as_object().ok_or("model vocab is not an object")?;
-    let added = added_tokens(&file["added_tokens"], vocab, nfc)?;
-    let ids = vocab.values().map(|v| v.as_u64().and_then(|i| u32::try_from(i).ok()).ok_or("a vocab id is not a u32"));
-    let top = ids.chain(added.iter().map(|(_, id)| Ok(*id))).try_fold(None::<u32>, |m, id| Ok::<_, &str>(m.max(Some(id?))))?;
-    let frame = post_frame(&file["post_processor"])?;
-    Ok(FastForm { added, frame, vocab_end: top.map_or(0, |m| m + 1), nfc })
+    let ignore_merges = match &model["ignore_merges"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        v => return Err(format!("model ignore_merges is {v}")),
+    };
+    let vocab = file.vocab.as_ref().ok_or("model has no vocab")?;
+    if file.merges.is_none() {
+        return Err("model has no merges".into());
+    }
+    let top = vocab.iter().map(|(_, id)| *id).max();
+    let frame = post_frame(&rest["post_processor"])?;
+    Ok(FastForm { added: Vec::new(), frame, vocab_end: top.map_or(0, |m| m + 1), nfc, split_regex: regex.to_string(), ignore_merges })
 }
 
 /// The added tokens in the ids HF gives them on load (`AddedVocabulary::add_tokens`: the
@@ -526,12 +612,12 @@ pub fn fast_support(file: &serde_json::Value) -> Result<FastForm, String> {
 /// exactly HF's: no strip or single-word rule, one `normalized` value for all (HF matches
 /// normalized and raw ones in two passes) and false under a normalizer, no duplicates. A file
 /// whose listed ids disagree with HF's numbering is not guessed at.
-fn added_tokens(list: &serde_json::Value, vocab: &serde_json::Map<String, serde_json::Value>, has_normalizer: bool) -> Result<Vec<(String, u32)>, String> {
+fn added_tokens(list: &serde_json::Value, vocab: &dyn Fn(&str) -> Option<u32>, vocab_size: usize, has_normalizer: bool) -> Result<Vec<(String, u32)>, String> {
     let list = match list {
         serde_json::Value::Null => return Ok(Vec::new()),
         l => l.as_array().ok_or("added_tokens is not a list")?,
     };
-    let mut next = vocab.len() as u32;
+    let mut next = vocab_size as u32;
     let mut out: Vec<(String, u32)> = Vec::with_capacity(list.len());
     let mut normalized = None;
     for t in list {
@@ -551,8 +637,8 @@ fn added_tokens(list: &serde_json::Value, vocab: &serde_json::Map<String, serde_
         if out.iter().any(|(c, _)| c == content) {
             return Err(format!("added tokens: {content:?} is listed twice"));
         }
-        let id = match vocab.get(content) {
-            Some(v) => v.as_u64().ok_or("a vocab id is not a number")? as u32,
+        let id = match vocab(content) {
+            Some(id) => id,
             None => {
                 next += 1;
                 next - 1

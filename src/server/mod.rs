@@ -174,7 +174,7 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
             let m = Model::load(&dir, cfg.token_cache_bytes as usize, cfg.tokenizer)?;
             tracing::info!(path = %dir.display(), chat_template = m.template.is_some(), "model files loaded");
             let s = m.tokenizer.selection();
-            if s.requested == BackendChoice::Fastokens && s.backend != Backend::Fastokens {
+            if matches!(s.requested, BackendChoice::Fastokens | BackendChoice::Epp) && s.backend.name() != s.requested.name() {
                 tracing::warn!(backend = s.backend.name(), requested = s.requested.name(), reason = %s.reason, "tokenizer backend: fell back to HF");
             } else {
                 tracing::info!(backend = s.backend.name(), requested = s.requested.name(), reason = %s.reason, "tokenizer backend");
@@ -192,7 +192,8 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
 
 /// With the fast encoder every body goes to the pool's threads, each holding a warm copy of its
 /// word table (made before serving): inline on a reactor thread, the first body there would pay
-/// that copy (7–18 ms) and every reactor thread would keep one.
+/// that copy (7–18 ms) and every reactor thread would keep one. `epp` keeps no per-thread
+/// table: small bodies stay inline, as with HF.
 fn work_pool(cfg: &Config, prep: &Preprocessor) -> WorkPool {
     let timeout = Duration::from_millis(cfg.tokenization_timeout_ms);
     let pool = match &prep.model {

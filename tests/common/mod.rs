@@ -4,6 +4,7 @@
 
 pub mod in_process;
 pub mod kv_worker;
+pub mod textgen;
 
 use std::{
     collections::HashMap,

@@ -1,0 +1,660 @@
+//! The EPP's own byte-level BPE (`DYN_TOKENIZER=epp`): the model part of a `tokenizer.json`
+//! (vocabulary and merges), encoding one pre-token's bytes exactly as HF `tokenizers`' `BPE`
+//! model encodes its byte-level string (`Word::merge_all`: lowest rank first, ties to the
+//! leftmost pair), with the tables built once at load so the first request is as fast as later
+//! ones.
+//!
+//! Also the one parse of `tokenizer.json` both fast backends' proofs read ([`TokenizerFile`]):
+//! the vocabulary and merges typed and borrowed from the text, everything else as a JSON value.
+
+use std::{
+    borrow::Cow,
+    cell::RefCell,
+    collections::BinaryHeap,
+    fmt,
+    hash::BuildHasher,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use hashbrown::HashTable;
+use rustc_hash::{FxBuildHasher, FxHashMap};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+
+/// Ids above this are not taken from a file (per-id tables are sized by the highest id).
+const MAX_ID: u32 = 1 << 24;
+/// Words up to this many bytes are merged by scanning their pairs (no heap, no allocation);
+/// longer ones with HF's own heap and linked list, so a 100 KB word is not quadratic.
+const SHORT_WORD: usize = 64;
+/// Words each thread remembers the merged ids of (those not a token by themselves); past it the
+/// thread's cache starts over (bounded memory: ~100 B a word).
+const WORD_CACHE_WORDS: usize = 1 << 16;
+
+/// Numbers each loaded model, so a thread's word cache is only used for the model that filled it.
+static MODELS: AtomicU64 = AtomicU64::new(0);
+
+/// Per thread: the model's number and its merged words (bytes → ids). Per thread, so no lock is
+/// taken per word; not prefilled, so nothing is built lazily that the first request waits for:
+/// a miss costs only the merge it would have cost anyway.
+struct WordCache {
+    model: u64,
+    words: FxHashMap<Box<[u8]>, Box<[u32]>>,
+}
+
+thread_local! {
+    static WORDS: RefCell<WordCache> = RefCell::new(WordCache { model: u64::MAX, words: FxHashMap::default() });
+}
+
+/// `tokenizer.json` parsed once: `model.vocab` and `model.merges` typed (keys borrowed from the
+/// text unless they hold escapes), everything else as JSON for the proofs.
+pub struct TokenizerFile<'a> {
+    /// The whole file except `model.vocab` and `model.merges`.
+    pub rest: serde_json::Value,
+    /// `model.vocab` in file order; `None` if absent.
+    pub vocab: Option<Vec<(Cow<'a, str>, u32)>>,
+    /// `model.merges` in rank order, either form (`"a b"` strings, `#version` lines dropped as HF
+    /// does, or `[a, b]` pairs); `None` if absent.
+    pub merges: Option<Vec<(Cow<'a, str>, Cow<'a, str>)>>,
+}
+
+impl<'a> TokenizerFile<'a> {
+    pub fn parse(json: &'a str) -> Result<Self, String> {
+        serde_json::from_str(json).map_err(|e| format!("tokenizer.json: {e}"))
+    }
+}
+
+/// A JSON string, borrowed when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, s: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(s)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenizerFile<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ObjectVisitor { model: false })
+    }
+}
+
+/// The top-level object (`model: false`) or the model object (`model: true`): the big parts typed,
+/// the rest as JSON values.
+struct ObjectVisitor {
+    model: bool,
+}
+
+impl<'de> Visitor<'de> for ObjectVisitor {
+    type Value = TokenizerFile<'de>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut out = TokenizerFile { rest: serde_json::Value::Null, vocab: None, merges: None };
+        let mut rest = serde_json::Map::new();
+        let twice = |k: &str| de::Error::custom(format!("`{k}` twice"));
+        while let Some(Text(key)) = m.next_key::<Text<'de>>()? {
+            match (self.model, key.as_ref()) {
+                (false, "model") => {
+                    if rest.contains_key("model") {
+                        return Err(twice("model"));
+                    }
+                    let model = m.next_value_seed(ModelSeed)?;
+                    rest.insert("model".into(), model.rest);
+                    (out.vocab, out.merges) = (model.vocab, model.merges);
+                }
+                (true, "vocab") if out.vocab.is_some() => return Err(twice("vocab")),
+                (true, "vocab") => out.vocab = Some(m.next_value::<Vocab<'de>>()?.0),
+                (true, "merges") if out.merges.is_some() => return Err(twice("merges")),
+                (true, "merges") => out.merges = Some(m.next_value::<Merges<'de>>()?.0),
+                (_, k) => {
+                    let v: serde_json::Value = m.next_value()?;
+                    rest.insert(k.to_string(), v);
+                }
+            }
+        }
+        out.rest = serde_json::Value::Object(rest);
+        Ok(out)
+    }
+}
+
+struct ModelSeed;
+
+impl<'de> de::DeserializeSeed<'de> for ModelSeed {
+    type Value = TokenizerFile<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(ObjectVisitor { model: true })
+    }
+}
+
+struct Vocab<'a>(Vec<(Cow<'a, str>, u32)>);
+
+impl<'de> Deserialize<'de> for Vocab<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Vocab<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map of token to id")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Vocab<'de>, A::Error> {
+                let mut v = Vec::with_capacity(m.size_hint().unwrap_or(0));
+                while let Some((Text(k), id)) = m.next_entry::<Text<'de>, u32>()? {
+                    v.push((k, id));
+                }
+                Ok(Vocab(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+struct Merges<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+/// One entry of `merges`: HF reads the list as all pairs, else all `"a b"` lines.
+enum Merge<'a> {
+    Pair(Cow<'a, str>, Cow<'a, str>),
+    Line(Cow<'a, str>, Cow<'a, str>),
+    /// A `#version` line, which HF drops (legacy form only).
+    Version,
+}
+
+impl<'de> Deserialize<'de> for Merge<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        fn line<'a, E: de::Error>(s: Cow<'a, str>) -> Result<Merge<'a>, E> {
+            if s.starts_with("#version") {
+                return Ok(Merge::Version);
+            }
+            // HF: `line.split(' ')` must give exactly two parts.
+            let bad = || E::custom(format!("merge {s:?} is not two parts"));
+            let (a, b) = s.split_once(' ').filter(|(_, b)| !b.contains(' ')).ok_or_else(bad)?;
+            Ok(match s {
+                Cow::Borrowed(s) => {
+                    let (a, b) = (&s[..a.len()], &s[a.len() + 1..]);
+                    Merge::Line(Cow::Borrowed(a), Cow::Borrowed(b))
+                }
+                Cow::Owned(_) => Merge::Line(Cow::Owned(a.to_owned()), Cow::Owned(b.to_owned())),
+            })
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = Merge<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a merge: \"a b\" or [a, b]")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Merge<'de>, E> {
+                line(Cow::Borrowed(s))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Merge<'de>, E> {
+                line(Cow::Owned(s.to_owned()))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Merge<'de>, A::Error> {
+                let missing = || de::Error::custom("a merge pair has fewer than two parts");
+                let Text(a) = s.next_element()?.ok_or_else(missing)?;
+                let Text(b) = s.next_element()?.ok_or_else(missing)?;
+                if s.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::custom("a merge pair has more than two parts"));
+                }
+                Ok(Merge::Pair(a, b))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Merges<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Merges<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of merges")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut s: A) -> Result<Merges<'de>, A::Error> {
+                let mut out = Vec::with_capacity(s.size_hint().unwrap_or(0));
+                let (mut pairs, mut lines) = (false, false);
+                while let Some(m) = s.next_element::<Merge<'de>>()? {
+                    match m {
+                        Merge::Pair(a, b) => {
+                            pairs = true;
+                            out.push((a, b));
+                        }
+                        Merge::Line(a, b) => {
+                            lines = true;
+                            out.push((a, b));
+                        }
+                        Merge::Version => lines = true,
+                    }
+                }
+                if pairs && lines {
+                    return Err(de::Error::custom("merges mix pairs and strings"));
+                }
+                Ok(Merges(out))
+            }
+        }
+        d.deserialize_seq(V)
+    }
+}
+
+/// GPT-2's byte-level alphabet: the char HF's `ByteLevel` pre-tokenizer writes for each byte
+/// (printable Latin-1 bytes as themselves, the other 68 as U+0100 on, in byte order).
+fn byte_char(b: u8) -> char {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    if printable(b) {
+        return b as char;
+    }
+    let n = (0..b).filter(|&x| !printable(x)).count() as u32;
+    char::from_u32(256 + n).expect("below U+0144")
+}
+
+/// The inverse of [`byte_char`] for every char, `None` outside the alphabet.
+struct ByteAlphabet([u8; 324], [bool; 324]);
+
+impl ByteAlphabet {
+    fn new() -> Self {
+        let mut a = ByteAlphabet([0; 324], [false; 324]);
+        for b in 0..=255u8 {
+            let c = byte_char(b) as usize;
+            a.0[c] = b;
+            a.1[c] = true;
+        }
+        a
+    }
+
+    /// Appends the raw bytes a byte-level string stands for; false if a char is outside it.
+    fn decode(&self, s: &str, out: &mut Vec<u8>) -> bool {
+        for c in s.chars() {
+            let c = c as usize;
+            if c >= 324 || !self.1[c] {
+                return false;
+            }
+            out.push(self.0[c]);
+        }
+        true
+    }
+}
+
+/// A model with this thread's word cache (see [`Bpe::with_cache`]).
+pub struct Words<'a> {
+    bpe: &'a Bpe,
+    cache: &'a mut FxHashMap<Box<[u8]>, Box<[u32]>>,
+}
+
+impl Words<'_> {
+    pub fn encode(&mut self, word: &[u8], out: &mut Vec<u32>) {
+        if self.bpe.token_word(word, out) {
+            return;
+        }
+        if let Some(ids) = self.cache.get(word) {
+            out.extend_from_slice(ids);
+            return;
+        }
+        let start = out.len();
+        self.bpe.merge(word, out);
+        if word.len() <= SHORT_WORD {
+            if self.cache.len() >= WORD_CACHE_WORDS {
+                self.cache.clear();
+            }
+            self.cache.insert(word.into(), out[start..].into());
+        }
+    }
+}
+
+/// A byte-level BPE model, keyed by raw bytes.
+pub struct Bpe {
+    /// Every token's bytes, concatenated.
+    arena: Vec<u8>,
+    /// Per id: (start, length) in `arena`; length 0 = no token has this id.
+    spans: Vec<(u32, u32)>,
+    /// The vocabulary: ids, found by their bytes in `arena`.
+    table: HashTable<u32>,
+    /// (left id << 32 | right id) → (rank << 32 | merged id).
+    merges: FxHashMap<u64, u64>,
+    /// The token of each single byte.
+    byte_ids: [u32; 256],
+    /// `merges` for the pairs of two single-byte tokens, indexed by the two bytes (every word's
+    /// first pairs; 512 KiB, against a probe of the large map each); `u64::MAX`: no merge.
+    byte_pairs: Box<[u64]>,
+    /// Per id, one bit: BPE of the token's own bytes gives the token itself, so a pre-token
+    /// equal to it needs no merging (computed at load with this BPE).
+    whole: Vec<u64>,
+    /// HF's `ignore_merges`: a pre-token that is in the vocabulary is that token.
+    ignore_merges: bool,
+    alphabet: ByteAlphabet,
+    /// This model's number for the word caches.
+    serial: u64,
+}
+
+impl Bpe {
+    /// The model of a file whose vocabulary and merges are of the form this encoder is proven on
+    /// (byte-level keys, each merge's parts and result in the vocabulary, every byte a token, no
+    /// key twice); else why not. Dropout, unknown token, affixes and byte fallback are the
+    /// caller's proof (`tokenize::fast_support`).
+    pub fn load(file: &TokenizerFile<'_>, ignore_merges: bool) -> Result<Bpe, String> {
+        let vocab = file.vocab.as_ref().ok_or("model has no vocab")?;
+        let merge_list = file.merges.as_ref().ok_or("model has no merges")?;
+        let alphabet = ByteAlphabet::new();
+        let top = vocab.iter().map(|(_, id)| *id).max().unwrap_or(0);
+        if top >= MAX_ID {
+            return Err(format!("vocab id {top} is beyond {MAX_ID}"));
+        }
+        let mut bpe = Bpe {
+            arena: Vec::with_capacity(vocab.len() * 8),
+            spans: vec![(0, 0); top as usize + 1],
+            table: HashTable::with_capacity(vocab.len()),
+            merges: FxHashMap::default(),
+            byte_ids: [u32::MAX; 256],
+            byte_pairs: vec![u64::MAX; 1 << 16].into_boxed_slice(),
+            whole: Vec::new(),
+            ignore_merges,
+            alphabet: ByteAlphabet::new(),
+            serial: MODELS.fetch_add(1, Ordering::Relaxed),
+        };
+        for (key, id) in vocab {
+            let start = bpe.arena.len();
+            if !alphabet.decode(key, &mut bpe.arena) || start == bpe.arena.len() {
+                return Err(format!("vocab key {key:?} is not a byte-level string"));
+            }
+            if bpe.spans[*id as usize].1 != 0 {
+                return Err(format!("vocab id {id} is given twice"));
+            }
+            bpe.spans[*id as usize] = (start as u32, (bpe.arena.len() - start) as u32);
+            let (arena, spans) = (&bpe.arena, &bpe.spans);
+            let bytes = &arena[start..];
+            let hash = FxBuildHasher.hash_one(bytes);
+            let tok = |i: u32| &arena[spans[i as usize].0 as usize..][..spans[i as usize].1 as usize];
+            match bpe.table.entry(hash, |&i| tok(i) == bytes, |&i| FxBuildHasher.hash_one(tok(i))) {
+                hashbrown::hash_table::Entry::Occupied(_) => return Err(format!("vocab key {key:?} is listed twice")),
+                hashbrown::hash_table::Entry::Vacant(v) => {
+                    v.insert(*id);
+                }
+            }
+        }
+        for b in 0..=255u8 {
+            bpe.byte_ids[b as usize] = bpe.find(&[b]).ok_or(format!("byte {b:#04x} has no token"))?;
+        }
+        let mut buf = Vec::new();
+        let mut id_of = |s: &str| -> Option<u32> {
+            buf.clear();
+            alphabet.decode(s, &mut buf).then(|| bpe.find(&buf)).flatten()
+        };
+        let mut merges = FxHashMap::with_capacity_and_hasher(merge_list.len(), FxBuildHasher);
+        for (rank, (a, b)) in merge_list.iter().enumerate() {
+            let missing = || format!("merge {a:?} {b:?}: a part or the result is not in the vocab");
+            let (l, r) = (id_of(a).ok_or_else(missing)?, id_of(b).ok_or_else(missing)?);
+            let merged = id_of(&format!("{a}{b}")).ok_or_else(missing)?;
+            // A pair listed twice keeps its last rank, as HF's map does.
+            merges.insert(u64::from(l) << 32 | u64::from(r), (rank as u64) << 32 | u64::from(merged));
+        }
+        bpe.merges = merges;
+        for pair in 0..1 << 16 {
+            let (l, r) = (bpe.byte_ids[pair >> 8], bpe.byte_ids[pair & 0xFF]);
+            if let Some(&v) = bpe.merges.get(&(u64::from(l) << 32 | u64::from(r))) {
+                bpe.byte_pairs[pair] = v;
+            }
+        }
+        if !ignore_merges {
+            bpe.whole = vec![0; (top as usize + 1).div_ceil(64)];
+            let mut out = Vec::new();
+            for id in 0..=top {
+                let (start, len) = bpe.spans[id as usize];
+                if len == 0 {
+                    continue;
+                }
+                out.clear();
+                bpe.merge(&bpe.arena[start as usize..][..len as usize], &mut out);
+                if out == [id] {
+                    bpe.whole[id as usize / 64] |= 1 << (id % 64);
+                }
+            }
+        }
+        Ok(bpe)
+    }
+
+    /// The id of the token with exactly these bytes.
+    pub fn find(&self, bytes: &[u8]) -> Option<u32> {
+        let hash = FxBuildHasher.hash_one(bytes);
+        self.table.find(hash, |&i| self.token(i) == bytes).copied()
+    }
+
+    /// The id of a vocabulary key as the file writes it (byte-level chars).
+    pub fn find_text(&self, key: &str) -> Option<u32> {
+        let mut bytes = Vec::with_capacity(key.len());
+        self.alphabet.decode(key, &mut bytes).then(|| self.find(&bytes)).flatten()
+    }
+
+    fn token(&self, id: u32) -> &[u8] {
+        let (start, len) = self.spans[id as usize];
+        &self.arena[start as usize..][..len as usize]
+    }
+
+    /// Appends the ids of one pre-token (raw bytes, before the byte-level mapping) as HF's BPE
+    /// model tokenizes its byte-level string. No word cache (see [`Self::with_cache`]).
+    pub fn encode_word(&self, word: &[u8], out: &mut Vec<u32>) {
+        if !self.token_word(word, out) {
+            self.merge(word, out);
+        }
+    }
+
+    /// A word that is one token by HF's rules (in the vocabulary and either `ignore_merges` or
+    /// merging to itself): pushes it and returns true.
+    #[inline]
+    fn token_word(&self, word: &[u8], out: &mut Vec<u32>) -> bool {
+        if word.is_empty() {
+            return true;
+        }
+        match self.find(word) {
+            Some(id) if self.ignore_merges || self.whole[id as usize / 64] >> (id % 64) & 1 == 1 => {
+                out.push(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Runs `f` with this thread's word cache for this model: [`Words::encode`] is
+    /// [`Self::encode_word`], remembering merged words.
+    pub fn with_cache<R>(&self, f: impl FnOnce(&mut Words<'_>) -> R) -> R {
+        WORDS.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.model != self.serial {
+                cache.words.clear();
+                cache.model = self.serial;
+            }
+            f(&mut Words { bpe: self, cache: &mut cache.words })
+        })
+    }
+
+    /// (rank, merged id) of a pair of single bytes' tokens.
+    #[inline]
+    fn byte_pair(&self, l: u8, r: u8) -> Option<(u32, u32)> {
+        let v = self.byte_pairs[usize::from(l) << 8 | usize::from(r)];
+        (v != u64::MAX).then_some(((v >> 32) as u32, v as u32))
+    }
+
+    /// (rank, merged id) of a pair.
+    #[inline]
+    fn pair(&self, l: u32, r: u32) -> Option<(u32, u32)> {
+        self.merges.get(&(u64::from(l) << 32 | u64::from(r))).map(|&v| ((v >> 32) as u32, v as u32))
+    }
+
+    /// HF's `merge_all` without dropout: repeatedly merge the adjacent pair of lowest rank,
+    /// the leftmost of equal ones, until no pair has a merge.
+    fn merge(&self, word: &[u8], out: &mut Vec<u32>) {
+        if word.len() > SHORT_WORD {
+            return self.merge_long(word, out);
+        }
+        let n0 = word.len();
+        let mut ids = [0u32; SHORT_WORD];
+        // Pair i = (ids[i], ids[i + 1]): its rank (u32::MAX: none) and merged id.
+        let mut ranks = [u32::MAX; SHORT_WORD];
+        let mut merged = [0u32; SHORT_WORD];
+        for (i, &b) in word.iter().enumerate() {
+            ids[i] = self.byte_ids[b as usize];
+        }
+        for i in 0..n0 - 1 {
+            if let Some((r, m)) = self.byte_pair(word[i], word[i + 1]) {
+                (ranks[i], merged[i]) = (r, m);
+            }
+        }
+        let mut n = n0;
+        while n > 1 {
+            let mut best = 0;
+            for i in 1..n - 1 {
+                if ranks[i] < ranks[best] {
+                    best = i;
+                }
+            }
+            if ranks[best] == u32::MAX {
+                break;
+            }
+            ids[best] = merged[best];
+            ids.copy_within(best + 2..n, best + 1);
+            ranks.copy_within(best + 1..n - 1, best);
+            merged.copy_within(best + 1..n - 1, best);
+            n -= 1;
+            ranks[n - 1] = u32::MAX;
+            for i in best.saturating_sub(1)..=best {
+                if i + 1 < n {
+                    (ranks[i], merged[i]) = self.pair(ids[i], ids[i + 1]).unwrap_or((u32::MAX, 0));
+                }
+            }
+        }
+        out.extend_from_slice(&ids[..n]);
+    }
+
+    /// [`Self::merge`] for long words: HF's heap of candidate merges over a linked list of
+    /// symbols, entries checked for staleness when popped.
+    fn merge_long(&self, word: &[u8], out: &mut Vec<u32>) {
+        const NONE: usize = usize::MAX;
+        struct Sym {
+            id: u32,
+            prev: usize,
+            next: usize,
+            gone: bool,
+        }
+        let n = word.len();
+        let mut syms: Vec<Sym> = word
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| Sym { id: self.byte_ids[b as usize], prev: i.wrapping_sub(1), next: if i + 1 < n { i + 1 } else { NONE }, gone: false })
+            .collect();
+        // Min-heap on (rank, position of the left symbol); the merged id checks staleness.
+        let mut heap: BinaryHeap<std::cmp::Reverse<(u32, usize, u32)>> = BinaryHeap::with_capacity(n);
+        for i in 0..n - 1 {
+            if let Some((r, m)) = self.byte_pair(word[i], word[i + 1]) {
+                heap.push(std::cmp::Reverse((r, i, m)));
+            }
+        }
+        while let Some(std::cmp::Reverse((_, pos, new_id))) = heap.pop() {
+            let next = syms[pos].next;
+            if syms[pos].gone || next == NONE || self.pair(syms[pos].id, syms[next].id).map(|p| p.1) != Some(new_id) {
+                continue;
+            }
+            syms[pos].id = new_id;
+            syms[next].gone = true;
+            let after = syms[next].next;
+            syms[pos].next = after;
+            if after != NONE {
+                syms[after].prev = pos;
+            }
+            let prev = syms[pos].prev;
+            if prev != NONE {
+                if let Some((r, m)) = self.pair(syms[prev].id, new_id) {
+                    heap.push(std::cmp::Reverse((r, prev, m)));
+                }
+            }
+            if after != NONE {
+                if let Some((r, m)) = self.pair(new_id, syms[after].id) {
+                    heap.push(std::cmp::Reverse((r, pos, m)));
+                }
+            }
+        }
+        let mut i = 0;
+        while i != NONE {
+            out.push(syms[i].id);
+            i = syms[i].next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `tokenizer.json` model of the 256 bytes plus `extra` tokens (ids from 256) and `merges`.
+    fn file(extra: &[&str], merges: &str) -> String {
+        let mut vocab: Vec<String> = (0..=255u8).map(|b| byte_char(b).to_string()).collect();
+        vocab.extend(extra.iter().map(|s| s.to_string()));
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab.into_iter().enumerate().map(|(i, k)| (k, i.into())).collect();
+        format!(r#"{{"version":"1.0","model":{{"type":"BPE","vocab":{},"merges":{merges}}}}}"#, serde_json::Value::Object(vocab))
+    }
+
+    fn load(json: &str) -> Result<Bpe, String> {
+        Bpe::load(&TokenizerFile::parse(json)?, false)
+    }
+
+    #[test]
+    fn byte_level_alphabet_is_gpt2s() {
+        // GPT-2's `bytes_to_unicode`: space → Ġ (U+0120), newline → Ċ (U+010A), 0xAD → U+0143.
+        assert_eq!((byte_char(b' '), byte_char(b'\n'), byte_char(0xAD), byte_char(b'a')), ('Ġ', 'Ċ', '\u{143}', 'a'));
+        let a = ByteAlphabet::new();
+        let mut out = Vec::new();
+        assert!(a.decode("ĠaĊ", &mut out) && out == b" a\n");
+        assert!(!a.decode("中", &mut out));
+    }
+
+    /// Lowest rank first, ties to the leftmost pair; both merge forms read alike; `#version`
+    /// lines dropped from the rank count as HF does.
+    #[test]
+    fn merges_lowest_rank_first_in_both_forms() {
+        let extra = ["ab", "bc", "abc", "aa", "aaa"];
+        // 256 ab, 257 bc, 258 abc, 259 aa, 260 aaa
+        for merges in [r##"["#version: 0.2", "b c", "a b", "a bc", "a a", "aa a"]"##, r#"[["b","c"],["a","b"],["a","bc"],["a","a"],["aa","a"]]"#] {
+            let bpe = load(&file(&extra, merges)).unwrap();
+            let enc = |w: &str| {
+                let mut out = Vec::new();
+                bpe.merge(w.as_bytes(), &mut out);
+                out
+            };
+            assert_eq!(enc("abc"), [258], "b c (rank 0) first, then a bc");
+            assert_eq!(enc("ab"), [256]);
+            assert_eq!(enc("aaaa"), [259, 259], "ties go to the leftmost pair");
+            assert_eq!(enc("aaa"), [260], "the leftmost a a, then aa a");
+        }
+    }
+
+    #[test]
+    fn unproven_vocabularies_and_merges_are_refused_with_a_reason() {
+        let cases = [
+            (file(&["中"], "[]"), "not a byte-level string"),
+            (file(&["abc"], r#"["ab c"]"#), "not in the vocab"),
+            (file(&[], r#"["a b"]"#), "not in the vocab"),
+            (file(&["ab"], r#"["a b c"]"#), "not two parts"),
+            (file(&["ab"], r#"["a b", ["a", "b"]]"#), "mix pairs and strings"),
+            (file(&[], "[]").replace(r#""Ā":0,"#, ""), "has no token"),
+            (file(&[], "[]").replace(r#""Ā":0"#, r#""Ā":1"#), "given twice"),
+            (file(&[], "[]").replace(r#""Ā":0"#, r#""Ā":0,"Ā":300"#), "listed twice"),
+            (r#"{"model":{"type":"BPE","vocab":{}}}"#.to_string(), "no merges"),
+        ];
+        for (json, why) in cases {
+            let err = load(&json).err().unwrap_or_else(|| panic!("accepted: {why}"));
+            assert!(err.contains(why), "{why}: {err}");
+        }
+    }
+}
