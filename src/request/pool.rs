@@ -35,6 +35,11 @@ pub const INLINE_BYTES: usize = 16 * 1024;
 /// The same with the fast encoder: its `prepare` of 64 KiB costs about what HF's of 16 KiB
 /// costs in parse and render alone (under a millisecond).
 pub const FAST_SMALL_BYTES: usize = 64 * 1024;
+/// The same with `epp`, which keeps no per-thread table to warm: its `prepare` of 256 KiB costs
+/// about what HF's of 16 KiB does (2–3 ms), and a pool hop costs two thread wake-ups — on the
+/// full-path bench's loaded cores 1–2 ms at the median, more than the whole `prepare` of its
+/// typical 100 KB body.
+pub const EPP_INLINE_BYTES: usize = 256 * 1024;
 
 /// Bodies above this are huge: they wait for their size in the byte budget.
 pub const HUGE_BYTES: usize = 1 << 20;
@@ -60,7 +65,12 @@ pub struct WorkPool {
 impl WorkPool {
     /// `threads` = 0 means one per available core.
     pub fn new(threads: usize, timeout: Duration) -> Self {
-        Self::build(threads, timeout, INLINE_BYTES, None)
+        Self::inline_up_to(threads, timeout, INLINE_BYTES)
+    }
+
+    /// A pool that leaves bodies up to `small_bytes` inline.
+    pub fn inline_up_to(threads: usize, timeout: Duration, small_bytes: usize) -> Self {
+        Self::build(threads, timeout, small_bytes, None)
     }
 
     /// A pool whose every thread has run `warm` when this returns; bodies up to `small_bytes`

@@ -30,7 +30,7 @@ use crate::{
     request::{
         hub,
         model::{LoadError, Model},
-        pool::{WorkPool, FAST_SMALL_BYTES},
+        pool::{WorkPool, EPP_INLINE_BYTES, FAST_SMALL_BYTES},
         tokenize::{Backend, BackendChoice},
         Preprocessor,
     },
@@ -193,7 +193,7 @@ fn preprocessor(cfg: &Config) -> Result<Preprocessor, StartError> {
 /// With the fast encoder every body goes to the pool's threads, each holding a warm copy of its
 /// word table (made before serving): inline on a reactor thread, the first body there would pay
 /// that copy (7–18 ms) and every reactor thread would keep one. `epp` keeps no per-thread
-/// table: small bodies stay inline, as with HF.
+/// table to warm: bodies up to [`EPP_INLINE_BYTES`] stay inline, as small ones do with HF.
 fn work_pool(cfg: &Config, prep: &Preprocessor) -> WorkPool {
     let timeout = Duration::from_millis(cfg.tokenization_timeout_ms);
     let pool = match &prep.model {
@@ -201,6 +201,7 @@ fn work_pool(cfg: &Config, prep: &Preprocessor) -> WorkPool {
             let m = m.clone();
             WorkPool::with_warm_up(cfg.tokenizer_threads, timeout, FAST_SMALL_BYTES, Arc::new(move || m.tokenizer.warm_thread()))
         }
+        Some(m) if m.tokenizer.selection().backend == Backend::Epp => WorkPool::inline_up_to(cfg.tokenizer_threads, timeout, EPP_INLINE_BYTES),
         _ => WorkPool::new(cfg.tokenizer_threads, timeout),
     };
     pool.with_huge_budget(cfg.tokenization_budget_bytes)
