@@ -17,7 +17,7 @@ use std::{
 };
 
 use hashbrown::HashTable;
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxBuildHasher;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 
 /// Ids above this are not taken from a file (per-id tables are sized by the highest id).
@@ -25,23 +25,116 @@ const MAX_ID: u32 = 1 << 24;
 /// Words up to this many bytes are merged by scanning their pairs (no heap, no allocation);
 /// longer ones with HF's own heap and linked list, so a 100 KB word is not quadratic.
 const SHORT_WORD: usize = 64;
-/// Words each thread remembers the merged ids of (those not a token by themselves); past it the
-/// thread's cache starts over (bounded memory: ~100 B a word).
-const WORD_CACHE_WORDS: usize = 1 << 16;
+/// The per-thread word cache: direct-mapped slots of words up to [`CACHED_BYTES`] bytes merging
+/// to up to [`CACHED_IDS`] ids (those not a token by themselves), 64 bytes each, 2 MiB a thread,
+/// allocated at a thread's first use. Lossy (a word takes its slot from whatever was there), so
+/// it needs no allocation per word, no eviction pass, and a never-seen word costs one store.
+const WORD_SLOTS: usize = 1 << 15;
+const CACHED_BYTES: usize = 22;
+const CACHED_IDS: usize = 8;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct WordSlot {
+    /// The word's length; 0 = empty (an empty word is never looked up).
+    len: u8,
+    n_ids: u8,
+    bytes: [u8; CACHED_BYTES],
+    ids: [u32; CACHED_IDS],
+}
+
+const EMPTY_SLOT: WordSlot = WordSlot { len: 0, n_ids: 0, bytes: [0; CACHED_BYTES], ids: [0; CACHED_IDS] };
+
+/// The merges: (left id, right id) → (rank, merged id), open addressing with linear probing on
+/// 16-byte slots holding their key, so a probe is one cache line (a `HashMap`'s separate control
+/// bytes cost a second miss per probe, and never-seen words probe ~15 times each).
+struct PairTable {
+    /// The table is `slots[base..base + mask + 1]`: `base` puts a large table on a 2 MiB boundary.
+    slots: Vec<PairSlot>,
+    base: usize,
+    mask: usize,
+    shift: u32,
+}
+
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct PairSlot {
+    /// `left << 32 | right`; `u64::MAX` = empty (ids are below [`MAX_ID`]).
+    key: u64,
+    rank: u32,
+    merged: u32,
+}
+
+impl PairTable {
+    fn new(n: usize) -> Self {
+        const EMPTY: PairSlot = PairSlot { key: u64::MAX, rank: 0, merged: 0 };
+        const HUGE_PAGE: usize = 2 << 20;
+        // Load ≤ 2/3: short probe runs, ~4 MB for 150k merges (what the map it replaces took).
+        let cap = (n * 3 / 2).max(16).next_power_of_two();
+        let bytes = cap * size_of::<PairSlot>();
+        if bytes < HUGE_PAGE {
+            return PairTable { slots: vec![EMPTY; cap], base: 0, mask: cap - 1, shift: 64 - cap.trailing_zeros() };
+        }
+        // Never-seen words probe this table at random ~15 times each; on 4 KiB pages most probes
+        // also miss the TLB. So the table starts on a 2 MiB boundary (≤ 2 MiB of slack before
+        // it) and asks for huge pages before its first write (advice: ignored where unsupported).
+        let mut slots: Vec<PairSlot> = Vec::with_capacity(cap + HUGE_PAGE / size_of::<PairSlot>());
+        let addr = slots.as_ptr() as usize;
+        let base = (addr.next_multiple_of(HUGE_PAGE) - addr) / size_of::<PairSlot>();
+        #[cfg(target_os = "linux")]
+        // SAFETY: `base + cap` ≤ the capacity just reserved, so the range is inside this
+        // allocation; MADV_HUGEPAGE changes no contents.
+        unsafe {
+            libc::madvise(slots.as_mut_ptr().add(base).cast(), bytes, libc::MADV_HUGEPAGE);
+        }
+        slots.resize(base + cap, EMPTY);
+        PairTable { slots, base, mask: cap - 1, shift: 64 - cap.trailing_zeros() }
+    }
+
+    #[inline]
+    fn home(&self, key: u64) -> usize {
+        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    }
+
+    /// Sets the pair's (rank, merged id), replacing an earlier one (HF keeps a pair's last rank).
+    fn insert(&mut self, key: u64, rank: u32, merged: u32) {
+        let mut i = self.home(key);
+        let table = &mut self.slots[self.base..];
+        while table[i].key != u64::MAX && table[i].key != key {
+            i = (i + 1) & self.mask;
+        }
+        table[i] = PairSlot { key, rank, merged };
+    }
+
+    #[inline]
+    fn get(&self, key: u64) -> Option<(u32, u32)> {
+        let mut i = self.home(key);
+        loop {
+            let s = self.slots[self.base + i];
+            if s.key == key {
+                return Some((s.rank, s.merged));
+            }
+            if s.key == u64::MAX {
+                return None;
+            }
+            i = (i + 1) & self.mask;
+        }
+    }
+}
 
 /// Numbers each loaded model, so a thread's word cache is only used for the model that filled it.
 static MODELS: AtomicU64 = AtomicU64::new(0);
 
-/// Per thread: the model's number and its merged words (bytes → ids). Per thread, so no lock is
-/// taken per word; not prefilled, so nothing is built lazily that the first request waits for:
-/// a miss costs only the merge it would have cost anyway.
+/// Per thread: the model's number and its merged words. Per thread, so no lock is taken per
+/// word; not prefilled, so nothing is built lazily that the first request waits for: a miss
+/// costs only the merge it would have cost anyway.
 struct WordCache {
     model: u64,
-    words: FxHashMap<Box<[u8]>, Box<[u32]>>,
+    slots: Box<[WordSlot]>,
 }
 
 thread_local! {
-    static WORDS: RefCell<WordCache> = RefCell::new(WordCache { model: u64::MAX, words: FxHashMap::default() });
+    static WORDS: RefCell<WordCache> = RefCell::new(WordCache { model: u64::MAX, slots: Box::new([]) });
 }
 
 /// `tokenizer.json` parsed once: `model.vocab` and `model.merges` typed (keys borrowed from the
@@ -292,25 +385,35 @@ impl ByteAlphabet {
 /// A model with this thread's word cache (see [`Bpe::with_cache`]).
 pub struct Words<'a> {
     bpe: &'a Bpe,
-    cache: &'a mut FxHashMap<Box<[u8]>, Box<[u32]>>,
+    slots: &'a mut [WordSlot],
 }
 
 impl Words<'_> {
     pub fn encode(&mut self, word: &[u8], out: &mut Vec<u32>) {
-        if self.bpe.token_word(word, out) {
+        if word.is_empty() {
             return;
         }
-        if let Some(ids) = self.cache.get(word) {
-            out.extend_from_slice(ids);
+        // One hash for both the vocabulary and the cache slot.
+        let hash = FxBuildHasher.hash_one(word);
+        if self.bpe.token_word_hashed(word, hash, out) {
+            return;
+        }
+        if word.len() > CACHED_BYTES {
+            return self.bpe.merge(word, out);
+        }
+        let slot = &mut self.slots[hash as usize & (WORD_SLOTS - 1)];
+        if usize::from(slot.len) == word.len() && slot.bytes[..word.len()] == *word {
+            out.extend_from_slice(&slot.ids[..usize::from(slot.n_ids)]);
             return;
         }
         let start = out.len();
         self.bpe.merge(word, out);
-        if word.len() <= SHORT_WORD {
-            if self.cache.len() >= WORD_CACHE_WORDS {
-                self.cache.clear();
-            }
-            self.cache.insert(word.into(), out[start..].into());
+        let ids = &out[start..];
+        if ids.len() <= CACHED_IDS {
+            slot.len = word.len() as u8;
+            slot.n_ids = ids.len() as u8;
+            slot.bytes[..word.len()].copy_from_slice(word);
+            slot.ids[..ids.len()].copy_from_slice(ids);
         }
     }
 }
@@ -323,8 +426,8 @@ pub struct Bpe {
     spans: Vec<(u32, u32)>,
     /// The vocabulary: ids, found by their bytes in `arena`.
     table: HashTable<u32>,
-    /// (left id << 32 | right id) → (rank << 32 | merged id).
-    merges: FxHashMap<u64, u64>,
+    /// (left id, right id) → (rank, merged id).
+    merges: PairTable,
     /// The token of each single byte.
     byte_ids: [u32; 256],
     /// `merges` for the pairs of two single-byte tokens, indexed by the two bytes (every word's
@@ -357,7 +460,7 @@ impl Bpe {
             arena: Vec::with_capacity(vocab.len() * 8),
             spans: vec![(0, 0); top as usize + 1],
             table: HashTable::with_capacity(vocab.len()),
-            merges: FxHashMap::default(),
+            merges: PairTable::new(0),
             byte_ids: [u32::MAX; 256],
             byte_pairs: vec![u64::MAX; 1 << 16].into_boxed_slice(),
             whole: Vec::new(),
@@ -393,19 +496,19 @@ impl Bpe {
             buf.clear();
             alphabet.decode(s, &mut buf).then(|| bpe.find(&buf)).flatten()
         };
-        let mut merges = FxHashMap::with_capacity_and_hasher(merge_list.len(), FxBuildHasher);
+        let mut merges = PairTable::new(merge_list.len());
         for (rank, (a, b)) in merge_list.iter().enumerate() {
             let missing = || format!("merge {a:?} {b:?}: a part or the result is not in the vocab");
             let (l, r) = (id_of(a).ok_or_else(missing)?, id_of(b).ok_or_else(missing)?);
             let merged = id_of(&format!("{a}{b}")).ok_or_else(missing)?;
             // A pair listed twice keeps its last rank, as HF's map does.
-            merges.insert(u64::from(l) << 32 | u64::from(r), (rank as u64) << 32 | u64::from(merged));
+            merges.insert(u64::from(l) << 32 | u64::from(r), rank as u32, merged);
         }
         bpe.merges = merges;
         for pair in 0..1 << 16 {
             let (l, r) = (bpe.byte_ids[pair >> 8], bpe.byte_ids[pair & 0xFF]);
-            if let Some(&v) = bpe.merges.get(&(u64::from(l) << 32 | u64::from(r))) {
-                bpe.byte_pairs[pair] = v;
+            if let Some((rank, merged)) = bpe.merges.get(u64::from(l) << 32 | u64::from(r)) {
+                bpe.byte_pairs[pair] = u64::from(rank) << 32 | u64::from(merged);
             }
         }
         if !ignore_merges {
@@ -428,7 +531,11 @@ impl Bpe {
 
     /// The id of the token with exactly these bytes.
     pub fn find(&self, bytes: &[u8]) -> Option<u32> {
-        let hash = FxBuildHasher.hash_one(bytes);
+        self.find_hashed(bytes, FxBuildHasher.hash_one(bytes))
+    }
+
+    #[inline]
+    fn find_hashed(&self, bytes: &[u8], hash: u64) -> Option<u32> {
         self.table.find(hash, |&i| self.token(i) == bytes).copied()
     }
 
@@ -455,10 +562,13 @@ impl Bpe {
     /// merging to itself): pushes it and returns true.
     #[inline]
     fn token_word(&self, word: &[u8], out: &mut Vec<u32>) -> bool {
-        if word.is_empty() {
-            return true;
-        }
-        match self.find(word) {
+        word.is_empty() || self.token_word_hashed(word, FxBuildHasher.hash_one(word), out)
+    }
+
+    /// [`Self::token_word`] of a non-empty word with its hash.
+    #[inline]
+    fn token_word_hashed(&self, word: &[u8], hash: u64, out: &mut Vec<u32>) -> bool {
+        match self.find_hashed(word, hash) {
             Some(id) if self.ignore_merges || self.whole[id as usize / 64] >> (id % 64) & 1 == 1 => {
                 out.push(id);
                 true
@@ -473,10 +583,14 @@ impl Bpe {
         WORDS.with(|cell| {
             let mut cache = cell.borrow_mut();
             if cache.model != self.serial {
-                cache.words.clear();
+                if cache.slots.is_empty() {
+                    cache.slots = vec![EMPTY_SLOT; WORD_SLOTS].into_boxed_slice();
+                } else {
+                    cache.slots.fill(EMPTY_SLOT);
+                }
                 cache.model = self.serial;
             }
-            f(&mut Words { bpe: self, cache: &mut cache.words })
+            f(&mut Words { bpe: self, slots: &mut cache.slots })
         })
     }
 
@@ -490,7 +604,7 @@ impl Bpe {
     /// (rank, merged id) of a pair.
     #[inline]
     fn pair(&self, l: u32, r: u32) -> Option<(u32, u32)> {
-        self.merges.get(&(u64::from(l) << 32 | u64::from(r))).map(|&v| ((v >> 32) as u32, v as u32))
+        self.merges.get(u64::from(l) << 32 | u64::from(r))
     }
 
     /// HF's `merge_all` without dropout: repeatedly merge the adjacent pair of lowest rank,
