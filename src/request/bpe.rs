@@ -27,7 +27,7 @@ const MAX_ID: u32 = 1 << 24;
 const SHORT_WORD: usize = 64;
 /// The per-thread word cache: direct-mapped slots of words up to [`CACHED_BYTES`] bytes merging
 /// to up to [`CACHED_IDS`] ids (those not a token by themselves), 64 bytes each, 2 MiB a thread,
-/// allocated zeroed (= empty) at a thread's first use. Lossy (a word takes its slot from whatever was there), so
+/// allocated at a thread's first use. Lossy (a word takes its slot from whatever was there), so
 /// it needs no allocation per word, no eviction pass, and a never-seen word costs one store.
 const WORD_SLOTS: usize = 1 << 15;
 const CACHED_BYTES: usize = 22;
@@ -584,11 +584,7 @@ impl Bpe {
             let mut cache = cell.borrow_mut();
             if cache.model != self.serial {
                 if cache.slots.is_empty() {
-                    // Zeroed memory is already empty slots, and the allocator hands 2 MiB of it
-                    // over as untouched pages: a thread's first encode does not write 2 MiB.
-                    // SAFETY: every field of `WordSlot` is an integer or an array of integers,
-                    // for which all-zero bytes are valid (and are `EMPTY_SLOT`).
-                    cache.slots = unsafe { Box::<[WordSlot]>::new_zeroed_slice(WORD_SLOTS).assume_init() };
+                    cache.slots = vec![EMPTY_SLOT; WORD_SLOTS].into_boxed_slice();
                 } else {
                     cache.slots.fill(EMPTY_SLOT);
                 }
