@@ -451,7 +451,6 @@ impl Bpe {
     pub fn load(file: &TokenizerFile<'_>, ignore_merges: bool) -> Result<Bpe, String> {
         let vocab = file.vocab.as_ref().ok_or("model has no vocab")?;
         let merge_list = file.merges.as_ref().ok_or("model has no merges")?;
-        let alphabet = ByteAlphabet::new();
         let top = vocab.iter().map(|(_, id)| *id).max().unwrap_or(0);
         if top >= MAX_ID {
             return Err(format!("vocab id {top} is beyond {MAX_ID}"));
@@ -470,7 +469,7 @@ impl Bpe {
         };
         for (key, id) in vocab {
             let start = bpe.arena.len();
-            if !alphabet.decode(key, &mut bpe.arena) || start == bpe.arena.len() {
+            if !bpe.alphabet.decode(key, &mut bpe.arena) || start == bpe.arena.len() {
                 return Err(format!("vocab key {key:?} is not a byte-level string"));
             }
             if bpe.spans[*id as usize].1 != 0 {
@@ -492,10 +491,7 @@ impl Bpe {
             bpe.byte_ids[b as usize] = bpe.find(&[b]).ok_or(format!("byte {b:#04x} has no token"))?;
         }
         let mut buf = Vec::new();
-        let mut id_of = |s: &str| -> Option<u32> {
-            buf.clear();
-            alphabet.decode(s, &mut buf).then(|| bpe.find(&buf)).flatten()
-        };
+        let mut id_of = |s: &str| bpe.find_text_in(s, &mut buf);
         let mut merges = PairTable::new(merge_list.len());
         for (rank, (a, b)) in merge_list.iter().enumerate() {
             let missing = || format!("merge {a:?} {b:?}: a part or the result is not in the vocab");
@@ -541,8 +537,13 @@ impl Bpe {
 
     /// The id of a vocabulary key as the file writes it (byte-level chars).
     pub fn find_text(&self, key: &str) -> Option<u32> {
-        let mut bytes = Vec::with_capacity(key.len());
-        self.alphabet.decode(key, &mut bytes).then(|| self.find(&bytes)).flatten()
+        self.find_text_in(key, &mut Vec::with_capacity(key.len()))
+    }
+
+    /// [`Self::find_text`] decoding into `buf` (cleared first), for callers looking up many keys.
+    fn find_text_in(&self, key: &str, buf: &mut Vec<u8>) -> Option<u32> {
+        buf.clear();
+        self.alphabet.decode(key, buf).then(|| self.find(buf)).flatten()
     }
 
     fn token(&self, id: u32) -> &[u8] {

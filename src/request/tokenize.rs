@@ -195,13 +195,10 @@ impl TextTokenizer {
             BackendChoice::Default => return Self::hf(&read()?, cache_bytes, choice, "DYN_TOKENIZER=default".into()),
             BackendChoice::Epp | BackendChoice::Auto => {
                 let json = read()?;
-                let why = match Self::epp(&json, cache_bytes) {
-                    Ok(mut t) => {
-                        let why = "tokenizer.json verified: normalizer, pre-tokenizer, byte-level BPE vocabulary and merges, added tokens, post-processor frame";
-                        let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
-                        t.selection = Selection { requested: choice, backend: Backend::Epp, reason };
-                        return Ok(t);
-                    }
+                let why = "tokenizer.json verified: normalizer, pre-tokenizer, byte-level BPE vocabulary and merges, added tokens, post-processor frame";
+                let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
+                let why = match Self::epp(&json, cache_bytes, Selection { requested: choice, backend: Backend::Epp, reason }) {
+                    Ok(t) => return Ok(t),
                     Err(why) => format!("epp not proven exact here: {why}"),
                 };
                 return Self::hf(&json, cache_bytes, choice, why);
@@ -215,15 +212,13 @@ impl TextTokenizer {
         let owned = path.to_path_buf();
         let loading = std::thread::spawn(move || fastokens::Tokenizer::from_file(&owned));
         let json = read()?;
-        let why = match Self::fast(&json, loading, cache_bytes) {
-            Ok(mut t) => {
+        let reason = "tokenizer.json verified: normalizer, pre-tokenizer, BPE model, added tokens, post-processor frame".to_string();
+        let why = match Self::fast(&json, loading, cache_bytes, Selection { requested: choice, backend: Backend::Fastokens, reason }) {
+            Ok(t) => {
                 // fastokens read the file itself: it must be the text that was proven.
                 if read()? != json {
                     return Err("tokenizer.json changed while it was loaded".into());
                 }
-                let why = "tokenizer.json verified: normalizer, pre-tokenizer, BPE model, added tokens, post-processor frame";
-                let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
-                t.selection = Selection { requested: choice, backend: Backend::Fastokens, reason };
                 return Ok(t);
             }
             Err(why) => format!("fastokens not proven exact here: {why}"),
@@ -239,17 +234,16 @@ impl TextTokenizer {
 
     /// Our own BPE alone, if the file is of a verified form ([`fast_support`], [`Bpe::load`]).
     /// Everything it needs is built here: nothing is left for the first request.
-    fn epp(json: &str, cache_bytes: usize) -> Result<Self, String> {
+    fn epp(json: &str, cache_bytes: usize, selection: Selection) -> Result<Self, String> {
         let file = TokenizerFile::parse(json)?;
         let form = fast_support(&file)?;
-        let split = SplitPattern::from_regex(&form.split_regex).ok_or("our pre-tokenizer does not implement this split regex")?;
         let bpe = Bpe::load(&file, form.ignore_merges)?;
         let form = form.with_added(&file, &|t| bpe.find_text(t))?;
-        Self::proven(Encoder::Epp { split, bpe }, form, cache_bytes)
+        Self::proven(Encoder::Epp { split: form.split, bpe }, form, cache_bytes, selection)
     }
 
     /// The wrapper around a fast encoder of a proven file: our added-token cut, frame, cache.
-    fn proven(encoder: Encoder, form: FastForm, cache_bytes: usize) -> Result<Self, String> {
+    fn proven(encoder: Encoder, form: FastForm, cache_bytes: usize, selection: Selection) -> Result<Self, String> {
         let FastForm { added, frame, vocab_end, nfc, .. } = form;
         let splitter = if added.is_empty() {
             AhoCorasick::new(Vec::<String>::new())
@@ -264,13 +258,13 @@ impl TextTokenizer {
             frame: Some(frame),
             cache: (cache_bytes > 0).then(|| SegmentCache::new(cache_bytes)),
             vocab_end,
-            selection: Selection { requested: BackendChoice::Auto, backend: Backend::Hf, reason: String::new() },
+            selection,
         })
     }
 
     /// fastokens alone (being loaded by `loading`), if the file is of a verified form
     /// ([`fast_support`]), with its word table built (~100 ms, once for all threads).
-    fn fast(json: &str, loading: std::thread::JoinHandle<Result<fastokens::Tokenizer, fastokens::Error>>, cache_bytes: usize) -> Result<Self, String> {
+    fn fast(json: &str, loading: std::thread::JoinHandle<Result<fastokens::Tokenizer, fastokens::Error>>, cache_bytes: usize, selection: Selection) -> Result<Self, String> {
         let file = TokenizerFile::parse(json)?;
         let form = fast_support(&file)?;
         let vocab = file.vocab.as_deref().ok_or("model has no vocab")?;
@@ -293,7 +287,7 @@ impl TextTokenizer {
         std::thread::scope(|s| s.spawn(|| fast.encode_ordinary(WARM_UP).map(drop)).join())
             .map_err(|_| "fastokens panicked warming up".to_string())?
             .map_err(|e| e.to_string())?;
-        Self::proven(Encoder::Fast(fast), form, cache_bytes)
+        Self::proven(Encoder::Fast(fast), form, cache_bytes, selection)
     }
 
     /// Gives the calling thread its copy of the fast encoder's word table (7–18 ms, ~16 MiB;
@@ -516,13 +510,13 @@ fn nfc_like_hf(text: &str) -> Cow<'_, str> {
 
 /// What a verified file tells us without loading HF: the added tokens (content, id) as HF
 /// numbers them, the post-processor's frame, one past the highest id, whether the normalizer is
-/// NFC, the split regex and the BPE model's `ignore_merges`.
+/// NFC, the split pattern and the BPE model's `ignore_merges`.
 pub struct FastForm {
     pub added: Vec<(String, u32)>,
     pub frame: (Vec<u32>, Vec<u32>),
     pub vocab_end: u32,
     pub nfc: bool,
-    pub split_regex: String,
+    pub split: SplitPattern,
     pub ignore_merges: bool,
 }
 
@@ -569,10 +563,10 @@ pub fn fast_support(file: &TokenizerFile<'_>) -> Result<FastForm, String> {
     only(split, "Split", &["type", "pattern", "behavior", "invert"])?;
     // The split regexes our pre-tokenizer cuts, each also verified id-for-id through fastokens
     // against HF (tests/tokenizer_differential.rs): Qwen2/Qwen3's and Llama 3's (cl100k's).
-    let regex = split["pattern"]["Regex"].as_str().unwrap_or_default();
-    if split["type"] != "Split" || split["behavior"] != "Isolated" || split["invert"] != false || SplitPattern::from_regex(regex).is_none() {
-        return Err(format!("pre_tokenizer Split {split} is not a verified regex split"));
-    }
+    let pattern = match SplitPattern::from_regex(split["pattern"]["Regex"].as_str().unwrap_or_default()) {
+        Some(p) if split["type"] == "Split" && split["behavior"] == "Isolated" && split["invert"] == false => p,
+        _ => return Err(format!("pre_tokenizer Split {split} is not a verified regex split")),
+    };
     only(bytes, "ByteLevel", &["type", "add_prefix_space", "trim_offsets", "use_regex"])?;
     if bytes["type"] != "ByteLevel" || bytes["add_prefix_space"] != false || bytes["use_regex"] != false {
         return Err(format!("pre_tokenizer step {bytes} is not a plain ByteLevel"));
@@ -603,7 +597,7 @@ pub fn fast_support(file: &TokenizerFile<'_>) -> Result<FastForm, String> {
     }
     let top = vocab.iter().map(|(_, id)| *id).max();
     let frame = post_frame(&rest["post_processor"])?;
-    Ok(FastForm { added: Vec::new(), frame, vocab_end: top.map_or(0, |m| m + 1), nfc, split_regex: regex.to_string(), ignore_merges })
+    Ok(FastForm { added: Vec::new(), frame, vocab_end: top.map_or(0, |m| m + 1), nfc, split: pattern, ignore_merges })
 }
 
 /// The added tokens in the ids HF gives them on load (`AddedVocabulary::add_tokens`: the
