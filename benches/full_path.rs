@@ -297,7 +297,7 @@ struct HistogramDelta {
 
 impl HistogramDelta {
     fn between(before: &str, after: &str, name: &str) -> HistogramDelta {
-        let value = |text: &str, key: &str| text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(0.0);
+        let value = |text: &str, key: &str| metric_value(text, key).unwrap_or(0.0);
         let les = after.lines().filter_map(|l| l.strip_prefix(&format!("{name}_bucket{{le=\"")).and_then(|r| r.split_once('"')).map(|(le, _)| le.to_string()));
         let buckets = les
             .map(|le| {
@@ -439,7 +439,7 @@ async fn run(o: Opts) {
                 pts.push((t, rss, anon, cpu_secs(epp_pid)));
                 if pts.len() % 10 == 0 {
                     let m = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.unwrap().text().await.unwrap();
-                    let get = |name: &str| m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(f64::NAN);
+                    let get = |name: &str| metric_value(&m, name).unwrap_or(f64::NAN);
                     parts.push(Part { t: t.round(), rss_mib: rss as f64 / 1024.0, anon_mib: anon as f64 / 1024.0, index_blocks: get("dynamo_epp_kv_blocks"), token_cache_mib: get("dynamo_epp_token_cache_bytes") / (1 << 20) as f64 });
                 }
             }

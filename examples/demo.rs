@@ -238,7 +238,7 @@ async fn main() {
     section("metrics excerpt (curl :metrics/metrics)");
     d.wait_events(&stats).await;
     let m = d.epp.metrics().await;
-    let get = |name: &str| m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let get = |name: &str| common::metric_value(&m, name).unwrap_or(f64::NAN);
     let decisions = get("dynamo_epp_decision_seconds_count");
     println!("decisions {decisions}, mean decision latency {:.3} ms", 1e3 * get("dynamo_epp_decision_seconds_sum") / decisions);
     println!(

@@ -233,6 +233,15 @@ pub fn epp_bin() -> PathBuf {
     }
 }
 
+/// The value of the line `name` (unlabelled, or with its labels spelled out as the exposition
+/// writes them) in a Prometheus text scrape.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.rsplit_once(' ')?;
+        (k == name).then(|| v.parse().ok()).flatten()
+    })
+}
+
 pub struct Epp {
     pub child: Child,
     pub grpc_port: u16,
@@ -302,10 +311,7 @@ impl Epp {
 
     /// The value of an unlabelled (or fully-labelled) metric line, e.g. `dynamo_epp_inflight_streams`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        self.metrics().await.lines().find_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            (k == name).then(|| v.parse().ok()).flatten()
-        })
+        metric_value(&self.metrics().await, name)
     }
 
     /// Polls a metric until `ok` holds, for up to `within`.
