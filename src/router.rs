@@ -283,7 +283,7 @@ impl KvState {
 /// `predicted-ttft`: the share of the decode stall a prefill imposes on the requests running
 /// on its rank that counts against the rank (0.15, 0.4 and a TPOT-based guard measured worse:
 /// docs/routing-policy.md).
-const STALL_WEIGHT: f64 = 0.05;
+pub(crate) const STALL_WEIGHT: f64 = 0.05;
 
 /// Stale bookings are looked for at most this often (a sweep walks every active request).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);

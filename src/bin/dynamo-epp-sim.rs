@@ -62,7 +62,11 @@ struct Args {
     /// e.g. `tuned=--router-temperature 0.05`. Repeatable.
     #[arg(long = "extra")]
     extra: Vec<String>,
-    /// Only these policies (names), in this order; default: all.
+    /// Only these policies (names), in this order; default: all standard ones and extras.
+    /// Also the oracle bounds, never in a default run (a perfect TTFT prediction per
+    /// candidate, simulator only): `oracle-ttft`, `oracle-ttft-guard` (+ the stall guard),
+    /// `oracle-ttft-cost0.25` / `oracle-ttft-cost1` (among workers within that many × the
+    /// prompt's blocks of Dynamo's best cost).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Router queue experiment: our router (KV events) without a queue, then with the router
@@ -136,14 +140,18 @@ fn run(a: Args) -> Result<(), String> {
         policies.push(NamedPolicy { name: name.into(), policy: Policy::Router { kv: c.kv_settings(), sched: c.sched_settings() } });
     }
     if !a.only.is_empty() {
+        let known: Vec<NamedPolicy> = policies.into_iter().chain(sim::oracle_policies()).collect();
         policies = a
             .only
             .iter()
-            .map(|n| policies.iter().find(|p| &p.name == n).cloned().ok_or_else(|| format!("--only: no policy named {n:?}")))
+            .map(|n| known.iter().find(|p| &p.name == n).cloned().ok_or_else(|| format!("--only: no policy named {n:?}")))
             .collect::<Result<_, _>>()?;
     }
     let reports = sim::run(&trace, &cfg, &policies);
     print!("{}", report::markdown(&reports));
+    for r in reports.iter().filter_map(|r| Some((&r.policy, r.oracle_exact?))) {
+        println!("{}: TTFT as looked ahead for {:.1} % of requests (the rest changed by later arrivals)", r.0, 100.0 * r.1);
+    }
     let wall: f64 = reports.iter().map(|r| r.wall_seconds).sum();
     println!("\n{} requests, {} workers, ideal reuse {:.1} %, simulated in {wall:.1} s", trace.len(), cfg.workers, 100.0 * reports[0].ideal_reuse);
     if let Some(p) = &a.json {

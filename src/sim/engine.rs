@@ -3,9 +3,11 @@
 //! vLLM-like scheduler (token budget per pass, chunked prefill, running requests first, then
 //! waiting ones FCFS) whose pass time follows a fitted prefill/decode model.
 
-use std::collections::{HashMap, VecDeque};
-
-use lru::LruCache;
+use std::{
+    cmp::Reverse,
+    collections::{BinaryHeap, HashMap, VecDeque},
+    sync::Arc,
+};
 
 use super::trace::reusable_tokens;
 
@@ -69,8 +71,9 @@ pub struct EngineRequest {
     pub id: usize,
     pub isl: u32,
     pub osl: u32,
-    /// (sequence hash, local hash) of each full prompt block.
-    pub blocks: Vec<(u64, u64)>,
+    /// (sequence hash, local hash) of each full prompt block (shared: an engine is cloned
+    /// per candidate by the oracle).
+    pub blocks: Arc<[(u64, u64)]>,
 }
 
 /// Something the engine tells the world at the end of a pass.
@@ -86,6 +89,7 @@ pub enum EngineEvent {
     Finished { id: usize },
 }
 
+#[derive(Clone)]
 struct Running {
     req: EngineRequest,
     /// Prompt tokens computed or reused so far.
@@ -112,12 +116,26 @@ impl Running {
     }
 }
 
-/// One worker's engine.
+/// A cached block: its references, and when it last became unreferenced.
+#[derive(Clone, Copy)]
+struct Cached {
+    refs: u32,
+    released: u64,
+}
+
+/// One worker's engine. Cloning is cheap enough to run one forward per candidate and request
+/// (the oracle): the LRU order is a heap of flat entries, not a linked list.
+#[derive(Clone)]
 pub struct Engine {
     p: EngineParams,
-    /// Cached blocks with their reference counts; unreferenced ones are also in `lru`.
-    cache: HashMap<u64, u32>,
-    lru: LruCache<u64, ()>,
+    /// Cached blocks; unreferenced ones are evictable, least recently released first.
+    cache: HashMap<u64, Cached>,
+    /// (release stamp, hash) of unreferenced blocks; an entry whose block was referenced
+    /// again (or evicted) since is stale and skipped.
+    idle: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Unreferenced cached blocks.
+    idle_len: u32,
+    clock: u64,
     private: u32,
     /// Queued requests with the tokens they had generated before a preemption.
     waiting: VecDeque<(EngineRequest, u32)>,
@@ -126,6 +144,7 @@ pub struct Engine {
     pass: Option<Pass>,
 }
 
+#[derive(Clone)]
 struct Pass {
     /// (index into `running`, prompt tokens computed) for prefill chunks.
     chunks: Vec<(usize, u32)>,
@@ -137,7 +156,9 @@ impl Engine {
         Engine {
             p,
             cache: HashMap::new(),
-            lru: LruCache::unbounded(),
+            idle: BinaryHeap::new(),
+            idle_len: 0,
+            clock: 0,
             private: 0,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -158,20 +179,66 @@ impl Engine {
         self.waiting.push_back((r, 0));
     }
 
+    pub fn params(&self) -> &EngineParams {
+        &self.p
+    }
+
     fn pinned_blocks(&self) -> u32 {
-        self.cache.len() as u32 - self.lru.len() as u32
+        self.cache.len() as u32 - self.idle_len
     }
 
     fn free_blocks(&self) -> u32 {
-        self.p.kv_blocks.saturating_sub(self.pinned_blocks() + self.private + self.lru.len() as u32)
+        self.p.kv_blocks.saturating_sub(self.pinned_blocks() + self.private + self.idle_len)
+    }
+
+    fn is_idle(&self, h: &u64) -> bool {
+        self.cache.get(h).is_some_and(|c| c.refs == 0)
+    }
+
+    /// References cached block `h` once more (it must be cached).
+    fn reference(&mut self, h: &u64) {
+        let c = self.cache.get_mut(h).expect("cached");
+        if c.refs == 0 {
+            self.idle_len -= 1;
+        }
+        c.refs += 1;
+    }
+
+    /// Drops one reference to cached block `h`; unreferenced, it becomes the most recently
+    /// released evictable block.
+    fn unreference(&mut self, h: u64) {
+        let c = self.cache.get_mut(&h).expect("pinned blocks are cached");
+        c.refs -= 1;
+        if c.refs > 0 {
+            return;
+        }
+        self.clock += 1;
+        c.released = self.clock;
+        self.idle.push(Reverse((self.clock, h)));
+        self.idle_len += 1;
+        // Stale entries pile up while blocks are re-referenced: rebuild (same order) now and then.
+        if self.idle.len() > 2 * self.idle_len as usize + 1024 {
+            self.idle = self.cache.iter().filter(|(_, c)| c.refs == 0).map(|(&h, c)| Reverse((c.released, h))).collect();
+        }
+    }
+
+    /// Removes the least recently released unreferenced block from the cache.
+    fn evict_lru(&mut self) -> Option<u64> {
+        while let Some(Reverse((stamp, h))) = self.idle.pop() {
+            if self.cache.get(&h).is_some_and(|c| c.refs == 0 && c.released == stamp) {
+                self.cache.remove(&h);
+                self.idle_len -= 1;
+                return Some(h);
+            }
+        }
+        None
     }
 
     /// Takes one block for private use, evicting the least recently used unreferenced block
     /// if none is free.
     fn alloc(&mut self, removed: &mut Vec<u64>) -> bool {
         if self.free_blocks() == 0 {
-            let Some((h, ())) = self.lru.pop_lru() else { return false };
-            self.cache.remove(&h);
+            let Some(h) = self.evict_lru() else { return false };
             removed.push(h);
         }
         self.private += 1;
@@ -228,15 +295,14 @@ impl Engine {
             let hit = self.leading_cached(r);
             let full = r.blocks.len();
             let partial = u32::from(r.isl % self.p.block_tokens != 0);
-            let from_lru = r.blocks[..hit].iter().filter(|(s, _)| self.lru.contains(s)).count() as u32;
+            let from_lru = r.blocks[..hit].iter().filter(|(s, _)| self.is_idle(s)).count() as u32;
             let needed = (full - hit) as u32 + partial;
-            if self.free_blocks() + self.lru.len() as u32 - from_lru < needed {
+            if self.free_blocks() + self.idle_len - from_lru < needed {
                 break;
             }
             let (r, generated) = self.waiting.pop_front().expect("front exists");
             for (s, _) in &r.blocks[..hit] {
-                *self.cache.get_mut(s).expect("cached") += 1;
-                self.lru.pop(s);
+                self.reference(s);
             }
             for _ in 0..needed {
                 let ok = self.alloc(&mut removed);
@@ -301,25 +367,23 @@ impl Engine {
         if !removed.is_empty() {
             events.push(EngineEvent::Removed(std::mem::take(removed)));
         }
-        let r = &mut self.running[i];
-        let done = (((r.computed + n) / self.p.block_tokens) as usize).min(r.req.blocks.len());
+        let blocks = Arc::clone(&self.running[i].req.blocks);
+        let done = (((self.running[i].computed + n) / self.p.block_tokens) as usize).min(blocks.len());
         let mut chain = Vec::new();
-        while r.pinned < done {
-            let (s, l) = r.req.blocks[r.pinned];
-            let parent = r.pinned.checked_sub(1).map(|p| r.req.blocks[p].0);
-            match self.cache.get_mut(&s) {
-                Some(refs) => {
-                    *refs += 1;
-                    self.lru.pop(&s);
-                    if !chain.is_empty() {
-                        events.push(EngineEvent::Stored(std::mem::take(&mut chain)));
-                    }
+        while self.running[i].pinned < done {
+            let pinned = self.running[i].pinned;
+            let (s, l) = blocks[pinned];
+            let parent = pinned.checked_sub(1).map(|p| blocks[p].0);
+            if self.cache.contains_key(&s) {
+                self.reference(&s);
+                if !chain.is_empty() {
+                    events.push(EngineEvent::Stored(std::mem::take(&mut chain)));
                 }
-                None => {
-                    self.cache.insert(s, 1);
-                    chain.push((s, l, parent));
-                }
+            } else {
+                self.cache.insert(s, Cached { refs: 1, released: 0 });
+                chain.push((s, l, parent));
             }
+            let r = &mut self.running[i];
             r.pinned += 1;
             r.private -= 1;
             self.private -= 1;
@@ -333,12 +397,8 @@ impl Engine {
     /// evictable.
     fn release(&mut self, k: usize) -> Running {
         let r = self.running.remove(k);
-        for (s, _) in &r.req.blocks[..r.pinned] {
-            let refs = self.cache.get_mut(s).expect("pinned blocks are cached");
-            *refs -= 1;
-            if *refs == 0 {
-                self.lru.put(*s, ());
-            }
+        for &(s, _) in &r.req.blocks[..r.pinned] {
+            self.unreference(s);
         }
         self.private -= r.private;
         r
@@ -352,7 +412,7 @@ impl Engine {
 
     /// Blocks in use (pinned, private, cached): for tests.
     pub fn used_blocks(&self) -> u32 {
-        self.pinned_blocks() + self.private + self.lru.len() as u32
+        self.pinned_blocks() + self.private + self.idle_len
     }
 }
 

@@ -2,6 +2,11 @@
 //! (`engine.rs`) in virtual time, with the same [`Router`] the server uses deciding where each
 //! request goes, fed by the engines' KV events. Baseline policies (round-robin, random,
 //! least-loaded) run on the same arrivals. Deterministic for a seed.
+//!
+//! The oracle (`Policy::Oracle`) is a bound, not a policy: it copies every candidate engine
+//! and runs the copy forward to read this request's exact TTFT there — knowledge no router
+//! has. It exists only here (never selectable in the EPP) to measure what a greedy
+//! per-request router with a perfect TTFT prediction reaches.
 
 pub mod engine;
 pub mod queue;
@@ -26,7 +31,7 @@ use crate::{
         hash::{local_block_hashes, seq_hashes, XXH3_SEED},
         predicted::ApproxCachePolicy,
     },
-    router::{BookingId, KvSettings, RouteError, Router, RoutingRequest},
+    router::{BookingId, EndpointMatch, KvSettings, RouteError, Router, RoutingRequest, STALL_WEIGHT},
     sched::{RoutingPolicy, SchedSettings},
     workers::{Fleet, Role, Worker, WorkerId},
 };
@@ -43,6 +48,23 @@ pub enum Policy {
     Random,
     /// Fewest queued + running requests, ties at random.
     LeastLoaded,
+    /// The oracle bound: a perfect TTFT prediction per candidate, chosen by this rule (ties:
+    /// Dynamo's lower cost, then the lower index). Our router (`kv-events`, Dynamo's
+    /// defaults) runs beside it only to book the pick and give each candidate's cost.
+    Oracle(OracleRule),
+}
+
+/// How the oracle chooses once it knows each worker's exact TTFT for the request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum OracleRule {
+    /// The lowest TTFT.
+    Ttft,
+    /// The lowest TTFT + `predicted-ttft`'s stall guard (its weight × requests on the engine
+    /// × this prompt's prefill time there).
+    StallGuard,
+    /// The lowest TTFT among the workers whose Dynamo cost is within this many × the
+    /// prompt's blocks of the best.
+    CostMargin(f64),
 }
 
 /// A named policy to compare.
@@ -105,6 +127,18 @@ pub fn standard_policies() -> Vec<NamedPolicy> {
     ]
 }
 
+/// The oracle bounds (`--only oracle-…` in `dynamo-epp-sim`; not in a default run: each
+/// decision runs every candidate engine forward).
+pub fn oracle_policies() -> Vec<NamedPolicy> {
+    let o = |name: &str, rule| NamedPolicy { name: name.into(), policy: Policy::Oracle(rule) };
+    vec![
+        o("oracle-ttft", OracleRule::Ttft),
+        o("oracle-ttft-guard", OracleRule::StallGuard),
+        o("oracle-ttft-cost0.25", OracleRule::CostMargin(0.25)),
+        o("oracle-ttft-cost1", OracleRule::CostMargin(1.0)),
+    ]
+}
+
 /// A request prepared once for every policy: its tokens are only needed by the router, its
 /// block hashes by the engines.
 struct Prepared {
@@ -161,6 +195,10 @@ struct State<'a> {
     seq: u64,
     epoch: Instant,
     event_ids: Vec<u64>,
+    /// When each busy engine's pass ends (µs).
+    pass_end: Vec<u64>,
+    /// The oracle's TTFT for its pick (µs), per request.
+    oracle_ttft_us: Vec<Option<u64>>,
 }
 
 impl State<'_> {
@@ -180,9 +218,74 @@ impl State<'_> {
         }
         let mut evs = Vec::new();
         if let Some(ms) = self.engines[w].start_pass(&mut evs) {
-            self.push(now + (ms * 1000.0).round().max(1.0) as u64, Event::PassEnd(w));
+            self.pass_end[w] = now + pass_us(ms);
+            self.push(self.pass_end[w], Event::PassEnd(w));
         }
         self.deliver(w, evs, now);
+    }
+
+    /// The oracle's look-ahead: `req` queued at `now` on a copy of engine `w`, the copy run
+    /// with no further arrivals until the request's first token. Returns (TTFT µs, prompt
+    /// tokens reused), `None` if it would never start (larger than the cache).
+    fn forward_ttft(&self, w: usize, req: &EngineRequest, now: u64) -> Option<(u64, u32)> {
+        let mut e = self.engines[w].clone();
+        let mut evs = Vec::new();
+        let mut t = now;
+        if e.is_busy() {
+            t = self.pass_end[w];
+            e.end_pass(&mut evs);
+        }
+        e.enqueue(req.clone());
+        loop {
+            evs.clear();
+            t += pass_us(e.start_pass(&mut evs)?);
+            e.end_pass(&mut evs);
+            let first = evs.iter().find_map(|x| match x {
+                EngineEvent::FirstToken { id, reused } if *id == req.id => Some(*reused),
+                _ => None,
+            });
+            if let Some(reused) = first {
+                return Some((t - now, reused));
+            }
+        }
+    }
+
+    /// The oracle's pick for request `i` (see [`OracleRule`]), and its TTFT there (µs).
+    fn oracle_pick(&mut self, rule: OracleRule, req: &RoutingRequest, engine: &EngineRequest, now: u64) -> (usize, Option<u64>) {
+        let router = self.router.as_ref().expect("the oracle books through a router");
+        let mut cost = vec![f64::INFINITY; self.cfg.workers];
+        for s in router.explain(req).0 {
+            cost[s.target.worker.id.0 as usize] = s.terms.logit;
+        }
+        let best_cost = cost.iter().copied().fold(f64::INFINITY, f64::min);
+        let margin = match rule {
+            OracleRule::CostMargin(m) => m * engine.isl as f64 / self.cfg.engine.block_tokens as f64,
+            _ => f64::INFINITY,
+        };
+        let mut best: Option<((f64, f64, usize), u64)> = None;
+        for w in 0..self.cfg.workers {
+            if cost[w] > best_cost + margin {
+                continue;
+            }
+            let Some((ttft, reused)) = self.forward_ttft(w, engine, now) else { continue };
+            let e = &self.engines[w];
+            let score = match rule {
+                OracleRule::StallGuard => {
+                    let prefill_ms = e.params().prefill_alone_ms((engine.isl - reused.min(engine.isl)) as u64);
+                    ttft as f64 + 1e3 * STALL_WEIGHT * e.load() as f64 * prefill_ms
+                }
+                _ => ttft as f64,
+            };
+            let key = (score, cost[w], w);
+            if best.as_ref().is_none_or(|(b, _)| key.0 < b.0 || (key.0 == b.0 && key.1 < b.1)) {
+                best = Some((key, ttft));
+            }
+        }
+        match best {
+            Some(((_, _, w), ttft)) => (w, Some(ttft)),
+            // Fits nowhere: the lowest cost, as Dynamo would.
+            None => ((0..self.cfg.workers).min_by(|&a, &b| cost[a].total_cmp(&cost[b])).unwrap_or(0), None),
+        }
     }
 
     /// Hands engine events to the router (now or after the configured delay) and to the stats.
@@ -315,20 +418,38 @@ impl<'a> State<'a> {
             seq: 0,
             epoch: Instant::now(),
             event_ids: vec![0; cfg.workers],
+            pass_end: vec![0; cfg.workers],
+            oracle_ttft_us: vec![None; prepared.len()],
         }
     }
 }
 
+/// A pass of `ms` as the event queue schedules it (µs, at least 1).
+fn pass_us(ms: f64) -> u64 {
+    (ms * 1000.0).round().max(1.0) as u64
+}
+
 fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f64) -> PolicyReport {
     let started = std::time::Instant::now();
+    let st = simulate(prepared, cfg, p);
+    let mut report = PolicyReport::new(&p.name, &st.outcomes, ideal, started.elapsed());
+    if matches!(p.policy, Policy::Oracle(_)) {
+        let exact = st.outcomes.iter().zip(&st.oracle_ttft_us).filter(|(o, t)| o.first_token_us.zip(**t).is_some_and(|(f, t)| f - o.arrival_us == t));
+        report.oracle_exact = Some(exact.count() as f64 / prepared.len().max(1) as f64);
+    }
+    report
+}
+
+fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy) -> State<'a> {
     let router = match &p.policy {
-        Policy::Router { kv, sched } => {
-            let mut r = Router::new(*kv, *sched);
-            r.set_fleet(fleet(cfg));
-            Some(r)
-        }
+        Policy::Router { kv, sched } => Some(Router::new(*kv, *sched)),
+        Policy::Oracle(_) => Some(Router::new(KvSettings { use_kv_events: true, ..KvSettings::default() }, SchedSettings::default())),
         _ => None,
     };
+    let router = router.map(|mut r| {
+        r.set_fleet(fleet(cfg));
+        r
+    });
     let mut st = State::new(cfg, prepared, router);
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let mut rr = 0usize;
@@ -365,13 +486,26 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
                         let tied: Vec<usize> = (0..cfg.workers).filter(|&w| st.engines[w].load() == min).collect();
                         tied[rng.random_range(0..tied.len())]
                     }
+                    Policy::Oracle(rule) => {
+                        let mut req = RoutingRequest { tokens: r.tokens.clone(), osl: Some(r.engine.osl), ..Default::default() };
+                        let (w, ttft) = st.oracle_pick(*rule, &req, &r.engine, now);
+                        st.oracle_ttft_us[i] = ttft;
+                        // Booked on the pick alone, so the router's load view follows the oracle.
+                        let at = st.instant(now);
+                        let router = st.router.as_mut().expect("oracle router");
+                        let ep = router.workers().iter().find(|x| x.id.0 as usize == w).expect("simulated worker").endpoint;
+                        req.subset = Some(vec![EndpointMatch::Exact(ep)]);
+                        let d = router.route(&req, at, &mut rng).expect("the simulated fleet has no admission limits");
+                        st.bookings[i] = Some(d.booking);
+                        w
+                    }
                 };
                 st.assign(i, w, &r.engine, now);
             }
             ev => st.step(ev, now),
         }
     }
-    PolicyReport::new(&p.name, &st.outcomes, ideal, started.elapsed())
+    st
 }
 
 #[cfg(test)]
@@ -386,5 +520,52 @@ mod tests {
         // One pass prefills both 512-token prompts (T = 1024) and yields both first tokens.
         let pass = EngineParams::default().pass_ms(1024, 0, 0);
         assert!((r.ttft_ms.p50 - pass).abs() < 0.01 && (r.ttft_ms.p99 - pass).abs() < 0.01, "{:?} vs {pass}", r.ttft_ms);
+    }
+
+    #[test]
+    fn the_oracle_picks_the_lowest_ttft_and_the_simulation_then_reports_that_ttft() {
+        let row = |timestamp, osl, ids: std::ops::Range<u64>| TraceRequest { timestamp, input_length: 512 * (ids.end - ids.start) as u32, output_length: osl, hash_ids: ids.collect() };
+        let mut c = row(200, 1, 1..18);
+        c.hash_ids[16] = 200; // a's 16 blocks, then one of its own
+        let trace = [
+            row(0, 2000, 1..17), // a: 8,192 tokens, then a long decode (its prefix stays pinned)
+            row(1, 1, 101..133), // b: 16,384 tokens, while a's prefill still runs on worker 0
+            c,                   // c: a's prefix + 512 tokens, while b's second chunk runs
+        ];
+        let cfg = SimConfig { workers: 2, ..Default::default() };
+        let prepared = prepare(&trace, &cfg);
+        let st = simulate(&prepared, &cfg, &oracle_policies()[0]);
+        let worker: Vec<usize> = st.outcomes.iter().map(|o| o.worker).collect();
+        // a: both idle and equal, the lower index; b: the idle worker (worker 0 is busy until
+        // 169 ms, then decodes a alongside b's chunks); c: worker 0 holds its prefix and
+        // prefills 512 tokens at once, worker 1 must finish b and then prefill 8,704.
+        assert_eq!(worker, [0, 1, 0]);
+        let p = EngineParams::default();
+        let ms = |us: u64| us as f64 / 1e3;
+        let ttft: Vec<f64> = st.outcomes.iter().map(|o| ms(o.first_token_us.unwrap() - o.arrival_us)).collect();
+        // Hand-scheduled: a alone in one 8,192-token pass; b in two from 1 ms on an idle engine.
+        assert!((ttft[0] - p.pass_ms(8192, 0, 0)).abs() < 0.002, "{ttft:?}");
+        assert!((ttft[1] - 2.0 * p.pass_ms(8192, 0, 0)).abs() < 0.003, "{ttft:?}");
+        // c on worker 0: the decode pass running at 200 ms ends, then one pass of its 512
+        // new tokens beside a's decode: well under one 8,192-token pass.
+        assert!(ttft[2] < p.pass_ms(8192, 0, 0) / 2.0, "{ttft:?}");
+        assert_eq!(st.outcomes[2].reused_tokens, 8192);
+        // And each pick's looked-ahead TTFT is the one the simulation then produced.
+        for (i, o) in st.outcomes.iter().enumerate() {
+            assert_eq!(st.oracle_ttft_us[i], Some(o.first_token_us.unwrap() - o.arrival_us), "request {i}");
+        }
+    }
+
+    #[test]
+    fn the_oracle_sends_a_prompt_to_the_faster_of_two_idle_workers_and_kv_events_does_not() {
+        let row = |timestamp, id| TraceRequest { timestamp, input_length: 4096, output_length: 1, hash_ids: (id..id + 8).collect() };
+        let trace: Vec<TraceRequest> = (0..6).map(|i| row(1000 * i, 100 * i)).collect();
+        let cfg = SimConfig { workers: 2, slow_share: 0.5, slow_factor: 3.0, ..Default::default() };
+        let prepared = prepare(&trace, &cfg);
+        let oracle = simulate(&prepared, &cfg, &oracle_policies()[0]);
+        assert!(oracle.outcomes.iter().all(|o| o.worker == 0), "worker 1 is 3× slower");
+        let kv = standard_policies().remove(0);
+        let cost = simulate(&prepared, &cfg, &kv);
+        assert!(cost.outcomes.iter().any(|o| o.worker == 1), "Dynamo's cost sees no speed");
     }
 }

@@ -55,6 +55,10 @@ pub struct PolicyReport {
     pub wall_seconds: f64,
     /// TTFT (ms) at every percent 0..=100, for the chart.
     pub ttft_cdf_ms: Vec<f64>,
+    /// Oracle bounds only: the share of requests whose TTFT equals the oracle's look-ahead
+    /// (the rest were changed by later arrivals on the same engine).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub oracle_exact: Option<f64>,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -113,6 +117,7 @@ impl PolicyReport {
             requests_per_s: done.len() as f64 / span_s,
             per_worker,
             wall_seconds: wall.as_secs_f64(),
+            oracle_exact: None,
         }
     }
 }
