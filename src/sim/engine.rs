@@ -123,6 +123,14 @@ struct Cached {
     released: u64,
 }
 
+/// One more reference to a cached block; an unreferenced one stops being evictable.
+fn take_ref(c: &mut Cached, idle_len: &mut u32) {
+    if c.refs == 0 {
+        *idle_len -= 1;
+    }
+    c.refs += 1;
+}
+
 /// One worker's engine. Cloning is cheap enough to run one forward per candidate and request
 /// (the oracle): the LRU order is a heap of flat entries, not a linked list.
 #[derive(Clone)]
@@ -197,11 +205,7 @@ impl Engine {
 
     /// References cached block `h` once more (it must be cached).
     fn reference(&mut self, h: &u64) {
-        let c = self.cache.get_mut(h).expect("cached");
-        if c.refs == 0 {
-            self.idle_len -= 1;
-        }
-        c.refs += 1;
+        take_ref(self.cache.get_mut(h).expect("cached"), &mut self.idle_len);
     }
 
     /// Drops one reference to cached block `h`; unreferenced, it becomes the most recently
@@ -374,14 +378,17 @@ impl Engine {
             let pinned = self.running[i].pinned;
             let (s, l) = blocks[pinned];
             let parent = pinned.checked_sub(1).map(|p| blocks[p].0);
-            if self.cache.contains_key(&s) {
-                self.reference(&s);
-                if !chain.is_empty() {
-                    events.push(EngineEvent::Stored(std::mem::take(&mut chain)));
+            match self.cache.get_mut(&s) {
+                Some(c) => {
+                    take_ref(c, &mut self.idle_len);
+                    if !chain.is_empty() {
+                        events.push(EngineEvent::Stored(std::mem::take(&mut chain)));
+                    }
                 }
-            } else {
-                self.cache.insert(s, Cached { refs: 1, released: 0 });
-                chain.push((s, l, parent));
+                None => {
+                    self.cache.insert(s, Cached { refs: 1, released: 0 });
+                    chain.push((s, l, parent));
+                }
             }
             let r = &mut self.running[i];
             r.pinned += 1;
@@ -505,6 +512,28 @@ mod tests {
         let ev = run_all(&mut e);
         assert!(ev.contains(&EngineEvent::Removed(vec![1, 2])), "{ev:?}");
         assert!(e.used_blocks() <= 8);
+    }
+
+    #[test]
+    fn eviction_stays_least_recently_released_first_after_many_reuses() {
+        let mut e = Engine::new(params()); // 8 blocks of 4 tokens
+        e.enqueue(req(1, 9, 1, &[1, 2]));
+        run_all(&mut e);
+        e.enqueue(req(2, 9, 1, &[3, 4]));
+        run_all(&mut e);
+        // Blocks 1 and 2 taken and released 600 times: the LRU heap fills with stale entries
+        // and is rebuilt on the way; they end up released after 3 and 4.
+        for id in 3..603 {
+            e.enqueue(req(id, 9, 1, &[1, 2]));
+            run_all(&mut e);
+        }
+        assert!(e.idle.len() < 1100, "stale entries are dropped: {}", e.idle.len());
+        // 24 new tokens need 6 blocks with 4 free: the two released longest ago, 3 and 4, are
+        // evicted, not 1 and 2 (released last).
+        e.enqueue(req(700, 24, 1, &[5, 6, 7, 8, 9, 10]));
+        let ev = run_all(&mut e);
+        let removed: Vec<u64> = ev.iter().filter_map(|x| if let EngineEvent::Removed(v) = x { Some(v.clone()) } else { None }).flatten().collect();
+        assert_eq!(removed, [3, 4], "{ev:?}");
     }
 
     #[test]

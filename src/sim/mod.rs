@@ -263,8 +263,8 @@ impl State<'_> {
             _ => f64::INFINITY,
         };
         let mut best: Option<((f64, f64, usize), u64)> = None;
-        for w in 0..self.cfg.workers {
-            if cost[w] > best_cost + margin {
+        for (w, &c) in cost.iter().enumerate() {
+            if c > best_cost + margin {
                 continue;
             }
             let Some((ttft, reused)) = self.forward_ttft(w, engine, now) else { continue };
@@ -276,7 +276,7 @@ impl State<'_> {
                 }
                 _ => ttft as f64,
             };
-            let key = (score, cost[w], w);
+            let key = (score, c, w);
             if best.as_ref().is_none_or(|(b, _)| key.0 < b.0 || (key.0 == b.0 && key.1 < b.1)) {
                 best = Some((key, ttft));
             }
