@@ -60,7 +60,9 @@ pub enum BackendChoice {
     Fastokens,
     /// The EPP's own byte-level BPE when it supports the file, else HF.
     Epp,
-    /// The fastest backend that supports the file, else HF.
+    /// The EPP's own encoder when it supports the file, else HF: 28–87× HF on this project's
+    /// benches and the only fast encoder that also loads faster and smaller than HF
+    /// (fastokens encodes ~2× faster per byte but starts 3× slower at 3× the memory).
     #[default]
     Auto,
 }
@@ -196,7 +198,7 @@ impl TextTokenizer {
             BackendChoice::Epp | BackendChoice::Auto => {
                 let json = read()?;
                 let why = "tokenizer.json verified: normalizer, pre-tokenizer, byte-level BPE vocabulary and merges, added tokens, post-processor frame";
-                let reason = if choice == BackendChoice::Auto { format!("fastest backend; {why}") } else { why.to_string() };
+                let reason = if choice == BackendChoice::Auto { format!("auto = epp: fast to encode, quickest to load, smallest; {why}") } else { why.to_string() };
                 let why = match Self::epp(&json, cache_bytes, Selection { requested: choice, backend: Backend::Epp, reason }) {
                     Ok(t) => return Ok(t),
                     Err(why) => format!("epp not proven exact here: {why}"),
