@@ -60,9 +60,9 @@ pub enum BackendChoice {
     Fastokens,
     /// The EPP's own byte-level BPE when it supports the file, else HF.
     Epp,
-    /// The EPP's own encoder when it supports the file, else HF: 28–87× HF on this project's
-    /// benches and the only fast encoder that also loads faster and smaller than HF
-    /// (fastokens encodes ~2× faster per byte but starts 3× slower at 3× the memory).
+    /// The EPP's own encoder when it supports the file, else HF: the only fast encoder that
+    /// also loads faster and smaller than HF (fastokens encodes ~2× faster per byte but starts
+    /// 3× slower at 3× the memory; figures in docs/tokenizer-backends.md).
     #[default]
     Auto,
 }
