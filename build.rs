@@ -1,12 +1,19 @@
 //! Protobuf at build time, pure Rust (protox; no `protoc`):
 //! - a descriptor set for gRPC reflection of Envoy's ext_proc service, from the `.proto` sources
-//!   shipped inside the `envoy-types` crate (no vendored copies; cargo metadata tells where);
+//!   shipped inside the `envoy-types` crate (no vendored copies; cargo metadata tells where, or
+//!   on a fresh clone's first build, Cargo.lock's version in cargo's registry);
 //! - our own debug API (`proto/dynamo/epp/v1/debug.proto`): its Rust types and tonic service, and
 //!   its descriptor set for reflection.
 
 use std::{env, path::PathBuf, process::Command};
 
 fn envoy_types_proto_dir() -> PathBuf {
+    let crate_dir = from_metadata().or_else(|why| from_registry().ok_or(why)).unwrap_or_else(|why| panic!("{why}"));
+    crate_dir.join("proto")
+}
+
+/// envoy-types' directory as cargo reports it (registry, vendored or patched sources alike).
+fn from_metadata() -> Result<PathBuf, String> {
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("Cargo.toml");
     // Only the target's packages: other platforms' crates (e.g. macOS-only ones) are never
@@ -17,14 +24,33 @@ fn envoy_types_proto_dir() -> PathBuf {
         .arg(&manifest)
         .output()
         .expect("run cargo metadata");
-    assert!(out.status.success(), "cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() {
+        return Err(format!("cargo metadata failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout).expect("cargo metadata JSON");
     let pkg = meta["packages"]
         .as_array()
         .and_then(|p| p.iter().find(|p| p["name"] == "envoy-types"))
         .expect("envoy-types in the dependency graph");
-    let manifest_path = PathBuf::from(pkg["manifest_path"].as_str().unwrap());
-    manifest_path.parent().unwrap().join("proto")
+    Ok(PathBuf::from(pkg["manifest_path"].as_str().unwrap()).parent().unwrap().to_path_buf())
+}
+
+/// Where cargo unpacks envoy-types from crates.io, at the version Cargo.lock pins. For the first
+/// `cargo build` of a fresh clone: `cargo metadata` needs every locked package on disk, dev-only
+/// ones (criterion's) included, which a build alone has not downloaded.
+fn from_registry() -> Option<PathBuf> {
+    let lock = std::fs::read_to_string(PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("Cargo.lock")).ok()?;
+    let version = lock.split("[[package]]").find_map(|p| {
+        let mut lines = p.lines().map(str::trim);
+        (lines.find(|l| l.starts_with("name = "))? == "name = \"envoy-types\"")
+            .then(|| lines.find_map(|l| l.strip_prefix("version = \"")?.strip_suffix('"')))
+            .flatten()
+    })?;
+    let home = env::var_os("CARGO_HOME").map(PathBuf::from).or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    std::fs::read_dir(home.join("registry").join("src"))
+        .ok()?
+        .filter_map(|index| Some(index.ok()?.path().join(format!("envoy-types-{version}"))))
+        .find(|dir| dir.join("proto").is_dir())
 }
 
 fn main() {
