@@ -2,40 +2,38 @@
 //! (end of stream), response headers, one response body chunk with end of stream — the message
 //! pattern Envoy sends in FULL_DUPLEX_STREAMED mode.
 //!
-//! Baseline in the same run: a do-nothing ext_proc server answering the same message pattern with
-//! empty mutations (and echoing bodies, as full-duplex requires), so the ratio is what picking
-//! costs on top of bare tonic. `dynamo_epp_traced` is the same EPP with OpenTelemetry export on
-//! (every request sampled, spans batched to an OTLP receiver in this process): its ratio to
-//! `dynamo_epp` is what traces cost (docs/tracing.md).
+//! Baseline in the same run: a do-nothing ext_proc server (`in_process::NullExtProc`) answering
+//! the same message pattern in the EPP's order (headers answered once the body ended, bodies
+//! echoed, as full-duplex requires), so the ratio is what picking costs on top of bare tonic.
+//! `dynamo_epp_traced` is the same EPP with OpenTelemetry export on (every request sampled,
+//! spans batched to an OTLP receiver in this process): its ratio to `dynamo_epp` is what traces
+//! cost (docs/tracing.md).
 
 #[path = "../tests/common/in_process.rs"]
 mod in_process;
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dynamo_epp::{
     config::Config,
     request::{pool::WorkPool, Preprocessor},
     router::Router,
-    server::{envoy, ext_proc::ExtProc, otel::Tracing, App},
+    server::{ext_proc::ExtProc, otel::Tracing, App},
 };
 use envoy_types::pb::envoy::{
     config::core::v3::{HeaderMap, HeaderValue},
     service::ext_proc::v3::{
-        external_processor_client::ExternalProcessorClient,
-        external_processor_server::ExternalProcessor,
-        processing_request::Request,
-        HttpBody, HttpHeaders, ProcessingRequest, ProcessingResponse,
+        external_processor_client::ExternalProcessorClient, processing_request::Request, HttpBody, HttpHeaders,
+        ProcessingRequest,
     },
 };
-use futures_util::Stream;
 use opentelemetry_proto::tonic::collector::trace::v1::{
     trace_service_server::{TraceService, TraceServiceServer},
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use tokio_stream::StreamExt;
-use tonic::{transport::Channel, Status, Streaming};
+use tonic::{transport::Channel, Status};
 
 /// An OTLP trace receiver that accepts and drops every export.
 struct SpanSink;
@@ -44,30 +42,6 @@ struct SpanSink;
 impl TraceService for SpanSink {
     async fn export(&self, _: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, Status> {
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-/// Answers every message with its pass-through counterpart; no parsing, no picking.
-struct Baseline;
-
-#[tonic::async_trait]
-impl ExternalProcessor for Baseline {
-    type ProcessStream = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
-    async fn process(
-        &self,
-        req: tonic::Request<Streaming<ProcessingRequest>>,
-    ) -> Result<tonic::Response<Self::ProcessStream>, Status> {
-        let s = req.into_inner().filter_map(|m| {
-            let m = m.ok()?;
-            Some(Ok(match m.request? {
-                Request::RequestHeaders(_) => envoy::route_headers("127.0.0.1:1", &[]),
-                Request::RequestBody(b) => envoy::body_chunk(true, b.body, b.end_of_stream),
-                Request::ResponseHeaders(_) => envoy::pass_response_headers(),
-                Request::ResponseBody(b) => envoy::body_chunk(false, b.body, b.end_of_stream),
-                _ => return None,
-            }))
-        });
-        Ok(tonic::Response::new(Box::pin(s)))
     }
 }
 
@@ -158,7 +132,7 @@ fn bench(c: &mut Criterion) {
         let trace = Config::from_args(args).unwrap().trace_settings().unwrap();
         let ours = in_process::serve(ExtProc::new(epp(None))).await;
         let traced = in_process::serve(ExtProc::new(epp(Some(Tracing::start(&trace).unwrap())))).await;
-        let base = in_process::serve(Baseline).await;
+        let base = in_process::serve(in_process::NullExtProc::new(vec!["127.0.0.1:1".into()], None)).await;
         (in_process::client(ours).await, in_process::client(traced).await, in_process::client(base).await)
     });
     let mut g = c.benchmark_group("ext_proc_stream_32k");

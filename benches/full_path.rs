@@ -6,11 +6,20 @@
 //! paths would otherwise compete for the same two cores):
 //! 1. **baseline**: the schedule's first `FULL_PATH_BASE_SECS` (default min(secs, 120)) through
 //!    an Envoy without ext_proc; the client names the worker (round-robin).
-//! 2. **epp**: the schedule's first `FULL_PATH_SECS` (default 60) through an Envoy with the
+//! 2. **null**: the baseline's requests through an Envoy whose ext_proc filter (the same config)
+//!    points at a do-nothing ext_proc server in this process, on a runtime of its own
+//!    (`in_process::NullExtProc`): it answers the headers once the body has ended, names the
+//!    worker round-robin, and sends the body back in the EPP's chunks with `nvext.token_data`
+//!    of about the EPP's length spliced in (the client tells it the prompt's token count in a
+//!    header; every id the same, so the workers find those blocks cached and publish little).
+//!    Null-added latency = this phase's p50/p99 minus the baseline's: the floor of what Envoy,
+//!    gRPC and carrying the ids cost with no EPP work. `FULL_PATH_NULL_SECS` (default the
+//!    baseline's; 0 skips the phase).
+//! 3. **epp**: the schedule's first `FULL_PATH_SECS` (default 60) through an Envoy with the
 //!    ext_proc filter. EPP CPU (utime+stime from /proc) and RSS (every second) are taken here.
 //!    EPP-added latency = this phase's p50/p99 minus the baseline's over the same requests
 //!    (those scheduled within the baseline window).
-//! 3. **long**: ~100k-token multi-turn prompts alone, one at a time, for their CPU per request:
+//! 4. **long**: ~100k-token multi-turn prompts alone, one at a time, for their CPU per request:
 //!    first sends of fresh conversations (cold) and resends with one new turn (warm).
 //!
 //! Prompts. Every trace hash id (512 tokens) expands into 512 words drawn by a generator seeded
@@ -48,6 +57,7 @@ use std::{
 };
 
 use common::{
+    in_process,
     kv_worker::{KvWorker, KvWorkerConfig, WorkerStats},
     *,
 };
@@ -55,6 +65,7 @@ use dynamo_epp::{
     sim::trace::{self, TRACE_BLOCK},
     workers::WorkerId,
 };
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde_json::json;
 
@@ -78,6 +89,7 @@ struct Opts {
     workers: usize,
     secs: f64,
     base_secs: f64,
+    null_secs: f64,
     decode: Duration,
     worker_blocks: usize,
     epp_env: Vec<(String, String)>,
@@ -99,6 +111,7 @@ impl Opts {
             workers: 4,
             secs,
             base_secs: env_or("FULL_PATH_BASE_SECS", secs.min(120.0)),
+            null_secs: 0.0,
             decode: Duration::from_millis(env_or("FULL_PATH_DECODE_MS", 20)),
             worker_blocks: env_or("FULL_PATH_WORKER_BLOCKS", 32768),
             epp_env: std::env::var("FULL_PATH_EPP_ENV")
@@ -121,6 +134,7 @@ impl Opts {
                 other => panic!("unknown argument {other}"),
             }
         }
+        o.null_secs = env_or("FULL_PATH_NULL_SECS", o.base_secs);
         o
     }
 }
@@ -171,6 +185,12 @@ struct Planned {
 }
 
 impl Planned {
+    /// About the token count of the prompt the EPP renders: the text's, plus Qwen3's chat
+    /// template (`<|im_start|>role\n` … `<|im_end|>\n` per message, the generation prompt).
+    fn prompt_tokens(&self) -> usize {
+        self.input_length + 5 * self.ids.len().div_ceil(IDS_PER_MESSAGE) + 3
+    }
+
     /// The chat body: ids grouped into messages, the last id cut at `input_length`.
     fn body(&self, words: &Words) -> String {
         let mut messages = Vec::new();
@@ -245,22 +265,37 @@ struct Outcome {
     lag: Duration,
 }
 
+/// Which ext_proc server (if any) the Envoy a phase sends to consults.
+#[derive(Clone, Copy)]
+enum Via<'a> {
+    /// None: the client names the worker itself, round-robin over these.
+    Direct(&'a [String]),
+    Epp,
+    /// `NullExtProc`, told each prompt's token count in [`TOKENS_HEADER`].
+    Null,
+}
+
+const TOKENS_HEADER: &str = "x-bench-prompt-tokens";
+
 /// Sends every planned request at its arrival time (not waiting for earlier answers).
-/// `dests` = the client names the worker itself (the path without ext_proc).
-async fn replay(client: &reqwest::Client, url: &str, plan: &[Planned], until: f64, words: &Arc<Words>, dests: Option<&[String]>) -> Vec<Outcome> {
+async fn replay(client: &reqwest::Client, url: &str, plan: &[Planned], until: f64, words: &Arc<Words>, via: Via<'_>) -> Vec<Outcome> {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
     for (index, p) in plan.iter().enumerate().take_while(|(_, p)| p.at.as_secs_f64() < until) {
         tokio::time::sleep_until((t0 + p.at).into()).await;
         let (client, url, words, p) = (client.clone(), url.to_string(), words.clone(), p.clone());
-        let dest = dests.map(|d| d[index % d.len()].clone());
+        let header = match via {
+            Via::Direct(d) => Some(("x-gateway-destination-endpoint", d[index % d.len()].clone())),
+            Via::Epp => None,
+            Via::Null => Some((TOKENS_HEADER, p.prompt_tokens().to_string())),
+        };
         tasks.push(tokio::spawn(async move {
             let lag = t0.elapsed().saturating_sub(p.at);
             let body = p.body(&words);
             let t = Instant::now();
             let mut rb = client.post(&url).header("content-type", "application/json").body(body);
-            if let Some(d) = dest {
-                rb = rb.header("x-gateway-destination-endpoint", d);
+            if let Some((k, v)) = header {
+                rb = rb.header(k, v);
             }
             let ok = match rb.send().await {
                 Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
@@ -341,6 +376,20 @@ struct Part {
 
 // ---------------------------------------------------------------- main
 
+/// Serves `svc` (as `in_process::serve` does) on a runtime of its own with two threads, as the
+/// EPP's process has, so it does not share the generator's and workers' threads.
+fn serve_apart<S: ExternalProcessor>(svc: S) -> std::net::SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async move {
+            tx.send(in_process::serve(svc).await).unwrap();
+            std::future::pending::<()>().await
+        })
+    });
+    rx.recv().unwrap()
+}
+
 fn main() {
     let o = Opts::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -402,24 +451,40 @@ async fn run(o: Opts) {
     let with = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
     let without = Envoy::start(None).await;
     let dests: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
+    let null_port = serve_apart(in_process::NullExtProc::new(dests.clone(), Some(TOKENS_HEADER))).port();
+    let null = Envoy::start(Some(&EppLink { port: null_port, tls: false })).await;
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).timeout(Duration::from_secs(120)).build().unwrap();
     let epp_pid = epp.child.id().unwrap();
     let me = std::process::id();
-    let (with_pid, without_pid) = (with.child.id().unwrap(), without.child.id().unwrap());
+    let (with_pid, without_pid, null_pid) = (with.child.id().unwrap(), without.child.id().unwrap(), null.child.id().unwrap());
 
     // Warm both paths (connections, the EPP's thread pools) with requests outside the schedule.
     let warm: Vec<Planned> = (0..8).map(|i| Planned { at: Duration::ZERO, ids: Arc::new(vec![900_000_000 + i]), input_length: 512, long: false }).collect();
-    replay(&client, &without.url("/v1/chat/completions"), &warm, 1.0, &words, Some(&dests)).await;
-    replay(&client, &with.url("/v1/chat/completions"), &warm, 1.0, &words, None).await;
+    replay(&client, &without.url("/v1/chat/completions"), &warm, 1.0, &words, Via::Direct(&dests)).await;
+    replay(&client, &null.url("/v1/chat/completions"), &warm, 1.0, &words, Via::Null).await;
+    replay(&client, &with.url("/v1/chat/completions"), &warm, 1.0, &words, Via::Epp).await;
 
     // ---- phase 1: baseline
     let load_before_base = loadavg();
     println!("baseline: {base_n} requests over {:.0} s through Envoy without ext_proc …", o.base_secs);
     let (c0_env, c0_me) = (cpu_secs(without_pid), cpu_secs(me));
-    let base = replay(&client, &without.url("/v1/chat/completions"), &plan, o.base_secs, &words, Some(&dests)).await;
+    let base = replay(&client, &without.url("/v1/chat/completions"), &plan, o.base_secs, &words, Via::Direct(&dests)).await;
     let base_cpu = (cpu_secs(without_pid) - c0_env, cpu_secs(me) - c0_me);
 
-    // ---- phase 2: through the EPP, with CPU and memory sampled
+    // ---- phase 2: through the do-nothing ext_proc server
+    let mut null_outs = Vec::new();
+    let (mut null_cpu, mut null_tokens) = ((0.0, 0.0), f64::NAN);
+    if o.null_secs > 0.0 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        println!("null: requests over {:.0} s through Envoy + a do-nothing ext_proc server (load average {}) …", o.null_secs, loadavg());
+        let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
+        let (c0_env, c0_me) = (cpu_secs(null_pid), cpu_secs(me));
+        null_outs = replay(&client, &null.url("/v1/chat/completions"), &plan, o.null_secs, &words, Via::Null).await;
+        null_cpu = (cpu_secs(null_pid) - c0_env, cpu_secs(me) - c0_me);
+        null_tokens = (stats.tokens.load(Relaxed) - t0_tokens) as f64 / (stats.with_tokens.load(Relaxed) - t0_with).max(1) as f64;
+    }
+
+    // ---- phase 3: through the EPP, with CPU and memory sampled
     tokio::time::sleep(Duration::from_secs(2)).await;
     let load_before_epp = loadavg();
     println!("epp: {} requests over {:.0} s through Envoy + ext_proc (load average {load_before_epp}) …", plan.len(), o.secs);
@@ -449,7 +514,7 @@ async fn run(o: Opts) {
     let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
     let steps0 = epp.metrics().await;
     let (c1_epp, c1_env, c1_me) = (cpu_secs(epp_pid), cpu_secs(with_pid), cpu_secs(me));
-    let ours = replay(&client, &with.url("/v1/chat/completions"), &plan, o.secs, &words, None).await;
+    let ours = replay(&client, &with.url("/v1/chat/completions"), &plan, o.secs, &words, Via::Epp).await;
     let (epp_cpu, env_cpu, me_cpu) = (cpu_secs(epp_pid) - c1_epp, cpu_secs(with_pid) - c1_env, cpu_secs(me) - c1_me);
     let load_after_epp = loadavg();
     stop.store(true, Relaxed);
@@ -463,7 +528,7 @@ async fn run(o: Opts) {
     let kv_applied = epp.metric("dynamo_epp_kv_events_applied_total").await.unwrap_or(f64::NAN);
     let kv_lost = epp.metric("dynamo_epp_kv_events_lost_total").await.unwrap_or(f64::NAN);
 
-    // ---- phase 3: ~100k-token conversations alone, one request at a time
+    // ---- phase 4: ~100k-token conversations alone, one request at a time
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fresh: Vec<u64> = (0..2).map(|c| 10_000 + c).collect();
     let url = with.url("/v1/chat/completions");
@@ -473,7 +538,7 @@ async fn run(o: Opts) {
             let (c0, t0) = (cpu_secs(epp_pid), Instant::now());
             let mut outs = Vec::new();
             for p in reqs {
-                outs.extend(replay(&client, &url, &[p], 1.0, &words, None).await);
+                outs.extend(replay(&client, &url, &[p], 1.0, &words, Via::Epp).await);
             }
             // Events the workers publish after answering are the request's cost too.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -494,6 +559,7 @@ async fn run(o: Opts) {
     let cpu_per_req = epp_cpu / n;
     let (b50, b99, _) = lat(&base, |_| true);
     let (m50, m99, _) = lat(&ours, |x| x.index < base_n);
+    let (n50, n99, _) = lat(&null_outs, |x| x.index < base_n);
     let (a50, a99, _) = lat(&ours, |_| true);
     let (bl50, bl99, _) = lat(&base, |x| x.long);
     let (ml50, ml99, _) = lat(&ours, |x| x.long && x.index < base_n);
@@ -526,6 +592,18 @@ async fn run(o: Opts) {
     println!("{:<44} {:>12} {:>12.1}", "", "", a99);
     println!("{:<44} {:>12.1} {:>12.1}", "max send lag ms (open loop)", max_lag(&base), max_lag(&ours));
     println!("EPP-added latency: p50 {:+.1} ms, p99 {:+.1} ms", m50 - b50, m99 - b99);
+    println!(
+        "null ext_proc server: {} / {} ok, p50 {:.1} / p99 {:.1} ms (baseline window) = added p50 {:+.1} ms, p99 {:+.1} ms; {:.0} token_data ids each; CPU s per request Envoy {:.4}, generator+workers+null server {:.4}",
+        ok(&null_outs),
+        null_outs.len(),
+        n50,
+        n99,
+        n50 - b50,
+        n99 - b99,
+        null_tokens,
+        null_cpu.0 / null_outs.len().max(1) as f64,
+        null_cpu.1 / null_outs.len().max(1) as f64
+    );
     println!(
         "of which (EPP histograms, ms): tokenize mean {:.2}, p50 ≤ {:.2}; body complete → decision made mean {:.2}, p50 ≤ {:.2}",
         tokenize_ms.mean_ms(),
@@ -580,10 +658,13 @@ async fn run(o: Opts) {
     let report = json!({
         "options": {"trace": o.trace, "speedup": o.speedup, "secs": o.secs, "base_secs": o.base_secs, "long_share": o.long_share,
             "long_convs": o.long_convs, "workers": o.workers, "decode_ms": o.decode.as_millis() as u64, "worker_blocks": o.worker_blocks,
-            "epp_env": o.epp_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()},
+            "null_secs": o.null_secs, "epp_env": o.epp_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()},
         "load_average": {"before_baseline": load_before_base, "before_epp": load_before_epp, "after_epp": load_after_epp},
         "baseline": {"sent": base.len(), "ok": ok(&base), "p50_ms": b50, "p99_ms": b99, "long_p50_ms": bl50, "long_p99_ms": bl99,
             "envoy_cpu_s_per_req": base_cpu.0 / base.len().max(1) as f64, "generator_workers_cpu_s_per_req": base_cpu.1 / base.len().max(1) as f64},
+        "null": {"secs": o.null_secs, "sent": null_outs.len(), "ok": ok(&null_outs), "window_p50_ms": n50, "window_p99_ms": n99,
+            "added_p50_ms": n50 - b50, "added_p99_ms": n99 - b99, "mean_token_data": null_tokens,
+            "envoy_cpu_s_per_req": null_cpu.0 / null_outs.len().max(1) as f64, "generator_workers_null_cpu_s_per_req": null_cpu.1 / null_outs.len().max(1) as f64},
         "epp": {"sent": ours.len(), "ok": ok(&ours), "window_p50_ms": m50, "window_p99_ms": m99, "long_window_p50_ms": ml50, "long_window_p99_ms": ml99,
             "p50_ms": a50, "p99_ms": a99, "added_p50_ms": m50 - b50, "added_p99_ms": m99 - b99,
             "epp_cpu_s_per_req": cpu_per_req, "req_per_s_per_core": 1.0 / cpu_per_req, "envoy_cpu_s_per_req": env_cpu / n,

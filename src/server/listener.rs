@@ -34,6 +34,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (Envoy opens another past this; a client that does not waits), so it is set far above a
 /// replica's concurrency, only to stop one connection from holding unbounded state.
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 4096;
+/// HTTP/2 flow-control windows: large request bodies arrive as single messages, and small
+/// windows would throttle them.
+pub const STREAM_WINDOW_BYTES: u32 = 4 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 /// Decoded size of one request's header list: ext_proc's gRPC metadata is a few hundred bytes
 /// (the HTTP headers travel inside messages, bounded by `DYN_EPP_MAX_BODY_BYTES`).
 pub const MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;

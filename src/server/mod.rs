@@ -387,9 +387,8 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
     });
 
     let mut builder = Server::builder()
-        // Large request bodies arrive as single messages; small windows would throttle them.
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(16 << 20))
+        .initial_stream_window_size(Some(listener::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(listener::CONNECTION_WINDOW_BYTES))
         .max_concurrent_streams(listener::MAX_STREAMS_PER_CONNECTION)
         .http2_max_header_list_size(listener::MAX_HEADER_LIST_BYTES)
         .http2_keepalive_interval(Some(listener::KEEPALIVE_INTERVAL))
