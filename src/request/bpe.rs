@@ -45,77 +45,153 @@ struct WordSlot {
 
 const EMPTY_SLOT: WordSlot = WordSlot { len: 0, n_ids: 0, bytes: [0; CACHED_BYTES], ids: [0; CACHED_IDS] };
 
-/// The merges: (left id, right id) → (rank, merged id), open addressing with linear probing on
-/// 16-byte slots holding their key, so a probe is one cache line (a `HashMap`'s separate control
-/// bytes cost a second miss per probe, and never-seen words probe ~15 times each).
-struct PairTable {
-    /// The table is `slots[base..base + mask + 1]`: `base` puts a large table on a 2 MiB boundary.
-    slots: Vec<PairSlot>,
-    base: usize,
-    mask: usize,
-    shift: u32,
+/// The merges: (left id, right id) → (priority, merged id), where priorities order pairs as
+/// their ranks do. Packed when the file allows (see [`Pairs::new`]): the pair and its priority
+/// in one u64, half the bytes of the wide form, so more of the table stays in cache (never-seen
+/// words probe it at random ~5 times each; llama3_1's is 4 MiB packed, 8 MiB wide).
+enum Pairs {
+    /// Slot: `priority << 2 * bits | left << bits | right`, with priority = `merged << sub_bits
+    /// | i` for the i-th pair (in rank order) giving `merged`.
+    Packed { table: PairTable<u64>, bits: u32, sub_bits: u32 },
+    Wide(PairTable<PairSlot>),
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 #[repr(C, align(16))]
 struct PairSlot {
-    /// `left << 32 | right`; `u64::MAX` = empty (ids are below [`MAX_ID`]).
+    /// `left << 32 | right`.
     key: u64,
     rank: u32,
     merged: u32,
 }
 
-impl PairTable {
-    fn new(n: usize) -> Self {
-        const EMPTY: PairSlot = PairSlot { key: u64::MAX, rank: 0, merged: 0 };
-        const HUGE_PAGE: usize = 2 << 20;
-        // Load ≤ 2/3: short probe runs, ~4 MB for 150k merges (what the map it replaces took).
-        let cap = (n * 3 / 2).max(16).next_power_of_two();
-        let bytes = cap * size_of::<PairSlot>();
-        if bytes < HUGE_PAGE {
-            return PairTable { slots: vec![EMPTY; cap], base: 0, mask: cap - 1, shift: 64 - cap.trailing_zeros() };
+impl Pairs {
+    /// `merges`: (left, right, merged) in rank order; a pair listed twice keeps its last rank,
+    /// as HF's map does. Packed iff ids fit and merged ids never decrease along the ranks (so
+    /// `merged << sub_bits | i` increases with rank: true of tiktoken-style files such as
+    /// Llama 3's and Qwen's); else wide, keyed as given.
+    fn new(merges: &[(u32, u32, u32)], top: u32) -> Pairs {
+        let bits = u32::BITS - top.leading_zeros();
+        // i of each merge among those giving its merged id.
+        let mut subs: Vec<u32> = Vec::with_capacity(merges.len());
+        for (k, &(_, _, m)) in merges.iter().enumerate() {
+            subs.push(match k.checked_sub(1) {
+                Some(j) if merges[j].2 == m => subs[j] + 1,
+                _ => 0,
+            });
         }
-        // Never-seen words probe this table at random ~15 times each; on 4 KiB pages most probes
-        // also miss the TLB. So the table starts on a 2 MiB boundary (≤ 2 MiB of slack before
-        // it) and asks for huge pages before its first write (advice: ignored where unsupported).
-        let mut slots: Vec<PairSlot> = Vec::with_capacity(cap + HUGE_PAGE / size_of::<PairSlot>());
+        let monotone = merges.windows(2).all(|w| w[0].2 <= w[1].2);
+        let sub_bits = u32::BITS - subs.iter().max().copied().unwrap_or(0).leading_zeros();
+        if monotone && 3 * bits + sub_bits <= 64 && bits + sub_bits < 32 {
+            let mut table = PairTable::new(merges.len());
+            let key_mask = (1u64 << (2 * bits)) - 1;
+            for (&(l, r, m), sub) in merges.iter().zip(subs) {
+                let key = u64::from(l) << bits | u64::from(r);
+                let priority = u64::from(m) << sub_bits | u64::from(sub);
+                table.insert(key, priority << (2 * bits) | key, |s| s & key_mask == key);
+            }
+            return Pairs::Packed { table, bits, sub_bits };
+        }
+        let mut table = PairTable::new(merges.len());
+        for (rank, &(l, r, merged)) in merges.iter().enumerate() {
+            let key = u64::from(l) << 32 | u64::from(r);
+            table.insert(key, PairSlot { key, rank: rank as u32, merged }, |s| s.key == key);
+        }
+        Pairs::Wide(table)
+    }
+
+    /// (priority, merged id) of a pair.
+    #[inline(always)]
+    fn get(&self, l: u32, r: u32) -> Option<(u32, u32)> {
+        match self {
+            Pairs::Packed { table, bits, sub_bits } => {
+                let key = u64::from(l) << bits | u64::from(r);
+                let key_mask = (1u64 << (2 * bits)) - 1;
+                let slot = table.find(key, |s| s & key_mask == key)?;
+                let priority = (slot >> (2 * bits)) as u32;
+                Some((priority, priority >> sub_bits))
+            }
+            Pairs::Wide(table) => {
+                let key = u64::from(l) << 32 | u64::from(r);
+                let slot = table.find(key, |s| s.key == key)?;
+                Some((slot.rank, slot.merged))
+            }
+        }
+    }
+}
+
+/// Open addressing with linear probing, with a tag byte per slot (a `hashbrown`-style control
+/// byte): a probe reads tags until one matches or is empty, and reads a slot only on a matching
+/// tag. Most probes of a never-seen word's merging are of pairs with no merge (~4 of its ~5.4);
+/// those read only the tags, 1 byte a slot and so mostly in L2, not the slots out in L3.
+struct PairTable<S> {
+    /// Per slot: 0 = empty, else 8 bits of its key's hash (1–255).
+    tags: Vec<u8>,
+    /// The slots are `slots[base..base + mask + 1]`: `base` puts a large table on a 2 MiB
+    /// boundary.
+    slots: Vec<S>,
+    base: usize,
+    mask: usize,
+    shift: u32,
+}
+
+impl<S: Copy + Default> PairTable<S> {
+    fn new(n: usize) -> Self {
+        const HUGE_PAGE: usize = 2 << 20;
+        // Load ≤ 2/3: short probe runs.
+        let cap = (n * 3 / 2).max(16).next_power_of_two();
+        let (tags, mask, shift) = (vec![0; cap], cap - 1, 64 - cap.trailing_zeros());
+        let bytes = cap * size_of::<S>();
+        if bytes < HUGE_PAGE {
+            return PairTable { tags, slots: vec![S::default(); cap], base: 0, mask, shift };
+        }
+        // Never-seen words probe this table at random; on 4 KiB pages most probes also miss
+        // the TLB. So the table starts on a 2 MiB boundary (≤ 2 MiB of slack before it) and
+        // asks for huge pages before its first write (advice: ignored where unsupported).
+        let mut slots: Vec<S> = Vec::with_capacity(cap + HUGE_PAGE / size_of::<S>());
         let addr = slots.as_ptr() as usize;
-        let base = (addr.next_multiple_of(HUGE_PAGE) - addr) / size_of::<PairSlot>();
+        let base = (addr.next_multiple_of(HUGE_PAGE) - addr) / size_of::<S>();
         #[cfg(target_os = "linux")]
         // SAFETY: `base + cap` ≤ the capacity just reserved, so the range is inside this
         // allocation; MADV_HUGEPAGE changes no contents.
         unsafe {
             libc::madvise(slots.as_mut_ptr().add(base).cast(), bytes, libc::MADV_HUGEPAGE);
         }
-        slots.resize(base + cap, EMPTY);
-        PairTable { slots, base, mask: cap - 1, shift: 64 - cap.trailing_zeros() }
+        slots.resize(base + cap, S::default());
+        PairTable { tags, slots, base, mask, shift }
     }
 
+    /// The key's home slot (the hash's top bits) and tag (the 8 bits below them, 0 taken as 1).
     #[inline]
-    fn home(&self, key: u64) -> usize {
-        (key.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
+    fn hash(&self, key: u64) -> (usize, u8) {
+        let h = key.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((h >> self.shift) as usize, ((h >> (self.shift - 8)) as u8).max(1))
     }
 
-    /// Sets the pair's (rank, merged id), replacing an earlier one (HF keeps a pair's last rank).
-    fn insert(&mut self, key: u64, rank: u32, merged: u32) {
-        let mut i = self.home(key);
-        let table = &mut self.slots[self.base..];
-        while table[i].key != u64::MAX && table[i].key != key {
+    /// Puts `slot` in the slot of `key` (`is_key`), replacing an earlier one, else in the first
+    /// empty slot of its run.
+    fn insert(&mut self, key: u64, slot: S, is_key: impl Fn(S) -> bool) {
+        let (mut i, tag) = self.hash(key);
+        while self.tags[i] != 0 && !(self.tags[i] == tag && is_key(self.slots[self.base + i])) {
             i = (i + 1) & self.mask;
         }
-        table[i] = PairSlot { key, rank, merged };
+        self.tags[i] = tag;
+        self.slots[self.base + i] = slot;
     }
 
-    #[inline]
-    fn get(&self, key: u64) -> Option<(u32, u32)> {
-        let mut i = self.home(key);
+    #[inline(always)]
+    fn find(&self, key: u64, is_key: impl Fn(S) -> bool) -> Option<S> {
+        let (mut i, tag) = self.hash(key);
         loop {
-            let s = self.slots[self.base + i];
-            if s.key == key {
-                return Some((s.rank, s.merged));
-            }
-            if s.key == u64::MAX {
-                return None;
+            match self.tags[i] {
+                0 => return None,
+                t if t == tag => {
+                    let s = self.slots[self.base + i];
+                    if is_key(s) {
+                        return Some(s);
+                    }
+                }
+                _ => {}
             }
             i = (i + 1) & self.mask;
         }
@@ -395,13 +471,14 @@ impl Words<'_> {
         }
         // One hash for both the vocabulary and the cache slot.
         let hash = FxBuildHasher.hash_one(word);
+        let at = hash as usize & (WORD_SLOTS - 1);
         if self.bpe.token_word_hashed(word, hash, out) {
             return;
         }
         if word.len() > CACHED_BYTES {
             return self.bpe.merge(word, out);
         }
-        let slot = &mut self.slots[hash as usize & (WORD_SLOTS - 1)];
+        let slot = &mut self.slots[at];
         if usize::from(slot.len) == word.len() && slot.bytes[..word.len()] == *word {
             out.extend_from_slice(&slot.ids[..usize::from(slot.n_ids)]);
             return;
@@ -426,8 +503,8 @@ pub struct Bpe {
     spans: Vec<(u32, u32)>,
     /// The vocabulary: ids, found by their bytes in `arena`.
     table: HashTable<u32>,
-    /// (left id, right id) → (rank, merged id).
-    merges: PairTable,
+    /// (left id, right id) → (priority, merged id).
+    merges: Pairs,
     /// The token of each single byte.
     byte_ids: [u32; 256],
     /// `merges` for the pairs of two single-byte tokens, indexed by the two bytes (every word's
@@ -459,7 +536,7 @@ impl Bpe {
             arena: Vec::with_capacity(vocab.len() * 8),
             spans: vec![(0, 0); top as usize + 1],
             table: HashTable::with_capacity(vocab.len()),
-            merges: PairTable::new(0),
+            merges: Pairs::Wide(PairTable::new(0)),
             byte_ids: [u32::MAX; 256],
             byte_pairs: vec![u64::MAX; 1 << 16].into_boxed_slice(),
             whole: Vec::new(),
@@ -492,19 +569,17 @@ impl Bpe {
         }
         let mut buf = Vec::new();
         let mut id_of = |s: &str| bpe.find_text_in(s, &mut buf);
-        let mut merges = PairTable::new(merge_list.len());
-        for (rank, (a, b)) in merge_list.iter().enumerate() {
+        let mut merges = Vec::with_capacity(merge_list.len());
+        for (a, b) in merge_list {
             let missing = || format!("merge {a:?} {b:?}: a part or the result is not in the vocab");
             let (l, r) = (id_of(a).ok_or_else(missing)?, id_of(b).ok_or_else(missing)?);
-            let merged = id_of(&format!("{a}{b}")).ok_or_else(missing)?;
-            // A pair listed twice keeps its last rank, as HF's map does.
-            merges.insert(u64::from(l) << 32 | u64::from(r), rank as u32, merged);
+            merges.push((l, r, id_of(&format!("{a}{b}")).ok_or_else(missing)?));
         }
-        bpe.merges = merges;
+        bpe.merges = Pairs::new(&merges, top);
         for pair in 0..1 << 16 {
             let (l, r) = (bpe.byte_ids[pair >> 8], bpe.byte_ids[pair & 0xFF]);
-            if let Some((rank, merged)) = bpe.merges.get(u64::from(l) << 32 | u64::from(r)) {
-                bpe.byte_pairs[pair] = u64::from(rank) << 32 | u64::from(merged);
+            if let Some((priority, merged)) = bpe.merges.get(l, r) {
+                bpe.byte_pairs[pair] = u64::from(priority) << 32 | u64::from(merged);
             }
         }
         if !ignore_merges {
@@ -602,10 +677,10 @@ impl Bpe {
         (v != u64::MAX).then_some(((v >> 32) as u32, v as u32))
     }
 
-    /// (rank, merged id) of a pair.
+    /// (priority, merged id) of a pair.
     #[inline]
     fn pair(&self, l: u32, r: u32) -> Option<(u32, u32)> {
-        self.merges.get(u64::from(l) << 32 | u64::from(r))
+        self.merges.get(l, r)
     }
 
     /// HF's `merge_all` without dropout: repeatedly merge the adjacent pair of lowest rank,
@@ -614,43 +689,43 @@ impl Bpe {
         if word.len() > SHORT_WORD {
             return self.merge_long(word, out);
         }
-        let n0 = word.len();
-        let mut ids = [0u32; SHORT_WORD];
-        // Pair i = (ids[i], ids[i + 1]): its rank (u32::MAX: none) and merged id.
-        let mut ranks = [u32::MAX; SHORT_WORD];
-        let mut merged = [0u32; SHORT_WORD];
-        for (i, &b) in word.iter().enumerate() {
-            ids[i] = self.byte_ids[b as usize];
+        /// A symbol and the pair it starts: its rank (u32::MAX: none, or no next symbol) and
+        /// merged id. One array, so a merge removes a symbol with one move.
+        #[derive(Clone, Copy)]
+        struct Sym {
+            id: u32,
+            rank: u32,
+            merged: u32,
         }
-        for i in 0..n0 - 1 {
+        let mut syms = [Sym { id: 0, rank: u32::MAX, merged: 0 }; SHORT_WORD];
+        for (s, &b) in syms.iter_mut().zip(word) {
+            s.id = self.byte_ids[b as usize];
+        }
+        for i in 0..word.len() - 1 {
             if let Some((r, m)) = self.byte_pair(word[i], word[i + 1]) {
-                (ranks[i], merged[i]) = (r, m);
+                (syms[i].rank, syms[i].merged) = (r, m);
             }
         }
-        let mut n = n0;
+        let mut n = word.len();
         while n > 1 {
             let mut best = 0;
             for i in 1..n - 1 {
-                if ranks[i] < ranks[best] {
+                if syms[i].rank < syms[best].rank {
                     best = i;
                 }
             }
-            if ranks[best] == u32::MAX {
+            if syms[best].rank == u32::MAX {
                 break;
             }
-            ids[best] = merged[best];
-            ids.copy_within(best + 2..n, best + 1);
-            ranks.copy_within(best + 1..n - 1, best);
-            merged.copy_within(best + 1..n - 1, best);
+            syms[best].id = syms[best].merged;
+            syms.copy_within(best + 2..n, best + 1);
             n -= 1;
-            ranks[n - 1] = u32::MAX;
             for i in best.saturating_sub(1)..=best {
-                if i + 1 < n {
-                    (ranks[i], merged[i]) = self.pair(ids[i], ids[i + 1]).unwrap_or((u32::MAX, 0));
-                }
+                let pair = if i + 1 < n { self.pair(syms[i].id, syms[i + 1].id) } else { None };
+                (syms[i].rank, syms[i].merged) = pair.unwrap_or((u32::MAX, 0));
             }
         }
-        out.extend_from_slice(&ids[..n]);
+        out.extend(syms[..n].iter().map(|s| s.id));
     }
 
     /// [`Self::merge`] for long words: HF's heap of candidate merges over a linked list of
@@ -751,6 +826,54 @@ mod tests {
             assert_eq!(enc("ab"), [256]);
             assert_eq!(enc("aaaa"), [259, 259], "ties go to the leftmost pair");
             assert_eq!(enc("aaa"), [260], "the leftmost a a, then aa a");
+        }
+    }
+
+    /// Packed priorities order pairs as their ranks do, also with several pairs giving one
+    /// token; a file whose merged ids go down along the ranks is kept wide (packing would
+    /// reorder its merges). Both against HF's BPE on random words.
+    #[test]
+    fn packed_and_wide_pair_tables_merge_as_hf() {
+        use rand::{rngs::SmallRng, Rng, SeedableRng};
+        use tokenizers::Model;
+        let mut rng = SmallRng::seed_from_u64(14);
+        // Tokens over "abc", each the join of two earlier ones; a token made again from another
+        // pair gets that pair as one more merge.
+        let mut tokens: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+        let mut merges: Vec<(String, String)> = Vec::new();
+        while merges.len() < 400 {
+            let pick = |rng: &mut SmallRng| tokens[rng.random_range(0..tokens.len())].clone();
+            let pair = (pick(&mut rng), pick(&mut rng));
+            if pair.0.len() + pair.1.len() > 8 || merges.contains(&pair) {
+                continue;
+            }
+            let joined = format!("{}{}", pair.0, pair.1);
+            if !tokens.contains(&joined) {
+                tokens.push(joined);
+            }
+            merges.push(pair);
+        }
+        let id = |t: &str| tokens.iter().position(|x| x == t).unwrap();
+        // Creation order (a token's later pairs come after newer tokens: merged ids go down),
+        // and the same merges ordered by merged id (several pairs per id, in creation order).
+        let mut by_merged = merges.clone();
+        by_merged.sort_by_key(|(a, b)| id(&format!("{a}{b}")));
+        for (merges, packed) in [(&merges, false), (&by_merged, true)] {
+            let list: Vec<String> = merges.iter().map(|(a, b)| format!("{a} {b}")).collect();
+            let json = file(&tokens[3..].iter().map(String::as_str).collect::<Vec<_>>(), &serde_json::to_string(&list).unwrap());
+            let bpe = load(&json).unwrap();
+            assert_eq!(matches!(bpe.merges, Pairs::Packed { .. }), packed);
+            let model: serde_json::Value = serde_json::from_str(&json).unwrap();
+            let hf: tokenizers::models::bpe::BPE = serde_json::from_str(&model["model"].to_string()).unwrap();
+            for n in (1..=12).chain([70, 100]) {
+                for _ in 0..300 {
+                    let word: String = (0..n).map(|_| ['a', 'b', 'c'][rng.random_range(0..3)]).collect();
+                    let want: Vec<u32> = hf.tokenize(&word).unwrap().iter().map(|t| t.id).collect();
+                    let mut got = Vec::new();
+                    bpe.encode_word(word.as_bytes(), &mut got);
+                    assert_eq!(got, want, "{word} (packed: {packed})");
+                }
+            }
         }
     }
 
