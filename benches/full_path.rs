@@ -32,8 +32,8 @@
 //! one of `--long-convs` ~100k-token conversations (24 messages of 4,096 tokens), resent each
 //! time with a new 1,024-token user turn.
 //!
-//! Workers (`tests/common/kv_worker.rs`, shared with the demo) answer JSON after a fixed decode
-//! delay and, from the body's `nvext.token_data`, publish `stored` events for the prompt's full
+//! Workers (`tests/common/kv_worker.rs`, shared with the demo) answer JSON a fixed decode delay
+//! after arrival and, from the body's `nvext.token_data`, publish `stored` events for the prompt's full
 //! 16-token blocks not yet cached and `removed` events when their LRU cache of
 //! `FULL_PATH_WORKER_BLOCKS` blocks evicts.
 //!

@@ -6,12 +6,14 @@
 //! not yet cached (parent chain = the previous block's engine hash, here its sequence hash) and
 //! `removed` events when its LRU cache of `capacity_blocks` evicts; eviction is leaf-first, as
 //! vLLM frees a request's blocks tail-first. It answers OpenAI-shaped JSON (or SSE when the body
-//! asks `"stream": true`) after `decode`, with `usage.prompt_tokens_details.cached_tokens` = the
+//! asks `"stream": true`) `decode` after the request arrived, with `usage.prompt_tokens_details.cached_tokens` = the
 //! prompt's prefix it already held.
 //!
-//! The events are computed on the request's path and published by one task per worker, in
-//! event-id order, off that path: an engine's KV publisher runs beside its scheduler and no
-//! response waits for the event stream's acknowledgement.
+//! The events are computed while the "generation" runs (its time counts from arrival: an engine
+//! hashes its blocks whether or not a router sent the ids, and only requests with `token_data`
+//! make this mock do it, so counting it would charge its bookkeeping to the EPP) and published
+//! by one task per worker, in event-id order, off the response path: an engine's KV publisher
+//! runs beside its scheduler and no response waits for the event stream's acknowledgement.
 
 use std::{
     collections::HashMap,
@@ -66,7 +68,7 @@ pub struct KvWorkerConfig {
     pub addr: SocketAddr,
     pub block_size: usize,
     pub capacity_blocks: usize,
-    /// How long the "generation" takes before the answer.
+    /// How long after the request's arrival the answer starts (the "generation").
     pub decode: Duration,
     /// Keep every request (headers, token_data length, reported cached tokens) for `served`.
     pub record: bool,
@@ -144,6 +146,7 @@ impl KvWorker {
 }
 
 async fn worker_handle(State(st): State<Arc<KvWorkerState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let arrived = tokio::time::Instant::now();
     st.stats.requests.fetch_add(1, Relaxed);
     let parsed = serde_json::from_slice::<WorkerBody>(&body).ok();
     let stream = parsed.as_ref().is_some_and(|b| b.stream);
@@ -158,7 +161,7 @@ async fn worker_handle(State(st): State<Arc<KvWorkerState>>, headers: HeaderMap,
         let headers = headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
         st.served.lock().push(Served { headers, token_data: tokens.len(), cached_tokens: cached });
     }
-    tokio::time::sleep(st.cfg.decode).await;
+    tokio::time::sleep_until(arrived + st.cfg.decode).await;
     let name = &st.cfg.name;
     let usage = format!(r#"{{"prompt_tokens":{},"completion_tokens":2,"total_tokens":{},"prompt_tokens_details":{{"cached_tokens":{cached}}}}}"#, tokens.len(), tokens.len() + 2);
     if stream {
