@@ -471,14 +471,13 @@ impl Words<'_> {
         }
         // One hash for both the vocabulary and the cache slot.
         let hash = FxBuildHasher.hash_one(word);
-        let at = hash as usize & (WORD_SLOTS - 1);
         if self.bpe.token_word_hashed(word, hash, out) {
             return;
         }
         if word.len() > CACHED_BYTES {
             return self.bpe.merge(word, out);
         }
-        let slot = &mut self.slots[at];
+        let slot = &mut self.slots[hash as usize & (WORD_SLOTS - 1)];
         if usize::from(slot.len) == word.len() && slot.bytes[..word.len()] == *word {
             out.extend_from_slice(&slot.ids[..usize::from(slot.n_ids)]);
             return;
@@ -670,7 +669,7 @@ impl Bpe {
         })
     }
 
-    /// (rank, merged id) of a pair of single bytes' tokens.
+    /// (priority, merged id) of a pair of single bytes' tokens.
     #[inline]
     fn byte_pair(&self, l: u8, r: u8) -> Option<(u32, u32)> {
         let v = self.byte_pairs[usize::from(l) << 8 | usize::from(r)];
