@@ -154,11 +154,18 @@ fn run(a: Args) -> Result<(), String> {
     }
     let wall: f64 = reports.iter().map(|r| r.wall_seconds).sum();
     println!("\n{} requests, {} workers, ideal reuse {:.1} %, simulated in {wall:.1} s", trace.len(), cfg.workers, 100.0 * reports[0].ideal_reuse);
+    let fleet_blocks = cfg.workers * cfg.engine.kv_blocks as usize;
+    let bounds = [report::CacheBound::new(&trace, &cfg.engine, Some(fleet_blocks)), report::CacheBound::new(&trace, &cfg.engine, None)];
+    for b in &bounds {
+        let f = &b.prefill_floor_ms;
+        let cache = b.capacity_blocks.map_or("one infinite cache".into(), |n| format!("one LRU cache of the fleet's {n} blocks"));
+        println!("bound, {cache}: reuse {:.1} %, TTFT floor (prefill alone) mean / p50 / p99 {:.0} / {:.0} / {:.0} ms", 100.0 * b.reuse, f.mean, f.p50, f.p99);
+    }
     if let Some(p) = &a.json {
         let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "config": {
             "workers": cfg.workers, "engine": cfg.engine, "speedup": cfg.speedup, "event_delay_ms": cfg.event_delay_ms, "seed": cfg.seed,
             "slow_share": cfg.slow_share, "slow_factor": cfg.slow_factor,
-        }, "policies": reports });
+        }, "bounds": bounds, "policies": reports });
         std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     if let Some(p) = &a.chart {

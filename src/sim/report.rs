@@ -5,6 +5,11 @@ use std::{path::Path, time::Duration};
 
 use serde::Serialize;
 
+use super::{
+    engine::EngineParams,
+    trace::{reusable_tokens, reuse_share, shared_cache_hits, TraceRequest},
+};
+
 /// What happened to one request under one policy.
 #[derive(Clone, Debug)]
 pub struct RequestOutcome {
@@ -59,6 +64,29 @@ pub struct PolicyReport {
     /// (the rest were changed by later arrivals on the same engine).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_exact: Option<f64>,
+}
+
+/// The fleet's caches as one shared cache (no block held twice) and each request's TTFT as its
+/// prefill alone on an idle engine (the base speed) with the prefix that cache holds: no
+/// queueing, no slow worker. Infinite: a floor under any router. As large as the fleet's and
+/// least recently used first: a floor under any router whose placement does not make
+/// recency-evicting engines cache better than one LRU would (e.g. by keeping one-off prompts
+/// away from reused ones).
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheBound {
+    /// Blocks the shared cache holds (least recently used evicted first); `None`: infinite.
+    pub capacity_blocks: Option<usize>,
+    pub reuse: f64,
+    pub prefill_floor_ms: Latency,
+}
+
+impl CacheBound {
+    pub fn new(trace: &[TraceRequest], engine: &EngineParams, capacity_blocks: Option<usize>) -> Self {
+        let block = engine.block_tokens;
+        let hits = shared_cache_hits(trace, block, capacity_blocks);
+        let floor = trace.iter().zip(&hits).map(|(r, &h)| engine.prefill_alone_ms((r.input_length - reusable_tokens(r.input_length, h, block)) as u64));
+        CacheBound { capacity_blocks, reuse: reuse_share(trace, block, &hits), prefill_floor_ms: latency(floor.collect()) }
+    }
 }
 
 /// Nearest-rank percentile of sorted values.

@@ -6,7 +6,7 @@
 //! any block size dividing 512; the last block is cut at `input_length`.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, VecDeque},
     path::{Path, PathBuf},
 };
 
@@ -82,27 +82,58 @@ pub fn reusable_tokens(input_length: u32, cached_blocks: u32, block: u32) -> u32
     (cached_blocks * block).min((input_length.saturating_sub(1) / block) * block)
 }
 
+/// Leading cached blocks (of `block` tokens) of each request with one cache shared by every
+/// request, holding at most `capacity` blocks — least recently used evicted first, a request's
+/// blocks used at its arrival — or every block ever seen (`None`).
+pub fn shared_cache_hits(trace: &[TraceRequest], block: u32, capacity: Option<usize>) -> Vec<u32> {
+    let per = TRACE_BLOCK as u32 / block;
+    // (position, id) names a block and its whole prefix: trace ids are prefix-unique.
+    let key = |r: &TraceRequest, b: u32| ((b / per) as usize, r.hash_ids[(b / per) as usize] * per as u64 + (b % per) as u64);
+    // Each block's last use; the queue keeps uses in order and is cleaned lazily (a use
+    // superseded by a later one is skipped when it reaches the front).
+    let mut last_use: HashMap<(usize, u64), u64> = HashMap::new();
+    let mut uses: VecDeque<((usize, u64), u64)> = VecDeque::new();
+    let mut clock = 0u64;
+    trace
+        .iter()
+        .map(|r| {
+            let full = r.input_length / block;
+            let hit = (0..full).take_while(|&b| last_use.contains_key(&key(r, b))).count() as u32;
+            for b in 0..full {
+                clock += 1;
+                last_use.insert(key(r, b), clock);
+                if capacity.is_some() {
+                    uses.push_back((key(r, b), clock));
+                }
+            }
+            while capacity.is_some_and(|c| last_use.len() > c) {
+                let (k, at) = uses.pop_front().expect("every cached block has a use queued");
+                if last_use.get(&k) == Some(&at) {
+                    last_use.remove(&k);
+                }
+            }
+            hit
+        })
+        .collect()
+}
+
+/// Reused ÷ input tokens when each request finds `hits` leading blocks cached (same one-token
+/// rule as the engine).
+pub fn reuse_share(trace: &[TraceRequest], block: u32, hits: &[u32]) -> f64 {
+    let reused: u64 = trace.iter().zip(hits).map(|(r, &h)| reusable_tokens(r.input_length, h, block) as u64).sum();
+    reused as f64 / trace.iter().map(|r| r.input_length as u64).sum::<u64>().max(1) as f64
+}
+
 /// Reused ÷ input tokens with one infinite cache shared by every request: no router can beat
 /// it. Counted at `block` tokens per block with the same one-token rule as the engine.
 pub fn ideal_reuse(trace: &[TraceRequest], block: u32) -> f64 {
-    let per = TRACE_BLOCK as u32 / block;
-    let mut seen: HashSet<(usize, u64)> = HashSet::new();
-    let (mut reused, mut input) = (0u64, 0u64);
-    for r in trace {
-        // Trace ids are prefix-unique, so (position, id) names a block and its whole prefix.
-        let full = r.input_length / block;
-        let hit = (0..full).take_while(|&b| seen.contains(&((b / per) as usize, r.hash_ids[(b / per) as usize] * per as u64 + (b % per) as u64))).count() as u32;
-        reused += reusable_tokens(r.input_length, hit, block) as u64;
-        input += r.input_length as u64;
-        for b in 0..full {
-            seen.insert(((b / per) as usize, r.hash_ids[(b / per) as usize] * per as u64 + (b % per) as u64));
-        }
-    }
-    reused as f64 / input.max(1) as f64
+    reuse_share(trace, block, &shared_cache_hits(trace, block, None))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use super::*;
 
     fn row(ids: &[u64], len: u32) -> TraceRequest {
@@ -117,6 +148,21 @@ mod tests {
         assert_eq!(a[..512], b[..512]);
         assert_ne!(a[512..700], b[512..700]);
         assert!(a.iter().all(|&t| t < VOCAB));
+    }
+
+    #[test]
+    fn a_bounded_shared_cache_evicts_the_least_recently_used_blocks() {
+        // 64-token blocks: a 512-token trace block is 8 of them; the cache holds two trace blocks.
+        let t = vec![row(&[1], 512), row(&[2], 512), row(&[1], 512), row(&[3], 512), row(&[2], 512), row(&[1], 512)];
+        // [3] evicts [2] (used before [1]'s second use); then [2] evicts [1].
+        assert_eq!(shared_cache_hits(&t, 64, Some(16)), vec![0, 0, 8, 0, 0, 0]);
+        assert_eq!(shared_cache_hits(&t, 64, None), vec![0, 0, 8, 0, 8, 8]);
+        // One trace block of room: nothing survives a different request.
+        assert_eq!(shared_cache_hits(&t, 64, Some(8)), vec![0; 6]);
+        // Half a prompt's blocks kept: its leading ones were used first, so they go first.
+        assert_eq!(shared_cache_hits(&[row(&[1, 2], 1024), row(&[1, 2], 1024)], 64, Some(12)), vec![0, 0]);
+        // 448 of the 512 tokens of the third request reused (one token recomputed), of 3 × 512.
+        assert!((reuse_share(&t[..3], 64, &[0, 0, 8]) - 448.0 / 1536.0).abs() < 1e-12);
     }
 
     #[test]
