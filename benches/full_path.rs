@@ -137,7 +137,7 @@ impl Opts {
                 other => panic!("unknown argument {other}"),
             }
         }
-        assert!(o.passes > 0 && o.passes % 3 == 0, "FULL_PATH_PASSES must be a multiple of 3");
+        assert!(o.passes > 0 && o.passes.is_multiple_of(3), "FULL_PATH_PASSES must be a multiple of 3");
         o
     }
 }
