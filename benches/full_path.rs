@@ -2,25 +2,28 @@
 //! on) + mock workers that publish KV events to a real nats-server (JetStream) the way an engine
 //! does, driven open-loop by a Mooncake trace's arrival times.
 //!
-//! Phases, one after the other on the same processes (sequential, not interleaved: the two
-//! paths would otherwise compete for the same two cores):
-//! 1. **baseline**: the schedule's first `FULL_PATH_BASE_SECS` (default min(secs, 120)) through
-//!    an Envoy without ext_proc; the client names the worker (round-robin).
-//! 2. **null**: the baseline's requests through an Envoy whose ext_proc filter (the same config)
-//!    points at a do-nothing ext_proc server in this process, on a runtime of its own
-//!    (`in_process::NullExtProc`): it answers the headers once the body has ended, names the
-//!    worker round-robin, and sends the body back in the EPP's chunks with `nvext.token_data`
-//!    of about the EPP's length spliced in (the client tells it the prompt's token count in a
-//!    header; every id the same, so the workers find those blocks cached and publish little).
-//!    Null-added latency = this phase's p50/p99 minus the baseline's: the floor of what Envoy,
-//!    gRPC and carrying the ids cost with no EPP work. `FULL_PATH_NULL_SECS` (default the
-//!    baseline's; 0 skips the phase).
-//! 3. **epp**: the schedule's first `FULL_PATH_SECS` (default 60) through an Envoy with the
-//!    ext_proc filter. EPP CPU (utime+stime from /proc) and RSS (every second) are taken here.
-//!    EPP-added latency = this phase's p50/p99 minus the baseline's over the same requests
-//!    (those scheduled within the baseline window).
-//! 4. **long**: ~100k-token multi-turn prompts alone, one at a time, for their CPU per request:
-//!    first sends of fresh conversations (cold) and resends with one new turn (warm).
+//! Paths, one Envoy each with the same config, all started before the first request:
+//! - **baseline**: no ext_proc; the client names the worker (round-robin).
+//! - **null**: the ext_proc filter points at a do-nothing ext_proc server in this process, on a
+//!   runtime of its own (`in_process::NullExtProc`): it answers the headers once the body has
+//!   ended, names the worker round-robin, and sends the body back in the EPP's chunks with
+//!   `nvext.token_data` of about the EPP's length spliced in (the client tells it the prompt's
+//!   token count in a header; every id the same, so the workers find those blocks cached and
+//!   publish little). Its added latency is the floor of what Envoy, gRPC and carrying the ids
+//!   cost with no EPP work.
+//! - **epp**: the ext_proc filter points at the EPP.
+//!
+//! `FULL_PATH_PASSES` (default 3, a multiple of 3) passes over the schedule's first
+//! `FULL_PATH_SECS` (default 60), each at the trace's rate; in pass k request i goes to path
+//! (i + k) mod 3. Interleaved, not one path after another: minutes apart, every process's CPU
+//! per request drifted 2× on an idle machine, so drift decided the comparison. Every three
+//! passes each request goes every path once, so all paths' p50/p99 are over the same requests,
+//! and request i's latencies pair up (paired differences). EPP CPU (utime+stime from /proc),
+//! each Envoy's and the null server's threads' CPU, and the EPP's RSS (every second) are taken
+//! over the passes; each Envoy's flow-control and ext_proc counters after them.
+//! Then **long**: ~100k-token multi-turn prompts alone through the EPP, one at a time, for their
+//! CPU per request: first sends of fresh conversations (cold) and resends with one new turn
+//! (warm).
 //!
 //! Prompts. Every trace hash id (512 tokens) expands into 512 words drawn by a generator seeded
 //! with the id, from Qwen3 vocabulary entries that are a space plus 3–9 lowercase letters and
@@ -37,8 +40,9 @@
 //! 16-token blocks not yet cached and `removed` events when their LRU cache of
 //! `FULL_PATH_WORKER_BLOCKS` blocks evicts.
 //!
-//! Run (needs scripts/setup.sh): `cargo bench --bench full_path`; `FULL_PATH_SECS=600 nice -n 5
-//! cargo bench --bench full_path` is the 10-minute run. Options after `--`: `--trace PATH`
+//! Run (needs scripts/setup.sh): `cargo bench --bench full_path` (3 × 60 s of passes);
+//! `FULL_PATH_SECS=600 nice -n 5 cargo bench --bench full_path` is the 10-minute window
+//! (30 minutes of passes). Options after `--`: `--trace PATH`
 //! (default data/traces/mooncake_conversation.jsonl, or `$TRACES_DIR`), `--speedup X` (1), `--max-requests N`,
 //! `--long-share F`, `--long-convs N` (4), `--workers N` (4). Env: `FULL_PATH_DECODE_MS` (20),
 //! `FULL_PATH_WORKER_BLOCKS` (32768), `FULL_PATH_EPP_ENV=K=V,K=V` (extra EPP environment, e.g.
@@ -88,8 +92,8 @@ struct Opts {
     long_convs: u64,
     workers: usize,
     secs: f64,
-    base_secs: f64,
-    null_secs: f64,
+    /// A multiple of 3: each request goes every path once per three passes.
+    passes: usize,
     decode: Duration,
     worker_blocks: usize,
     epp_env: Vec<(String, String)>,
@@ -110,8 +114,7 @@ impl Opts {
             long_convs: 4,
             workers: 4,
             secs,
-            base_secs: env_or("FULL_PATH_BASE_SECS", secs.min(120.0)),
-            null_secs: 0.0,
+            passes: env_or("FULL_PATH_PASSES", 3),
             decode: Duration::from_millis(env_or("FULL_PATH_DECODE_MS", 20)),
             worker_blocks: env_or("FULL_PATH_WORKER_BLOCKS", 32768),
             epp_env: std::env::var("FULL_PATH_EPP_ENV")
@@ -134,7 +137,7 @@ impl Opts {
                 other => panic!("unknown argument {other}"),
             }
         }
-        o.null_secs = env_or("FULL_PATH_NULL_SECS", o.base_secs);
+        assert!(o.passes > 0 && o.passes.is_multiple_of(3), "FULL_PATH_PASSES must be a multiple of 3");
         o
     }
 }
@@ -244,6 +247,25 @@ fn cpu_secs(pid: u32) -> f64 {
     cpu_time(pid).as_secs_f64()
 }
 
+/// CPU seconds this process's threads named `name` have used so far.
+fn threads_cpu_secs(name: &str) -> f64 {
+    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
+    tasks
+        .filter_map(|t| {
+            let dir = t.ok()?.path();
+            (std::fs::read_to_string(dir.join("comm")).ok()?.trim_end() == name).then(|| cpu_time_of(dir.join("stat")).as_secs_f64())
+        })
+        .sum()
+}
+
+/// An Envoy's counters and gauges whose names match `filter` (a regex) and that were ever
+/// touched, from its admin `/stats`.
+async fn envoy_stats(envoy: &Envoy, filter: &str) -> std::collections::BTreeMap<String, f64> {
+    let url = format!("http://127.0.0.1:{}/stats?usedonly&filter={filter}", envoy.admin_port);
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines().filter_map(|l| l.split_once(": ")).filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?))).collect()
+}
+
 /// (VmRSS, RssAnon) in KiB.
 fn rss_kib(pid: u32) -> (u64, u64) {
     (status_kib(pid, "VmRSS"), status_kib(pid, "RssAnon"))
@@ -258,6 +280,7 @@ fn loadavg() -> String {
 #[derive(Clone)]
 struct Outcome {
     index: usize,
+    path: Path,
     long: bool,
     ok: bool,
     latency: Duration,
@@ -265,29 +288,51 @@ struct Outcome {
     lag: Duration,
 }
 
-/// Which ext_proc server (if any) the Envoy a phase sends to consults.
-#[derive(Clone, Copy)]
-enum Via<'a> {
-    /// None: the client names the worker itself, round-robin over these.
-    Direct(&'a [String]),
-    Epp,
-    /// `NullExtProc`, told each prompt's token count in [`TOKENS_HEADER`].
+/// The ways a request can go, each through an Envoy of its own with the same config.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// No ext_proc filter: the client names the worker itself, round-robin.
+    Base,
+    /// ext_proc to `NullExtProc`, told each prompt's token count in [`TOKENS_HEADER`].
     Null,
+    Epp,
+}
+
+/// In pass `k`, request `i` goes to `PATHS[(i + k) % 3]`.
+const PATHS: [Path; 3] = [Path::Base, Path::Null, Path::Epp];
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Path::Base => "baseline",
+            Path::Null => "null",
+            Path::Epp => "epp",
+        }
+    }
 }
 
 const TOKENS_HEADER: &str = "x-bench-prompt-tokens";
 
-/// Sends every planned request at its arrival time (not waiting for earlier answers).
-async fn replay(client: &reqwest::Client, url: &str, plan: &[Planned], until: f64, words: &Arc<Words>, via: Via<'_>) -> Vec<Outcome> {
+/// Where each path's Envoy listens, and the workers for the baseline's client-side choice.
+struct Targets {
+    urls: [String; 3],
+    dests: Vec<String>,
+}
+
+/// Sends every planned request at its arrival time (not waiting for earlier answers), request
+/// `i` along `route(i)`.
+async fn replay(client: &reqwest::Client, to: &Targets, plan: &[Planned], words: &Arc<Words>, route: impl Fn(usize) -> Path) -> Vec<Outcome> {
     let t0 = Instant::now();
     let mut tasks = Vec::new();
-    for (index, p) in plan.iter().enumerate().take_while(|(_, p)| p.at.as_secs_f64() < until) {
+    for (index, p) in plan.iter().enumerate() {
         tokio::time::sleep_until((t0 + p.at).into()).await;
-        let (client, url, words, p) = (client.clone(), url.to_string(), words.clone(), p.clone());
-        let header = match via {
-            Via::Direct(d) => Some(("x-gateway-destination-endpoint", d[index % d.len()].clone())),
-            Via::Epp => None,
-            Via::Null => Some((TOKENS_HEADER, p.prompt_tokens().to_string())),
+        let path = route(index);
+        let url = to.urls[path as usize].clone();
+        let (client, words, p) = (client.clone(), words.clone(), p.clone());
+        let header = match path {
+            Path::Base => Some(("x-gateway-destination-endpoint", to.dests[index % to.dests.len()].clone())),
+            Path::Null => Some((TOKENS_HEADER, p.prompt_tokens().to_string())),
+            Path::Epp => None,
         };
         tasks.push(tokio::spawn(async move {
             let lag = t0.elapsed().saturating_sub(p.at);
@@ -301,7 +346,7 @@ async fn replay(client: &reqwest::Client, url: &str, plan: &[Planned], until: f6
                 Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
                 Err(_) => false,
             };
-            Outcome { index, long: p.long, ok, latency: t.elapsed(), lag }
+            Outcome { index, path, long: p.long, ok, latency: t.elapsed(), lag }
         }));
     }
     let mut out = Vec::new();
@@ -312,8 +357,12 @@ async fn replay(client: &reqwest::Client, url: &str, plan: &[Planned], until: f6
 }
 
 /// p50 / p99 latency in ms of the successful outcomes that pass `keep`.
-fn lat(outs: &[Outcome], keep: impl Fn(&Outcome) -> bool) -> (f64, f64, usize) {
-    let mut v: Vec<f64> = outs.iter().filter(|o| o.ok && keep(o)).map(|o| o.latency.as_secs_f64() * 1e3).collect();
+fn lat<'a>(outs: impl IntoIterator<Item = &'a Outcome>, keep: impl Fn(&Outcome) -> bool) -> (f64, f64, usize) {
+    pcts(outs.into_iter().filter(|o| o.ok && keep(o)).map(|o| o.latency.as_secs_f64() * 1e3).collect())
+}
+
+/// p50 / p99 of `v` and its length.
+fn pcts(mut v: Vec<f64>) -> (f64, f64, usize) {
     v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return (f64::NAN, f64::NAN, 0);
@@ -321,7 +370,6 @@ fn lat(outs: &[Outcome], keep: impl Fn(&Outcome) -> bool) -> (f64, f64, usize) {
     (percentile(&v, 50.0), percentile(&v, 99.0), v.len())
 }
 
-/// Least-squares slope of (seconds, MiB), in MiB per minute.
 /// One Prometheus histogram's observations between two scrapes of the EPP's /metrics.
 struct HistogramDelta {
     sum: f64,
@@ -354,6 +402,7 @@ impl HistogramDelta {
     }
 }
 
+/// Least-squares slope of (seconds, MiB), in MiB per minute.
 fn slope_mib_per_min(pts: &[(f64, f64)]) -> f64 {
     let n = pts.len() as f64;
     if n < 2.0 {
@@ -376,17 +425,21 @@ struct Part {
 
 // ---------------------------------------------------------------- main
 
+/// The null server's threads, whose CPU is counted apart from the rest of the bench process.
+const NULL_THREADS: &str = "null-extproc";
+
 /// Serves `svc` (as `in_process::serve` does) on a runtime of its own with two threads, as the
 /// EPP's process has, so it does not share the generator's and workers' threads.
 fn serve_apart<S: ExternalProcessor>(svc: S) -> std::net::SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    std::thread::Builder::new().name(NULL_THREADS.into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name(NULL_THREADS).enable_all().build().unwrap();
         rt.block_on(async move {
             tx.send(in_process::serve(svc).await).unwrap();
             std::future::pending::<()>().await
         })
-    });
+    })
+    .unwrap();
     rx.recv().unwrap()
 }
 
@@ -409,7 +462,6 @@ async fn run(o: Opts) {
     drop(tok);
 
     let plan = schedule(&o);
-    let base_n = plan.iter().take_while(|p| p.at.as_secs_f64() < o.base_secs).count();
     let planned_tokens: usize = plan.iter().map(|p| p.input_length).sum();
     println!(
         "schedule: {} requests in {:.0} s ({} long), mean {:.0} prompt tokens; {} words of one token each; load average {}",
@@ -448,46 +500,27 @@ async fn run(o: Opts) {
     ];
     env.extend(o.epp_env.iter().cloned());
     let epp = Epp::start(&yaml, EppOptions { env, ..Default::default() }).await;
-    let with = Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await;
-    let without = Envoy::start(None).await;
     let dests: Vec<String> = workers.iter().map(|w| w.addr.to_string()).collect();
     let null_port = serve_apart(in_process::NullExtProc::new(dests.clone(), Some(TOKENS_HEADER))).port();
-    let null = Envoy::start(Some(&EppLink { port: null_port, tls: false })).await;
+    // One Envoy per path (indexed as `PATHS`), so each one's CPU is its path's.
+    let envoys = [
+        Envoy::start(None).await,
+        Envoy::start(Some(&EppLink { port: null_port, tls: false })).await,
+        Envoy::start(Some(&EppLink { port: epp.grpc_port, tls: false })).await,
+    ];
+    let to = Targets { urls: envoys.each_ref().map(|e| e.url("/v1/chat/completions")), dests };
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).timeout(Duration::from_secs(120)).build().unwrap();
     let epp_pid = epp.child.id().unwrap();
     let me = std::process::id();
-    let (with_pid, without_pid, null_pid) = (with.child.id().unwrap(), without.child.id().unwrap(), null.child.id().unwrap());
+    let envoy_pids = envoys.each_ref().map(|e| e.child.id().unwrap());
 
-    // Warm both paths (connections, the EPP's thread pools) with requests outside the schedule.
+    // Warm every path (connections, the EPP's thread pools) with requests outside the schedule.
     let warm: Vec<Planned> = (0..8).map(|i| Planned { at: Duration::ZERO, ids: Arc::new(vec![900_000_000 + i]), input_length: 512, long: false }).collect();
-    replay(&client, &without.url("/v1/chat/completions"), &warm, 1.0, &words, Via::Direct(&dests)).await;
-    replay(&client, &null.url("/v1/chat/completions"), &warm, 1.0, &words, Via::Null).await;
-    replay(&client, &with.url("/v1/chat/completions"), &warm, 1.0, &words, Via::Epp).await;
-
-    // ---- phase 1: baseline
-    let load_before_base = loadavg();
-    println!("baseline: {base_n} requests over {:.0} s through Envoy without ext_proc …", o.base_secs);
-    let (c0_env, c0_me) = (cpu_secs(without_pid), cpu_secs(me));
-    let base = replay(&client, &without.url("/v1/chat/completions"), &plan, o.base_secs, &words, Via::Direct(&dests)).await;
-    let base_cpu = (cpu_secs(without_pid) - c0_env, cpu_secs(me) - c0_me);
-
-    // ---- phase 2: through the do-nothing ext_proc server
-    let mut null_outs = Vec::new();
-    let (mut null_cpu, mut null_tokens) = ((0.0, 0.0), f64::NAN);
-    if o.null_secs > 0.0 {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        println!("null: requests over {:.0} s through Envoy + a do-nothing ext_proc server (load average {}) …", o.null_secs, loadavg());
-        let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
-        let (c0_env, c0_me) = (cpu_secs(null_pid), cpu_secs(me));
-        null_outs = replay(&client, &null.url("/v1/chat/completions"), &plan, o.null_secs, &words, Via::Null).await;
-        null_cpu = (cpu_secs(null_pid) - c0_env, cpu_secs(me) - c0_me);
-        null_tokens = (stats.tokens.load(Relaxed) - t0_tokens) as f64 / (stats.with_tokens.load(Relaxed) - t0_with).max(1) as f64;
+    for path in PATHS {
+        replay(&client, &to, &warm, &words, |_| path).await;
     }
 
-    // ---- phase 3: through the EPP, with CPU and memory sampled
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let load_before_epp = loadavg();
-    println!("epp: {} requests over {:.0} s through Envoy + ext_proc (load average {load_before_epp}) …", plan.len(), o.secs);
+    // ---- the interleaved passes, with the EPP's CPU and memory sampled throughout
     let rss_start = rss_kib(epp_pid);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // RSS every second; every 10 s also what the EPP says fills memory (index, token cache).
@@ -513,32 +546,58 @@ async fn run(o: Opts) {
     };
     let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
     let steps0 = epp.metrics().await;
-    let (c1_epp, c1_env, c1_me) = (cpu_secs(epp_pid), cpu_secs(with_pid), cpu_secs(me));
-    let ours = replay(&client, &with.url("/v1/chat/completions"), &plan, o.secs, &words, Via::Epp).await;
-    let (epp_cpu, env_cpu, me_cpu) = (cpu_secs(epp_pid) - c1_epp, cpu_secs(with_pid) - c1_env, cpu_secs(me) - c1_me);
-    let load_after_epp = loadavg();
+    // CPU seconds so far of [the EPP, the Envoys as `PATHS`, the null server, the whole bench process].
+    let cpu_now = || [cpu_secs(epp_pid), cpu_secs(envoy_pids[0]), cpu_secs(envoy_pids[1]), cpu_secs(envoy_pids[2]), threads_cpu_secs(NULL_THREADS), cpu_secs(me)];
+    let load_before = loadavg();
+    println!(
+        "{} passes of {} requests over {:.0} s each, request i of pass k through {} (load average {load_before}) …",
+        o.passes,
+        plan.len(),
+        o.secs,
+        PATHS.map(Path::name).join(" / ") + " for (i + k) mod 3"
+    );
+    let c0 = cpu_now();
+    let mut passes: Vec<Vec<Outcome>> = Vec::new();
+    for k in 0..o.passes {
+        if k > 0 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        passes.push(replay(&client, &to, &plan, &words, |i| PATHS[(i + k) % 3]).await);
+    }
+    let c1 = cpu_now();
+    let load_after = loadavg();
     stop.store(true, Relaxed);
     let (rss_pts, parts) = sampler.await.unwrap();
-    let epp_with_tokens = stats.with_tokens.load(Relaxed) - t0_with;
-    let epp_tokens = (stats.tokens.load(Relaxed) - t0_tokens) as f64 / epp_with_tokens.max(1) as f64;
     // Where the added latency goes: the EPP's tokenize and its whole routing step (body complete
     // → decision made: prepare, a pool hop, the router lock, the pick).
     let steps1 = epp.metrics().await;
     let (tokenize_ms, decision_ms) = (HistogramDelta::between(&steps0, &steps1, "dynamo_epp_tokenize_seconds"), HistogramDelta::between(&steps0, &steps1, "dynamo_epp_decision_seconds"));
     let kv_applied = epp.metric("dynamo_epp_kv_events_applied_total").await.unwrap_or(f64::NAN);
     let kv_lost = epp.metric("dynamo_epp_kv_events_lost_total").await.unwrap_or(f64::NAN);
+    // Whether Envoy waits on flow control or buffer limits carrying the bodies (cumulative since
+    // start: the warm-up's 8 requests per path are in them).
+    let mut envoy_counters = Vec::new();
+    for e in &envoys {
+        envoy_counters.push(envoy_stats(e, "flow_control|watermark|buffer|overflow|ext_proc|http2|rq_too_large|cx_(rx|tx)_bytes_total").await);
+    }
+    // The workers cannot tell a null request's ids from the EPP's; the null server's are the
+    // counts it was told, so the EPP's are the rest.
+    let all_outs = || passes.iter().flatten();
+    let null_told: Vec<usize> = all_outs().filter(|x| x.path == Path::Null && x.ok).map(|x| plan[x.index].prompt_tokens()).collect();
+    let null_tokens = null_told.iter().sum::<usize>() as f64 / null_told.len().max(1) as f64;
+    let epp_with_tokens = (stats.with_tokens.load(Relaxed) - t0_with).saturating_sub(null_told.len() as u64);
+    let epp_tokens = (stats.tokens.load(Relaxed) - t0_tokens).saturating_sub(null_told.iter().sum::<usize>() as u64) as f64 / epp_with_tokens.max(1) as f64;
 
-    // ---- phase 4: ~100k-token conversations alone, one request at a time
+    // ---- then ~100k-token conversations alone, one request at a time, through the EPP
     tokio::time::sleep(Duration::from_secs(3)).await;
     let fresh: Vec<u64> = (0..2).map(|c| 10_000 + c).collect();
-    let url = with.url("/v1/chat/completions");
     let one_by_one = |reqs: Vec<Planned>| {
-        let (client, url, words) = (client.clone(), url.clone(), words.clone());
+        let (client, to, words) = (&client, &to, words.clone());
         async move {
             let (c0, t0) = (cpu_secs(epp_pid), Instant::now());
             let mut outs = Vec::new();
             for p in reqs {
-                outs.extend(replay(&client, &url, &[p], 1.0, &words, Via::Epp).await);
+                outs.extend(replay(client, to, &[p], &words, |_| Path::Epp).await);
             }
             // Events the workers publish after answering are the request's cost too.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -554,18 +613,47 @@ async fn run(o: Opts) {
     let rss_end = rss_kib(epp_pid);
 
     // ---- report
-    let ok = |v: &[Outcome]| v.iter().filter(|x| x.ok).count();
-    let n = ours.len() as f64;
-    let cpu_per_req = epp_cpu / n;
-    let (b50, b99, _) = lat(&base, |_| true);
-    let (m50, m99, _) = lat(&ours, |x| x.index < base_n);
-    let (n50, n99, _) = lat(&null_outs, |x| x.index < base_n);
-    let (a50, a99, _) = lat(&ours, |_| true);
-    let (bl50, bl99, _) = lat(&base, |x| x.long);
-    let (ml50, ml99, _) = lat(&ours, |x| x.long && x.index < base_n);
+    let by_path = |path: Path| all_outs().filter(move |x| x.path == path);
+    let ok = |path: Path| by_path(path).filter(|x| x.ok).count();
+    let sent = |path: Path| by_path(path).count();
+    // Per path: (p50, p99, long p50, long p99, max send lag), all over the same requests.
+    let summary = PATHS.map(|path| {
+        let (p50, p99, _) = lat(by_path(path), |_| true);
+        let (l50, l99, _) = lat(by_path(path), |x| x.long);
+        (p50, p99, l50, l99, by_path(path).map(|x| x.lag.as_secs_f64() * 1e3).fold(0.0, f64::max))
+    });
+    let [base, null, ours] = summary;
+    // Paired: request i's latency along one path minus along another, within a round of three
+    // passes (where it went every path once), both answered.
+    let mut pairs: [Vec<f64>; 3] = Default::default();
+    for round in passes.chunks(3) {
+        let mut ms = vec![[f64::NAN; 3]; plan.len()];
+        for x in round.iter().flatten().filter(|x| x.ok) {
+            ms[x.index][x.path as usize] = x.latency.as_secs_f64() * 1e3;
+        }
+        for m in &ms {
+            let [b, nl, e] = *m;
+            for (v, d) in pairs.iter_mut().zip([e - b, e - nl, nl - b]) {
+                if !d.is_nan() {
+                    v.push(d);
+                }
+            }
+        }
+    }
+    let [epp_base, epp_null, null_base] = pairs.map(pcts);
+    // The p50 per path in each pass: how far the machine drifted while they ran.
+    let per_pass: Vec<[f64; 3]> = passes.iter().map(|outs| PATHS.map(|path| lat(outs, |x| x.path == path).0)).collect();
+    // Process `p`'s CPU seconds over the passes per request of `n`. Each path's processes also
+    // idle through the other paths' requests; their idle rate is too small for /proc's 10 ms
+    // ticks to measure well enough to subtract.
+    let cpu_per = |p: usize, n: usize| (c1[p] - c0[p]) / n.max(1) as f64;
+    let epp_cpu = cpu_per(0, sent(Path::Epp));
+    let envoy_cpu = PATHS.map(|path| cpu_per(1 + path as usize, sent(path)));
+    let null_cpu = cpu_per(4, sent(Path::Null));
+    // The bench process less the null server: the generator and the workers, over every request.
+    let me_cpu = ((c1[5] - c0[5]) - (c1[4] - c0[4])) / all_outs().count().max(1) as f64;
     let (cl50, _, _) = lat(&cold, |_| true);
     let (wl50, wl99, _) = lat(&warm, |_| true);
-    let max_lag = |v: &[Outcome]| v.iter().map(|x| x.lag.as_secs_f64() * 1e3).fold(0.0, f64::max);
     let mib = |k: u64| k as f64 / 1024.0;
     let mut rss_sorted: Vec<f64> = rss_pts.iter().map(|p| mib(p.1)).collect();
     rss_sorted.sort_by(f64::total_cmp);
@@ -580,30 +668,26 @@ async fn run(o: Opts) {
     let rest: Vec<(f64, f64)> = parts.iter().map(|p| (p.t, p.rss_mib - p.token_cache_mib)).collect();
     let slope_rest_2nd = slope_mib_per_min(&rest[rest.len() / 2..]);
 
-    println!("\n== full path: {} workers, trace {} ×{}, long share {}, decode {} ms", o.workers, o.trace.display(), o.speedup, o.long_share, o.decode.as_millis());
-    println!("load average: before baseline {load_before_base}; before epp phase {load_before_epp}; after {load_after_epp}");
-    println!("{:<44} {:>12} {:>12}", "", "baseline", "epp");
-    println!("{:<44} {:>12} {:>12}", "requests sent / ok", format!("{} / {}", base.len(), ok(&base)), format!("{} / {}", ours.len(), ok(&ours)));
-    println!("{:<44} {:>12.1} {:>12.1}", "latency p50 ms (baseline window)", b50, m50);
-    println!("{:<44} {:>12.1} {:>12.1}", "latency p99 ms (baseline window)", b99, m99);
-    println!("{:<44} {:>12.1} {:>12.1}", "long prompts p50 ms (baseline window)", bl50, ml50);
-    println!("{:<44} {:>12.1} {:>12.1}", "long prompts p99 ms (baseline window)", bl99, ml99);
-    println!("{:<44} {:>12} {:>12.1}", "latency p50 / p99 ms (whole epp phase)", "", a50);
-    println!("{:<44} {:>12} {:>12.1}", "", "", a99);
-    println!("{:<44} {:>12.1} {:>12.1}", "max send lag ms (open loop)", max_lag(&base), max_lag(&ours));
-    println!("EPP-added latency: p50 {:+.1} ms, p99 {:+.1} ms", m50 - b50, m99 - b99);
+    println!("\n== full path: {} workers, trace {} ×{}, long share {}, decode {} ms, {} interleaved passes", o.workers, o.trace.display(), o.speedup, o.long_share, o.decode.as_millis(), o.passes);
+    println!("load average: before the passes {load_before}; after {load_after}");
+    println!("{:<36} {:>12} {:>12} {:>12}", "", "baseline", "null", "epp");
+    let counts = PATHS.map(|p| format!("{} / {}", sent(p), ok(p)));
+    println!("{:<36} {:>12} {:>12} {:>12}", "requests sent / ok", counts[0], counts[1], counts[2]);
+    for (label, f) in [("latency p50 ms", 0), ("latency p99 ms", 1), ("long prompts p50 ms", 2), ("long prompts p99 ms", 3), ("max send lag ms (open loop)", 4)] {
+        let v = summary.map(|s| [s.0, s.1, s.2, s.3, s.4][f]);
+        println!("{label:<36} {:>12.1} {:>12.1} {:>12.1}", v[0], v[1], v[2]);
+    }
+    println!("{:<36} {:>12} {:>+12.1} {:>+12.1}", "added p50 ms (path − baseline)", "", null.0 - base.0, ours.0 - base.0);
+    println!("{:<36} {:>12} {:>+12.1} {:>+12.1}", "added p99 ms", "", null.1 - base.1, ours.1 - base.1);
+    println!("EPP-added latency: p50 {:+.1} ms, p99 {:+.1} ms", ours.0 - base.0, ours.1 - base.1);
     println!(
-        "null ext_proc server: {} / {} ok, p50 {:.1} / p99 {:.1} ms (baseline window) = added p50 {:+.1} ms, p99 {:+.1} ms; {:.0} token_data ids each; CPU s per request Envoy {:.4}, generator+workers+null server {:.4}",
-        ok(&null_outs),
-        null_outs.len(),
-        n50,
-        n99,
-        n50 - b50,
-        n99 - b99,
-        null_tokens,
-        null_cpu.0 / null_outs.len().max(1) as f64,
-        null_cpu.1 / null_outs.len().max(1) as f64
+        "paired per request (p50 / p99 ms, n): epp − baseline {:+.1} / {:+.1} ({}); epp − null {:+.1} / {:+.1} ({}); null − baseline {:+.1} / {:+.1} ({})",
+        epp_base.0, epp_base.1, epp_base.2, epp_null.0, epp_null.1, epp_null.2, null_base.0, null_base.1, null_base.2
     );
+    for (k, p) in per_pass.iter().enumerate() {
+        println!("pass {k}: p50 ms baseline {:.1}, null {:.1}, epp {:.1}", p[0], p[1], p[2]);
+    }
+    println!("token_data ids per request: null server {null_tokens:.0} (told), EPP {epp_tokens:.0} (workers' count less the null server's)");
     println!(
         "of which (EPP histograms, ms): tokenize mean {:.2}, p50 ≤ {:.2}; body complete → decision made mean {:.2}, p50 ≤ {:.2}",
         tokenize_ms.mean_ms(),
@@ -612,20 +696,25 @@ async fn run(o: Opts) {
         decision_ms.p50_bound_ms()
     );
     println!(
-        "CPU s per request: EPP {:.4} (= {:.0} req/s per core); Envoy {:.4} (alone {:.4}); generator+workers {:.4} (baseline {:.4})",
-        cpu_per_req,
-        1.0 / cpu_per_req,
-        env_cpu / n,
-        base_cpu.0 / base.len().max(1) as f64,
-        me_cpu / n,
-        base_cpu.1 / base.len().max(1) as f64
+        "CPU ms per request on its path (idle time between its requests included): EPP {:.2} (= {:.0} req/s per core); null server {:.2}; Envoy baseline {:.2}, null {:.2}, epp {:.2}; generator+workers {:.2} (every request)",
+        epp_cpu * 1e3,
+        1.0 / epp_cpu,
+        null_cpu * 1e3,
+        envoy_cpu[0] * 1e3,
+        envoy_cpu[1] * 1e3,
+        envoy_cpu[2] * 1e3,
+        me_cpu * 1e3
     );
+    for (path, counters) in PATHS.iter().zip(&envoy_counters) {
+        let waits: Vec<String> = counters.iter().filter(|(k, v)| **v != 0.0 && (k.contains("flow_control") || k.contains("overflow") || k.contains("too_large"))).map(|(k, v)| format!("{k} {v}")).collect();
+        println!("Envoy {} flow control / overflow counters: {}", path.name(), if waits.is_empty() { "none".to_string() } else { waits.join(", ") });
+    }
     println!(
         "~100k-token conversations alone: cold first send {:.4} CPU s/req (p50 {:.0} ms); resend with a new turn {:.4} CPU s/req = {:.3} core per req/s (p50 {:.0} / p99 {:.0} ms) — target ≤ 0.05",
         cold_per, cl50, warm_per, warm_per, wl50, wl99
     );
     println!(
-        "EPP RSS MiB: idle {:.1}; epp phase start {:.1} / median {:.1} / max {:.1} / end {:.1}; after long phase {:.1}; slope {:.2} MiB/min (second half {:.2}); RssAnon slope {:.2}",
+        "EPP RSS MiB: idle {:.1}; passes start {:.1} / median {:.1} / max {:.1} / end {:.1}; after long phase {:.1}; slope {:.2} MiB/min (second half {:.2}); RssAnon slope {:.2}",
         mib(rss_start.0),
         rss_series.first().map_or(f64::NAN, |p| p.1),
         percentile(&rss_sorted, 50.0),
@@ -637,16 +726,15 @@ async fn run(o: Opts) {
         slope_mib_per_min(&anon_series)
     );
     println!(
-        "workers: {} requests, {} with token_data in the epp phase ({:.0} tokens each; the schedule asked {:.0} + template), stored {} / removed {} blocks, {} publish failures; EPP applied {} events, lost {}",
+        "workers: {} requests, {} with token_data from the EPP, stored {} / removed {} blocks, {} publish failures; EPP applied {} events, lost {}; the schedule asked {:.0} tokens + template",
         stats.requests.load(Relaxed),
         epp_with_tokens,
-        epp_tokens,
-        planned_tokens as f64 / plan.len().max(1) as f64,
         stats.stored_blocks.load(Relaxed),
         stats.removed_blocks.load(Relaxed),
         stats.publish_failures.load(Relaxed),
         kv_applied,
         kv_lost,
+        planned_tokens as f64 / plan.len().max(1) as f64,
     );
     println!("RSS less token cache: slope over the second half {slope_rest_2nd:.2} MiB/min");
     println!("{:>6} {:>9} {:>9} {:>14} {:>13}", "s", "RSS MiB", "anon MiB", "token cache MiB", "index blocks");
@@ -655,31 +743,40 @@ async fn run(o: Opts) {
         println!("{:>6.0} {:>9.1} {:>9.1} {:>14.1} {:>13.0}", p.t, p.rss_mib, p.anon_mib, p.token_cache_mib, p.index_blocks);
     }
 
+    // One path's figures, and `extra` (an object) for what only that path has.
+    let path_report = |i: usize, extra: serde_json::Value| {
+        let path = PATHS[i];
+        let (p50, p99, l50, l99, lag) = summary[i];
+        let mut r = json!({"sent": sent(path), "ok": ok(path), "p50_ms": p50, "p99_ms": p99, "long_p50_ms": l50, "long_p99_ms": l99, "max_lag_ms": lag,
+            "added_p50_ms": p50 - base.0, "added_p99_ms": p99 - base.1, "envoy_cpu_s_per_req": envoy_cpu[i],
+            "envoy_stats": envoy_counters[i]});
+        r.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        r
+    };
+    let paired = |(p50, p99, n): (f64, f64, usize)| json!({"p50_ms": p50, "p99_ms": p99, "n": n});
     let report = json!({
-        "options": {"trace": o.trace, "speedup": o.speedup, "secs": o.secs, "base_secs": o.base_secs, "long_share": o.long_share,
+        "options": {"trace": o.trace, "speedup": o.speedup, "secs": o.secs, "passes": o.passes, "long_share": o.long_share,
             "long_convs": o.long_convs, "workers": o.workers, "decode_ms": o.decode.as_millis() as u64, "worker_blocks": o.worker_blocks,
-            "null_secs": o.null_secs, "epp_env": o.epp_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()},
-        "load_average": {"before_baseline": load_before_base, "before_epp": load_before_epp, "after_epp": load_after_epp},
-        "baseline": {"sent": base.len(), "ok": ok(&base), "p50_ms": b50, "p99_ms": b99, "long_p50_ms": bl50, "long_p99_ms": bl99,
-            "envoy_cpu_s_per_req": base_cpu.0 / base.len().max(1) as f64, "generator_workers_cpu_s_per_req": base_cpu.1 / base.len().max(1) as f64},
-        "null": {"secs": o.null_secs, "sent": null_outs.len(), "ok": ok(&null_outs), "window_p50_ms": n50, "window_p99_ms": n99,
-            "added_p50_ms": n50 - b50, "added_p99_ms": n99 - b99, "mean_token_data": null_tokens,
-            "envoy_cpu_s_per_req": null_cpu.0 / null_outs.len().max(1) as f64, "generator_workers_null_cpu_s_per_req": null_cpu.1 / null_outs.len().max(1) as f64},
-        "epp": {"sent": ours.len(), "ok": ok(&ours), "window_p50_ms": m50, "window_p99_ms": m99, "long_window_p50_ms": ml50, "long_window_p99_ms": ml99,
-            "p50_ms": a50, "p99_ms": a99, "added_p50_ms": m50 - b50, "added_p99_ms": m99 - b99,
-            "epp_cpu_s_per_req": cpu_per_req, "req_per_s_per_core": 1.0 / cpu_per_req, "envoy_cpu_s_per_req": env_cpu / n,
-            "generator_workers_cpu_s_per_req": me_cpu / n, "mean_prompt_tokens": planned_tokens as f64 / plan.len().max(1) as f64,
+            "epp_env": o.epp_env.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>()},
+        "load_average": {"before": load_before, "after": load_after},
+        "baseline": path_report(0, json!({})),
+        "null": path_report(1, json!({"mean_token_data": null_tokens, "null_server_cpu_s_per_req": null_cpu})),
+        "epp": path_report(2, json!({"epp_cpu_s_per_req": epp_cpu, "req_per_s_per_core": 1.0 / epp_cpu,
+            "mean_token_data": epp_tokens, "mean_prompt_tokens": planned_tokens as f64 / plan.len().max(1) as f64,
             "kv_events_applied": kv_applied, "kv_events_lost": kv_lost,
             "tokenize_mean_ms": tokenize_ms.mean_ms(), "tokenize_p50_bound_ms": tokenize_ms.p50_bound_ms(),
-            "body_to_decision_mean_ms": decision_ms.mean_ms(), "body_to_decision_p50_bound_ms": decision_ms.p50_bound_ms()},
+            "body_to_decision_mean_ms": decision_ms.mean_ms(), "body_to_decision_p50_bound_ms": decision_ms.p50_bound_ms()})),
+        "paired": {"epp_minus_baseline": paired(epp_base), "epp_minus_null": paired(epp_null), "null_minus_baseline": paired(null_base)},
+        "per_pass_p50_ms": per_pass.iter().map(|p| json!({"baseline": p[0], "null": p[1], "epp": p[2]})).collect::<Vec<_>>(),
+        "generator_workers_cpu_s_per_req": me_cpu,
         "long": {"cold_cpu_s_per_req": cold_per, "cold_p50_ms": cl50, "warm_cpu_s_per_req": warm_per, "warm_p50_ms": wl50, "warm_p99_ms": wl99,
-            "cold_ok": ok(&cold), "warm_ok": ok(&warm), "prompt_tokens": (LONG_HISTORY_IDS + LONG_TURN_IDS) * TRACE_BLOCK},
+            "cold_ok": cold.iter().filter(|x| x.ok).count(), "warm_ok": warm.iter().filter(|x| x.ok).count(), "prompt_tokens": (LONG_HISTORY_IDS + LONG_TURN_IDS) * TRACE_BLOCK},
         "rss": {"idle_mib": mib(rss_start.0), "max_mib": rss_sorted.last(), "median_mib": percentile(&rss_sorted, 50.0), "after_long_mib": mib(rss_end.0),
             "slope_mib_per_min": slope_all, "slope_second_half_mib_per_min": slope_2nd,
             "samples": rss_pts.iter().map(|p| json!([p.0.round(), mib(p.1), mib(p.2), p.3])).collect::<Vec<_>>()},
         "memory_parts": parts.iter().map(|p| json!({"t": p.t, "rss_mib": p.rss_mib, "anon_mib": p.anon_mib, "index_blocks": p.index_blocks, "token_cache_mib": p.token_cache_mib})).collect::<Vec<_>>(),
         "rss_less_token_cache_slope_second_half_mib_per_min": slope_rest_2nd,
-        "workers": {"requests": stats.requests.load(Relaxed), "epp_phase_with_token_data": epp_with_tokens, "epp_phase_mean_token_data": epp_tokens,
+        "workers": {"requests": stats.requests.load(Relaxed), "epp_with_token_data": epp_with_tokens,
             "stored_blocks": stats.stored_blocks.load(Relaxed), "removed_blocks": stats.removed_blocks.load(Relaxed),
             "publish_failures": stats.publish_failures.load(Relaxed)},
     });
