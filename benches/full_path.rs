@@ -258,6 +258,15 @@ fn threads_cpu_secs(name: &str) -> f64 {
         .sum()
 }
 
+/// CPU seconds of `pid`'s live threads to the nanosecond (`schedstat`): for the idle rate,
+/// too small for the 10 ms ticks of `cpu_secs` to measure; totals stay with `cpu_secs`, which
+/// keeps the CPU of threads that have exited.
+fn live_threads_cpu_secs(pid: u32) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let ns: u64 = tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?.split(' ').next()?.parse::<u64>().ok()).sum();
+    ns as f64 / 1e9
+}
+
 /// An Envoy's counters and gauges whose names match `filter` (a regex) and that were ever
 /// touched, from its admin `/stats`.
 async fn envoy_stats(envoy: &Envoy, filter: &str) -> std::collections::BTreeMap<String, f64> {
@@ -544,6 +553,12 @@ async fn run(o: Opts) {
             (pts, parts)
         })
     };
+    // The EPP's idle CPU rate (timers, sweeps), before any scheduled request: the passes also
+    // give it the other paths' requests to idle through, and that time is not its requests' cost.
+    const IDLE_SECS: f64 = 10.0;
+    let idle0 = live_threads_cpu_secs(epp_pid);
+    tokio::time::sleep(Duration::from_secs_f64(IDLE_SECS)).await;
+    let epp_idle_per_sec = (live_threads_cpu_secs(epp_pid) - idle0) / IDLE_SECS;
     let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
     let steps0 = epp.metrics().await;
     // CPU seconds so far of [the EPP, the Envoys as `PATHS`, the null server, the whole bench process].
@@ -556,7 +571,7 @@ async fn run(o: Opts) {
         o.secs,
         PATHS.map(Path::name).join(" / ") + " for (i + k) mod 3"
     );
-    let c0 = cpu_now();
+    let (c0, passes_t0) = (cpu_now(), Instant::now());
     let mut passes: Vec<Vec<Outcome>> = Vec::new();
     for k in 0..o.passes {
         if k > 0 {
@@ -564,7 +579,7 @@ async fn run(o: Opts) {
         }
         passes.push(replay(&client, &to, &plan, &words, |i| PATHS[(i + k) % 3]).await);
     }
-    let c1 = cpu_now();
+    let (c1, passes_secs) = (cpu_now(), passes_t0.elapsed().as_secs_f64());
     let load_after = loadavg();
     stop.store(true, Relaxed);
     let (rss_pts, parts) = sampler.await.unwrap();
@@ -604,9 +619,6 @@ async fn run(o: Opts) {
             (cpu_secs(epp_pid) - c0, t0.elapsed().as_secs_f64(), outs)
         }
     };
-    let idle0 = cpu_secs(epp_pid);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let idle_per_sec = (cpu_secs(epp_pid) - idle0) / 2.0;
     let (cold_cpu, _, cold) = one_by_one(fresh.iter().map(|&c| long_request(c, 0, Duration::ZERO)).collect()).await;
     let warm_n = 10;
     let (warm_cpu, warm_secs, warm) = one_by_one((1..=warm_n).flat_map(|k| fresh.iter().map(move |&c| long_request(c, k, Duration::ZERO))).collect()).await;
@@ -644,10 +656,11 @@ async fn run(o: Opts) {
     // The p50 per path in each pass: how far the machine drifted while they ran.
     let per_pass: Vec<[f64; 3]> = passes.iter().map(|outs| PATHS.map(|path| lat(outs, |x| x.path == path).0)).collect();
     // Process `p`'s CPU seconds over the passes per request of `n`. Each path's processes also
-    // idle through the other paths' requests; their idle rate is too small for /proc's 10 ms
-    // ticks to measure well enough to subtract.
+    // idle through the other paths' requests; the EPP's idle rate is subtracted below (measured
+    // to the nanosecond), the others' are too small for /proc's 10 ms ticks.
     let cpu_per = |p: usize, n: usize| (c1[p] - c0[p]) / n.max(1) as f64;
     let epp_cpu = cpu_per(0, sent(Path::Epp));
+    let epp_cpu_less_idle = ((c1[0] - c0[0]) - epp_idle_per_sec * passes_secs).max(0.0) / sent(Path::Epp).max(1) as f64;
     let envoy_cpu = PATHS.map(|path| cpu_per(1 + path as usize, sent(path)));
     let null_cpu = cpu_per(4, sent(Path::Null));
     // The bench process less the null server: the generator and the workers, over every request.
@@ -662,7 +675,7 @@ async fn run(o: Opts) {
     let (slope_all, slope_2nd) = (slope_mib_per_min(&rss_series), slope_mib_per_min(&rss_series[half..]));
     let anon_series: Vec<(f64, f64)> = rss_pts.iter().map(|p| (p.0, mib(p.2))).collect();
     // Idle CPU (timers, metrics) is not the requests' cost.
-    let warm_per = (warm_cpu - idle_per_sec * warm_secs).max(0.0) / warm.len() as f64;
+    let warm_per = (warm_cpu - epp_idle_per_sec * warm_secs).max(0.0) / warm.len() as f64;
     let cold_per = cold_cpu / cold.len() as f64;
     // RSS less the token cache: what the rest of the process holds.
     let rest: Vec<(f64, f64)> = parts.iter().map(|p| (p.t, p.rss_mib - p.token_cache_mib)).collect();
@@ -704,6 +717,12 @@ async fn run(o: Opts) {
         envoy_cpu[1] * 1e3,
         envoy_cpu[2] * 1e3,
         me_cpu * 1e3
+    );
+    println!(
+        "EPP CPU ms per request less its idle rate ({:.2} ms/s, measured over {IDLE_SECS:.0} s before the passes) × the passes' {passes_secs:.0} s: {:.2} (= {:.0} req/s per core)",
+        epp_idle_per_sec * 1e3,
+        epp_cpu_less_idle * 1e3,
+        1.0 / epp_cpu_less_idle
     );
     for (path, counters) in PATHS.iter().zip(&envoy_counters) {
         let waits: Vec<String> = counters.iter().filter(|(k, v)| **v != 0.0 && (k.contains("flow_control") || k.contains("overflow") || k.contains("too_large"))).map(|(k, v)| format!("{k} {v}")).collect();
@@ -762,6 +781,7 @@ async fn run(o: Opts) {
         "baseline": path_report(0, json!({})),
         "null": path_report(1, json!({"mean_token_data": null_tokens, "null_server_cpu_s_per_req": null_cpu})),
         "epp": path_report(2, json!({"epp_cpu_s_per_req": epp_cpu, "req_per_s_per_core": 1.0 / epp_cpu,
+            "epp_idle_cpu_s_per_s": epp_idle_per_sec, "epp_cpu_s_per_req_less_idle": epp_cpu_less_idle,
             "mean_token_data": epp_tokens, "mean_prompt_tokens": planned_tokens as f64 / plan.len().max(1) as f64,
             "kv_events_applied": kv_applied, "kv_events_lost": kv_lost,
             "tokenize_mean_ms": tokenize_ms.mean_ms(), "tokenize_p50_bound_ms": tokenize_ms.p50_bound_ms(),
