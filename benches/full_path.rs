@@ -247,23 +247,21 @@ fn cpu_secs(pid: u32) -> f64 {
     cpu_time(pid).as_secs_f64()
 }
 
-/// CPU seconds this process's threads named `name` have used so far.
-fn threads_cpu_secs(name: &str) -> f64 {
-    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
-    tasks
+/// CPU seconds of `pid`'s live threads — all, or those named `name` — to the nanosecond
+/// (`schedstat`): for rates too small for /proc's 10 ms ticks, and for one runtime's threads
+/// apart from the rest of their process. Threads that have exited are not in it, so process
+/// totals stay with `cpu_secs`.
+fn threads_cpu_secs(pid: u32, name: Option<&str>) -> f64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let ns: u64 = tasks
         .filter_map(|t| {
             let dir = t.ok()?.path();
-            (std::fs::read_to_string(dir.join("comm")).ok()?.trim_end() == name).then(|| cpu_time_of(dir.join("stat")).as_secs_f64())
+            if name.is_some_and(|n| std::fs::read_to_string(dir.join("comm")).map_or(true, |c| c.trim_end() != n)) {
+                return None;
+            }
+            std::fs::read_to_string(dir.join("schedstat")).ok()?.split(' ').next()?.parse::<u64>().ok()
         })
-        .sum()
-}
-
-/// CPU seconds of `pid`'s live threads to the nanosecond (`schedstat`): for the idle rate,
-/// too small for the 10 ms ticks of `cpu_secs` to measure; totals stay with `cpu_secs`, which
-/// keeps the CPU of threads that have exited.
-fn live_threads_cpu_secs(pid: u32) -> f64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    let ns: u64 = tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok()?.split(' ').next()?.parse::<u64>().ok()).sum();
+        .sum();
     ns as f64 / 1e9
 }
 
@@ -556,13 +554,13 @@ async fn run(o: Opts) {
     // The EPP's idle CPU rate (timers, sweeps), before any scheduled request: the passes also
     // give it the other paths' requests to idle through, and that time is not its requests' cost.
     const IDLE_SECS: f64 = 10.0;
-    let idle0 = live_threads_cpu_secs(epp_pid);
+    let idle0 = threads_cpu_secs(epp_pid, None);
     tokio::time::sleep(Duration::from_secs_f64(IDLE_SECS)).await;
-    let epp_idle_per_sec = (live_threads_cpu_secs(epp_pid) - idle0) / IDLE_SECS;
+    let epp_idle_per_sec = (threads_cpu_secs(epp_pid, None) - idle0) / IDLE_SECS;
     let (t0_with, t0_tokens) = (stats.with_tokens.load(Relaxed), stats.tokens.load(Relaxed));
     let steps0 = epp.metrics().await;
     // CPU seconds so far of [the EPP, the Envoys as `PATHS`, the null server, the whole bench process].
-    let cpu_now = || [cpu_secs(epp_pid), cpu_secs(envoy_pids[0]), cpu_secs(envoy_pids[1]), cpu_secs(envoy_pids[2]), threads_cpu_secs(NULL_THREADS), cpu_secs(me)];
+    let cpu_now = || [cpu_secs(epp_pid), cpu_secs(envoy_pids[0]), cpu_secs(envoy_pids[1]), cpu_secs(envoy_pids[2]), threads_cpu_secs(me, Some(NULL_THREADS)), cpu_secs(me)];
     let load_before = loadavg();
     println!(
         "{} passes of {} requests over {:.0} s each, request i of pass k through {} (load average {load_before}) …",

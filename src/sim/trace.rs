@@ -101,9 +101,10 @@ pub fn shared_cache_hits(trace: &[TraceRequest], block: u32, capacity: Option<us
             let hit = (0..full).take_while(|&b| last_use.contains_key(&key(r, b))).count() as u32;
             for b in 0..full {
                 clock += 1;
-                last_use.insert(key(r, b), clock);
+                let k = key(r, b);
+                last_use.insert(k, clock);
                 if capacity.is_some() {
-                    uses.push_back((key(r, b), clock));
+                    uses.push_back((k, clock));
                 }
             }
             while capacity.is_some_and(|c| last_use.len() > c) {

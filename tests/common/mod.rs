@@ -9,7 +9,7 @@ pub mod textgen;
 use std::{
     collections::HashMap,
     net::{SocketAddr, TcpListener as StdListener},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
@@ -65,12 +65,7 @@ pub fn envoy_bin() -> PathBuf {
 
 /// CPU time (user + system, all threads) a process has used so far.
 pub fn cpu_time(pid: u32) -> Duration {
-    cpu_time_of(format!("/proc/{pid}/stat"))
-}
-
-/// CPU time from a `stat` file: a process's, or one thread's (`/proc/<pid>/task/<tid>/stat`).
-pub fn cpu_time_of(stat: impl AsRef<Path>) -> Duration {
-    let stat = std::fs::read_to_string(stat).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // Fields after the parenthesised command name; utime and stime are the 14th and 15th overall.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<u64> = rest.split(' ').skip(11).take(2).map(|v| v.parse().unwrap()).collect();
