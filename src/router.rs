@@ -30,7 +30,7 @@ use crate::{
         admission::{rank_is_busy, Capacity},
         cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
         disagg::Stage,
-        latency::{Inputs, LatencyModels, Prediction, RankModel},
+        latency::{Inputs, LatencyModels, Prediction, RankModel, DEFAULT_BATCH_TOKENS},
         queue::{saturated as queue_saturated, Claims},
         select::select,
         RoutingPolicy, SchedSettings,
@@ -148,6 +148,9 @@ pub struct Scored {
     pub terms: CostTerms,
     /// The predicted latency and its parts (`predicted-ttft` only).
     pub prediction: Option<Prediction>,
+    /// The rank's pass size (its worker's `max_num_batched_tokens`, else the configured
+    /// default, else [`DEFAULT_BATCH_TOKENS`]): the prediction schedules prompt work in it.
+    pub batch_tokens: u64,
     /// Skipped by admission control: the worker is over a threshold on every rank.
     pub busy: bool,
 }
@@ -167,8 +170,6 @@ struct Observation {
     dispatched: Instant,
     /// The rank that prefills, its inputs at dispatch and the prediction then.
     prefill: (WorkerRank, Inputs, Prediction),
-    /// When its prefill was expected done on that rank (its place in the backlog).
-    prefill_done: Instant,
     /// The rank that decodes and its inputs at dispatch.
     decode: (WorkerRank, Inputs),
     first_token: Option<Instant>,
@@ -337,10 +338,8 @@ pub struct Router {
     /// bookings by (replica, request id).
     outbox: Option<Vec<PeerEvent>>,
     peer_seqs: HashMap<(u64, String), u64>,
-    /// Per-rank latency, learned from our own requests' first chunks and output spacing.
+    /// Latency models, learned from our own requests' first chunks and output spacing.
     latency: LatencyModels,
-    /// The latest time the caller passed in (the backlog estimates count down from it).
-    clock: Option<Instant>,
 }
 
 impl Default for Router {
@@ -364,7 +363,6 @@ impl Router {
             outbox: None,
             peer_seqs: HashMap::new(),
             latency: LatencyModels::default(),
-            clock: None,
         }
     }
 
@@ -454,7 +452,6 @@ impl Router {
     /// Forgets remembered decisions and bookings whose time is up (also done lazily on every
     /// route).
     pub fn expire(&mut self, now: Instant) {
-        self.clock = Some(self.clock.map_or(now, |c| c.max(now)));
         if let Some(p) = &mut self.kv.predicted {
             p.expire(now);
         }
@@ -535,6 +532,7 @@ impl Router {
         for w in self.workers.iter().filter(|w| stage.admits(w.role) && req.allows(w.endpoint) && !claimed(w)) {
             let first = scored.len();
             let cap = self.capacity(w);
+            let batch_tokens = cap.max_num_batched_tokens.unwrap_or(DEFAULT_BATCH_TOKENS);
             // `extend` over the ranks writes each candidate straight into the vector.
             scored.extend(w.ranks().map(|r| {
                 let l = self.active.load(&r);
@@ -553,7 +551,7 @@ impl Router {
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prediction: None, busy: rank_busy }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prediction: None, batch_tokens, busy: rank_busy }
             }));
             // Admission control: a worker is busy only when every one of its ranks is.
             let worker_busy = scored[first..].iter().all(|s| s.busy);
@@ -578,12 +576,11 @@ impl Router {
         let held_tokens = held * self.kv.block_size as u64;
         Inputs {
             queued_tokens: s.load.active_prefill_tokens,
-            // Filled in from the rank's backlog by the prediction.
-            wait_ms: 0.0,
             new_tokens: isl - s.terms.cached_tokens.max(held_tokens).min(isl),
             decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
             own_tokens: isl,
             active_requests: s.load.active_requests,
+            batch_tokens: s.batch_tokens,
         }
     }
 
@@ -597,15 +594,16 @@ impl Router {
     fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
-            let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h), self.clock);
+            let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
             let stall = STALL_WEIGHT * p.inputs.active_requests as f64 * p.prefill_ms;
             s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall };
             s.prediction = Some(p);
         }
     }
 
-    /// A rank's fitted latency models (its own, else the fleet's), for the Explain RPC.
-    pub fn latency_model(&self, w: &WorkerRank) -> &RankModel {
+    /// A rank's latency models (the fleet's TTFT fit, its speed, its TPOT fit else the
+    /// fleet's), for the Explain RPC.
+    pub fn latency_model(&self, w: &WorkerRank) -> RankModel<'_> {
         self.latency.model(w)
     }
 
@@ -615,7 +613,7 @@ impl Router {
     }
 
     /// The fleet-wide latency models (every rank's samples).
-    pub fn fleet_latency_model(&self) -> &RankModel {
+    pub fn fleet_latency_model(&self) -> RankModel<'_> {
         self.latency.fleet()
     }
 
@@ -790,9 +788,12 @@ impl Router {
             _ => None,
         };
         // Under `predicted-ttft` every candidate carries its prediction.
-        let seen = cache_holder.prediction.zip(decode.prediction).map(|(predicted, d)| {
-            let prefill_done = self.latency.book(holder, &predicted, now);
-            Observation { dispatched: now, prefill: (holder, predicted.inputs, predicted), prefill_done, decode: (decode.target.worker, d.inputs), first_token: None, generated: 0 }
+        let seen = cache_holder.prediction.zip(decode.prediction).map(|(predicted, d)| Observation {
+            dispatched: now,
+            prefill: (holder, predicted.inputs, predicted),
+            decode: (decode.target.worker, d.inputs),
+            first_token: None,
+            generated: 0,
         });
         self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
         Ok(Decision {
@@ -858,7 +859,7 @@ impl Router {
             seen.first_token = Some(now);
             let (worker, inputs, predicted) = seen.prefill;
             let actual_ms = now.saturating_duration_since(seen.dispatched).as_secs_f64() * 1e3;
-            self.latency.observe_ttft(worker, &inputs, actual_ms, seen.prefill_done, predicted.base_ms, now);
+            self.latency.observe_ttft(worker, &inputs, actual_ms);
             TtftSample { worker, predicted_ms: predicted.ttft_ms, actual_ms }
         });
         let (decode, prefill) = (b.decode, b.prefill.take());
@@ -909,14 +910,10 @@ impl Router {
     /// decoding rank's TPOT model learns from the spacing of what streamed.
     pub fn on_end(&mut self, booking: BookingId, now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
-        match b.seen {
-            Some(Observation { first_token: Some(first), decode: (worker, inputs), generated, .. }) => {
-                let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
-                self.latency.observe_decode(worker, &inputs, generated, ms);
-            }
-            // Ended before its first chunk (cancelled, failed): its prefill leaves the backlog.
-            Some(Observation { first_token: None, prefill: (worker, _, predicted), .. }) => self.latency.unbook(worker, &predicted, now),
-            None => {}
+        // (One that ended before its first chunk — cancelled, failed — teaches nothing.)
+        if let Some(Observation { first_token: Some(first), decode: (worker, inputs), generated, .. }) = b.seen {
+            let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
+            self.latency.observe_decode(worker, &inputs, generated, ms);
         }
         self.kv.release(booking, b.lease);
         if let Some(p) = b.prefill {

@@ -93,6 +93,42 @@ async fn explain_predicts_the_pick_and_shows_every_cost_term() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn explain_under_predicted_ttft_shows_each_prediction_its_parts_and_the_models() {
+    let env = vec![
+        ("DYN_MODEL_PATH".to_string(), tokenizer_fixtures().join("qwen3").display().to_string()),
+        ("DYN_MODEL_NAME".to_string(), "qwen".to_string()),
+        ("DYN_ROUTER_POLICY".to_string(), "predicted-ttft".to_string()),
+    ];
+    let chain = Chain::start(&[("a", Some(1)), ("b", Some(2))], EppOptions { env, ..Default::default() }).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", chain.epp.grpc_port)).unwrap().connect().await.unwrap();
+    let mut client = DebugClient::new(channel);
+    for i in 0..3 {
+        let r = chain.client.post(chain.envoy.url("/v1/chat/completions")).body(chat_body(&format!("request {i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        r.bytes().await.unwrap();
+    }
+    let e = client.explain(ExplainRequest { body: Some(chat_struct("where now?")), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!((e.policy.as_str(), e.routing_mode.as_str()), ("predicted-ttft", "aggregated"));
+    assert_eq!(e.candidates.len(), 2);
+    for c in &e.candidates {
+        assert!(c.predicted_ttft_ms > 0.0 && c.predicted_tpot_ms > 0.0 && c.predicted_speed_factor > 0.0, "{c:?}");
+        assert!((c.predicted_queue_ms + c.predicted_prefill_ms + c.predicted_base_ms - c.predicted_ttft_ms).abs() < 1e-9, "{c:?}");
+        // Nothing booked: no queue, and no stall guard on top of the TTFT.
+        assert_eq!((c.active_requests, c.predicted_queue_ms, c.cost), (0, 0.0, c.predicted_ttft_ms), "{c:?}");
+    }
+    // One model per candidate rank, then the fleet's: the TTFT fit is the fleet's (every
+    // first chunk so far), each rank's speed its own.
+    let names: Vec<&str> = e.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "fleet"]);
+    for m in &e.models {
+        assert_eq!((m.ttft.len(), m.tpot.len(), m.ttft_samples), (5, 3, 3), "{m:?}");
+        assert_eq!(m.ttft, e.models[2].ttft);
+        assert!(m.speed_factor > 0.0, "{m:?}");
+    }
+    assert_eq!(e.models[2].speed_factor, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn grpcurl_explains_through_reflection() {
     let env = vec![
         ("DYN_MODEL_PATH".to_string(), tokenizer_fixtures().join("qwen3").display().to_string()),

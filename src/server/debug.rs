@@ -110,13 +110,14 @@ fn candidates(scored: &[Scored], temperature: f64, workers: &[Worker]) -> Vec<Ca
                 predicted_prefill_ms: s.prediction.map_or(0.0, |p| p.prefill_ms),
                 predicted_base_ms: s.prediction.map_or(0.0, |p| p.base_ms),
                 predicted_tpot_ms: s.prediction.map_or(0.0, |p| p.tpot_ms),
+                predicted_speed_factor: s.prediction.map_or(0.0, |p| p.speed),
             }
         })
         .collect()
 }
 
 /// A rank's fitted latency models as the API shows them.
-fn latency_model(worker_id: u64, dp_rank: u32, name: &str, m: &RankModel, own: bool) -> LatencyModel {
+fn latency_model(worker_id: u64, dp_rank: u32, name: &str, m: RankModel, own: bool) -> LatencyModel {
     LatencyModel {
         worker_id,
         dp_rank,
@@ -128,6 +129,8 @@ fn latency_model(worker_id: u64, dp_rank: u32, name: &str, m: &RankModel, own: b
         ttft_relative_error: m.ttft.relative_error(),
         tpot_relative_error: m.tpot.relative_error(),
         own,
+        speed_factor: m.speed,
+        speed_samples: m.speed_samples,
     }
 }
 
