@@ -457,6 +457,7 @@ impl Router {
         }
         if self.last_sweep.is_none_or(|t| now.saturating_duration_since(t) >= EXPIRY_SWEEP) {
             self.last_sweep = Some(now);
+            self.latency.refresh(now);
             if self.active.expire(now) > 0 {
                 self.forget_ended();
             }
@@ -859,7 +860,7 @@ impl Router {
             seen.first_token = Some(now);
             let (worker, inputs, predicted) = seen.prefill;
             let actual_ms = now.saturating_duration_since(seen.dispatched).as_secs_f64() * 1e3;
-            self.latency.observe_ttft(worker, &inputs, actual_ms);
+            self.latency.observe_ttft(worker, &inputs, actual_ms, now);
             TtftSample { worker, predicted_ms: predicted.ttft_ms, actual_ms }
         });
         let (decode, prefill) = (b.decode, b.prefill.take());

@@ -15,9 +15,10 @@
 //! for its speed (docs/routing-policy.md, fifth session). What ranks do differ in is speed: a
 //! factor per rank, learned only from isolated prefills (dispatched to a rank with nothing
 //! booked, where no load can pass for slowness) as a clipped running mean of ln(actual ÷ the
-//! prediction of a fit on isolated prefills alone), taken relative to the fleet's mean and
-//! read as exactly 1 inside a dead band (identical ranks predict identically). The fits learn
-//! TTFT ÷ factor.
+//! prediction of a fit on isolated prefills alone), taken relative to the fleet's mean, read
+//! as exactly 1 inside a dead band (identical ranks predict identically), and fading back to 1
+//! while the rank gets no isolated sample (a rank read slower is avoided and rarely idle: only
+//! time can correct it). The fits learn TTFT ÷ factor.
 //!
 //! Nothing here knows an engine's constants: the coefficients start from a generic prior and
 //! are fitted by recursive least squares with exponential forgetting (a change of speed is
@@ -25,6 +26,8 @@
 //! request does not wreck the fit), and a covariance that never grows past its prior (no
 //! wind-up while the samples show little variety). A rank's TPOT model starts from the fleet's.
 //! Memory: the fleet's three models, and per live rank one TPOT model and its speed.
+
+use std::time::Instant;
 
 use rustc_hash::FxHashMap;
 
@@ -241,16 +244,19 @@ pub struct RankModel<'a> {
 /// A rank's speed relative to the fleet, learned from isolated prefills.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Speed {
-    /// Running mean of ln(actual TTFT ÷ the fleet's prediction).
+    /// Running mean of ln(actual TTFT ÷ the isolated fit's prediction).
     log: f64,
     samples: u64,
-    /// What predictions multiply by: exp(`log` − the fleet's mean), 1 inside the dead band.
+    /// When the last isolated sample came: the speed fades toward the fleet's as it ages.
+    last: Option<Instant>,
+    /// What predictions multiply by: exp(`log` − the fleet's mean) × its freshness, 1 inside
+    /// the dead band.
     factor: f64,
 }
 
 impl Default for Speed {
     fn default() -> Self {
-        Speed { log: 0.0, samples: 0, factor: 1.0 }
+        Speed { log: 0.0, samples: 0, last: None, factor: 1.0 }
     }
 }
 
@@ -258,22 +264,37 @@ impl Default for Speed {
 /// the plain mean of its samples): a memory of ~20 isolated prefills.
 const SPEED_GAIN: f64 = 0.05;
 /// A rank's speed counts once it has this many isolated samples (their mean: one prompt the
-/// fit mispredicts is not a speed); until then it reads 1. With 3, ranks holding hot prefixes
-/// (rarely idle) were read 1.8–2× slower from a few odd samples and lost their prefixes
-/// (docs/routing-policy.md, sixth session).
+/// fit mispredicts is not a speed); until then it reads 1. With 3 or 5, ranks holding hot
+/// prefixes (rarely idle) were read 1.8–2× slower from a few odd samples and lost their
+/// prefixes (docs/routing-policy.md, sixth and seventh sessions).
 const SPEED_MIN_SAMPLES: u64 = 20;
 /// A sample moves the speed by at most this far from it (ln 4): a stalled request is not a
 /// slow rank, and a rank 4× slower still reads so within a few dozen samples.
 const SPEED_CLIP: f64 = 1.386_294_361_119_890_6;
-/// |ln factor| below this (ln 1.3) reads exactly 1: identical ranks, which differ only by the
-/// prompts they happened to be sent, must not be told apart (a rank read slower loses the
-/// prefixes it holds). Measured in docs/routing-policy.md (sixth session).
-const SPEED_DEAD_BAND: f64 = 0.262_364_264_467_491;
+/// |ln factor| below this (ln 1.105) reads exactly 1: identical ranks, which differ only by
+/// the prompts they happened to be sent, must not be told apart by noise. Narrower than the
+/// sixth session's ln 1.3, which hid half of a 2× speed difference (±ln √2 about the mean):
+/// the fade below keeps a wrong reading from lasting (docs/routing-policy.md, seventh session).
+const SPEED_DEAD_BAND: f64 = 0.1;
+/// A speed stays whole this long after its rank's last isolated sample, then fades toward
+/// the fleet's with this time constant; the rank's next sample counts against its old samples
+/// × that freshness (and makes the speed whole again). A rank read slower gets fewer requests and is rarely idle when it does (the
+/// ranks holding hot prefixes): without the fade nothing corrects a wrong reading (the
+/// feedback trap, sixth session). Real time, not samples: a rank avoided gets no samples.
+const SPEED_GRACE_S: f64 = 30.0;
+const SPEED_FADE_S: f64 = 60.0;
 
 impl Speed {
-    fn learn(&mut self, ln_ratio: f64) {
+    /// How much of the speed still holds at `now` (1 until the grace ends, then fading to 0).
+    fn freshness(&self, now: Instant) -> f64 {
+        self.last.map_or(1.0, |t| (-(now.saturating_duration_since(t).as_secs_f64() - SPEED_GRACE_S).max(0.0) / SPEED_FADE_S).exp())
+    }
+
+    fn learn(&mut self, ln_ratio: f64, now: Instant) {
+        let held = self.samples as f64 * self.freshness(now);
         self.samples += 1;
-        let gain = (1.0 / self.samples as f64).max(SPEED_GAIN);
+        self.last = Some(now);
+        let gain = (1.0 / (held + 1.0)).max(SPEED_GAIN);
         self.log += gain * (ln_ratio - self.log).clamp(-SPEED_CLIP, SPEED_CLIP);
     }
 }
@@ -291,11 +312,13 @@ pub struct LatencyModels {
     isolated: Rls<TTFT_FEATURES>,
     /// Every rank's TPOT samples: what a rank without its own predicts with and starts from.
     tpot: Rls<TPOT_FEATURES>,
+    /// The latest time passed in (the factors' freshness is reckoned from it).
+    clock: Option<Instant>,
 }
 
 impl Default for LatencyModels {
     fn default() -> Self {
-        LatencyModels { ranks: FxHashMap::default(), ttft: Rls::new(TTFT_PRIOR), isolated: Rls::new(TTFT_PRIOR), tpot: Rls::new(TPOT_PRIOR) }
+        LatencyModels { ranks: FxHashMap::default(), ttft: Rls::new(TTFT_PRIOR), isolated: Rls::new(TTFT_PRIOR), tpot: Rls::new(TPOT_PRIOR), clock: None }
     }
 }
 
@@ -356,7 +379,7 @@ impl LatencyModels {
     /// A first response chunk came `ttft_ms` after dispatch to `r`, with these inputs then.
     /// An isolated prefill first teaches the rank's speed (against the isolated fit's
     /// prediction before this sample); the fits then learn the TTFT at the fleet's speed.
-    pub fn observe_ttft(&mut self, r: WorkerRank, inputs: &Inputs, ttft_ms: f64) {
+    pub fn observe_ttft(&mut self, r: WorkerRank, inputs: &Inputs, ttft_ms: f64, now: Instant) {
         if !(ttft_ms.is_finite() && ttft_ms > 0.0) {
             return;
         }
@@ -364,8 +387,8 @@ impl LatencyModels {
         if inputs.isolated() {
             let reference = self.isolated.predict(&x);
             if reference > 0.0 && self.isolated.samples() >= FLEET_SEED_SAMPLES {
-                self.ranks.entry(r).or_default().speed.learn((ttft_ms / reference).ln());
-                self.set_factors();
+                self.ranks.entry(r).or_default().speed.learn((ttft_ms / reference).ln(), now);
+                self.refresh(now);
             }
             self.isolated.update(&x, ttft_ms / self.factor(&r));
         }
@@ -376,15 +399,18 @@ impl LatencyModels {
         self.ranks.get(r).map_or(1.0, |s| s.speed.factor)
     }
 
-    /// Every rank's factor from its speed relative to the mean of the ranks with enough
-    /// samples: the fits are the mean rank's (a bias every rank shares is the fit's, not a
-    /// speed). A rank with fewer reads 1.
-    fn set_factors(&mut self) {
+    /// Every rank's factor at `now`, from its speed relative to the mean of the ranks with
+    /// enough samples (the fits are the mean rank's: a bias every rank shares is the fit's,
+    /// not a speed), faded by its age. A rank with fewer samples reads 1. The router calls
+    /// this at least once a second; a sample calls it too.
+    pub fn refresh(&mut self, now: Instant) {
+        let now = self.clock.map_or(now, |c| c.max(now));
+        self.clock = Some(now);
         let known = |s: &RankState| s.speed.samples >= SPEED_MIN_SAMPLES;
         let (sum, n) = self.ranks.values().filter(|s| known(s)).fold((0.0, 0u32), |(sum, n), s| (sum + s.speed.log, n + 1));
         let mean = if n == 0 { 0.0 } else { sum / n as f64 };
         for s in self.ranks.values_mut() {
-            let rel = if known(s) { s.speed.log - mean } else { 0.0 };
+            let rel = if known(s) { (s.speed.log - mean) * s.speed.freshness(now) } else { 0.0 };
             s.speed.factor = if rel.abs() < SPEED_DEAD_BAND { 1.0 } else { rel.exp() };
         }
     }
@@ -403,8 +429,8 @@ impl LatencyModels {
     pub fn retain(&mut self, keep: impl Fn(&WorkerRank) -> bool) {
         let before = self.ranks.len();
         self.ranks.retain(|r, _| keep(r));
-        if self.ranks.len() != before {
-            self.set_factors();
+        if let (true, Some(now)) = (self.ranks.len() != before, self.clock) {
+            self.refresh(now);
         }
     }
 
@@ -428,6 +454,7 @@ fn learn<const N: usize>(own: &mut Rls<N>, fleet: &mut Rls<N>, x: &[f64; N], y: 
 mod tests {
     use super::*;
     use rand::{rngs::SmallRng, Rng, SeedableRng};
+    use std::time::Duration;
 
     /// A made-up engine for the tests (not the simulator's): 40 ms a pass, 30 ms more per
     /// further pass, 50 ms per 1 k prompt tokens, 10 ms per (4 k tokens in a pass)², 20 ms per
@@ -471,9 +498,10 @@ mod tests {
     fn the_parts_add_up_to_the_prediction_and_split_at_the_booked_work() {
         let mut ms = LatencyModels::default();
         let mut rng = SmallRng::seed_from_u64(2);
-        for _ in 0..300 {
+        let t0 = Instant::now();
+        for n in 0..300 {
             let i = inputs(&mut rng);
-            ms.observe_ttft(WorkerRank::rank0(1), &i, truth(&i.ttft_x()));
+            ms.observe_ttft(WorkerRank::rank0(1), &i, truth(&i.ttft_x()), t0 + Duration::from_millis(10 * n));
         }
         let i = Inputs { queued_tokens: 12_000, new_tokens: 9000, decode_tokens: 2e5, batch_tokens: 8192, ..Default::default() };
         let p = ms.predict(&WorkerRank::rank0(1), i);
@@ -524,13 +552,15 @@ mod tests {
         assert!((m.predict(&x) / truth(&x) - 1.0).abs() < 0.25, "{} vs {}", m.predict(&x), truth(&x));
     }
 
-    /// Feeds `n` requests, each to a random rank of `ranks`, whose actual TTFT is the made-up
-    /// engine's × `slowness(rank)` × ±10 % noise.
-    fn feed(ms: &mut LatencyModels, rng: &mut SmallRng, ranks: u64, n: usize, slowness: impl Fn(u64) -> f64) {
+    /// Feeds `n` requests 10 ms apart from `*now` on (advanced past them), each to a random
+    /// rank of `ranks`, whose actual TTFT is the made-up engine's × `slowness(rank)` × ±10 %
+    /// noise.
+    fn feed(ms: &mut LatencyModels, rng: &mut SmallRng, now: &mut Instant, ranks: &[u64], n: usize, slowness: impl Fn(u64) -> f64) {
         for _ in 0..n {
-            let r = rng.random_range(1..=ranks);
+            let r = ranks[rng.random_range(0..ranks.len())];
             let i = inputs(rng);
-            ms.observe_ttft(WorkerRank::rank0(r), &i, truth(&i.ttft_x()) * slowness(r) * rng.random_range(0.9..1.1));
+            *now += Duration::from_millis(10);
+            ms.observe_ttft(WorkerRank::rank0(r), &i, truth(&i.ttft_x()) * slowness(r) * rng.random_range(0.9..1.1), *now);
         }
     }
 
@@ -538,7 +568,8 @@ mod tests {
     fn identical_ranks_read_exactly_one_and_predict_identically() {
         let mut ms = LatencyModels::default();
         let mut rng = SmallRng::seed_from_u64(9);
-        feed(&mut ms, &mut rng, 8, 4000, |_| 1.0);
+        let mut now = Instant::now();
+        feed(&mut ms, &mut rng, &mut now, &[1, 2, 3, 4, 5, 6, 7, 8], 4000, |_| 1.0);
         let i = Inputs { queued_tokens: 3000, new_tokens: 5000, decode_tokens: 1e5, batch_tokens: 8192, ..Default::default() };
         for r in 1..=8 {
             let rank = WorkerRank::rank0(r);
@@ -554,7 +585,8 @@ mod tests {
         // and the fleet's fit (TTFT ÷ factor) is the mean rank's, √2 × the fast engine.
         let mut ms = LatencyModels::default();
         let mut rng = SmallRng::seed_from_u64(4);
-        feed(&mut ms, &mut rng, 4, 4000, |r| if r > 2 { 2.0 } else { 1.0 });
+        let mut now = Instant::now();
+        feed(&mut ms, &mut rng, &mut now, &[1, 2, 3, 4], 4000, |r| if r > 2 { 2.0 } else { 1.0 });
         for r in 1..=4 {
             let want = if r > 2 { 2f64.sqrt() } else { 0.5f64.sqrt() };
             assert!((ms.model(&WorkerRank::rank0(r)).speed / want - 1.0).abs() < 0.1, "{r}: {}", ms.model(&WorkerRank::rank0(r)).speed);
@@ -570,11 +602,12 @@ mod tests {
         // features miss): its speed learns only from isolated prefills, so it stays 1.
         let mut ms = LatencyModels::default();
         let mut rng = SmallRng::seed_from_u64(5);
-        for _ in 0..4000 {
+        let t0 = Instant::now();
+        for n in 0..4000 {
             let r = rng.random_range(1..=4);
             let i = inputs(&mut rng);
             let y = truth(&i.ttft_x()) * if r == 1 && !i.isolated() { 3.0 } else { 1.0 };
-            ms.observe_ttft(WorkerRank::rank0(r), &i, y);
+            ms.observe_ttft(WorkerRank::rank0(r), &i, y, t0 + Duration::from_millis(10 * n));
         }
         assert!(ms.model(&WorkerRank::rank0(1)).speed_samples > 50);
         assert_eq!(ms.model(&WorkerRank::rank0(1)).speed, 1.0);
@@ -584,13 +617,14 @@ mod tests {
     fn a_rank_that_turns_twice_slower_is_read_so_within_a_bounded_number_of_requests() {
         let mut ms = LatencyModels::default();
         let mut rng = SmallRng::seed_from_u64(6);
-        feed(&mut ms, &mut rng, 4, 1000, |_| 1.0);
+        let mut now = Instant::now();
+        feed(&mut ms, &mut rng, &mut now, &[1, 2, 3, 4], 1000, |_| 1.0);
         assert_eq!(ms.model(&WorkerRank::rank0(1)).speed, 1.0);
         // Rank 1 turns 2× slower; a quarter of the requests go to it, a quarter of those are
         // isolated: past the dead band within ~15 of its isolated samples.
         let mut turned = None;
         for n in 1..=1000 {
-            feed(&mut ms, &mut rng, 4, 1, |r| if r == 1 { 2.0 } else { 1.0 });
+            feed(&mut ms, &mut rng, &mut now, &[1, 2, 3, 4], 1, |r| if r == 1 { 2.0 } else { 1.0 });
             if ms.model(&WorkerRank::rank0(1)).speed > 1.3 {
                 turned = Some(n);
                 break;
@@ -599,6 +633,42 @@ mod tests {
         assert!(turned.is_some_and(|n| n < 500), "{turned:?}");
         // Meanwhile the others stay 1.
         assert!((2..=4).all(|r| ms.model(&WorkerRank::rank0(r)).speed == 1.0));
+    }
+
+    #[test]
+    fn a_speed_fades_to_one_while_its_rank_gets_no_isolated_sample_and_a_fresh_one_restores_it() {
+        // Rank 1 of 4 is 2× slower: ln 2 − ln 2/4 = 0.52 above the mean.
+        let mut ms = LatencyModels::default();
+        let mut rng = SmallRng::seed_from_u64(8);
+        let mut now = Instant::now();
+        feed(&mut ms, &mut rng, &mut now, &[1, 2, 3, 4], 2000, |r| if r == 1 { 2.0 } else { 1.0 });
+        let rank1 = WorkerRank::rank0(1);
+        let read = ms.model(&rank1).speed;
+        assert!((read.ln() / 0.52 - 1.0).abs() < 0.15, "{read}");
+        // Then it gets no request (the others do): whole through the grace, then fading.
+        let last = ms.ranks[&rank1].speed.last.unwrap();
+        let at = |s: f64| last + Duration::from_secs_f64(s);
+        feed(&mut ms, &mut rng, &mut now, &[2, 3, 4], 2000, |_| 1.0);
+        ms.refresh(at(SPEED_GRACE_S - 1.0));
+        let whole = ms.model(&rank1).speed;
+        assert!((whole / read - 1.0).abs() < 0.02, "{whole} {read}");
+        ms.refresh(at(SPEED_GRACE_S + SPEED_FADE_S));
+        let faded = ms.model(&rank1).speed;
+        assert!((faded.ln() / (whole.ln() / std::f64::consts::E) - 1.0).abs() < 1e-9, "{faded} from {whole}");
+        // Below the dead band: exactly 1 (identical to a rank never seen).
+        ms.refresh(at(SPEED_GRACE_S + 3.0 * SPEED_FADE_S));
+        assert_eq!(ms.model(&rank1).speed, 1.0);
+        // Its next isolated sample counts against its old samples × their freshness: one at the
+        // fleet's speed moves its mean further than before the fade (gain 1/(125 e⁻³ + 1) against
+        // 0.05), and being fresh, the speed reads whole again.
+        let i = Inputs { new_tokens: 6000, batch_tokens: 8192, ..Default::default() };
+        let log = |m: &LatencyModels| m.ranks[&rank1].speed.log;
+        let (mut whole_m, mut faded_m) = (ms.clone(), ms.clone());
+        whole_m.observe_ttft(rank1, &i, truth(&i.ttft_x()), at(SPEED_GRACE_S - 1.0));
+        faded_m.observe_ttft(rank1, &i, truth(&i.ttft_x()), at(SPEED_GRACE_S + 3.0 * SPEED_FADE_S));
+        let (moved_whole, moved_faded) = (log(&ms) - log(&whole_m), log(&ms) - log(&faded_m));
+        assert!(moved_whole > 0.0 && moved_faded > 2.0 * moved_whole, "{moved_whole} {moved_faded}");
+        assert!(faded_m.model(&rank1).speed > 1.3, "{}", faded_m.model(&rank1).speed);
     }
 
     #[test]
