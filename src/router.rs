@@ -860,7 +860,10 @@ impl Router {
             seen.first_token = Some(now);
             let (worker, inputs, predicted) = seen.prefill;
             let actual_ms = now.saturating_duration_since(seen.dispatched).as_secs_f64() * 1e3;
-            self.latency.observe_ttft(worker, &inputs, actual_ms, now);
+            // Isolated: nothing booked there at dispatch, nor since (this request is the
+            // rank's only one): a later arrival shares its passes and slows it.
+            let isolated = inputs.isolated() && self.active.load(&worker).active_requests <= 1;
+            self.latency.observe_ttft(worker, &inputs, actual_ms, isolated, now);
             TtftSample { worker, predicted_ms: predicted.ttft_ms, actual_ms }
         });
         let (decode, prefill) = (b.decode, b.prefill.take());
@@ -1309,6 +1312,37 @@ mod tests {
         }
         // After the first hundred, the faster of each pool takes (nearly) everything.
         assert!(late.get(&2).copied().unwrap_or(0) >= 95 && late.get(&4).copied().unwrap_or(0) >= 95, "{late:?}");
+    }
+
+    #[test]
+    fn a_speed_learns_only_from_prefills_alone_from_dispatch_to_first_token() {
+        // One worker. Lone requests teach its speed; a request joined by another before its
+        // first chunk shared its passes and teaches nothing (nor does the one that joined).
+        let sched = SchedSettings { policy: RoutingPolicy::PredictedTtft, ..Default::default() };
+        let mut r = Router::new(KvSettings::default(), sched);
+        r.set_fleet(Fleet { block_size: Some(16), workers: vec![worker(1, 1, Role::Worker, 1)] });
+        let w = WorkerRank::rank0(1);
+        let mut rng = SmallRng::seed_from_u64(12);
+        let t0 = Instant::now();
+        let at = |s: u64, ms: u64| t0 + Duration::from_secs(s) + Duration::from_millis(ms);
+        let prompt = |i: u32| RoutingRequest { tokens: (i * 1000..i * 1000 + 512).collect(), ..Default::default() };
+        let lone = |r: &mut Router, rng: &mut SmallRng, i: u32| {
+            let d = r.route(&prompt(i), at(i as u64, 0), rng).unwrap();
+            r.on_first_token(d.booking, at(i as u64, 50));
+            r.on_end(d.booking, at(i as u64, 100));
+        };
+        (0..12).for_each(|i| lone(&mut r, &mut rng, i));
+        let learned = r.latency_model(&w).speed_samples;
+        assert!(learned > 0, "lone prefills teach the speed");
+        let a = r.route(&prompt(12), at(12, 0), &mut rng).unwrap();
+        let b = r.route(&prompt(13), at(12, 10), &mut rng).unwrap();
+        r.on_first_token(a.booking, at(12, 90));
+        r.on_first_token(b.booking, at(12, 140));
+        r.on_end(a.booking, at(12, 200));
+        r.on_end(b.booking, at(12, 210));
+        assert_eq!(r.latency_model(&w).speed_samples, learned);
+        lone(&mut r, &mut rng, 14);
+        assert_eq!(r.latency_model(&w).speed_samples, learned + 1);
     }
 
     #[test]
