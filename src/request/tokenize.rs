@@ -111,21 +111,12 @@ pub struct Selection {
     pub reason: String,
 }
 
-/// One cut of the text: an added token, or a text piece's ids (from the cache, or just encoded).
-enum Piece {
+/// One cut of the text: an added token, a text piece's ids from the cache, or a text piece to
+/// encode (with its cache key).
+enum Piece<'t> {
     Added(u32),
     Cached(Arc<[u32]>),
-    New(Vec<u32>),
-}
-
-impl Piece {
-    fn len(&self) -> usize {
-        match self {
-            Piece::Added(_) => 1,
-            Piece::Cached(ids) => ids.len(),
-            Piece::New(ids) => ids.len(),
-        }
-    }
+    New(&'t str, Option<u128>),
 }
 
 /// The `tokenizers` library refused a text (rare: e.g. an unknown token without `unk`).
@@ -343,20 +334,16 @@ impl TextTokenizer {
         // Cut at added tokens, as the library does; take each text piece from the cache or
         // mark it for encoding.
         let mut pieces: Vec<Piece> = Vec::new();
-        let mut misses: Vec<(usize, &str, Option<u128>)> = Vec::new();
         let mut at = 0;
-        let mut piece = |s: &'t str, pieces: &mut Vec<Piece>| {
+        let piece = |s: &'t str, pieces: &mut Vec<Piece<'t>>| {
             if s.is_empty() {
                 return;
             }
             let key = cache.filter(|_| !fast || s.len() >= FAST_CACHE_MIN_BYTES).map(|_| xxhash_rust::xxh3::xxh3_128(s.as_bytes()));
-            match cache.zip(key).and_then(|(c, key)| c.get(key, s.len())) {
-                Some(ids) => pieces.push(Piece::Cached(ids)),
-                None => {
-                    misses.push((pieces.len(), s, key));
-                    pieces.push(Piece::New(Vec::new()));
-                }
-            }
+            pieces.push(match cache.zip(key).and_then(|(c, key)| c.get(key, s.len())) {
+                Some(ids) => Piece::Cached(ids),
+                None => Piece::New(s, key),
+            });
         };
         for m in matcher.find_iter(text) {
             piece(&text[at..m.start()], &mut pieces);
@@ -364,21 +351,11 @@ impl TextTokenizer {
             at = m.end();
         }
         piece(&text[at..], &mut pieces);
-        let texts: Vec<&str> = misses.iter().map(|(_, s, _)| *s).collect();
-        let encoded = self.encode_pieces(&texts)?;
-        for ((slot, s, key), ids) in misses.iter().zip(encoded) {
-            if let Some((c, key)) = cache.zip(*key) {
-                c.put(key, s.len(), ids.as_slice().into());
-            }
-            pieces[*slot] = Piece::New(ids);
-        }
-        if let ([Piece::New(_)], false) = (pieces.as_slice(), add_special) {
-            // One piece (no added token in the text): its ids are the answer, no copy.
-            let Some(Piece::New(ids)) = pieces.pop() else { unreachable!() };
-            return Ok(ids);
-        }
-        let n: usize = pieces.iter().map(Piece::len).sum();
-        let mut out = Vec::with_capacity(n + pre.len() + post.len());
+        let texts: Vec<&str> = pieces.iter().filter_map(|p| if let Piece::New(s, _) = p { Some(*s) } else { None }).collect();
+        let mut parallel = self.encode_parallel(&texts)?.into_iter();
+        // The new pieces are encoded straight into the answer (no per-piece vector to copy);
+        // the cache keeps a copy of each.
+        let mut out = Vec::with_capacity(text.len() / 3 + pre.len() + post.len());
         if add_special {
             out.extend_from_slice(pre);
         }
@@ -386,7 +363,16 @@ impl TextTokenizer {
             match p {
                 Piece::Added(id) => out.push(*id),
                 Piece::Cached(ids) => out.extend_from_slice(ids),
-                Piece::New(ids) => out.extend_from_slice(ids),
+                Piece::New(s, key) => {
+                    let start = out.len();
+                    match parallel.next() {
+                        Some(ids) => out.extend_from_slice(&ids),
+                        None => self.whole_into(s, &mut out)?,
+                    }
+                    if let Some((c, key)) = cache.zip(*key) {
+                        c.put(key, s.len(), out[start..].into());
+                    }
+                }
             }
         }
         if add_special {
@@ -395,16 +381,16 @@ impl TextTokenizer {
         Ok(out)
     }
 
-    /// Encodes independent pieces. With much new text, rayon's threads help, taking pieces
+    /// Encodes independent pieces on rayon's threads when there is much new text, taking pieces
     /// (largest first) from a shared counter while the calling thread takes them too: a plain
     /// `par_iter` would park the caller until the pool's threads are scheduled, which on a busy
-    /// machine costs more than it gains.
-    fn encode_pieces(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncodeError> {
+    /// machine costs more than it gains. Else nothing: the caller encodes them in order.
+    fn encode_parallel(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, EncodeError> {
         let bytes: usize = texts.iter().map(|t| t.len()).sum();
         let helpers = rayon::current_num_threads().saturating_sub(1).min(texts.len().saturating_sub(1));
         let min = if matches!(self.encoder, Encoder::Hf { .. }) { PARALLEL_MIN_BYTES } else { FAST_PARALLEL_MIN_BYTES };
         if helpers == 0 || bytes < min {
-            return texts.iter().map(|t| self.whole(t, false)).collect();
+            return Ok(Vec::new());
         }
         let mut order: Vec<usize> = (0..texts.len()).collect();
         order.sort_unstable_by_key(|&i| std::cmp::Reverse(texts[i].len()));
@@ -436,12 +422,11 @@ impl TextTokenizer {
                 let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
                 return fast.encode_ordinary(&text).map_err(|e| EncodeError(e.to_string()));
             }
-            Encoder::Epp { split, bpe } => {
-                // A piece between added tokens, as for `Fast`; NFC exactly as HF (idempotent).
+            Encoder::Epp { .. } => {
+                // A piece between added tokens, as for `Fast`.
                 debug_assert!(!add_special);
-                let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
-                let mut ids = Vec::with_capacity(text.len() / 3);
-                bpe.with_cache(|words| pretokenize::split(*split, &text, |word| words.encode(word.as_bytes(), &mut ids)));
+                let mut ids = Vec::new();
+                self.whole_into(text, &mut ids)?;
                 return Ok(ids);
             }
             Encoder::Hf { tok, .. } => tok,
@@ -460,6 +445,20 @@ impl TextTokenizer {
             Some((m, _)) if !m.is_match(text) && !m.is_match(nfc.as_str()) => ids(tok, &nfc),
             _ => ids(self.inner().expect("the HF backend has its library"), text),
         }
+    }
+
+    /// [`Self::whole`] of a piece between added tokens, appended to `out` (our own encoder
+    /// writes there directly).
+    fn whole_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), EncodeError> {
+        let Encoder::Epp { split, bpe } = &self.encoder else {
+            out.extend_from_slice(&self.whole(text, false)?);
+            return Ok(());
+        };
+        // NFC exactly as HF (idempotent).
+        let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
+        out.reserve(text.len() / 3);
+        bpe.with_cache(|words| pretokenize::split(*split, &text, |word| words.encode(word.as_bytes(), out)));
+        Ok(())
     }
 
     /// The encoder alone on a text taken as one piece: no cut at added tokens, no cache, no
