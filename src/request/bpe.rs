@@ -125,7 +125,8 @@ impl Pairs {
 /// tag. Most probes of a never-seen word's merging are of pairs with no merge (~4 of its ~5.4);
 /// those read only the tags, 1 byte a slot and so mostly in L2, not the slots out in L3.
 struct PairTable<S> {
-    /// Per slot: 0 = empty, else 8 bits of its key's hash (1–255).
+    /// Per slot: 0 = empty, else 8 bits of its key's hash (1–255); then the first [`GROUP`]
+    /// again, so a group read near the end needs no wrap.
     tags: Vec<u8>,
     /// The slots are `slots[base..base + mask + 1]`: `base` puts a large table on a 2 MiB
     /// boundary.
@@ -140,7 +141,7 @@ impl<S: Copy + Default> PairTable<S> {
         const HUGE_PAGE: usize = 2 << 20;
         // Load ≤ 2/3: short probe runs.
         let cap = (n * 3 / 2).max(16).next_power_of_two();
-        let (tags, mask, shift) = (vec![0; cap], cap - 1, 64 - cap.trailing_zeros());
+        let (tags, mask, shift) = (vec![0; cap + GROUP], cap - 1, 64 - cap.trailing_zeros());
         let bytes = cap * size_of::<S>();
         if bytes < HUGE_PAGE {
             return PairTable { tags, slots: vec![S::default(); cap], base: 0, mask, shift };
@@ -176,27 +177,47 @@ impl<S: Copy + Default> PairTable<S> {
             i = (i + 1) & self.mask;
         }
         self.tags[i] = tag;
+        if i < GROUP {
+            // The copy a group read past the end sees.
+            self.tags[self.mask + 1 + i] = tag;
+        }
         self.slots[self.base + i] = slot;
     }
 
+    /// Reads the tags 8 at a time (as one u64: which bytes equal the tag, which are empty), so
+    /// a probe costs one load and no branch per tag: the usual miss (a pair without a merge)
+    /// ends at its first group.
     #[inline(always)]
     fn find(&self, key: u64, is_key: impl Fn(S) -> bool) -> Option<S> {
+        const LOW: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        // Bytes that are zero, exact up to and including the lowest one (a borrow only
+        // marks bytes above a zero byte).
+        let zeros = |x: u64| x.wrapping_sub(LOW) & !x & HIGH;
         let (mut i, tag) = self.hash(key);
         loop {
-            match self.tags[i] {
-                0 => return None,
-                t if t == tag => {
-                    let s = self.slots[self.base + i];
-                    if is_key(s) {
-                        return Some(s);
-                    }
+            let group = u64::from_le_bytes(self.tags[i..i + GROUP].try_into().expect("GROUP bytes"));
+            let empty = zeros(group);
+            // The run ends at the first empty tag: only matches below it count.
+            let before = if empty == 0 { u64::MAX } else { (empty & empty.wrapping_neg()) - 1 };
+            let mut hits = zeros(group ^ LOW * u64::from(tag)) & before;
+            while hits != 0 {
+                let s = self.slots[self.base + ((i + hits.trailing_zeros() as usize / 8) & self.mask)];
+                if is_key(s) {
+                    return Some(s);
                 }
-                _ => {}
+                hits &= hits - 1;
             }
-            i = (i + 1) & self.mask;
+            if empty != 0 {
+                return None;
+            }
+            i = (i + GROUP) & self.mask;
         }
     }
 }
+
+/// Tags read at once by [`PairTable::find`].
+const GROUP: usize = 8;
 
 /// Numbers each loaded model, so a thread's word cache is only used for the model that filled it.
 static MODELS: AtomicU64 = AtomicU64::new(0);
@@ -494,14 +515,41 @@ impl Words<'_> {
     }
 }
 
+/// A token in the vocabulary table: its first 8 bytes ([`head`]) and length beside its id, so
+/// finding a word of up to 8 bytes (most of them) compares integers in the table's own slot:
+/// no trip through `spans` to `arena` and no `memcmp` call, which were most of ordinary
+/// text's time.
+#[derive(Clone, Copy)]
+struct VocabEntry {
+    head: u64,
+    len: u32,
+    id: u32,
+}
+
+/// The first 8 bytes of `b` as a little-endian u64, zero-padded; without a loop or a call.
+#[inline]
+fn head(b: &[u8]) -> u64 {
+    let n = b.len();
+    match n {
+        8.. => u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+        // Two overlapping 4-byte reads: the overlap holds the same bytes in both.
+        4..=7 => {
+            let (lo, hi) = (u32::from_le_bytes(b[..4].try_into().expect("4 bytes")), u32::from_le_bytes(b[n - 4..].try_into().expect("4 bytes")));
+            u64::from(lo) | u64::from(hi) << (8 * (n - 4))
+        }
+        1..=3 => u64::from(b[0]) | u64::from(b[n / 2]) << (8 * (n / 2)) | u64::from(b[n - 1]) << (8 * (n - 1)),
+        0 => 0,
+    }
+}
+
 /// A byte-level BPE model, keyed by raw bytes.
 pub struct Bpe {
     /// Every token's bytes, concatenated.
     arena: Vec<u8>,
     /// Per id: (start, length) in `arena`; length 0 = no token has this id.
     spans: Vec<(u32, u32)>,
-    /// The vocabulary: ids, found by their bytes in `arena`.
-    table: HashTable<u32>,
+    /// The vocabulary: ids, found by their bytes.
+    table: HashTable<VocabEntry>,
     /// (left id, right id) → (priority, merged id).
     merges: Pairs,
     /// The token of each single byte.
@@ -556,10 +604,10 @@ impl Bpe {
             let bytes = &arena[start..];
             let hash = FxBuildHasher.hash_one(bytes);
             let tok = |i: u32| &arena[spans[i as usize].0 as usize..][..spans[i as usize].1 as usize];
-            match bpe.table.entry(hash, |&i| tok(i) == bytes, |&i| FxBuildHasher.hash_one(tok(i))) {
+            match bpe.table.entry(hash, |e| tok(e.id) == bytes, |e| FxBuildHasher.hash_one(tok(e.id))) {
                 hashbrown::hash_table::Entry::Occupied(_) => return Err(format!("vocab key {key:?} is listed twice")),
                 hashbrown::hash_table::Entry::Vacant(v) => {
-                    v.insert(*id);
+                    v.insert(VocabEntry { head: head(bytes), len: bytes.len() as u32, id: *id });
                 }
             }
         }
@@ -606,7 +654,9 @@ impl Bpe {
 
     #[inline]
     fn find_hashed(&self, bytes: &[u8], hash: u64) -> Option<u32> {
-        self.table.find(hash, |&i| self.token(i) == bytes).copied()
+        let (head, len) = (head(bytes), bytes.len());
+        let found = self.table.find(hash, |e| e.head == head && e.len as usize == len && (len <= 8 || self.token(e.id)[8..] == bytes[8..]));
+        found.map(|e| e.id)
     }
 
     /// The id of a vocabulary key as the file writes it (byte-level chars).
@@ -685,9 +735,16 @@ impl Bpe {
     /// HF's `merge_all` without dropout: repeatedly merge the adjacent pair of lowest rank,
     /// the leftmost of equal ones, until no pair has a merge.
     fn merge(&self, word: &[u8], out: &mut Vec<u32>) {
-        if word.len() > SHORT_WORD {
-            return self.merge_long(word, out);
+        match word.len() {
+            // Most pre-tokens are short: a small array is cheaper to set up per word.
+            0..=16 => self.merge_short::<16>(word, out),
+            17..=SHORT_WORD => self.merge_short::<SHORT_WORD>(word, out),
+            _ => self.merge_long(word, out),
         }
+    }
+
+    /// [`Self::merge`] of a word of at most `N` bytes, in an array on the stack.
+    fn merge_short<const N: usize>(&self, word: &[u8], out: &mut Vec<u32>) {
         /// A symbol and the pair it starts: its rank (u32::MAX: none, or no next symbol) and
         /// merged id. One array, so a merge removes a symbol with one move.
         #[derive(Clone, Copy)]
@@ -696,7 +753,7 @@ impl Bpe {
             rank: u32,
             merged: u32,
         }
-        let mut syms = [Sym { id: 0, rank: u32::MAX, merged: 0 }; SHORT_WORD];
+        let mut syms = [Sym { id: 0, rank: u32::MAX, merged: 0 }; N];
         for (s, &b) in syms.iter_mut().zip(word) {
             s.id = self.byte_ids[b as usize];
         }
@@ -796,6 +853,15 @@ mod tests {
 
     fn load(json: &str) -> Result<Bpe, String> {
         Bpe::load(&TokenizerFile::parse(json)?, false)
+    }
+
+    #[test]
+    fn a_vocabulary_head_is_the_first_eight_bytes_zero_padded() {
+        let bytes: Vec<u8> = (1..=12).collect();
+        for n in 0..=12 {
+            let want = bytes[..n.min(8)].iter().enumerate().fold(0u64, |h, (i, &b)| h | u64::from(b) << (8 * i));
+            assert_eq!(head(&bytes[..n]), want, "{n} bytes");
+        }
     }
 
     #[test]
