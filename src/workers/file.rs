@@ -133,9 +133,31 @@ fn is_tcp_endpoint(ep: &str) -> bool {
 
 /// Reads and parses the file once.
 pub fn load(path: &Path) -> Result<Fleet, FleetFileError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| FleetFileError::Read { path: path.into(), source })?;
-    parse(&text).map_err(|message| FleetFileError::Invalid { path: path.into(), message })
+    parse_read(path, read(path))
+}
+
+fn read(path: &Path) -> Result<String, FleetFileError> {
+    std::fs::read_to_string(path).map_err(|source| FleetFileError::Read { path: path.into(), source })
+}
+
+fn parse_read(path: &Path, text: Result<String, FleetFileError>) -> Result<Fleet, FleetFileError> {
+    parse(&text?).map_err(|message| FleetFileError::Invalid { path: path.into(), message })
+}
+
+/// How long a polled file must read the same before it is applied.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// [`load`] of a file that reads the same twice [`SETTLE`] apart, else `None` (try at the next
+/// poll): a writer that truncates and then writes (not an atomic rename, as ConfigMaps do) can
+/// be caught mid-write, and a cut-off port is still a valid address (tests/faults.rs
+/// `workers_file_flapping` found it).
+fn load_settled(path: &Path) -> Option<Result<Fleet, FleetFileError>> {
+    let first = read(path);
+    std::thread::sleep(SETTLE);
+    match (first, read(path)) {
+        (Ok(a), Ok(b)) if a != b => None,
+        (_, second) => Some(parse_read(path, second)),
+    }
 }
 
 /// Polls the file and hands every new valid version to `apply`; `last` is what was applied
@@ -148,9 +170,9 @@ pub async fn watch(path: PathBuf, every: Duration, mut last: Option<Fleet>, appl
     loop {
         tick.tick().await;
         let p = path.clone();
-        let loaded = match tokio::task::spawn_blocking(move || load(&p)).await {
-            Ok(r) => r,
-            Err(_) => continue,
+        let loaded = match tokio::task::spawn_blocking(move || load_settled(&p)).await {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => continue,
         };
         match loaded {
             Ok(fleet) if last.as_ref() != Some(&fleet) => {
