@@ -52,19 +52,38 @@ struct DynamoReplay {
     e2e_p99: f64,
 }
 
+impl DynamoReplay {
+    /// The mean of one policy's runs, field by field.
+    fn mean<'a>(runs: impl Iterator<Item = &'a DynamoReplay>) -> DynamoReplay {
+        let runs: Vec<&DynamoReplay> = runs.collect();
+        let avg = |f: fn(&DynamoReplay) -> f64| runs.iter().map(|r| f(r)).sum::<f64>() / runs.len() as f64;
+        DynamoReplay {
+            policy: runs[0].policy.clone(),
+            completed: runs.iter().map(|r| r.completed).min().unwrap(),
+            prefix_reuse: avg(|r| r.prefix_reuse),
+            ttft_mean: avg(|r| r.ttft_mean),
+            ttft_p50: avg(|r| r.ttft_p50),
+            ttft_p99: avg(|r| r.ttft_p99),
+            e2e_p99: avg(|r| r.e2e_p99),
+        }
+    }
+}
+
 fn near(ours: f64, theirs: f64, rel: f64, what: &str) {
+    eprintln!("{what}: ours {ours:.4}, Dynamo's {theirs:.4} ({:+.1} %)", (ours / theirs - 1.0) * 100.0);
     assert!((ours - theirs).abs() <= rel * theirs, "{what}: ours {ours:.4} vs Dynamo's {theirs:.4} (allowed ±{:.0} %)", rel * 100.0);
 }
 
 /// Round-robin takes the router out, so it compares the engine models alone and must agree
-/// almost exactly; KV-aware routing breaks cost ties at random in both, so reuse and the E2E
-/// tail wander a few percent between seeds (Dynamo's own runs of these requests spread 19.5–20.5 %
-/// reuse, 9.3–9.5 s E2E p99 and 1.81–1.87 s TTFT p99 with active-block tracking off), while
-/// TTFT p50 and mean stay within a few percent.
+/// almost exactly. KV-aware routing breaks cost ties at random in Dynamo (unseeded), so one replay
+/// is a noisy reference: 40 runs of these requests spread 18.8–21.0 % reuse (sd 0.56 points),
+/// 9.3–10.2 s E2E p99 and 1.79–1.84 s TTFT p99 — one CI run drew 18.3 %. The reference is
+/// therefore the mean of several of Dynamo's runs, which moves about half as much.
 #[test]
 fn engine_model_and_router_reproduce_dynamos_own_replay() {
     const REQUESTS: usize = 2000;
     const WORKERS: usize = 8;
+    const DYNAMO_RUNS: usize = 5;
     let path = trace::traces_dir().join("mooncake_conversation.jsonl");
     let dir = tempfile::tempdir().unwrap();
     let head = dir.path().join("head.jsonl");
@@ -77,17 +96,19 @@ fn engine_model_and_router_reproduce_dynamos_own_replay() {
         .arg(common::repo_root().join("scripts/dynamo_replay.py"))
         .arg(&head)
         .arg(WORKERS.to_string())
-        .args(policies)
+        .args(policies.iter().cycle().take(policies.len() * DYNAMO_RUNS))
         .env("DYN_LOG", "error")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let theirs: Vec<DynamoReplay> = String::from_utf8(out.stdout)
+    let runs: Vec<DynamoReplay> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    assert_eq!(runs.len(), policies.len() * DYNAMO_RUNS);
+    let theirs: Vec<DynamoReplay> = policies.iter().map(|p| DynamoReplay::mean(runs.iter().filter(|r| r.policy == *p))).collect();
     assert_eq!(theirs.iter().map(|d| d.policy.as_str()).collect::<Vec<_>>(), policies);
 
     let mut t = trace::load(&path).unwrap();
