@@ -422,11 +422,11 @@ impl TextTokenizer {
                 let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
                 return fast.encode_ordinary(&text).map_err(|e| EncodeError(e.to_string()));
             }
-            Encoder::Epp { .. } => {
+            Encoder::Epp { split, bpe } => {
                 // A piece between added tokens, as for `Fast`.
                 debug_assert!(!add_special);
                 let mut ids = Vec::new();
-                self.whole_into(text, &mut ids)?;
+                self.epp_into(*split, bpe, text, &mut ids);
                 return Ok(ids);
             }
             Encoder::Hf { tok, .. } => tok,
@@ -448,17 +448,21 @@ impl TextTokenizer {
     }
 
     /// [`Self::whole`] of a piece between added tokens, appended to `out` (our own encoder
-    /// writes there directly).
+    /// writes there directly; the libraries make their own vector).
     fn whole_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), EncodeError> {
-        let Encoder::Epp { split, bpe } = &self.encoder else {
-            out.extend_from_slice(&self.whole(text, false)?);
-            return Ok(());
-        };
+        match &self.encoder {
+            Encoder::Epp { split, bpe } => self.epp_into(*split, bpe, text, out),
+            _ => out.extend_from_slice(&self.whole(text, false)?),
+        }
+        Ok(())
+    }
+
+    /// Our own encoder on a piece between added tokens, appended to `out`.
+    fn epp_into(&self, split: SplitPattern, bpe: &Bpe, text: &str, out: &mut Vec<u32>) {
         // NFC exactly as HF (idempotent).
         let text = if self.nfc { nfc_like_hf(text) } else { Cow::Borrowed(text) };
         out.reserve(text.len() / 3);
-        bpe.with_cache(|words| pretokenize::split(*split, &text, |word| words.encode(word.as_bytes(), out)));
-        Ok(())
+        bpe.with_cache(|words| pretokenize::split(split, &text, |word| words.encode(word.as_bytes(), out)));
     }
 
     /// The encoder alone on a text taken as one piece: no cut at added tokens, no cache, no
