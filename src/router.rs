@@ -581,6 +581,7 @@ impl Router {
             decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
             own_tokens: isl,
             active_requests: s.load.active_requests,
+            prefilling_requests: self.active.prefilling(&s.target.worker),
             batch_tokens: s.batch_tokens,
         }
     }
@@ -591,13 +592,16 @@ impl Router {
     /// prefilled, each of them waits (no token streams during the passes it takes), so a
     /// share of `active requests × predicted prefill time` is added — it keeps prompts off
     /// ranks with many requests decoding unless the rank holds the prompt's prefix (then the
-    /// prefill, and the stall, are short). Measured in docs/routing-policy.md.
+    /// prefill, and the stall, are short). They also add the delay this prompt's first chunk
+    /// brings to the prompts booked ahead whose last pass it joins (their predictions could not
+    /// see it: a later prompt placed greedily shares their pass). Measured in
+    /// docs/routing-policy.md.
     fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
             let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
             let stall = STALL_WEIGHT * p.inputs.active_requests as f64 * p.prefill_ms;
-            s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall };
+            s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall + p.join_ms };
             s.prediction = Some(p);
         }
     }
@@ -1312,6 +1316,41 @@ mod tests {
         }
         // After the first hundred, the faster of each pool takes (nearly) everything.
         assert!(late.get(&2).copied().unwrap_or(0) >= 95 && late.get(&4).copied().unwrap_or(0) >= 95, "{late:?}");
+    }
+
+    #[test]
+    fn a_prompt_is_kept_out_of_the_pass_that_ends_a_booked_prompts_prefill() {
+        // The prior model: 25 ms a pass, 400 ms per 4 k prompt tokens. Worker 2 runs ten
+        // decoding requests; worker 1 one prompt of 1,000 tokens. A prompt of 3,000 tokens:
+        // on 2, 325 ms + the stall guard 0.05 × 10 × 300 = 475; on 1 while the booked prompt is
+        // prefilling, 425 + the guard 15 + the 300 ms its tokens add to that prompt's pass = 740;
+        // once that prompt's first chunk came, 325 + 15 = 340.
+        let sched = SchedSettings { policy: RoutingPolicy::PredictedTtft, ..Default::default() };
+        let on = |port: u16, from: u32, n: u32| RoutingRequest {
+            tokens: (from..from + n).collect(),
+            subset: Some(vec![EndpointMatch::Exact(SocketAddr::from(([127, 0, 0, 1], port)))]),
+            ..Default::default()
+        };
+        let prompt = RoutingRequest { tokens: (0..3000).collect(), ..Default::default() };
+        let mut rng = SmallRng::seed_from_u64(5);
+        let now = Instant::now();
+        for prefilled in [false, true] {
+            let mut r = Router::new(KvSettings::default(), sched);
+            r.set_fleet(Fleet { block_size: Some(16), workers: vec![worker(1, 1, Role::Worker, 1), worker(2, 2, Role::Worker, 1)] });
+            for i in 0..10 {
+                let d = r.route(&on(2, 100_000 + i * 64, 64), now, &mut rng).unwrap();
+                r.on_first_token(d.booking, now);
+            }
+            let d = r.route(&on(1, 200_000, 1000), now, &mut rng).unwrap();
+            if prefilled {
+                r.on_first_token(d.booking, now);
+            }
+            let (scored, _) = r.explain(&prompt);
+            let join: Vec<f64> = scored.iter().map(|s| s.prediction.unwrap().join_ms).collect();
+            assert_eq!(join, if prefilled { vec![0.0, 0.0] } else { vec![300.0, 0.0] }, "{scored:?}");
+            let to = r.route(&prompt, now, &mut rng).unwrap().decode.worker.id.0;
+            assert_eq!(to, if prefilled { 1 } else { 2 });
+        }
     }
 
     #[test]

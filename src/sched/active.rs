@@ -28,6 +28,8 @@ struct Rank {
     blocks: u64,
     prefill_tokens: u64,
     requests: u32,
+    /// Requests whose prompt is still being prefilled (prefill tokens booked, no first chunk).
+    prefilling: u32,
     output_blocks: f64,
 }
 
@@ -86,6 +88,7 @@ impl ActiveSequences {
         rank.blocks += chain_end.map_or(0, |(_, added)| added);
         rank.prefill_tokens += b.prefill_tokens;
         rank.requests += 1;
+        rank.prefilling += u32::from(b.prefill_tokens > 0);
         self.requests.insert(
             id,
             Active {
@@ -106,6 +109,7 @@ impl ActiveSequences {
         if let Some(a) = self.requests.get_mut(&id) {
             if let Some(r) = self.ranks.get_mut(&a.worker) {
                 r.prefill_tokens -= a.prefill_tokens;
+                r.prefilling -= u32::from(a.prefill_tokens > 0);
             }
             a.prefill_tokens = 0;
         }
@@ -140,6 +144,7 @@ impl ActiveSequences {
         let Some(r) = self.ranks.get_mut(&a.worker) else { return };
         r.blocks -= released;
         r.prefill_tokens -= a.prefill_tokens;
+        r.prefilling -= u32::from(a.prefill_tokens > 0);
         r.requests -= 1;
         r.output_blocks -= a.output_weight;
         if r.is_idle() {
@@ -175,6 +180,11 @@ impl ActiveSequences {
             active_prefill_tokens: r.prefill_tokens,
             active_requests: r.requests,
         })
+    }
+
+    /// Requests booked on `w` whose prompt is still being prefilled.
+    pub fn prefilling(&self, w: &WorkerRank) -> u32 {
+        self.ranks.get(w).map_or(0, |r| r.prefilling)
     }
 
     /// Per rank, how many leading blocks of `blocks` (a prompt's chain of block keys) its
@@ -217,10 +227,15 @@ mod tests {
         assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2 });
         let held = a.held_prefixes(&[10, 11, 14]);
         assert_eq!((held.get(&WorkerRank::rank0(1)), held.get(&WorkerRank::rank0(2))), (Some(&2), None));
+        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 2);
         a.mark_prefill_completed(1);
         assert_eq!(a.load(&WorkerRank::rank0(1)).active_prefill_tokens, 16);
+        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 1);
         a.free(1);
         assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1 });
+        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 1);
+        a.free(2);
+        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 0);
     }
 
     #[test]

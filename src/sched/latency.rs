@@ -192,6 +192,8 @@ pub struct Inputs {
     pub own_tokens: u64,
     /// Requests booked on the rank (their decoding waits while this prompt is prefilled).
     pub active_requests: u32,
+    /// Requests booked on the rank whose prompt is still being prefilled.
+    pub prefilling_requests: u32,
     /// The rank's pass size: its worker's `max_num_batched_tokens`.
     pub batch_tokens: u64,
 }
@@ -236,6 +238,11 @@ pub struct Prediction {
     pub ttft_ms: f64,
     /// The rank's speed factor the parts are scaled by (1: as fast as the fleet's mean).
     pub speed: f64,
+    /// What this prompt's first chunk adds to the pass that ends the booked prompts' prefill
+    /// (FCFS: it takes the room left in their last pass), × the prompts that pass ends — all
+    /// those prefilling when the booked work is under one pass, else the last one: their
+    /// delay, which their own predictions could not see. Not part of `ttft_ms`.
+    pub join_ms: f64,
     /// Time per output token there, with this request added.
     pub tpot_ms: f64,
 }
@@ -388,6 +395,15 @@ impl LatencyModels {
         // prompt's (every coefficient is non-negative, so none is negative).
         let base = self.ttft.predict(&inputs.ttft_x_for(0));
         let ahead = if inputs.queued_tokens == 0 { base } else { self.ttft.predict(&inputs.ttft_x_for(inputs.queued_tokens)) };
+        let (queued, batch) = (inputs.queued_tokens, inputs.batch_tokens.max(1));
+        // Booked work ending on a pass boundary (or none) leaves no room: the chunk starts a pass.
+        let chunk = inputs.new_tokens.min((batch - queued % batch) % batch);
+        let join = if chunk == 0 {
+            0.0
+        } else {
+            let ended = if queued < batch { inputs.prefilling_requests.max(1) } else { 1 };
+            ended as f64 * (self.ttft.predict(&inputs.ttft_x_for(queued + chunk)) - ahead)
+        };
         Prediction {
             inputs,
             queue_ms: speed * (ahead - base),
@@ -395,6 +411,7 @@ impl LatencyModels {
             base_ms: speed * base,
             ttft_ms: speed * total,
             speed,
+            join_ms: speed * join,
             tpot_ms: tpot.predict(&inputs.tpot_x()),
         }
     }
@@ -542,6 +559,25 @@ mod tests {
         assert!((p.queue_ms - (alone.ttft_ms - alone.base_ms)).abs() < 1e-9, "{p:?} {alone:?}");
         assert!(p.prefill_ms > 0.0 && p.queue_ms > 0.0 && p.base_ms > 0.0);
         assert!((p.ttft_ms / truth(&i.ttft_x()) - 1.0).abs() < 0.05, "{} vs {}", p.ttft_ms, truth(&i.ttft_x()));
+    }
+
+    #[test]
+    fn a_first_chunk_joining_the_booked_prompts_last_pass_delays_each_prompt_that_pass_ends() {
+        // The prior: 25 ms a pass, 25 ms per extra pass, 400 ms per 4 k tokens, no squares.
+        let ms = LatencyModels::default();
+        let r = WorkerRank::rank0(1);
+        let i = |queued, new, prefilling| Inputs { queued_tokens: queued, new_tokens: new, prefilling_requests: prefilling, batch_tokens: 8192, ..Default::default() };
+        let join = |i| ms.predict(&r, i).join_ms;
+        // Two prompts (2,000 tokens) in one pass: 3,000 more tokens delay both by 300 ms.
+        assert!((join(i(2000, 3000, 2)) - 600.0).abs() < 1e-9, "{}", join(i(2000, 3000, 2)));
+        // Only the 6,192 tokens of room join: the rest runs in a pass of its own.
+        assert!((join(i(2000, 9000, 1)) - 619.2).abs() < 1e-9, "{}", join(i(2000, 9000, 1)));
+        // Over a pass booked: only the last prompt ends in the joined pass.
+        assert!((join(i(10_000, 3000, 3)) - 300.0).abs() < 1e-9, "{}", join(i(10_000, 3000, 3)));
+        // Nothing booked, or booked work ending on a pass boundary: no pass to join.
+        assert_eq!((join(i(0, 3000, 0)), join(i(8192, 3000, 1))), (0.0, 0.0));
+        // The delay is not part of the prompt's own TTFT (2,000 + 3,000 tokens, one pass).
+        assert_eq!(ms.predict(&r, i(2000, 3000, 2)).ttft_ms, 25.0 + 500.0);
     }
 
     #[test]

@@ -111,6 +111,7 @@ fn candidates(scored: &[Scored], temperature: f64, workers: &[Worker]) -> Vec<Ca
                 predicted_base_ms: s.prediction.map_or(0.0, |p| p.base_ms),
                 predicted_tpot_ms: s.prediction.map_or(0.0, |p| p.tpot_ms),
                 predicted_speed_factor: s.prediction.map_or(0.0, |p| p.speed),
+                predicted_join_ms: s.prediction.map_or(0.0, |p| p.join_ms),
             }
         })
         .collect()
