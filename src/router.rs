@@ -286,6 +286,15 @@ impl KvState {
 /// docs/routing-policy.md).
 pub(crate) const STALL_WEIGHT: f64 = 0.05;
 
+/// `predicted-ttft`: the share of that stall counted again for each request there with a
+/// long decode left (the E2E tail is long decodes stalled by prefills placed beside them;
+/// 0.1 and 0.4 measured worse: docs/routing-policy.md, tenth session).
+const LONG_DECODE_STALL_WEIGHT: f64 = 0.2;
+
+/// Output tokens left from which a request counts wholly as a long decode; fewer count in
+/// proportion (the scale screened, not tuned).
+const LONG_DECODE_TOKENS: f64 = 500.0;
+
 /// Stale bookings are looked for at most this often (a sweep walks every active request).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 
@@ -340,6 +349,8 @@ pub struct Router {
     peer_seqs: HashMap<(u64, String), u64>,
     /// Latency models, learned from our own requests' first chunks and output spacing.
     latency: LatencyModels,
+    /// When the last decision was made: the bookings' decodes left are read as of then.
+    decided_at: Option<Instant>,
 }
 
 impl Default for Router {
@@ -363,6 +374,7 @@ impl Router {
             outbox: None,
             peer_seqs: HashMap::new(),
             latency: LatencyModels::default(),
+            decided_at: None,
         }
     }
 
@@ -592,18 +604,43 @@ impl Router {
     /// prefilled, each of them waits (no token streams during the passes it takes), so a
     /// share of `active requests × predicted prefill time` is added — it keeps prompts off
     /// ranks with many requests decoding unless the rank holds the prompt's prefix (then the
-    /// prefill, and the stall, are short). They also add the delay this prompt's first chunk
-    /// brings to the prompts booked ahead whose last pass it joins (their predictions could not
-    /// see it: a later prompt placed greedily shares their pass). Measured in
+    /// prefill, and the stall, are short). A request with a long decode left waits through
+    /// every prefill placed beside it, so it counts more (the E2E guard). They also add the
+    /// delay this prompt's first chunk brings to the prompts booked ahead whose last pass it
+    /// joins (their predictions could not see it: a later prompt placed greedily shares their
+    /// pass). Measured in
     /// docs/routing-policy.md.
     fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
+        let long = if stage == Stage::Decode { FxHashMap::default() } else { self.long_decodes() };
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
             let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
             let stall = STALL_WEIGHT * p.inputs.active_requests as f64 * p.prefill_ms;
-            s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall + p.join_ms };
+            let long_stall = LONG_DECODE_STALL_WEIGHT * p.prefill_ms * long.get(&s.target.worker).copied().unwrap_or(0.0);
+            s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall + long_stall + p.join_ms };
             s.prediction = Some(p);
         }
+    }
+
+    /// Per decoding rank, our requests there weighed by the output they have left (each
+    /// min(1, left ÷ [`LONG_DECODE_TOKENS`]); without an expected output, 0): a long decode
+    /// waits through every prefill placed beside it. Left = expected − the more of the tokens
+    /// streamed and the time since the first chunk at the TPOT predicted at dispatch, as of
+    /// the last decision.
+    fn long_decodes(&self) -> FxHashMap<WorkerRank, f64> {
+        let mut long = FxHashMap::default();
+        for b in self.bookings.values() {
+            let (Some(seen), Some(osl)) = (&b.seen, b.osl) else { continue };
+            let done = match (seen.first_token, self.decided_at) {
+                (Some(first), Some(now)) => {
+                    let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
+                    (ms / seen.prefill.2.tpot_ms.max(0.5)).max(seen.generated as f64)
+                }
+                _ => 0.0,
+            };
+            *long.entry(seen.decode.0).or_insert(0.0) += ((osl as f64 - done).max(0.0) / LONG_DECODE_TOKENS).min(1.0);
+        }
+        long
     }
 
     /// A rank's latency models (the fleet's TTFT fit, its speed, its TPOT fit else the
@@ -753,6 +790,7 @@ impl Router {
     }
 
     fn route_query(&mut self, req: &RoutingRequest, q: &Query, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
+        self.decided_at = Some(now);
         let disagg = self.disaggregates(req);
         if !disagg && self.sched.enforce_disagg {
             return Err(RouteError::PrefillUnavailable);
@@ -1382,6 +1420,45 @@ mod tests {
         assert_eq!(r.latency_model(&w).speed_samples, learned);
         lone(&mut r, &mut rng, 14);
         assert_eq!(r.latency_model(&w).speed_samples, learned + 1);
+    }
+
+    #[test]
+    fn a_prompt_goes_beside_a_long_decode_only_when_elsewhere_is_slower_by_more_than_the_stall() {
+        // Two workers, each decoding one request of the same prompt length: worker 1's is
+        // expected to run 2000 tokens, worker 2's 20. A new prompt's predicted TTFT is the same
+        // on both (a tie without the E2E guard: each seed picks at random); the stall it would
+        // impose on the long decode sends it to worker 2, for every seed. Once worker 1's has
+        // streamed 1995 tokens it has less left than worker 2's: the prompt goes to worker 1.
+        // With 8 k prompt tokens queued on worker 2 its first token is far later than the
+        // stall costs: the prompt then goes beside the long decode.
+        let sched = SchedSettings { policy: RoutingPolicy::PredictedTtft, ..Default::default() };
+        let t0 = Instant::now();
+        let ms = |x: u64| t0 + Duration::from_millis(x);
+        let on = |w: &str, base: u32, n: u32, osl: u32| RoutingRequest {
+            tokens: (base..base + n).collect(),
+            osl: Some(osl),
+            subset: Some(vec![EndpointMatch::parse(w).unwrap()]),
+            ..Default::default()
+        };
+        let prompt = RoutingRequest { tokens: (50_000..54_096).collect(), osl: Some(100), ..Default::default() };
+        // (streamed by worker 1's request, prompt queued on worker 2, the worker expected)
+        for (streamed, queued, expected) in [(0, false, 2), (1995, false, 1), (0, true, 1)] {
+            for seed in 0..20 {
+                let mut r = Router::new(KvSettings::default(), sched);
+                r.set_fleet(Fleet { block_size: Some(16), workers: vec![worker(1, 1, Role::Worker, 1), worker(2, 2, Role::Worker, 1)] });
+                let mut rng = SmallRng::seed_from_u64(seed);
+                let long = r.route(&on("127.0.0.1:1", 0, 512, 2000), ms(0), &mut rng).unwrap();
+                let short = r.route(&on("127.0.0.1:2", 10_000, 512, 20), ms(0), &mut rng).unwrap();
+                r.on_first_token(long.booking, ms(50));
+                r.on_first_token(short.booking, ms(50));
+                r.on_output(long.booking, streamed);
+                if queued {
+                    r.route(&on("127.0.0.1:2", 20_000, 8192, 20), ms(60), &mut rng).unwrap();
+                }
+                let d = r.route(&prompt, ms(100), &mut rng).unwrap();
+                assert_eq!(d.decode.worker.id, WorkerId(expected), "streamed {streamed}, queued {queued}, seed {seed}");
+            }
+        }
     }
 
     #[test]
