@@ -58,6 +58,10 @@ struct Args {
     /// ...by this factor (every pass takes this many times as long).
     #[arg(long, default_value_t = 2.0)]
     slow_factor: f64,
+    /// Do not tell the router each request's output length (by default every request carries
+    /// it, as a client sending `nvext.agent_hints.osl` would).
+    #[arg(long)]
+    no_osl_hints: bool,
     /// Another router configuration to compare: `NAME=FLAGS`, flags as dynamo-epp takes them,
     /// e.g. `tuned=--router-temperature 0.05`. Repeatable.
     #[arg(long = "extra")]
@@ -129,6 +133,7 @@ fn run(a: Args) -> Result<(), String> {
         seed: a.seed,
         slow_share: a.slow_share,
         slow_factor: a.slow_factor,
+        osl_hints: !a.no_osl_hints,
     };
     if let Some(threshold) = a.queue_threshold {
         return queue_experiment(&a, &trace, &cfg, threshold);
@@ -164,7 +169,7 @@ fn run(a: Args) -> Result<(), String> {
     if let Some(p) = &a.json {
         let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "config": {
             "workers": cfg.workers, "engine": cfg.engine, "speedup": cfg.speedup, "event_delay_ms": cfg.event_delay_ms, "seed": cfg.seed,
-            "slow_share": cfg.slow_share, "slow_factor": cfg.slow_factor,
+            "slow_share": cfg.slow_share, "slow_factor": cfg.slow_factor, "osl_hints": cfg.osl_hints,
         }, "bounds": bounds, "policies": reports });
         std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }

@@ -87,11 +87,14 @@ pub struct SimConfig {
     /// `slow_factor` times slower.
     pub slow_share: f64,
     pub slow_factor: f64,
+    /// Each request tells the router its output length (as a client sending
+    /// `nvext.agent_hints.osl` would); off, the router is told nothing of it.
+    pub osl_hints: bool,
 }
 
 impl Default for SimConfig {
     fn default() -> Self {
-        SimConfig { workers: 8, engine: EngineParams::default(), speedup: 1.0, event_delay_ms: 0.0, seed: 42, slow_share: 0.0, slow_factor: 1.0 }
+        SimConfig { workers: 8, engine: EngineParams::default(), speedup: 1.0, event_delay_ms: 0.0, seed: 42, slow_share: 0.0, slow_factor: 1.0, osl_hints: true }
     }
 }
 
@@ -462,7 +465,7 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy) -> S
                 let r = &prepared[i];
                 let w = match &p.policy {
                     Policy::Router { .. } => {
-                        let req = RoutingRequest { tokens: r.tokens.clone(), osl: Some(r.engine.osl), ..Default::default() };
+                        let req = RoutingRequest { tokens: r.tokens.clone(), osl: cfg.osl_hints.then_some(r.engine.osl), ..Default::default() };
                         let at = st.instant(now);
                         match st.router.as_mut().expect("router policy").route(&req, at, &mut rng) {
                             Ok(d) => {
@@ -487,7 +490,7 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy) -> S
                         tied[rng.random_range(0..tied.len())]
                     }
                     Policy::Oracle(rule) => {
-                        let mut req = RoutingRequest { tokens: r.tokens.clone(), osl: Some(r.engine.osl), ..Default::default() };
+                        let mut req = RoutingRequest { tokens: r.tokens.clone(), osl: cfg.osl_hints.then_some(r.engine.osl), ..Default::default() };
                         let (w, ttft) = st.oracle_pick(*rule, &req, &r.engine, now);
                         st.oracle_ttft_us[i] = ttft;
                         // Booked on the pick alone, so the router's load view follows the oracle.
