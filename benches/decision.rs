@@ -3,7 +3,9 @@
 //! (`benches/common/decision_workload.rs`): 100 workers × 1 rank and 32 workers × 8 ranks,
 //! 8192-token prompts over ~1 M indexed (rank, block) pairs. Dynamo's router does the same
 //! decisions in `benches/dynamo-baseline` (decision_vs_dynamo). The `predicted-ttft` policy
-//! decides the same requests in the same run; its ratio to the default (`cost`) is printed.
+//! decides the same requests in the same run; its ratio to the default (`cost`) is printed,
+//! also with `OWN_DECODES` requests of our own in flight carrying an expected output (the
+//! E2E guard walks those at every decision).
 //!
 //!   cargo bench --bench decision
 
@@ -13,6 +15,9 @@ mod decision_workload;
 use decision_workload::{bench_decider, build, print_rows, Ours, TOPOLOGIES};
 use dynamo_epp::sched::RoutingPolicy;
 
+/// Our own requests decoding, each with `nvext.agent_hints.osl`, in the third row.
+const OWN_DECODES: usize = 1000;
+
 fn main() {
     let mut c = criterion::Criterion::default().configure_from_args();
     let rows: Vec<_> = TOPOLOGIES
@@ -21,7 +26,9 @@ fn main() {
             let w = build(t, 200);
             let cost = bench_decider(&mut c, &w, &mut Ours::new(&w));
             let predicted = bench_decider(&mut c, &w, &mut Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "predicted-ttft"));
-            [cost, predicted]
+            let mut own = Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "").with_own_decodes(OWN_DECODES, "predicted-ttft+osl");
+            let guarded = bench_decider(&mut c, &w, &mut own);
+            [cost, predicted, guarded]
         })
         .collect();
     c.final_summary();

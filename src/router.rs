@@ -153,6 +153,8 @@ pub struct Scored {
     pub batch_tokens: u64,
     /// Skipped by admission control: the worker is over a threshold on every rank.
     pub busy: bool,
+    /// Our requests on the rank whose prompt is still being prefilled.
+    pub prefilling: u32,
 }
 
 /// A first response chunk compared with the prediction made at dispatch (for the metrics).
@@ -189,6 +191,19 @@ struct Booking {
     /// What the latency models learn from it (`predicted-ttft` only: the default policy pays
     /// for no prediction, booking or fit).
     seen: Option<Observation>,
+    /// What it adds to its decoding rank's [`LongDecodes`] sum.
+    long: f64,
+}
+
+/// `predicted-ttft`'s E2E guard: per decoding rank, our requests there weighed by the output
+/// they have left (each min(1, left ÷ [`LONG_DECODE_TOKENS`]); without an expected output, 0).
+/// Recomputed from every booking at most every [`LONG_DECODE_REFRESH`] of decision time and
+/// kept by each booking's start and end in between, so a decision does not walk every request
+/// in flight (1,000 of them tripled a decision's time: docs/routing-policy.md).
+#[derive(Debug, Default)]
+struct LongDecodes {
+    refreshed: Option<Instant>,
+    per_rank: FxHashMap<WorkerRank, f64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -288,12 +303,16 @@ pub(crate) const STALL_WEIGHT: f64 = 0.05;
 
 /// `predicted-ttft`: the share of that stall counted again for each request there with a
 /// long decode left (the E2E tail is long decodes stalled by prefills placed beside them;
-/// 0.1 and 0.4 measured worse: docs/routing-policy.md, tenth session).
-const LONG_DECODE_STALL_WEIGHT: f64 = 0.2;
+/// beside the join delay 0.2 and 0.4 measured worse: docs/routing-policy.md, tenth session).
+const LONG_DECODE_STALL_WEIGHT: f64 = 0.3;
 
 /// Output tokens left from which a request counts wholly as a long decode; fewer count in
 /// proportion (the scale screened, not tuned).
 const LONG_DECODE_TOKENS: f64 = 500.0;
+
+/// How old the long-decode sums may get: a request's weight moves by a few percent in this
+/// time (tens of tokens of its last 500), while starts and ends count at once.
+const LONG_DECODE_REFRESH: Duration = Duration::from_millis(100);
 
 /// Stale bookings are looked for at most this often (a sweep walks every active request).
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
@@ -349,8 +368,8 @@ pub struct Router {
     peer_seqs: HashMap<(u64, String), u64>,
     /// Latency models, learned from our own requests' first chunks and output spacing.
     latency: LatencyModels,
-    /// When the last decision was made: the bookings' decodes left are read as of then.
-    decided_at: Option<Instant>,
+    /// `predicted-ttft`: our long decodes per rank (the E2E guard).
+    long: LongDecodes,
 }
 
 impl Default for Router {
@@ -374,7 +393,7 @@ impl Router {
             outbox: None,
             peer_seqs: HashMap::new(),
             latency: LatencyModels::default(),
-            decided_at: None,
+            long: LongDecodes::default(),
         }
     }
 
@@ -434,6 +453,8 @@ impl Router {
             live
         });
         self.peer_seqs.retain(|_, s| active.contains(*s));
+        // The dropped bookings' long decodes leave the sums at the next decision.
+        self.long.refreshed = None;
     }
 
     /// The fleet as last set.
@@ -564,7 +585,7 @@ impl Router {
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prediction: None, batch_tokens, busy: rank_busy }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prefilling: l.prefilling_requests, prediction: None, batch_tokens, busy: rank_busy }
             }));
             // Admission control: a worker is busy only when every one of its ranks is.
             let worker_busy = scored[first..].iter().all(|s| s.busy);
@@ -593,7 +614,7 @@ impl Router {
             decode_tokens: s.load.active_decode_blocks * self.kv.block_size as f64,
             own_tokens: isl,
             active_requests: s.load.active_requests,
-            prefilling_requests: self.active.prefilling(&s.target.worker),
+            prefilling_requests: s.prefilling,
             batch_tokens: s.batch_tokens,
         }
     }
@@ -611,36 +632,34 @@ impl Router {
     /// pass). Measured in
     /// docs/routing-policy.md.
     fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
-        let long = if stage == Stage::Decode { FxHashMap::default() } else { self.long_decodes() };
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
             let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
             let stall = STALL_WEIGHT * p.inputs.active_requests as f64 * p.prefill_ms;
-            let long_stall = LONG_DECODE_STALL_WEIGHT * p.prefill_ms * long.get(&s.target.worker).copied().unwrap_or(0.0);
+            let long_stall = LONG_DECODE_STALL_WEIGHT * p.prefill_ms * if self.long.per_rank.is_empty() { 0.0 } else { self.long.per_rank.get(&s.target.worker).copied().unwrap_or(0.0) };
             s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall + long_stall + p.join_ms };
             s.prediction = Some(p);
         }
     }
 
-    /// Per decoding rank, our requests there weighed by the output they have left (each
-    /// min(1, left ÷ [`LONG_DECODE_TOKENS`]); without an expected output, 0): a long decode
-    /// waits through every prefill placed beside it. Left = expected − the more of the tokens
-    /// streamed and the time since the first chunk at the TPOT predicted at dispatch, as of
-    /// the last decision.
-    fn long_decodes(&self) -> FxHashMap<WorkerRank, f64> {
-        let mut long = FxHashMap::default();
-        for b in self.bookings.values() {
-            let (Some(seen), Some(osl)) = (&b.seen, b.osl) else { continue };
-            let done = match (seen.first_token, self.decided_at) {
-                (Some(first), Some(now)) => {
-                    let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
-                    (ms / seen.prefill.2.tpot_ms.max(0.5)).max(seen.generated as f64)
-                }
-                _ => 0.0,
-            };
-            *long.entry(seen.decode.0).or_insert(0.0) += ((osl as f64 - done).max(0.0) / LONG_DECODE_TOKENS).min(1.0);
+    /// Recomputes the long-decode sums when they are older than [`LONG_DECODE_REFRESH`]: left
+    /// = expected − the more of the tokens streamed and the time since the first chunk at the
+    /// TPOT predicted at dispatch.
+    fn refresh_long_decodes(&mut self, now: Instant) {
+        if self.long.refreshed.is_some_and(|at| now.saturating_duration_since(at) < LONG_DECODE_REFRESH) {
+            return;
         }
-        long
+        self.long.refreshed = Some(now);
+        self.long.per_rank.clear();
+        for b in self.bookings.values_mut() {
+            let (Some(seen), Some(osl)) = (&b.seen, b.osl) else { continue };
+            let done = seen.first_token.map_or(0.0, |first| {
+                let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
+                (ms / seen.prefill.2.tpot_ms.max(0.5)).max(seen.generated as f64)
+            });
+            b.long = ((osl as f64 - done).max(0.0) / LONG_DECODE_TOKENS).min(1.0);
+            *self.long.per_rank.entry(seen.decode.0).or_insert(0.0) += b.long;
+        }
     }
 
     /// A rank's latency models (the fleet's TTFT fit, its speed, its TPOT fit else the
@@ -790,7 +809,9 @@ impl Router {
     }
 
     fn route_query(&mut self, req: &RoutingRequest, q: &Query, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
-        self.decided_at = Some(now);
+        if self.sched.policy == RoutingPolicy::PredictedTtft {
+            self.refresh_long_decodes(now);
+        }
         let disagg = self.disaggregates(req);
         if !disagg && self.sched.enforce_disagg {
             return Err(RouteError::PrefillUnavailable);
@@ -838,7 +859,15 @@ impl Router {
             first_token: None,
             generated: 0,
         });
-        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
+        let long = match (&seen, req.osl) {
+            (Some(o), Some(osl)) => {
+                let w = (osl as f64 / LONG_DECODE_TOKENS).min(1.0);
+                *self.long.per_rank.entry(o.decode.0).or_insert(0.0) += w;
+                w
+            }
+            _ => 0.0,
+        };
+        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen, long });
         Ok(Decision {
             decode: decode.target,
             prefill: prefill.map(|p| p.target),
@@ -956,6 +985,11 @@ impl Router {
     /// decoding rank's TPOT model learns from the spacing of what streamed.
     pub fn on_end(&mut self, booking: BookingId, now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
+        if let (Some(o), true) = (&b.seen, b.long > 0.0) {
+            if let Some(sum) = self.long.per_rank.get_mut(&o.decode.0) {
+                *sum -= b.long;
+            }
+        }
         // (One that ended before its first chunk — cancelled, failed — teaches nothing.)
         if let Some(Observation { first_token: Some(first), decode: (worker, inputs), generated, .. }) = b.seen {
             let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
@@ -1483,7 +1517,7 @@ mod tests {
         r.apply_peer(7, add("a"), now);
         r.apply_peer(7, add("a"), now); // a duplicate is ignored
         r.apply_peer(8, add("a"), now); // the same id from another replica is another request
-        assert_eq!(r.load(&w1), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 96, active_requests: 2 });
+        assert_eq!(r.load(&w1), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 96, active_requests: 2, prefilling_requests: 2 });
         // Our own decisions now avoid worker 1.
         let mut rng = SmallRng::seed_from_u64(1);
         for _ in 0..5 {

@@ -315,6 +315,19 @@ impl Ours {
         }
         Ours { router, rng: SmallRng::seed_from_u64(7), now, name }
     }
+
+    /// Plus `n` requests of our own decoding, each with an expected output (what
+    /// `predicted-ttft`'s E2E guard reads at every decision), reported as `name`.
+    pub fn with_own_decodes(mut self, n: usize, name: &'static str) -> Self {
+        for i in 0..n as u32 {
+            let tokens = (0..256).map(|t| 1_000_000 + i * 256 + t).collect();
+            let req = dynamo_epp::router::RoutingRequest { tokens, osl: Some(1000), ..Default::default() };
+            let d = self.router.route(&req, self.now, &mut self.rng).expect("a worker is chosen");
+            self.router.on_first_token(d.booking, self.now);
+        }
+        self.name = name;
+        self
+    }
 }
 
 impl Decider for Ours {

@@ -20,6 +20,8 @@ pub struct RankLoad {
     pub active_decode_blocks: f64,
     pub active_prefill_tokens: u64,
     pub active_requests: u32,
+    /// Of those, the ones whose prompt is still being prefilled.
+    pub prefilling_requests: u32,
 }
 
 #[derive(Default)]
@@ -179,12 +181,8 @@ impl ActiveSequences {
             active_decode_blocks: r.blocks as f64 + r.output_blocks,
             active_prefill_tokens: r.prefill_tokens,
             active_requests: r.requests,
+            prefilling_requests: r.prefilling,
         })
-    }
-
-    /// Requests booked on `w` whose prompt is still being prefilled.
-    pub fn prefilling(&self, w: &WorkerRank) -> u32 {
-        self.ranks.get(w).map_or(0, |r| r.prefilling)
     }
 
     /// Per rank, how many leading blocks of `blocks` (a prompt's chain of block keys) its
@@ -224,18 +222,16 @@ mod tests {
         assert!(a.add(1, Booking { worker: WorkerRank::rank0(1), blocks: &[10, 11, 12], prefill_tokens: 48, isl: 48 }, t));
         assert!(a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[10, 11, 13], prefill_tokens: 16, isl: 48 }, t));
         assert!(!a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[99], prefill_tokens: 1, isl: 1 }, t));
-        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2 });
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2, prefilling_requests: 2 });
         let held = a.held_prefixes(&[10, 11, 14]);
         assert_eq!((held.get(&WorkerRank::rank0(1)), held.get(&WorkerRank::rank0(2))), (Some(&2), None));
-        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 2);
         a.mark_prefill_completed(1);
         assert_eq!(a.load(&WorkerRank::rank0(1)).active_prefill_tokens, 16);
-        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 1);
+        assert_eq!(a.load(&WorkerRank::rank0(1)).prefilling_requests, 1);
         a.free(1);
-        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1 });
-        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 1);
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1, prefilling_requests: 1 });
         a.free(2);
-        assert_eq!(a.prefilling(&WorkerRank::rank0(1)), 0);
+        assert_eq!(a.load(&WorkerRank::rank0(1)).prefilling_requests, 0);
     }
 
     #[test]
