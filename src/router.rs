@@ -848,7 +848,7 @@ impl Router {
         let bs = self.kv.block_size as u64;
         // Without token ids there is nothing to remember.
         let lease = match &mut self.kv.predicted {
-            Some(p) if q.isl > 0 => p.acquire(holder, booking.0, &q.hashes, (q.isl % bs != 0) as usize, now).then_some(Lease { rank: holder, isl: q.isl }),
+            Some(p) if q.isl > 0 => p.acquire(holder, booking.0, &q.hashes, usize::from(!q.isl.is_multiple_of(bs)), now).then_some(Lease { rank: holder, isl: q.isl }),
             _ => None,
         };
         // Under `predicted-ttft` every candidate carries its prediction.
@@ -974,7 +974,7 @@ impl Router {
         let bs = self.kv.block_size as u64;
         if let (Some(l), Some(p)) = (b.lease, &mut self.kv.predicted) {
             let tokens = l.isl + generated;
-            p.grow(l.rank, booking.0, (tokens / bs) as usize, (tokens % bs != 0) as usize);
+            p.grow(l.rank, booking.0, (tokens / bs) as usize, usize::from(!tokens.is_multiple_of(bs)));
         }
         if tracks {
             self.active.record_output(b.decode, generated, self.kv.block_size, b.osl);
