@@ -4,8 +4,8 @@
 //! 8192-token prompts over ~1 M indexed (rank, block) pairs. Dynamo's router does the same
 //! decisions in `benches/dynamo-baseline` (decision_vs_dynamo). The `predicted-ttft` policy
 //! decides the same requests in the same run; its ratio to the default (`cost`) is printed,
-//! also with `OWN_DECODES` requests of our own in flight carrying an expected output (the
-//! E2E guard walks those at every decision).
+//! also with `OWN_DECODES` requests of our own in flight carrying an expected output (what
+//! the E2E guard weighs).
 //!
 //!   cargo bench --bench decision
 

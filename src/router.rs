@@ -196,7 +196,7 @@ struct Booking {
 }
 
 /// `predicted-ttft`'s E2E guard: per decoding rank, our requests there weighed by the output
-/// they have left (each min(1, left ÷ [`LONG_DECODE_TOKENS`]); without an expected output, 0).
+/// they have left ([`long_decode_weight`]; without an expected output, 0).
 /// Recomputed from every booking at most every [`LONG_DECODE_REFRESH`] of decision time and
 /// kept by each booking's start and end in between, so a decision does not walk every request
 /// in flight (1,000 of them tripled a decision's time: docs/routing-policy.md).
@@ -309,6 +309,11 @@ const LONG_DECODE_STALL_WEIGHT: f64 = 0.3;
 /// Output tokens left from which a request counts wholly as a long decode; fewer count in
 /// proportion (the scale screened, not tuned).
 const LONG_DECODE_TOKENS: f64 = 500.0;
+
+/// A request's share in its rank's [`LongDecodes`] sum with `done` of its `osl` tokens out.
+fn long_decode_weight(osl: u32, done: f64) -> f64 {
+    ((osl as f64 - done).max(0.0) / LONG_DECODE_TOKENS).min(1.0)
+}
 
 /// How old the long-decode sums may get: a request's weight moves by a few percent in this
 /// time (tens of tokens of its last 500), while starts and ends count at once.
@@ -629,8 +634,7 @@ impl Router {
     /// every prefill placed beside it, so it counts more (the E2E guard). They also add the
     /// delay this prompt's first chunk brings to the prompts booked ahead whose last pass it
     /// joins (their predictions could not see it: a later prompt placed greedily shares their
-    /// pass). Measured in
-    /// docs/routing-policy.md.
+    /// pass). Measured in docs/routing-policy.md.
     fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
@@ -657,7 +661,7 @@ impl Router {
                 let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
                 (ms / seen.prefill.2.tpot_ms.max(0.5)).max(seen.generated as f64)
             });
-            b.long = ((osl as f64 - done).max(0.0) / LONG_DECODE_TOKENS).min(1.0);
+            b.long = long_decode_weight(osl, done);
             *self.long.per_rank.entry(seen.decode.0).or_insert(0.0) += b.long;
         }
     }
@@ -861,7 +865,7 @@ impl Router {
         });
         let long = match (&seen, req.osl) {
             (Some(o), Some(osl)) => {
-                let w = (osl as f64 / LONG_DECODE_TOKENS).min(1.0);
+                let w = long_decode_weight(osl, 0.0);
                 *self.long.per_rank.entry(o.decode.0).or_insert(0.0) += w;
                 w
             }

@@ -317,7 +317,7 @@ impl Ours {
     }
 
     /// Plus `n` requests of our own decoding, each with an expected output (what
-    /// `predicted-ttft`'s E2E guard reads at every decision), reported as `name`.
+    /// `predicted-ttft`'s E2E guard weighs), reported as `name`.
     pub fn with_own_decodes(mut self, n: usize, name: &'static str) -> Self {
         for i in 0..n as u32 {
             let tokens = (0..256).map(|t| 1_000_000 + i * 256 + t).collect();

@@ -402,7 +402,9 @@ impl LatencyModels {
             0.0
         } else {
             let ended = if queued < batch { inputs.prefilling_requests.max(1) } else { 1 };
-            ended as f64 * (self.ttft.predict(&inputs.ttft_x_for(queued + chunk)) - ahead)
+            // The whole prompt fits in that pass: the joined work is the prompt's own TTFT's.
+            let joined = if chunk == inputs.new_tokens { total } else { self.ttft.predict(&inputs.ttft_x_for(queued + chunk)) };
+            ended as f64 * (joined - ahead)
         };
         Prediction {
             inputs,
