@@ -141,18 +141,8 @@ impl<const N: usize> Rls<N> {
         let theta: [f64; N] = std::array::from_fn(|i| self.theta[i] + k[i] * clipped);
         // P ← (P − k·xᵀP) / λ, kept symmetric; its trace never exceeds the prior's (no
         // wind-up in directions the samples do not excite).
-        let mut p = [[0.0; N]; N];
-        for i in 0..N {
-            for j in 0..N {
-                p[i][j] = (self.p[i][j] - k[i] * px[j]) / FORGET;
-            }
-        }
-        for i in 0..N {
-            for j in 0..i {
-                let m = 0.5 * (p[i][j] + p[j][i]);
-                (p[i][j], p[j][i]) = (m, m);
-            }
-        }
+        let raw = |i: usize, j: usize| (self.p[i][j] - k[i] * px[j]) / FORGET;
+        let mut p: [[f64; N]; N] = std::array::from_fn(|i| std::array::from_fn(|j| 0.5 * (raw(i, j) + raw(j, i))));
         let trace: f64 = (0..N).map(|i| p[i][i]).sum();
         let sane = theta.iter().chain(p.iter().flatten()).all(|v| v.is_finite()) && (0..N).all(|i| p[i][i] > 0.0);
         if !sane {
