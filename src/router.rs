@@ -297,9 +297,9 @@ impl KvState {
 }
 
 /// `predicted-ttft`: the share of the decode stall a prefill imposes on the requests running
-/// on its rank that counts against the rank (0.15, 0.4 and a TPOT-based guard measured worse:
-/// docs/routing-policy.md).
-pub(crate) const STALL_WEIGHT: f64 = 0.05;
+/// on its rank that counts against the rank (beside the join delay and the E2E guard, 0.05,
+/// 0.15 and 0.2 measured worse on E2E p99; a TPOT-based guard worse: docs/routing-policy.md).
+pub(crate) const STALL_WEIGHT: f64 = 0.1;
 
 /// `predicted-ttft`: the share of that stall counted again for each request there with a
 /// long decode left (the E2E tail is long decodes stalled by prefills placed beside them;
@@ -1398,9 +1398,9 @@ mod tests {
     fn a_prompt_is_kept_out_of_the_pass_that_ends_a_booked_prompts_prefill() {
         // The prior model: 25 ms a pass, 400 ms per 4 k prompt tokens. Worker 2 runs ten
         // decoding requests; worker 1 one prompt of 1,000 tokens. A prompt of 3,000 tokens:
-        // on 2, 325 ms + the stall guard 0.05 × 10 × 300 = 475; on 1 while the booked prompt is
-        // prefilling, 425 + the guard 15 + the 300 ms its tokens add to that prompt's pass = 740;
-        // once that prompt's first chunk came, 325 + 15 = 340.
+        // on 2, 325 ms + the stall guard 0.1 × 10 × 300 = 625; on 1 while the booked prompt is
+        // prefilling, 425 + the guard 30 + the 300 ms its tokens add to that prompt's pass = 755;
+        // once that prompt's first chunk came, 325 + 30 = 355.
         let sched = SchedSettings { policy: RoutingPolicy::PredictedTtft, ..Default::default() };
         let on = |port: u16, from: u32, n: u32| RoutingRequest {
             tokens: (from..from + n).collect(),
