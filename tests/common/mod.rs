@@ -297,7 +297,10 @@ impl Epp {
         }
         let child = cmd.spawn().expect("spawn dynamo-epp");
         let epp = Epp { child, grpc_port, health_port, metrics_port, tls: opts.tls, _dir: dir, workers_file };
+        // The EPP binds ext_proc, health, then metrics: a test reading /metrics right after the
+        // gRPC port answers could find it not yet bound (seen once in a clean-clone run).
         wait_for_port(epp.grpc_port, Duration::from_secs(60)).await;
+        wait_for_port(epp.metrics_port, Duration::from_secs(10)).await;
         epp
     }
 
