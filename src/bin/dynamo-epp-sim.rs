@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use dynamo_epp::{
     config::Config,
+    sched::RoutingPolicy,
     sim::{self, engine::EngineParams, report, NamedPolicy, Policy, SimConfig},
 };
 
@@ -73,7 +74,7 @@ struct Args {
     /// prompt's blocks of Dynamo's best cost).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
-    /// Router queue experiment: our router (KV events) without a queue, then with the router
+    /// Router queue experiment: our router (KV events, `--queue-router-policy`) without a queue, then with the router
     /// queue at this DYN_ROUTER_QUEUE_THRESHOLD in `fcfs` and in `wspt`, reported per priority
     /// class (instead of the policy comparison).
     #[arg(long)]
@@ -84,6 +85,9 @@ struct Args {
     /// queue of a busy engine the cost model prefers.
     #[arg(long)]
     queue_skip_saturated: bool,
+    /// The routing policy of every run in the queue experiment (`DYN_ROUTER_POLICY`).
+    #[arg(long, value_enum, default_value_t = RoutingPolicy::Cost)]
+    queue_router_policy: RoutingPolicy,
     /// Share of requests in the high (strict) priority class in the queue experiment.
     #[arg(long, default_value_t = 0.2)]
     high_priority_share: f64,
@@ -200,7 +204,7 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
     let run = |name: &str, policy: Option<QueuePolicy>| QueueRun {
         name: name.into(),
         kv,
-        sched: SchedSettings { admission: policy.and(skip), ..SchedSettings::default() },
+        sched: SchedSettings { policy: a.queue_router_policy, admission: policy.and(skip), ..SchedSettings::default() },
         queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, ..QueueSettings::single_class(threshold, p) }),
     };
     let runs = [run("no-queue", None), run("queue-fcfs", Some(QueuePolicy::Fcfs)), run("queue-wspt", Some(QueuePolicy::Wspt))];
@@ -209,7 +213,7 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
     print!("{}", queue::markdown(&reports));
     if let Some(p) = &a.json {
         let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "queue_threshold": threshold,
-            "high_priority_share": a.high_priority_share, "queue_skip_saturated": a.queue_skip_saturated, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
+            "high_priority_share": a.high_priority_share, "queue_skip_saturated": a.queue_skip_saturated, "router_policy": a.queue_router_policy, "osl_hints": cfg.osl_hints, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
         std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())

@@ -32,6 +32,7 @@ pub struct ClassReport {
     pub class: &'static str,
     pub requests: usize,
     pub ttft_ms: report::Latency,
+    pub e2e_ms: report::Latency,
     pub wait_ms: report::Latency,
     /// Each request's prefill alone on an idle engine, with the prefix it reused: the floor
     /// under its TTFT.
@@ -73,6 +74,7 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[QueueR
                     class: name,
                     requests: idx.len(),
                     ttft_ms: report::latency(idx.iter().filter_map(|&i| outcomes[i].first_token_us.map(|t| ms(t - outcomes[i].arrival_us))).collect()),
+                    e2e_ms: report::latency(idx.iter().filter_map(|&i| outcomes[i].finished_us.map(|t| ms(t - outcomes[i].arrival_us))).collect()),
                     wait_ms: report::latency(idx.iter().map(|&i| ms(waits[i])).collect()),
                     prefill_floor_ms: report::latency(idx.iter().map(|&i| cfg.engine.prefill_alone_ms((outcomes[i].isl - outcomes[i].reused_tokens.min(outcomes[i].isl)) as u64)).collect()),
                 }
@@ -105,7 +107,7 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
     for (i, r) in prepared.iter().enumerate() {
         st.push(r.arrival_us, Event::Arrival(i));
     }
-    let req = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: Some(prepared[i].engine.osl), ..Default::default() };
+    let req = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: cfg.osl_hints.then_some(prepared[i].engine.osl), ..Default::default() };
     let any = RoutingRequest::default();
     while let Some(Reverse((now, ev, _))) = st.queue.pop() {
         let at = st.instant(now);
@@ -171,18 +173,18 @@ fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup
 
 /// A Markdown table: each run's TTFT and queue wait per class, and overall.
 pub fn markdown(reports: &[QueueReport]) -> String {
-    let mut s = String::from("| run | class | requests | TTFT mean / p50 / p99 (ms) | queue wait mean / p99 (ms) | prefill floor p99 (ms) |\n|---|---|---:|---|---|---:|\n");
+    let mut s = String::from("| run | class | requests | TTFT mean / p50 / p99 (ms) | E2E mean / p99 (ms) | queue wait mean / p99 (ms) | prefill floor p99 (ms) |\n|---|---|---:|---|---|---|---:|\n");
     let mut waited = String::from("\n| run | waited in the router queue | sent behind another prompt's prefill |\n|---|---:|---:|\n");
     for r in reports {
         for c in &r.classes {
             s.push_str(&format!(
-                "| {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {:.0} |\n",
-                r.run, c.class, c.requests, c.ttft_ms.mean, c.ttft_ms.p50, c.ttft_ms.p99, c.wait_ms.mean, c.wait_ms.p99, c.prefill_floor_ms.p99
+                "| {} | {} | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | {:.0} / {:.0} | {:.0} |\n",
+                r.run, c.class, c.requests, c.ttft_ms.mean, c.ttft_ms.p50, c.ttft_ms.p99, c.e2e_ms.mean, c.e2e_ms.p99, c.wait_ms.mean, c.wait_ms.p99, c.prefill_floor_ms.p99
             ));
         }
-        let t = &r.overall.ttft_ms;
+        let (t, e) = (&r.overall.ttft_ms, &r.overall.e2e_ms);
         waited.push_str(&format!("| {} | {} | {} |\n", r.run, r.queued, r.behind_prefill));
-        s.push_str(&format!("| {} | all | {} | {:.0} / {:.0} / {:.0} | | |\n", r.run, r.overall.requests, t.mean, t.p50, t.p99));
+        s.push_str(&format!("| {} | all | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | | |\n", r.run, r.overall.requests, t.mean, t.p50, t.p99, e.mean, e.p99));
     }
     s + &waited
 }
