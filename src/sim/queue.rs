@@ -188,3 +188,38 @@ pub fn markdown(reports: &[QueueReport]) -> String {
     }
     s + &waited
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sched::RoutingPolicy;
+    use crate::sim::{trace::TraceRequest, NamedPolicy, Policy};
+
+    /// The experiment's run without a queue replays a policy exactly as the simulator's own
+    /// comparison does — under either policy, with or without `osl` hints (the E2E guard reads
+    /// them: a queue run that always sent them would differ under `predicted-ttft`).
+    #[test]
+    fn without_a_queue_the_experiment_routes_as_the_simulator_does() {
+        // Three prefix families, prompts of 1–5 blocks, output lengths to 200: three workers
+        // overlap prefills and decodes.
+        let trace: Vec<TraceRequest> = (0..150u64)
+            .map(|i| {
+                let blocks = 1 + i % 5;
+                let ids = (0..blocks).map(|b| if b < 2 { 100 * (i % 3) + b } else { 10_000 + 10 * i + b }).collect();
+                TraceRequest { timestamp: 40 * i, input_length: 512 * blocks as u32, output_length: 20 + 30 * (i % 7) as u32, hash_ids: ids }
+            })
+            .collect();
+        let kv = KvSettings { use_kv_events: true, ..KvSettings::default() };
+        for policy in [RoutingPolicy::Cost, RoutingPolicy::PredictedTtft] {
+            for osl_hints in [true, false] {
+                let cfg = SimConfig { workers: 3, osl_hints, ..SimConfig::default() };
+                let sched = SchedSettings { policy, ..SchedSettings::default() };
+                let q = run(&trace, &cfg, &[QueueRun { name: "no-queue".into(), kv, sched, queue: None }], &vec![false; trace.len()]);
+                let s = super::super::run(&trace, &cfg, &[NamedPolicy { name: "p".into(), policy: Policy::Router { kv, sched } }]);
+                let (a, b) = (&q[0].overall, &s[0]);
+                assert_eq!(a.completed, 150);
+                assert_eq!((&a.ttft_cdf_ms, a.e2e_ms.mean, &a.per_worker), (&b.ttft_cdf_ms, b.e2e_ms.mean, &b.per_worker), "{policy:?}, osl hints {osl_hints}");
+            }
+        }
+    }
+}
