@@ -171,7 +171,7 @@ fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup
     }
 }
 
-/// A Markdown table: each run's TTFT and queue wait per class, and overall.
+/// A Markdown table: each run's TTFT, E2E and queue wait per class, and overall.
 pub fn markdown(reports: &[QueueReport]) -> String {
     let mut s = String::from("| run | class | requests | TTFT mean / p50 / p99 (ms) | E2E mean / p99 (ms) | queue wait mean / p99 (ms) | prefill floor p99 (ms) |\n|---|---|---:|---|---|---|---:|\n");
     let mut waited = String::from("\n| run | waited in the router queue | sent behind another prompt's prefill |\n|---|---:|---:|\n");
@@ -200,13 +200,16 @@ mod tests {
     /// them: a queue run that always sent them would differ under `predicted-ttft`).
     #[test]
     fn without_a_queue_the_experiment_routes_as_the_simulator_does() {
-        // Three prefix families, prompts of 1–5 blocks, output lengths to 200: three workers
-        // overlap prefills and decodes.
+        // Three prefix families, prompts of 1–6 blocks, about one request in four a long decode
+        // (the E2E guard's input; sizes from a scrambled index so they do not move in lockstep),
+        // arrivals 30 ms apart: three workers overlap prefills and decodes. Checked to fail when
+        // the queue run sends `osl` regardless of the hints.
         let trace: Vec<TraceRequest> = (0..150u64)
             .map(|i| {
-                let blocks = 1 + i % 5;
-                let ids = (0..blocks).map(|b| if b < 2 { 100 * (i % 3) + b } else { 10_000 + 10 * i + b }).collect();
-                TraceRequest { timestamp: 40 * i, input_length: 512 * blocks as u32, output_length: 20 + 30 * (i % 7) as u32, hash_ids: ids }
+                let r = i.wrapping_mul(2_654_435_761) >> 7;
+                let blocks = 1 + r % 6;
+                let ids = (0..blocks).map(|b| if b < 2 { 100 * (r % 3) + b } else { 10_000 + 10 * i + b }).collect();
+                TraceRequest { timestamp: 30 * i, input_length: 512 * blocks as u32, output_length: if r % 4 == 0 { 2_000 } else { 10 + (r % 50) as u32 }, hash_ids: ids }
             })
             .collect();
         let kv = KvSettings { use_kv_events: true, ..KvSettings::default() };
