@@ -47,7 +47,7 @@ impl Decider for Queued {
         let mut decided = None;
         let rng = &mut self.ours.rng;
         self.queue
-            .pop_first(now, |kept| {
+            .pop_first(now, |_, kept| {
                 assert!(router.queue_gate_open(req, 1e9, &claims));
                 decided = Some(router.route_waiting(req, kept.as_ref(), &claims, now, rng).expect("a worker is chosen"));
                 true

@@ -417,6 +417,12 @@ pub struct Config {
     #[arg(long = "router-queue-policy", env = "DYN_ROUTER_QUEUE_POLICY", value_enum, default_value = "fcfs")]
     pub queue_policy: crate::sched::queue::QueuePolicy,
 
+    /// Late binding: a waiting request goes when the worker it would pick has room (or its
+    /// prompt joins the last prefill pass there), not when any worker has; an arriving one
+    /// passes those waiting only by joining. Measured with `predicted-ttft` (docs/queue.md).
+    #[arg(long = "queue-late-binding", env = "DYN_EPP_QUEUE_LATE_BINDING", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
+    pub queue_late_binding: bool,
+
     /// YAML list of queue classes (`name`, `quantum`, `policy`) shared by deficit round robin;
     /// a request names its class in `x-dynamo-meta-policy-class`.
     #[arg(long = "router-policy-config", env = "DYN_ROUTER_POLICY_CONFIG")]
@@ -872,6 +878,9 @@ impl Config {
         if self.queue_threshold.is_none() && self.policy_config.is_some() {
             w.push("DYN_ROUTER_POLICY_CONFIG is set but DYN_ROUTER_QUEUE_THRESHOLD is not: no queue, the classes are unused".into());
         }
+        if self.queue_threshold.is_none() && self.queue_late_binding {
+            w.push("DYN_EPP_QUEUE_LATE_BINDING is set but DYN_ROUTER_QUEUE_THRESHOLD is not: no queue to bind late from".into());
+        }
         if self.queue_threshold.is_some() && self.max_num_batched_tokens.is_none() {
             w.push("DYN_ROUTER_QUEUE_THRESHOLD is set without DYN_EPP_MAX_NUM_BATCHED_TOKENS: only workers declaring max_num_batched_tokens can saturate and queue requests".into());
         }
@@ -999,6 +1008,7 @@ impl Config {
         s.max_requests = self.queue_max_requests as usize;
         s.max_bytes = self.queue_max_bytes;
         s.refresh_after = (self.overlap_refresh_after_secs > 0.0).then(|| Duration::from_secs_f64(self.overlap_refresh_after_secs));
+        s.late_binding = self.queue_late_binding;
         Some(s)
     }
 

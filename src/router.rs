@@ -122,6 +122,20 @@ impl RoutingRequest {
     }
 }
 
+/// When a decision binds a request to the rank it picks (late binding at the router queue,
+/// `DYN_EPP_QUEUE_LATE_BINDING`: a request waits for the rank it prefers, not for any).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Bind {
+    /// At once (every request without late binding).
+    Now,
+    /// Arriving while others wait or every worker is saturated: only if its prompt joins the
+    /// last pass of the prompts booked there.
+    Joining,
+    /// Released from the queue: if it joins, or the rank has room at the queue's `threshold`
+    /// (scored as released: see [`RELEASED_LONG_DECODE_STALL_WEIGHT`]).
+    Released { threshold: f64 },
+}
+
 /// Why no target could be chosen.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
@@ -305,6 +319,13 @@ pub(crate) const STALL_WEIGHT: f64 = 0.1;
 /// long decode left (the E2E tail is long decodes stalled by prefills placed beside them;
 /// beside the join delay 0.2 and 0.4 measured worse: docs/routing-policy.md, tenth session).
 const LONG_DECODE_STALL_WEIGHT: f64 = 0.3;
+
+/// `predicted-ttft`, a request released from the router queue under late binding: the E2E
+/// guard's weight, and its stall guard counts only the requests decoding there (not those
+/// still prefilling, which a joining prompt does not stall). Released requests are placed when
+/// every rank is busy; with the arrival weights the queue's E2E p99 exceeded `kv-events`'s by
+/// 3 % at the trace's rate (docs/routing-policy.md, thirteenth session).
+const RELEASED_LONG_DECODE_STALL_WEIGHT: f64 = 1.0;
 
 /// Output tokens left from which a request counts wholly as a long decode; fewer count in
 /// proportion (the scale screened, not tuned).
@@ -553,7 +574,7 @@ impl Router {
     }
 
     /// Every eligible rank of `stage`'s pool, with its cost terms and busy flag.
-    fn score(&self, stage: Stage, req: &RoutingRequest, q: &Query, claims: &Claims) -> Vec<Scored> {
+    fn score(&self, stage: Stage, req: &RoutingRequest, q: &Query, claims: &Claims, bind: Bind) -> Vec<Scored> {
         let rules = stage.rules(&self.sched);
         // Without token ids (no tokenizer configured) only the request count tells load apart.
         let weights = if q.isl == 0 {
@@ -602,7 +623,7 @@ impl Router {
             s.terms = cost_terms(&weights, &input, &s.load);
         }
         if self.sched.policy == RoutingPolicy::PredictedTtft {
-            self.predict(stage, q, &held, &mut scored);
+            self.predict(stage, q, &held, bind, &mut scored);
         }
         scored
     }
@@ -635,12 +656,15 @@ impl Router {
     /// delay this prompt's first chunk brings to the prompts booked ahead whose last pass it
     /// joins (their predictions could not see it: a later prompt placed greedily shares their
     /// pass). Measured in docs/routing-policy.md.
-    fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, scored: &mut [Scored]) {
+    fn predict(&self, stage: Stage, q: &Query, held: &FxHashMap<WorkerRank, u64>, bind: Bind, scored: &mut [Scored]) {
+        let released = matches!(bind, Bind::Released { .. });
+        let long_weight = if released { RELEASED_LONG_DECODE_STALL_WEIGHT } else { LONG_DECODE_STALL_WEIGHT };
         for s in scored.iter_mut() {
             let h = if held.is_empty() { 0 } else { held.get(&s.target.worker).copied().unwrap_or(0) };
             let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
-            let stall = STALL_WEIGHT * p.inputs.active_requests as f64 * p.prefill_ms;
-            let long_stall = LONG_DECODE_STALL_WEIGHT * p.prefill_ms * if self.long.per_rank.is_empty() { 0.0 } else { self.long.per_rank.get(&s.target.worker).copied().unwrap_or(0.0) };
+            let stalled = if released { p.inputs.active_requests.saturating_sub(p.inputs.prefilling_requests) } else { p.inputs.active_requests };
+            let stall = STALL_WEIGHT * stalled as f64 * p.prefill_ms;
+            let long_stall = long_weight * p.prefill_ms * if self.long.per_rank.is_empty() { 0.0 } else { self.long.per_rank.get(&s.target.worker).copied().unwrap_or(0.0) };
             s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall + long_stall + p.join_ms };
             s.prediction = Some(p);
         }
@@ -718,9 +742,9 @@ impl Router {
     pub fn explain(&self, req: &RoutingRequest) -> (Vec<Scored>, Vec<Scored>) {
         let q = self.query(req);
         if self.disaggregates(req) {
-            (self.score(Stage::Decode, req, &q, &Claims::default()), self.score(Stage::Prefill, req, &q, &Claims::default()))
+            (self.score(Stage::Decode, req, &q, &Claims::default(), Bind::Now), self.score(Stage::Prefill, req, &q, &Claims::default(), Bind::Now))
         } else {
-            (self.score(Stage::Aggregated, req, &q, &Claims::default()), Vec::new())
+            (self.score(Stage::Aggregated, req, &q, &Claims::default(), Bind::Now), Vec::new())
         }
     }
 
@@ -800,6 +824,17 @@ impl Router {
     /// [`route`](Self::route) for a request leaving the router queue: with the lookup it
     /// kept (else a fresh one), and not onto workers claimed by blocked requests ahead of it.
     pub fn route_waiting(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
+        self.route_kept(req, kept, claims, Bind::Now, now, rng)
+    }
+
+    /// Routes the request only if the rank it picks now (the one that would run its prompt)
+    /// takes it as `bind` says (late binding, `DYN_EPP_QUEUE_LATE_BINDING`); else books
+    /// nothing and answers [`RouteError::Overloaded`] (it waits in the router queue).
+    pub fn route_binding(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, bind: Bind, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
+        self.route_kept(req, kept, &Claims::default(), bind, now, rng)
+    }
+
+    fn route_kept(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, claims: &Claims, bind: Bind, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         self.expire(now);
         let fresh;
         let q = match kept {
@@ -809,10 +844,26 @@ impl Router {
                 &fresh
             }
         };
-        self.route_query(req, q, claims, now, rng)
+        self.route_query(req, q, claims, bind, now, rng)
     }
 
-    fn route_query(&mut self, req: &RoutingRequest, q: &Query, claims: &Claims, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
+    /// Whether the rank that would run a prompt takes it now under `bind`: it *joins* when
+    /// the prompts booked there end in a partial chunked-prefill pass with room for all its
+    /// uncached tokens (it then delays none of them by a pass); a released request also goes
+    /// to a rank with room (not saturated at the queue's threshold).
+    fn binds(&self, s: &Scored, isl: u64, bind: Bind) -> bool {
+        let (threshold, released) = match bind {
+            Bind::Now => return true,
+            Bind::Joining => (0.0, false),
+            Bind::Released { threshold } => (threshold, true),
+        };
+        let new = s.prediction.map_or(isl - s.terms.cached_tokens.min(isl), |p| p.inputs.new_tokens);
+        let tail = s.load.active_prefill_tokens % s.batch_tokens.max(1);
+        let joins = tail > 0 && s.batch_tokens - tail >= new;
+        joins || released && self.workers.iter().find(|w| w.id == s.target.worker.id).is_some_and(|w| !queue_saturated(threshold, &self.capacity(w), &self.active.load(&s.target.worker)))
+    }
+
+    fn route_query(&mut self, req: &RoutingRequest, q: &Query, claims: &Claims, bind: Bind, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         if self.sched.policy == RoutingPolicy::PredictedTtft {
             self.refresh_long_decodes(now);
         }
@@ -820,9 +871,12 @@ impl Router {
         if !disagg && self.sched.enforce_disagg {
             return Err(RouteError::PrefillUnavailable);
         }
-        let prefill = if disagg { Some(self.choose(req, &self.score(Stage::Prefill, req, q, claims), rng)?) } else { None };
+        let prefill = if disagg { Some(self.choose(req, &self.score(Stage::Prefill, req, q, claims, bind), rng)?) } else { None };
         let stage = if disagg { Stage::Decode } else { Stage::Aggregated };
-        let decode = self.choose(req, &self.score(stage, req, q, claims), rng)?;
+        let decode = self.choose(req, &self.score(stage, req, q, claims, bind), rng)?;
+        if !self.binds(prefill.as_ref().unwrap_or(&decode), q.isl, bind) {
+            return Err(RouteError::Overloaded);
+        }
 
         // The worker that runs the prompt books its prefill tokens; the decode side of a
         // disaggregated request books only its blocks.
@@ -923,7 +977,7 @@ impl Router {
     /// is booked.
     pub fn pick_any(&self, req: &RoutingRequest, rng: &mut impl Rng) -> Result<Target, RouteError> {
         let q = Query { hashes: Vec::new(), seq: None, isl: 0, overlaps: FxHashMap::default() };
-        self.choose(req, &self.score(Stage::Aggregated, req, &q, &Claims::default()), rng).map(|s| s.target)
+        self.choose(req, &self.score(Stage::Aggregated, req, &q, &Claims::default(), Bind::Now), rng).map(|s| s.target)
     }
 
     /// The first non-empty response chunk arrived: prefill is done (and a prefill worker's
@@ -1194,6 +1248,45 @@ mod tests {
         // Another salt hashes differently: no overlap anywhere, least loaded wins.
         let salted = RoutingRequest { cache_salt: Some("tenant-a".into()), ..tokens(64) };
         assert_eq!(r.route(&salted, now, &mut rng).unwrap().decode.worker.id, WorkerId(1));
+    }
+
+    /// Late binding, by hand: two workers with a 64-token pass, worker 2 caching a 320-token
+    /// prefix. A prompt joins the pass a booked prompt ends in when its uncached tokens fit the
+    /// rest of that pass; one that does not fit waits for the rank it prefers though worker 1
+    /// is idle, and goes there once that rank has room (threshold 0: nothing left to prefill).
+    #[test]
+    fn late_binding_joins_a_pass_or_waits_for_the_preferred_rank() {
+        let batch = |id| Worker { max_num_batched_tokens: Some(64), ..worker(id, id as u16, Role::Worker, 1) };
+        let mut r = router(vec![batch(1), batch(2)]);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        r.apply(&store_event(2, StorageTier::Device, &(0..320).collect::<Vec<_>>(), 16));
+        let w2 = WorkerRank { id: WorkerId(2), dp_rank: DpRank(0) };
+        // 16 uncached tokens booked on worker 2: its last pass has 48 left.
+        let a = r.route(&tokens(336), now, &mut rng).unwrap();
+        assert_eq!((a.decode.worker, r.load(&w2).active_prefill_tokens), (w2, 16));
+        // 49 uncached do not fit the 48; 32 do: it joins (16 + 32 booked, 16 left).
+        assert_eq!(r.route_binding(&tokens(369), None, Bind::Joining, now, &mut rng), Err(RouteError::Overloaded));
+        let j = r.route_binding(&tokens(352), None, Bind::Joining, now, &mut rng).unwrap();
+        assert_eq!((j.decode.worker, r.load(&w2).active_prefill_tokens), (w2, 48));
+        // 64 uncached do not fit the 16 left: it neither joins nor, released, binds — worker 2
+        // is saturated and it is still the pick (routed at once it goes there).
+        let k: RoutingRequest = RoutingRequest { tokens: (0..320).chain(1000..1064).collect(), ..Default::default() };
+        assert_eq!(r.route_binding(&k, None, Bind::Joining, now, &mut rng), Err(RouteError::Overloaded));
+        assert_eq!(r.route_binding(&k, None, Bind::Released { threshold: 0.0 }, now, &mut rng), Err(RouteError::Overloaded));
+        assert_eq!(r.active_requests(), 2, "a request held books nothing");
+        // Above a threshold of one pass (64 tokens) worker 2 has room: released, it goes.
+        for bind in [Bind::Released { threshold: 1.0 }, Bind::Now] {
+            let d = r.route_binding(&k, None, bind, now, &mut rng).unwrap();
+            assert_eq!(d.decode.worker, w2, "{bind:?}");
+            r.on_end(d.booking, now);
+        }
+        // Both booked prompts prefilled: worker 2 has room, and the held request binds there.
+        r.on_first_token(a.booking, now);
+        r.on_first_token(j.booking, now);
+        assert_eq!(r.load(&w2).active_prefill_tokens, 0);
+        assert_eq!(r.route_binding(&k, None, Bind::Joining, now, &mut rng), Err(RouteError::Overloaded), "nothing booked: no pass to join");
+        assert_eq!(r.route_binding(&k, None, Bind::Released { threshold: 0.0 }, now, &mut rng).unwrap().decode.worker, w2);
     }
 
     #[test]

@@ -241,3 +241,85 @@ async fn policy_classes_share_dispatches_by_quantum() {
     assert_eq!(classes, "biiibiiibiibbbbb");
     assert_eq!(s.counter("dynamo_epp_queue_dispatched_total{class=\"interactive\"}").await, 8.0);
 }
+
+/// Two workers with a 1,024-token pass, both held in prefill by a blocker (worker "short"'s
+/// about 70 tokens, the other's about 400): every worker is saturated. A short prompt fits
+/// the rest of the short blocker's pass — with late binding (`DYN_EPP_QUEUE_LATE_BINDING`) it
+/// joins that pass at once, without it waits; a prompt longer than a pass waits either way,
+/// and goes when a worker frees. Nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_binding_sends_a_prompt_that_joins_a_booked_pass_past_the_queue() {
+    for late in [true, false] {
+        let workers = [MockWorker::start("a").await, MockWorker::start("b").await];
+        let yaml = format!(
+            "block_size: 16\nworkers:\n  - name: a\n    address: {}\n    id: 1\n    max_num_batched_tokens: 1024\n  - name: b\n    address: {}\n    id: 2\n    max_num_batched_tokens: 1024\n",
+            workers[0].addr, workers[1].addr
+        );
+        let env = [
+            ("DYN_MODEL_PATH", tokenizer_fixtures().join("qwen3").display().to_string()),
+            ("DYN_MODEL_NAME", "qwen".into()),
+            ("DYN_ROUTER_QUEUE_THRESHOLD", "0".into()),
+            ("DYN_EPP_QUEUE_LATE_BINDING", late.to_string()),
+        ];
+        let epp = Epp::start(&yaml, EppOptions { env: env.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(), ..Default::default() }).await;
+        let envoy = Envoy::start_with_ext_proc_timeouts(&EppLink { port: epp.grpc_port, tls: false }, "1s", "0.2s").await;
+        let client = reqwest::Client::new();
+        let send = |content: String, hold: bool| {
+            let mut rb = client.post(envoy.url("/v1/chat/completions")).body(chat_body(&content));
+            if hold {
+                rb = rb.header("x-mock-mode", "hold");
+            }
+            tokio::spawn(async move { rb.send().await.unwrap() })
+        };
+        let seen = || workers.iter().map(|w| w.seen().len()).sum::<usize>();
+        let queued = || async { epp.metrics().await.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum::<f64>() };
+        let short = send("alpha ".repeat(60), true);
+        wait_until("the short blocker reached a worker", || seen() == 1).await;
+        let long = send("beta ".repeat(400), true);
+        wait_until("the long blocker reached a worker", || seen() == 2).await;
+        let short_worker = workers.iter().position(|w| w.seen().len() == 1 && w.seen()[0].body.windows(5).any(|b| b == b"alpha")).expect("a worker has the short blocker");
+        assert_eq!(workers[1 - short_worker].seen().len(), 1, "the blockers are on different workers");
+
+        let mut joining = Some(send("gamma ".repeat(20), false));
+        if late {
+            let r = tokio::time::timeout(Duration::from_secs(20), joining.take().unwrap()).await.expect("it was not sent past the queue").unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(workers[short_worker].seen().len(), 2, "it joined the short blocker's pass");
+            assert_eq!(queued().await, 0.0);
+        } else {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while queued().await != 1.0 {
+                assert!(Instant::now() < deadline, "the joining prompt did not wait");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Longer than a pass: it joins nothing and waits, then goes when the long blocker ends.
+        let waiting = send("delta ".repeat(1500), false);
+        let want = if late { 1.0 } else { 2.0 };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while queued().await != want {
+            assert!(Instant::now() < deadline, "late binding {late}: queue depth is not {want}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen(), if late { 3 } else { 2 });
+        workers[1 - short_worker].release(1);
+        assert_eq!(long.await.unwrap().status(), 200);
+        assert_eq!(waiting.await.unwrap().status(), 200);
+        if let Some(j) = joining {
+            assert_eq!(j.await.unwrap().status(), 200);
+        }
+        workers[short_worker].release(1);
+        assert_eq!(short.await.unwrap().status(), 200);
+        assert_eq!(seen(), 4, "late binding {late}: every request reached a worker once");
+        assert_eq!(queued().await, 0.0);
+        assert_eq!(epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
+    }
+}
+
+async fn wait_until(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !f() {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -85,6 +85,11 @@ struct Args {
     /// queue of a busy engine the cost model prefers.
     #[arg(long)]
     queue_skip_saturated: bool,
+    /// In the queue experiment, the runs with the queue bind late (`DYN_EPP_QUEUE_LATE_BINDING`):
+    /// a waiting request goes when the worker it would pick has room or its prompt joins the
+    /// last prefill pass there.
+    #[arg(long)]
+    queue_late_binding: bool,
     /// The routing policy of every run in the queue experiment (`DYN_ROUTER_POLICY`).
     #[arg(long, value_enum, default_value_t = RoutingPolicy::Cost)]
     queue_router_policy: RoutingPolicy,
@@ -205,7 +210,7 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
         name: name.into(),
         kv,
         sched: SchedSettings { policy: a.queue_router_policy, admission: policy.and(skip), ..SchedSettings::default() },
-        queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, ..QueueSettings::single_class(threshold, p) }),
+        queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, late_binding: a.queue_late_binding, ..QueueSettings::single_class(threshold, p) }),
     };
     let runs = [run("no-queue", None), run("queue-fcfs", Some(QueuePolicy::Fcfs)), run("queue-wspt", Some(QueuePolicy::Wspt))];
     let high = queue::high_priority(trace.len(), a.high_priority_share, cfg.seed);
@@ -213,7 +218,7 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
     print!("{}", queue::markdown(&reports));
     if let Some(p) = &a.json {
         let doc = serde_json::json!({ "trace": a.trace, "requests": trace.len(), "queue_threshold": threshold,
-            "high_priority_share": a.high_priority_share, "queue_skip_saturated": a.queue_skip_saturated, "router_policy": a.queue_router_policy, "osl_hints": cfg.osl_hints, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
+            "high_priority_share": a.high_priority_share, "queue_skip_saturated": a.queue_skip_saturated, "queue_late_binding": a.queue_late_binding, "router_policy": a.queue_router_policy, "osl_hints": cfg.osl_hints, "speedup": cfg.speedup, "workers": cfg.workers, "runs": reports });
         std::fs::write(p, serde_json::to_string_pretty(&doc).expect("JSON")).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())

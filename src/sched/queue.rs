@@ -106,6 +106,8 @@ pub struct QueueSettings {
     /// `DYN_ROUTER_OVERLAP_REFRESH_AFTER_SECS`: `wspt` keys older than this are recomputed
     /// from the current cache state before a dispatch; `None` = never.
     pub refresh_after: Option<Duration>,
+    /// `DYN_EPP_QUEUE_LATE_BINDING`: a request waits for the worker it would pick (`router::Bind`).
+    pub late_binding: bool,
 }
 
 impl QueueSettings {
@@ -117,6 +119,7 @@ impl QueueSettings {
             max_requests: 10_000,
             max_bytes: 1 << 30,
             refresh_after: Some(Duration::from_secs(10)),
+            late_binding: false,
         }
     }
 }
@@ -362,15 +365,16 @@ impl<T> Queue<T> {
 
     /// Takes the request that goes next, advancing the round robins.
     pub fn pop(&mut self, now: Instant) -> Option<Dispatched<T>> {
-        self.pop_first(now, |_| true)
+        self.pop_first(now, |_, _| true)
     }
 
     /// Takes the first request in the queue's order that `runs` accepts (the edge routes it
     /// there, or finds it blocked and claims its workers), advancing the round robins as if
     /// the rejected ones were not there: classes whose requests all stay lose the rest of
     /// their turn, and within a band the flow served least that has an accepted request goes
-    /// (ties by the flows' heads). `runs` sees each request at most once, in that order.
-    pub fn pop_first(&mut self, now: Instant, mut runs: impl FnMut(&T) -> bool) -> Option<Dispatched<T>> {
+    /// (ties by the flows' heads). `runs` sees each request (with its ticket) at most once,
+    /// in that order.
+    pub fn pop_first(&mut self, now: Instant, mut runs: impl FnMut(Ticket, &T) -> bool) -> Option<Dispatched<T>> {
         let n = self.classes.len();
         let mut found = None;
         'classes: for ci in (0..n).map(|i| (self.cursor + i) % n) {
@@ -380,7 +384,7 @@ impl<T> Queue<T> {
                     flows.sort_by(|a, b| a.1.served.cmp(&b.1.served).then(a.1.waiting.first().cmp(&b.1.waiting.first())));
                 }
                 for (flow, f) in flows {
-                    if let Some(&(_, t)) = f.waiting.iter().find(|(_, t)| runs(&self.entries[t].item)) {
+                    if let Some(&(_, t)) = f.waiting.iter().find(|(_, t)| runs(*t, &self.entries[t].item)) {
                         found = Some((ci, flow.clone(), t));
                         break 'classes;
                     }
@@ -544,7 +548,7 @@ mod tests {
     fn round(q: &mut Queue<(char, Vec<u64>)>, full: &mut Vec<u64>, now: Instant) -> Vec<(char, u64)> {
         let mut claims = Claims::default();
         let mut ran = Vec::new();
-        while let Some(d) = q.pop_first(now, |(name, may)| match may.iter().find(|w| !full.contains(w) && !claims.holds(WorkerId(**w))) {
+        while let Some(d) = q.pop_first(now, |_, (name, may)| match may.iter().find(|w| !full.contains(w) && !claims.holds(WorkerId(**w))) {
             Some(&w) => {
                 full.push(w);
                 ran.push((*name, w));

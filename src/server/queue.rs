@@ -10,13 +10,14 @@ use std::{
 };
 
 use parking_lot::Mutex;
+use rustc_hash::FxHashSet;
 use tokio::sync::{mpsc, oneshot};
 
 use opentelemetry_sdk::trace::Span;
 
 use super::{envoy, error::EppError, otel::{self, RequestTrace}, App};
 use crate::{
-    router::{Decision, EndpointMatch, Lookup, RouteError, RoutingRequest},
+    router::{Bind, Decision, EndpointMatch, Lookup, RouteError, RoutingRequest},
     sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings, Ticket},
 };
 
@@ -36,6 +37,8 @@ pub struct Waitlist {
     threshold: f64,
     /// Any class orders by `wspt` (needs each prompt's uncached tokens).
     wspt: bool,
+    /// `DYN_EPP_QUEUE_LATE_BINDING` (`router::Bind`).
+    late: bool,
     pub max_wait: Duration,
     /// Status of a request refused by a full queue (`DYN_HTTP_OVERLOAD_STATUS_CODE`).
     pub full_status: u16,
@@ -44,7 +47,7 @@ pub struct Waitlist {
 impl Waitlist {
     pub fn new(settings: QueueSettings, max_wait: Duration, full_status: u16) -> Self {
         let wspt = settings.classes.iter().any(|c| c.policy.unwrap_or(settings.policy) == QueuePolicy::Wspt);
-        Waitlist { threshold: settings.threshold, wspt, queue: Mutex::new(Queue::new(settings)), max_wait, full_status }
+        Waitlist { threshold: settings.threshold, wspt, late: settings.late_binding, queue: Mutex::new(Queue::new(settings)), max_wait, full_status }
     }
 
     pub fn len(&self) -> usize {
@@ -62,13 +65,19 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
-        if q.is_empty() && !router.queue_saturated(&req, wl.threshold) {
-            match router.route(&req, now, &mut rand::rng()) {
+        let now_or_joining = if q.is_empty() && !router.queue_saturated(&req, wl.threshold) {
+            Some(Bind::Now)
+        } else {
+            // Late binding: passing those waiting only by joining a prefill pass.
+            wl.late.then_some(Bind::Joining)
+        };
+        if let Some(bind) = now_or_joining {
+            match router.route_binding(&req, None, bind, now, &mut rand::rng()) {
                 Ok(d) => {
                     app.note_active(&router);
                     return Ok(d);
                 }
-                // Busy by the admission thresholds: wait too, rather than fail.
+                // Busy by the admission thresholds (or not joining): wait too, rather than fail.
                 Err(RouteError::Overloaded) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -156,8 +165,9 @@ impl Drop for Waiting {
 
 /// Dispatches waiting requests in the queue's order, each that can run (`sched::queue`'s
 /// head-of-line rule: a blocked request claims its workers and holds only the requests that
-/// would need them): called when capacity may have freed (a first token, a booking's end, a
-/// fleet change) and on a tick (load expiry, stale `wspt` keys).
+/// would need them; late binding: each goes if the rank it would pick takes it, and claims
+/// nothing): called when capacity may have freed (a first token, a booking's end, a fleet
+/// change) and on a tick (load expiry, stale `wspt` keys).
 pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
     let mut q = wl.queue.lock();
     if q.is_empty() {
@@ -175,12 +185,26 @@ pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
     // Subset hints found blocked this round (claims only grow: they stay blocked).
     let mut blocked: Vec<Option<Vec<EndpointMatch>>> = Vec::new();
     let mut rng = rand::rng();
+    // Late binding: requests whose pick did not take them this round (not scored again).
+    let mut held: FxHashSet<Ticket> = FxHashSet::default();
     let mut dispatched = false;
     while claims.len() < router.worker_count() {
         let mut decided = None;
-        let popped = q.pop_first(now, |w| {
+        let popped = q.pop_first(now, |t, w| {
             if w.reply.is_closed() {
                 // Its stream is gone (its own drop counts the eviction): it leaves.
+                return true;
+            }
+            if wl.late {
+                if held.contains(&t) {
+                    return false;
+                }
+                let d = router.route_binding(&w.req, w.lookup.as_ref(), Bind::Released { threshold: wl.threshold }, now, &mut rng);
+                if d == Err(RouteError::Overloaded) {
+                    held.insert(t);
+                    return false;
+                }
+                decided = Some(d);
                 return true;
             }
             if blocked.contains(&w.req.subset) {

@@ -6,11 +6,12 @@
 use std::cmp::Reverse;
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
+use rustc_hash::FxHashSet;
 use serde::Serialize;
 
 use super::{fleet, prepare, report, Event, SimConfig, State};
 use crate::{
-    router::{KvSettings, Lookup, RouteError, Router, RoutingRequest},
+    router::{Bind, Decision, KvSettings, Lookup, RouteError, Router, RoutingRequest},
     sched::{
         queue::{Arrival, Claims, Priority, Queue, QueuePolicy, QueueSettings},
         SchedSettings,
@@ -99,6 +100,7 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
     let mut queue: Option<Queue<usize>> = run.queue.clone().map(Queue::new);
     let threshold = run.queue.as_ref().map_or(0.0, |q| q.threshold);
     let wspt = run.queue.as_ref().is_some_and(|q| q.policy == QueuePolicy::Wspt);
+    let late = run.queue.as_ref().is_some_and(|q| q.late_binding);
     let mut waits = vec![0u64; prepared.len()];
     let mut counts = Counts::default();
     // `wspt`: the lookup a request was keyed by is the one its decision uses (as in the server).
@@ -116,6 +118,16 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
                 let router = st.router.as_mut().expect("router");
                 match &mut queue {
                     Some(q) if !q.is_empty() || router.queue_saturated(&any, threshold) => {
+                        // Late binding: it passes those waiting only by joining a pass.
+                        if late {
+                            match router.route_binding(&req(i), None, Bind::Joining, at, &mut rng) {
+                                Err(RouteError::Overloaded) => {}
+                                d => {
+                                    place(&mut st, i, d, &prepared[i].engine, now, &mut counts);
+                                    continue;
+                                }
+                            }
+                        }
                         let uncached_tokens = if wspt {
                             let l = router.lookup(&req(i));
                             let u = router.uncached_tokens(&req(i), &l);
@@ -128,7 +140,10 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
                         q.push(i, a, at).map_err(|_| "simulated queue is unbounded").unwrap();
                         counts.queued += 1;
                     }
-                    _ => dispatch(&mut st, i, &req(i), None, &prepared[i].engine, now, &mut rng, &mut counts),
+                    _ => {
+                        let d = router.route(&req(i), at, &mut rng);
+                        place(&mut st, i, d, &prepared[i].engine, now, &mut counts);
+                    }
                 }
             }
             ev => st.step(ev, now),
@@ -144,21 +159,48 @@ fn run_one(prepared: &[super::Prepared], cfg: &SimConfig, run: &QueueRun, high: 
                 q.rekey(t, router.uncached_tokens(&req(i), l), at);
             }
         }
-        while !q.is_empty() && !st.router.as_ref().expect("router").queue_saturated(&any, threshold) {
-            let d = q.pop(at).expect("not empty");
+        // Late binding: one pass in the queue's order; each request goes if the rank it would
+        // pick takes it (`Bind::Released`), else it is not scored again this round.
+        let mut held = FxHashSet::default();
+        loop {
+            let router = st.router.as_mut().expect("router");
+            let mut decided = None;
+            let popped = if late {
+                q.pop_first(at, |t, &i| {
+                    if held.contains(&t) {
+                        return false;
+                    }
+                    match router.route_binding(&req(i), lookups[i].as_ref(), Bind::Released { threshold }, at, &mut rng) {
+                        Err(RouteError::Overloaded) => {
+                            held.insert(t);
+                            false
+                        }
+                        d => {
+                            decided = Some(d);
+                            true
+                        }
+                    }
+                })
+            } else if router.queue_saturated(&any, threshold) {
+                None
+            } else {
+                q.pop(at)
+            };
+            let Some(d) = popped else { break };
             let i = d.item;
             waits[i] = d.waited.as_micros() as u64;
-            dispatch(&mut st, i, &req(i), lookups[i].take().as_ref(), &prepared[i].engine, now, &mut rng, &mut counts);
+            let kept = lookups[i].take();
+            let decided = decided.unwrap_or_else(|| router.route_waiting(&req(i), kept.as_ref(), &Claims::default(), at, &mut rng));
+            place(&mut st, i, decided, &prepared[i].engine, now, &mut counts);
         }
     }
     (st.outcomes, waits, counts)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dispatch(st: &mut State, i: usize, req: &RoutingRequest, kept: Option<&Lookup>, engine: &super::engine::EngineRequest, now: u64, rng: &mut SmallRng, counts: &mut Counts) {
-    let at = st.instant(now);
-    let router = st.router.as_mut().expect("router");
-    match router.route_waiting(req, kept, &Claims::default(), at, rng) {
+/// Starts a routed request on its engine (a rejected one is counted as such).
+fn place(st: &mut State, i: usize, decided: Result<Decision, RouteError>, engine: &super::engine::EngineRequest, now: u64, counts: &mut Counts) {
+    let router = st.router.as_ref().expect("router");
+    match decided {
         Ok(d) => {
             // Its own booking is counted too: more than its uncached prompt means others'.
             let pending = router.load(&d.decode.worker).active_prefill_tokens;
