@@ -116,7 +116,7 @@ fn engine_model_and_router_reproduce_dynamos_own_replay() {
     let tuned = Config::from_args(["dynamo-epp", "--track-active-blocks", "false"]).map_err(|(m, _)| m).unwrap();
     let mut ours = sim::standard_policies();
     ours.retain(|p| p.name == "round-robin" || p.name == "kv-events");
-    ours.push(NamedPolicy { name: "tuned".into(), policy: Policy::Router { kv: tuned.kv_settings(), sched: tuned.sched_settings() } });
+    ours.push(NamedPolicy { name: "tuned".into(), policy: Policy::Router { kv: tuned.kv_settings(), sched: tuned.sched_settings(), queue: None } });
     let cfg = SimConfig { workers: WORKERS, ..Default::default() };
     let reports = sim::run(&t, &cfg, &ours);
     let by = |n: &str| -> &PolicyReport { reports.iter().find(|r| r.policy == n).unwrap() };

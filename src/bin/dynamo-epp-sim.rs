@@ -151,7 +151,7 @@ fn run(a: Args) -> Result<(), String> {
     for e in &a.extra {
         let (name, flags) = e.split_once('=').ok_or_else(|| format!("--extra {e:?}: expected NAME=FLAGS"))?;
         let c = Config::from_args(std::iter::once("dynamo-epp").chain(flags.split_whitespace())).map_err(|(m, _)| m)?;
-        policies.push(NamedPolicy { name: name.into(), policy: Policy::Router { kv: c.kv_settings(), sched: c.sched_settings() } });
+        policies.push(NamedPolicy { name: name.into(), policy: Policy::Router { kv: c.kv_settings(), sched: c.sched_settings(), queue: c.queue_settings() } });
     }
     if !a.only.is_empty() {
         let known: Vec<NamedPolicy> = policies.into_iter().chain(sim::oracle_policies()).collect();
@@ -199,18 +199,20 @@ fn queue_experiment(a: &Args, trace: &[sim::trace::TraceRequest], cfg: &SimConfi
             queue::{QueuePolicy, QueueSettings},
             SchedSettings,
         },
-        sim::queue::{self, QueueRun},
+        sim::queue,
     };
     if !(0.0..=1.0).contains(&a.high_priority_share) || threshold < 0.0 {
         return Err("--high-priority-share must be within 0..=1 and --queue-threshold ≥ 0".into());
     }
     let kv = KvSettings { use_kv_events: true, ..KvSettings::default() };
     let skip = a.queue_skip_saturated.then_some(Thresholds { prefill_tokens_frac: Some(threshold), ..Thresholds::default() });
-    let run = |name: &str, policy: Option<QueuePolicy>| QueueRun {
+    let run = |name: &str, policy: Option<QueuePolicy>| NamedPolicy {
         name: name.into(),
-        kv,
-        sched: SchedSettings { policy: a.queue_router_policy, admission: policy.and(skip), ..SchedSettings::default() },
-        queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, late_binding: a.queue_late_binding, ..QueueSettings::single_class(threshold, p) }),
+        policy: Policy::Router {
+            kv,
+            sched: SchedSettings { policy: a.queue_router_policy, admission: policy.and(skip), ..SchedSettings::default() },
+            queue: policy.map(|p| QueueSettings { max_requests: usize::MAX, max_bytes: u64::MAX, late_binding: a.queue_late_binding, ..QueueSettings::single_class(threshold, p) }),
+        },
     };
     let runs = [run("no-queue", None), run("queue-fcfs", Some(QueuePolicy::Fcfs)), run("queue-wspt", Some(QueuePolicy::Wspt))];
     let high = queue::high_priority(trace.len(), a.high_priority_share, cfg.seed);

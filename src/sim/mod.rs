@@ -32,7 +32,7 @@ use crate::{
         predicted::ApproxCachePolicy,
     },
     router::{BookingId, EndpointMatch, KvSettings, RouteError, Router, RoutingRequest, STALL_WEIGHT},
-    sched::{RoutingPolicy, SchedSettings},
+    sched::{queue::QueueSettings, RoutingPolicy, SchedSettings},
     workers::{Fleet, Role, Worker, WorkerId},
 };
 use engine::{Engine, EngineEvent, EngineParams, EngineRequest};
@@ -42,8 +42,9 @@ use trace::TraceRequest;
 /// How a policy picks a worker.
 #[derive(Clone, Debug)]
 pub enum Policy {
-    /// Our router with these settings (KV events on or off per `kv`).
-    Router { kv: KvSettings, sched: SchedSettings },
+    /// Our router with these settings (KV events on or off per `kv`), with the router queue
+    /// when `queue` is set (`queue.rs`: the server's order, gate and late binding).
+    Router { kv: KvSettings, sched: SchedSettings, queue: Option<QueueSettings> },
     RoundRobin,
     Random,
     /// Fewest queued + running requests, ties at random.
@@ -120,10 +121,10 @@ pub fn standard_policies() -> Vec<NamedPolicy> {
     let lru = KvSettings { approx_policy: ApproxCachePolicy::Lru, ..kv(false) };
     let predicted = SchedSettings { policy: RoutingPolicy::PredictedTtft, ..SchedSettings::default() };
     vec![
-        NamedPolicy { name: "kv-events".into(), policy: Policy::Router { kv: kv(true), sched: SchedSettings::default() } },
-        NamedPolicy { name: "predicted-ttft".into(), policy: Policy::Router { kv: kv(true), sched: predicted } },
-        NamedPolicy { name: "approximate".into(), policy: Policy::Router { kv: kv(false), sched: SchedSettings::default() } },
-        NamedPolicy { name: "approximate-lru".into(), policy: Policy::Router { kv: lru, sched: SchedSettings::default() } },
+        NamedPolicy { name: "kv-events".into(), policy: Policy::Router { kv: kv(true), sched: SchedSettings::default(), queue: None } },
+        NamedPolicy { name: "predicted-ttft".into(), policy: Policy::Router { kv: kv(true), sched: predicted, queue: None } },
+        NamedPolicy { name: "approximate".into(), policy: Policy::Router { kv: kv(false), sched: SchedSettings::default(), queue: None } },
+        NamedPolicy { name: "approximate-lru".into(), policy: Policy::Router { kv: lru, sched: SchedSettings::default(), queue: None } },
         NamedPolicy { name: "round-robin".into(), policy: Policy::RoundRobin },
         NamedPolicy { name: "random".into(), policy: Policy::Random },
         NamedPolicy { name: "least-loaded".into(), policy: Policy::LeastLoaded },
@@ -202,6 +203,13 @@ struct State<'a> {
     pass_end: Vec<u64>,
     /// The oracle's TTFT for its pick (µs), per request.
     oracle_ttft_us: Vec<Option<u64>>,
+    /// Each request's wait in the router queue (µs).
+    waits: Vec<u64>,
+    /// Requests that waited in the router queue.
+    queued: usize,
+    /// Requests our router sent to a rank that still had prompt tokens to prefill (its view):
+    /// they wait in that engine's queue instead.
+    behind_prefill: usize,
 }
 
 impl State<'_> {
@@ -402,6 +410,21 @@ impl<'a> State<'a> {
         }
     }
 
+    /// Starts a request our router routed on its engine (a rejected one is counted as such).
+    fn place(&mut self, i: usize, decided: Result<crate::router::Decision, RouteError>, engine: &EngineRequest, now: u64) {
+        match decided {
+            Ok(d) => {
+                // Its own booking is counted too: more than its uncached prompt means others'.
+                let pending = self.router.as_ref().expect("router").load(&d.decode.worker).active_prefill_tokens;
+                self.behind_prefill += (pending > (engine.isl as u64).saturating_sub(d.predicted_cached_tokens)) as usize;
+                self.bookings[i] = Some(d.booking);
+                self.assign(i, d.decode.worker.id.0 as usize, engine, now);
+            }
+            Err(RouteError::Overloaded) => self.outcomes[i].rejected = true,
+            Err(e) => panic!("simulated fleet cannot fail to route: {e}"),
+        }
+    }
+
     /// Request `i` goes to engine `w`.
     fn assign(&mut self, i: usize, w: usize, req: &EngineRequest, now: u64) {
         self.outcomes[i].worker = w;
@@ -423,6 +446,9 @@ impl<'a> State<'a> {
             event_ids: vec![0; cfg.workers],
             pass_end: vec![0; cfg.workers],
             oracle_ttft_us: vec![None; prepared.len()],
+            waits: vec![0; prepared.len()],
+            queued: 0,
+            behind_prefill: 0,
         }
     }
 }
@@ -434,7 +460,7 @@ fn pass_us(ms: f64) -> u64 {
 
 fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f64) -> PolicyReport {
     let started = std::time::Instant::now();
-    let st = simulate(prepared, cfg, p);
+    let st = simulate(prepared, cfg, p, &[]);
     let mut report = PolicyReport::new(&p.name, &st.outcomes, ideal, started.elapsed());
     if matches!(p.policy, Policy::Oracle(_)) {
         let exact = st.outcomes.iter().zip(&st.oracle_ttft_us).filter(|(o, t)| o.first_token_us.zip(**t).is_some_and(|(f, t)| f - o.arrival_us == t));
@@ -443,9 +469,11 @@ fn run_policy(prepared: &[Prepared], cfg: &SimConfig, p: &NamedPolicy, ideal: f6
     report
 }
 
-fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy) -> State<'a> {
+/// One run of a policy over the arrivals; `high` marks the requests of the router queue's high
+/// strict priority (empty: none).
+fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high: &[bool]) -> State<'a> {
     let router = match &p.policy {
-        Policy::Router { kv, sched } => Some(Router::new(*kv, *sched)),
+        Policy::Router { kv, sched, .. } => Some(Router::new(*kv, *sched)),
         Policy::Oracle(_) => Some(Router::new(KvSettings { use_kv_events: true, ..KvSettings::default() }, SchedSettings::default())),
         _ => None,
     };
@@ -453,44 +481,45 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy) -> S
         r.set_fleet(fleet(cfg));
         r
     });
+    let mut waitlist = match &p.policy {
+        Policy::Router { queue: Some(q), .. } => Some(queue::Waitlist::new(q.clone(), prepared.len())),
+        _ => None,
+    };
     let mut st = State::new(cfg, prepared, router);
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let mut rr = 0usize;
     for (i, r) in prepared.iter().enumerate() {
         st.push(r.arrival_us, Event::Arrival(i));
     }
+    let routed = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: cfg.osl_hints.then_some(prepared[i].engine.osl), ..Default::default() };
     while let Some(Reverse((now, ev, _))) = st.queue.pop() {
         match ev {
             Event::Arrival(i) => {
                 let r = &prepared[i];
                 let w = match &p.policy {
                     Policy::Router { .. } => {
-                        let req = RoutingRequest { tokens: r.tokens.clone(), osl: cfg.osl_hints.then_some(r.engine.osl), ..Default::default() };
                         let at = st.instant(now);
-                        match st.router.as_mut().expect("router policy").route(&req, at, &mut rng) {
-                            Ok(d) => {
-                                st.bookings[i] = Some(d.booking);
-                                d.decode.worker.id.0 as usize
+                        match &mut waitlist {
+                            Some(wl) => wl.arrive(&mut st, i, &routed(i), &r.engine, high.get(i).copied().unwrap_or(false), now, &mut rng),
+                            None => {
+                                let d = st.router.as_mut().expect("router policy").route(&routed(i), at, &mut rng);
+                                st.place(i, d, &r.engine, now);
                             }
-                            Err(RouteError::Overloaded) => {
-                                st.outcomes[i].rejected = true;
-                                continue;
-                            }
-                            Err(e) => panic!("simulated fleet cannot fail to route: {e}"),
                         }
+                        None
                     }
                     Policy::RoundRobin => {
                         rr = (rr + 1) % cfg.workers;
-                        rr
+                        Some(rr)
                     }
-                    Policy::Random => rng.random_range(0..cfg.workers),
+                    Policy::Random => Some(rng.random_range(0..cfg.workers)),
                     Policy::LeastLoaded => {
                         let min = st.engines.iter().map(Engine::load).min().unwrap_or(0);
                         let tied: Vec<usize> = (0..cfg.workers).filter(|&w| st.engines[w].load() == min).collect();
-                        tied[rng.random_range(0..tied.len())]
+                        Some(tied[rng.random_range(0..tied.len())])
                     }
                     Policy::Oracle(rule) => {
-                        let mut req = RoutingRequest { tokens: r.tokens.clone(), osl: cfg.osl_hints.then_some(r.engine.osl), ..Default::default() };
+                        let mut req = routed(i);
                         let (w, ttft) = st.oracle_pick(*rule, &req, &r.engine, now);
                         st.oracle_ttft_us[i] = ttft;
                         // Booked on the pick alone, so the router's load view follows the oracle.
@@ -500,12 +529,18 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy) -> S
                         req.subset = Some(vec![EndpointMatch::Exact(ep)]);
                         let d = router.route(&req, at, &mut rng).expect("the simulated fleet has no admission limits");
                         st.bookings[i] = Some(d.booking);
-                        w
+                        Some(w)
                     }
                 };
-                st.assign(i, w, &r.engine, now);
+                if let Some(w) = w {
+                    st.assign(i, w, &r.engine, now);
+                }
             }
             ev => st.step(ev, now),
+        }
+        // Capacity may have freed (a first token, an end) or a request arrived behind others.
+        if let Some(wl) = &mut waitlist {
+            wl.release(&mut st, prepared, &routed, now, &mut rng);
         }
     }
     st
@@ -537,7 +572,7 @@ mod tests {
         ];
         let cfg = SimConfig { workers: 2, ..Default::default() };
         let prepared = prepare(&trace, &cfg);
-        let st = simulate(&prepared, &cfg, &oracle_policies()[0]);
+        let st = simulate(&prepared, &cfg, &oracle_policies()[0], &[]);
         let worker: Vec<usize> = st.outcomes.iter().map(|o| o.worker).collect();
         // a: both idle and equal, the lower index; b: the idle worker (worker 0 is busy until
         // 169 ms, then decodes a alongside b's chunks); c: worker 0 holds its prefix and
@@ -565,10 +600,10 @@ mod tests {
         let trace: Vec<TraceRequest> = (0..6).map(|i| row(1000 * i, 100 * i)).collect();
         let cfg = SimConfig { workers: 2, slow_share: 0.5, slow_factor: 3.0, ..Default::default() };
         let prepared = prepare(&trace, &cfg);
-        let oracle = simulate(&prepared, &cfg, &oracle_policies()[0]);
+        let oracle = simulate(&prepared, &cfg, &oracle_policies()[0], &[]);
         assert!(oracle.outcomes.iter().all(|o| o.worker == 0), "worker 1 is 3× slower");
         let kv = standard_policies().remove(0);
-        let cost = simulate(&prepared, &cfg, &kv);
+        let cost = simulate(&prepared, &cfg, &kv, &[]);
         assert!(cost.outcomes.iter().any(|o| o.worker == 1), "Dynamo's cost sees no speed");
     }
 }
