@@ -124,6 +124,12 @@ impl QueueSettings {
     }
 }
 
+/// Late binding scores at most this many waiting requests per dispatch round (a decision each,
+/// first in the queue's order): a round stays bounded however deep the queue, and the requests
+/// further back go in their turn. (The simulator's queue never held more than ~N at once at the
+/// traces' rates: docs/queue.md.)
+pub const LATE_BINDING_SCAN: usize = 64;
+
 /// Dynamo's queue gate for one rank: saturated when its prefill tokens exceed `threshold ×
 /// max_num_batched_tokens`. A rank whose batch budget is unknown never saturates.
 pub fn saturated(threshold: f64, cap: &Capacity, load: &RankLoad) -> bool {

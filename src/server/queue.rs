@@ -18,7 +18,7 @@ use opentelemetry_sdk::trace::Span;
 use super::{envoy, error::EppError, otel::{self, RequestTrace}, App};
 use crate::{
     router::{Bind, Decision, EndpointMatch, Lookup, RouteError, RoutingRequest},
-    sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings, Ticket},
+    sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings, Ticket, LATE_BINDING_SCAN},
 };
 
 type Reply = Result<Decision, RouteError>;
@@ -196,7 +196,7 @@ pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
                 return true;
             }
             if wl.late {
-                if held.contains(&t) {
+                if held.contains(&t) || held.len() >= LATE_BINDING_SCAN {
                     return false;
                 }
                 let d = router.route_binding(&w.req, w.lookup.as_ref(), Bind::Released { threshold: wl.threshold }, now, &mut rng);

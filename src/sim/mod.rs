@@ -205,8 +205,9 @@ struct State<'a> {
     oracle_ttft_us: Vec<Option<u64>>,
     /// Each request's wait in the router queue (µs).
     waits: Vec<u64>,
-    /// Requests that waited in the router queue.
+    /// Requests that waited in the router queue, and the most waiting at once.
     queued: usize,
+    max_waiting: usize,
     /// Requests our router sent to a rank that still had prompt tokens to prefill (its view):
     /// they wait in that engine's queue instead.
     behind_prefill: usize,
@@ -448,6 +449,7 @@ impl<'a> State<'a> {
             oracle_ttft_us: vec![None; prepared.len()],
             waits: vec![0; prepared.len()],
             queued: 0,
+            max_waiting: 0,
             behind_prefill: 0,
         }
     }
@@ -493,6 +495,8 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
     }
     let routed = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: cfg.osl_hints.then_some(prepared[i].engine.osl), ..Default::default() };
     while let Some(Reverse((now, ev, _))) = st.queue.pop() {
+        // Capacity may have freed (a first token, an end) or a request arrived behind others.
+        let mut dispatch_round = true;
         match ev {
             Event::Arrival(i) => {
                 let r = &prepared[i];
@@ -500,7 +504,7 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
                     Policy::Router { .. } => {
                         let at = st.instant(now);
                         match &mut waitlist {
-                            Some(wl) => wl.arrive(&mut st, i, &routed(i), &r.engine, high.get(i).copied().unwrap_or(false), now, &mut rng),
+                            Some(wl) => dispatch_round = !wl.arrive(&mut st, i, &routed(i), &r.engine, high.get(i).copied().unwrap_or(false), now, &mut rng),
                             None => {
                                 let d = st.router.as_mut().expect("router policy").route(&routed(i), at, &mut rng);
                                 st.place(i, d, &r.engine, now);
@@ -538,8 +542,7 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
             }
             ev => st.step(ev, now),
         }
-        // Capacity may have freed (a first token, an end) or a request arrived behind others.
-        if let Some(wl) = &mut waitlist {
+        if let Some(wl) = waitlist.as_mut().filter(|_| dispatch_round) {
             wl.release(&mut st, prepared, &routed, now, &mut rng);
         }
     }

@@ -11,7 +11,7 @@ use serde::Serialize;
 use super::{engine::EngineRequest, prepare, report, NamedPolicy, Prepared, SimConfig, State};
 use crate::{
     router::{Bind, Lookup, RouteError, RoutingRequest},
-    sched::queue::{Arrival, Claims, Priority, Queue, QueuePolicy, QueueSettings},
+    sched::queue::{Arrival, Claims, Priority, Queue, QueuePolicy, QueueSettings, LATE_BINDING_SCAN},
 };
 
 /// The router queue of one simulated run. One pool and no subsets: a blocked head blocks
@@ -33,8 +33,9 @@ impl Waitlist {
 
     /// Request `i` arrives: routed at once when no one waits and a worker has room (late
     /// binding: also when its prompt joins a pass), else it waits (a full queue rejects it).
+    /// Whether it was routed at once: then, as in the server, no dispatch round follows.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn arrive(&mut self, st: &mut State, i: usize, req: &RoutingRequest, engine: &EngineRequest, high: bool, now: u64, rng: &mut SmallRng) {
+    pub(super) fn arrive(&mut self, st: &mut State, i: usize, req: &RoutingRequest, engine: &EngineRequest, high: bool, now: u64, rng: &mut SmallRng) -> bool {
         let at = st.instant(now);
         let router = st.router.as_mut().expect("router");
         let bind = if self.queue.is_empty() && !router.queue_saturated(req, self.threshold) {
@@ -45,7 +46,10 @@ impl Waitlist {
         if let Some(bind) = bind {
             match router.route_binding(req, None, bind, at, rng) {
                 Err(RouteError::Overloaded) => {}
-                d => return st.place(i, d, engine, now),
+                d => {
+                    st.place(i, d, engine, now);
+                    return true;
+                }
             }
         }
         let uncached_tokens = if self.wspt {
@@ -58,9 +62,13 @@ impl Waitlist {
         };
         let a = Arrival { priority: Priority { strict: high as u32, jump: 0.0 }, uncached_tokens, ..Default::default() };
         match self.queue.push(i, a, at) {
-            Ok(_) => st.queued += 1,
+            Ok(_) => {
+                st.queued += 1;
+                st.max_waiting = st.max_waiting.max(self.queue.len());
+            }
             Err(_) => st.outcomes[i].rejected = true,
         }
+        false
     }
 
     /// Dispatches waiting requests as the server's dispatch round does: in the queue's order
@@ -87,7 +95,7 @@ impl Waitlist {
             let lookups = &self.lookups;
             let popped = if self.late {
                 self.queue.pop_first(at, |t, &i| {
-                    if held.contains(&t) {
+                    if held.contains(&t) || held.len() >= LATE_BINDING_SCAN {
                         return false;
                     }
                     match router.route_binding(&req(i), lookups[i].as_ref(), Bind::Released { threshold: self.threshold }, at, rng) {
@@ -132,8 +140,9 @@ pub struct ClassReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct QueueReport {
     pub run: String,
-    /// Requests that waited in the router queue.
+    /// Requests that waited in the router queue, and the most waiting at once.
     pub queued: usize,
+    pub max_waiting: usize,
     /// Requests sent to a worker that still had prompt tokens to prefill (the router's view):
     /// they wait in that engine's queue instead.
     pub behind_prefill: usize,
@@ -170,7 +179,7 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[NamedP
                     prefill_floor_ms: report::latency(idx.iter().map(|&i| cfg.engine.prefill_alone_ms((outcomes[i].isl - outcomes[i].reused_tokens.min(outcomes[i].isl)) as u64)).collect()),
                 }
             };
-            QueueReport { run: r.name.clone(), queued: st.queued, behind_prefill: st.behind_prefill, overall, classes: vec![class("high", true), class("normal", false)] }
+            QueueReport { run: r.name.clone(), queued: st.queued, max_waiting: st.max_waiting, behind_prefill: st.behind_prefill, overall, classes: vec![class("high", true), class("normal", false)] }
         })
         .collect()
 }
@@ -178,7 +187,7 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[NamedP
 /// A Markdown table: each run's TTFT, E2E and queue wait per class, and overall.
 pub fn markdown(reports: &[QueueReport]) -> String {
     let mut s = String::from("| run | class | requests | TTFT mean / p50 / p99 (ms) | E2E mean / p99 (ms) | queue wait mean / p99 (ms) | prefill floor p99 (ms) |\n|---|---|---:|---|---|---|---:|\n");
-    let mut waited = String::from("\n| run | waited in the router queue | sent behind another prompt's prefill |\n|---|---:|---:|\n");
+    let mut waited = String::from("\n| run | waited in the router queue | most waiting at once | sent behind another prompt's prefill |\n|---|---:|---:|---:|\n");
     for r in reports {
         for c in &r.classes {
             s.push_str(&format!(
@@ -187,7 +196,7 @@ pub fn markdown(reports: &[QueueReport]) -> String {
             ));
         }
         let (t, e) = (&r.overall.ttft_ms, &r.overall.e2e_ms);
-        waited.push_str(&format!("| {} | {} | {} |\n", r.run, r.queued, r.behind_prefill));
+        waited.push_str(&format!("| {} | {} | {} | {} |\n", r.run, r.queued, r.max_waiting, r.behind_prefill));
         s.push_str(&format!("| {} | all | {} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} | | |\n", r.run, r.overall.requests, t.mean, t.p50, t.p99, e.mean, e.p99));
     }
     s + &waited
