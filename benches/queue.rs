@@ -3,7 +3,8 @@
 //! once routed directly and once through the queue as the server does it when requests wait
 //! (enqueue; `wspt` also looks up the prompt's cache at enqueue for its key; then the
 //! dispatch round: the head-of-line rule's gate, the route — `wspt` with the lookup kept from
-//! enqueue — and the pop). Same run, so the difference is the queue's cost.
+//! enqueue — and the pop; `late`: late binding's decision, released, in place of the gate and
+//! the route). Same run, so the difference is the queue's cost.
 //!
 //!   cargo bench --bench queue
 
@@ -12,7 +13,7 @@ mod decision_workload;
 
 use decision_workload::{bench_decider, build, Decider, Ours, TOPOLOGIES};
 use dynamo_epp::{
-    router::RoutingRequest,
+    router::{Bind, RoutingRequest},
     sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings},
     workers::WorkerRank,
 };
@@ -22,6 +23,8 @@ struct Queued {
     ours: Ours,
     queue: Queue<Option<dynamo_epp::router::Lookup>>,
     wspt: bool,
+    /// Late binding (`DYN_EPP_QUEUE_LATE_BINDING`).
+    late: bool,
     name: &'static str,
 }
 
@@ -48,8 +51,13 @@ impl Decider for Queued {
         let rng = &mut self.ours.rng;
         self.queue
             .pop_first(now, |_, kept| {
-                assert!(router.queue_gate_open(req, 1e9, &claims));
-                decided = Some(router.route_waiting(req, kept.as_ref(), &claims, now, rng).expect("a worker is chosen"));
+                let d = if self.late {
+                    router.route_binding(req, kept.as_ref(), Bind::Released { threshold: 1e9 }, now, rng)
+                } else {
+                    assert!(router.queue_gate_open(req, 1e9, &claims));
+                    router.route_waiting(req, kept.as_ref(), &claims, now, rng)
+                };
+                decided = Some(d.expect("a worker is chosen"));
                 true
             })
             .expect("queued");
@@ -66,8 +74,8 @@ fn main() {
         let w = build(t, 200);
         let direct = bench_decider(&mut c, &w, &mut Ours::new(&w));
         let mut rows = vec![];
-        for (name, policy) in [("queued-fcfs", QueuePolicy::Fcfs), ("queued-wspt", QueuePolicy::Wspt)] {
-            let mut q = Queued { ours: Ours::new(&w), queue: Queue::new(QueueSettings::single_class(1e9, policy)), wspt: policy == QueuePolicy::Wspt, name };
+        for (name, policy, late) in [("queued-fcfs", QueuePolicy::Fcfs, false), ("queued-wspt", QueuePolicy::Wspt, false), ("queued-late", QueuePolicy::Fcfs, true)] {
+            let mut q = Queued { ours: Ours::new(&w), queue: Queue::new(QueueSettings::single_class(1e9, policy)), wspt: policy == QueuePolicy::Wspt, late, name };
             rows.push(bench_decider(&mut c, &w, &mut q));
         }
         for r in rows {

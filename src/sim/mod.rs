@@ -39,8 +39,9 @@ use engine::{Engine, EngineEvent, EngineParams, EngineRequest};
 use report::{PolicyReport, RequestOutcome};
 use trace::TraceRequest;
 
-/// How a policy picks a worker.
+/// How a policy picks a worker. (A few per run, built once: their size does not matter.)
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Policy {
     /// Our router with these settings (KV events on or off per `kv`), with the router queue
     /// when `queue` is set (`queue.rs`: the server's order, gate and late binding).
