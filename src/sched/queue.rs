@@ -125,9 +125,9 @@ impl QueueSettings {
 }
 
 /// Late binding stops a dispatch round's scoring (a decision per waiting request, in the
-/// queue's order) once this many requests have stayed, so a round holds the router lock for a bounded time however deep
-/// the queue; the requests further back go in their turn. (In the simulator at most 10 waited at
-/// once at 1–2× the conversation trace's rate: docs/queue.md.)
+/// queue's order) once this many requests have stayed, so a round holds the router lock for a
+/// bounded time however deep the queue; the requests further back go in their turn. (In the
+/// simulator at most 10 waited at once at 1–2× the conversation trace's rate: docs/queue.md.)
 pub const LATE_BINDING_SCAN: usize = 32;
 
 /// Dynamo's queue gate for one rank: saturated when its prefill tokens exceed `threshold ×
