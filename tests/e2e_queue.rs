@@ -311,6 +311,7 @@ async fn late_binding_sends_a_prompt_that_joins_a_booked_pass_past_the_queue() {
         workers[short_worker].release(1);
         assert_eq!(short.await.unwrap().status(), 200);
         assert_eq!(seen(), 4, "late binding {late}: every request reached a worker once");
+        assert_eq!(epp.metric("dynamo_epp_queue_joined_total").await.unwrap_or(0.0), if late { 1.0 } else { 0.0 });
         assert_eq!(queued().await, 0.0);
         assert_eq!(epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
     }

@@ -301,6 +301,8 @@ pub struct QueueMetrics {
     pub evicted: Family<ReasonLabel, Counter>,
     /// Requests refused at the queue's door: `queue_requests_limit`, `queue_bytes_limit`.
     pub rejected: Family<ReasonLabel, Counter>,
+    /// Late binding: arrivals sent past those waiting because their prompt joined a prefill pass.
+    pub joined: Counter,
 }
 
 /// 1 ms .. ~260 s.
@@ -316,10 +318,12 @@ impl QueueMetrics {
             dispatched: Family::default(),
             evicted: Family::default(),
             rejected: Family::default(),
+            joined: Counter::default(),
         };
         registry.register("queue_depth", "Requests waiting in the router queue, per class and strict priority", m.depth.clone());
         registry.register("queue_wait_seconds", "Time requests waited in the router queue before dispatch, per class", m.wait_seconds.clone());
         registry.register("queue_dispatched", "Requests dispatched from the router queue, per class", m.dispatched.clone());
+        registry.register("queue_joined", "Late binding: arrivals routed past waiting requests because their prompt joined a prefill pass", m.joined.clone());
         registry.register("queue_evicted", "Requests taken out of the router queue before dispatch, by reason", m.evicted.clone());
         registry.register("queue_rejected", "Requests refused because the router queue was full, by reason", m.rejected.clone());
         m

@@ -75,6 +75,9 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
             match router.route_binding(&req, None, bind, now, &mut rand::rng()) {
                 Ok(d) => {
                     app.note_active(&router);
+                    if bind == Bind::Joining {
+                        app.metrics.queue.joined.inc();
+                    }
                     return Ok(d);
                 }
                 // Busy by the admission thresholds (or not joining): wait too, rather than fail.
