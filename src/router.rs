@@ -323,8 +323,9 @@ const LONG_DECODE_STALL_WEIGHT: f64 = 0.3;
 /// `predicted-ttft`, a request released from the router queue under late binding: the E2E
 /// guard's weight, and its stall guard counts only the requests decoding there (not those
 /// still prefilling, which a joining prompt does not stall). Released requests are placed when
-/// every rank is busy; with the arrival weights the queue's E2E p99 exceeded `kv-events`'s by
-/// 3 % at the trace's rate (docs/routing-policy.md, thirteenth session).
+/// every rank is busy; with the arrival weights late binding's E2E p99 was 1.022–1.029×
+/// `kv-events`' at the conversation trace's rate (target ≤ 1.02; docs/routing-policy.md,
+/// twelfth and thirteenth sessions).
 const RELEASED_LONG_DECODE_STALL_WEIGHT: f64 = 1.0;
 
 /// Output tokens left from which a request counts wholly as a long decode; fewer count in
