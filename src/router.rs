@@ -31,7 +31,7 @@ use crate::{
         cost::{cost_terms, CandidateLoad, CostInput, CostTerms, CostWeights, TierOverlap},
         disagg::Stage,
         latency::{Inputs, LatencyModels, Prediction, RankModel, DEFAULT_BATCH_TOKENS},
-        queue::{saturated as queue_saturated, Claims},
+        queue::{saturated as queue_saturated, Claims, LateRound, Ticket},
         select::select,
         RoutingPolicy, SchedSettings,
     },
@@ -833,6 +833,34 @@ impl Router {
     /// nothing and answers [`RouteError::Overloaded`] (it waits in the router queue).
     pub fn route_binding(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, bind: Bind, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {
         self.route_kept(req, kept, &Claims::default(), bind, now, rng)
+    }
+
+    /// Late binding's step of a dispatch round for the waiting request `ticket`: its decision
+    /// if its pick takes it (`Bind::Released`), `None` if it stays (then it is not scored again
+    /// this round) or the round scores no more.
+    #[allow(clippy::too_many_arguments)]
+    pub fn release_late(&mut self, round: &mut LateRound, ticket: Ticket, req: &RoutingRequest, kept: Option<&Lookup>, threshold: f64, now: Instant, rng: &mut impl Rng) -> Option<Result<Decision, RouteError>> {
+        if !round.scores(ticket) {
+            return None;
+        }
+        match self.route_binding(req, kept, Bind::Released { threshold }, now, rng) {
+            Err(RouteError::Overloaded) => {
+                round.stay(ticket);
+                None
+            }
+            d => Some(d),
+        }
+    }
+
+    /// How a request arriving at the router queue may be routed at once: as usual when nobody
+    /// waits and a worker of its pool has room; otherwise, under late binding, only by joining
+    /// a pass; `None`: it waits.
+    pub fn arrival_bind(&self, req: &RoutingRequest, others_wait: bool, threshold: f64, late: bool) -> Option<Bind> {
+        if !others_wait && !self.queue_saturated(req, threshold) {
+            Some(Bind::Now)
+        } else {
+            late.then_some(Bind::Joining)
+        }
     }
 
     fn route_kept(&mut self, req: &RoutingRequest, kept: Option<&Lookup>, claims: &Claims, bind: Bind, now: Instant, rng: &mut impl Rng) -> Result<Decision, RouteError> {

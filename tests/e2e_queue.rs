@@ -58,21 +58,12 @@ impl Setup {
         }
     }
 
-    /// Waiting requests, summed over classes and priorities.
     async fn queued(&self) -> f64 {
-        self.epp.metrics().await.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+        queue_depth(&self.epp).await
     }
 
     async fn wait_queued(&self, n: f64) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let q = self.queued().await;
-            if q == n {
-                return;
-            }
-            assert!(Instant::now() < deadline, "queue depth {q}, expected {n}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_queue_depth(&self.epp, n).await
     }
 
     /// Sends one request and waits until it is queued, so arrival order is the sending order.
@@ -272,7 +263,6 @@ async fn late_binding_sends_a_prompt_that_joins_a_booked_pass_past_the_queue() {
             tokio::spawn(async move { rb.send().await.unwrap() })
         };
         let seen = || workers.iter().map(|w| w.seen().len()).sum::<usize>();
-        let queued = || async { epp.metrics().await.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum::<f64>() };
         let short = send("alpha ".repeat(60), true);
         wait_until("the short blocker reached a worker", || seen() == 1).await;
         let long = send("beta ".repeat(400), true);
@@ -285,22 +275,14 @@ async fn late_binding_sends_a_prompt_that_joins_a_booked_pass_past_the_queue() {
             let r = tokio::time::timeout(Duration::from_secs(20), joining.take().unwrap()).await.expect("it was not sent past the queue").unwrap();
             assert_eq!(r.status(), 200);
             assert_eq!(workers[short_worker].seen().len(), 2, "it joined the short blocker's pass");
-            assert_eq!(queued().await, 0.0);
+            assert_eq!(queue_depth(&epp).await, 0.0);
         } else {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while queued().await != 1.0 {
-                assert!(Instant::now() < deadline, "the joining prompt did not wait");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            // The joining prompt waits.
+            wait_queue_depth(&epp, 1.0).await;
         }
         // Longer than a pass: it joins nothing and waits, then goes when the long blocker ends.
         let waiting = send("delta ".repeat(1500), false);
-        let want = if late { 1.0 } else { 2.0 };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while queued().await != want {
-            assert!(Instant::now() < deadline, "late binding {late}: queue depth is not {want}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        wait_queue_depth(&epp, if late { 1.0 } else { 2.0 }).await;
         assert_eq!(seen(), if late { 3 } else { 2 });
         workers[1 - short_worker].release(1);
         assert_eq!(long.await.unwrap().status(), 200);
@@ -312,8 +294,25 @@ async fn late_binding_sends_a_prompt_that_joins_a_booked_pass_past_the_queue() {
         assert_eq!(short.await.unwrap().status(), 200);
         assert_eq!(seen(), 4, "late binding {late}: every request reached a worker once");
         assert_eq!(epp.metric("dynamo_epp_queue_joined_total").await.unwrap_or(0.0), if late { 1.0 } else { 0.0 });
-        assert_eq!(queued().await, 0.0);
+        assert_eq!(queue_depth(&epp).await, 0.0);
         assert_eq!(epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
+    }
+}
+
+/// Waiting requests, summed over classes and priorities.
+async fn queue_depth(epp: &Epp) -> f64 {
+    epp.metrics().await.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum()
+}
+
+async fn wait_queue_depth(epp: &Epp, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = queue_depth(epp).await;
+        if q == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "queue depth {q}, expected {n}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

@@ -130,6 +130,25 @@ impl QueueSettings {
 /// simulator at most 10 waited at once at 1–2× the conversation trace's rate: docs/queue.md.)
 pub const LATE_BINDING_SCAN: usize = 32;
 
+/// One late-binding dispatch round: the requests whose pick did not take them (not scored
+/// again this round), up to [`LATE_BINDING_SCAN`].
+#[derive(Debug, Default)]
+pub struct LateRound {
+    stayed: FxHashSet<Ticket>,
+}
+
+impl LateRound {
+    /// Whether the request `ticket` is scored: it has not stayed this round, and the round's
+    /// bound is not reached.
+    pub fn scores(&self, ticket: Ticket) -> bool {
+        self.stayed.len() < LATE_BINDING_SCAN && !self.stayed.contains(&ticket)
+    }
+
+    pub fn stay(&mut self, ticket: Ticket) {
+        self.stayed.insert(ticket);
+    }
+}
+
 /// Dynamo's queue gate for one rank: saturated when its prefill tokens exceed `threshold ×
 /// max_num_batched_tokens`. A rank whose batch budget is unknown never saturates.
 pub fn saturated(threshold: f64, cap: &Capacity, load: &RankLoad) -> bool {

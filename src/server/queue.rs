@@ -10,7 +10,6 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use rustc_hash::FxHashSet;
 use tokio::sync::{mpsc, oneshot};
 
 use opentelemetry_sdk::trace::Span;
@@ -18,7 +17,7 @@ use opentelemetry_sdk::trace::Span;
 use super::{envoy, error::EppError, otel::{self, RequestTrace}, App};
 use crate::{
     router::{Bind, Decision, EndpointMatch, Lookup, RouteError, RoutingRequest},
-    sched::queue::{Arrival, Claims, Queue, QueuePolicy, QueueSettings, Ticket, LATE_BINDING_SCAN},
+    sched::queue::{Arrival, Claims, LateRound, Queue, QueuePolicy, QueueSettings, Ticket},
 };
 
 type Reply = Result<Decision, RouteError>;
@@ -65,13 +64,7 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
-        let now_or_joining = if q.is_empty() && !router.queue_saturated(&req, wl.threshold) {
-            Some(Bind::Now)
-        } else {
-            // Late binding: passing those waiting only by joining a prefill pass.
-            wl.late.then_some(Bind::Joining)
-        };
-        if let Some(bind) = now_or_joining {
+        if let Some(bind) = router.arrival_bind(&req, !q.is_empty(), wl.threshold, wl.late) {
             match router.route_binding(&req, None, bind, now, &mut rand::rng()) {
                 Ok(d) => {
                     app.note_active(&router);
@@ -188,8 +181,7 @@ pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
     // Subset hints found blocked this round (claims only grow: they stay blocked).
     let mut blocked: Vec<Option<Vec<EndpointMatch>>> = Vec::new();
     let mut rng = rand::rng();
-    // Late binding: requests whose pick did not take them this round (not scored again).
-    let mut held: FxHashSet<Ticket> = FxHashSet::default();
+    let mut late_round = LateRound::default();
     let mut dispatched = false;
     while claims.len() < router.worker_count() {
         let mut decided = None;
@@ -199,16 +191,8 @@ pub fn pump(app: &App, wl: &Waitlist, now: Instant) {
                 return true;
             }
             if wl.late {
-                if held.contains(&t) || held.len() >= LATE_BINDING_SCAN {
-                    return false;
-                }
-                let d = router.route_binding(&w.req, w.lookup.as_ref(), Bind::Released { threshold: wl.threshold }, now, &mut rng);
-                if d == Err(RouteError::Overloaded) {
-                    held.insert(t);
-                    return false;
-                }
-                decided = Some(d);
-                return true;
+                decided = router.release_late(&mut late_round, t, &w.req, w.lookup.as_ref(), wl.threshold, now, &mut rng);
+                return decided.is_some();
             }
             if blocked.contains(&w.req.subset) {
                 return false;

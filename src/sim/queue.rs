@@ -5,13 +5,12 @@
 //! priority, reporting TTFT, E2E and queue wait per priority class.
 
 use rand::{rngs::SmallRng, Rng, SeedableRng};
-use rustc_hash::FxHashSet;
 use serde::Serialize;
 
 use super::{engine::EngineRequest, prepare, report, NamedPolicy, Prepared, SimConfig, State};
 use crate::{
-    router::{Bind, Lookup, RouteError, RoutingRequest},
-    sched::queue::{Arrival, Claims, Priority, Queue, QueuePolicy, QueueSettings, LATE_BINDING_SCAN},
+    router::{Lookup, RouteError, RoutingRequest},
+    sched::queue::{Arrival, Claims, LateRound, Priority, Queue, QueuePolicy, QueueSettings},
 };
 
 /// The router queue of one simulated run. One pool and no subsets: a blocked head blocks
@@ -38,12 +37,7 @@ impl Waitlist {
     pub(super) fn arrive(&mut self, st: &mut State, i: usize, req: &RoutingRequest, engine: &EngineRequest, high: bool, now: u64, rng: &mut SmallRng) -> bool {
         let at = st.instant(now);
         let router = st.router.as_mut().expect("router");
-        let bind = if self.queue.is_empty() && !router.queue_saturated(req, self.threshold) {
-            Some(Bind::Now)
-        } else {
-            self.late.then_some(Bind::Joining)
-        };
-        if let Some(bind) = bind {
+        if let Some(bind) = router.arrival_bind(req, !self.queue.is_empty(), self.threshold, self.late) {
             match router.route_binding(req, None, bind, at, rng) {
                 Err(RouteError::Overloaded) => {}
                 d => {
@@ -86,8 +80,7 @@ impl Waitlist {
                 self.queue.rekey(t, router.uncached_tokens(&req(i), l), at);
             }
         }
-        // Late binding: requests whose pick did not take them this round (not scored again).
-        let mut held = FxHashSet::default();
+        let mut late_round = LateRound::default();
         let any = RoutingRequest::default();
         loop {
             let router = st.router.as_mut().expect("router");
@@ -95,19 +88,8 @@ impl Waitlist {
             let lookups = &self.lookups;
             let popped = if self.late {
                 self.queue.pop_first(at, |t, &i| {
-                    if held.contains(&t) || held.len() >= LATE_BINDING_SCAN {
-                        return false;
-                    }
-                    match router.route_binding(&req(i), lookups[i].as_ref(), Bind::Released { threshold: self.threshold }, at, rng) {
-                        Err(RouteError::Overloaded) => {
-                            held.insert(t);
-                            false
-                        }
-                        d => {
-                            decided = Some(d);
-                            true
-                        }
-                    }
+                    decided = router.release_late(&mut late_round, t, &req(i), lookups[i].as_ref(), self.threshold, at, rng);
+                    decided.is_some()
                 })
             } else if router.queue_saturated(&any, self.threshold) {
                 None
