@@ -166,6 +166,7 @@ fn run(a: Args) -> Result<(), String> {
     for r in reports.iter().filter_map(|r| Some((&r.policy, r.oracle_exact?))) {
         println!("{}: TTFT as looked ahead for {:.1} % of requests (the rest changed by later arrivals)", r.0, 100.0 * r.1);
     }
+    print!("\nWhere the TTFT goes (means):\n\n{}", report::ttft_parts_markdown(&reports));
     let wall: f64 = reports.iter().map(|r| r.wall_seconds).sum();
     println!("\n{} requests, {} workers, ideal reuse {:.1} %, simulated in {wall:.1} s", trace.len(), cfg.workers, 100.0 * reports[0].ideal_reuse);
     let fleet_blocks = cfg.workers * cfg.engine.kv_blocks as usize;

@@ -204,8 +204,6 @@ struct State<'a> {
     pass_end: Vec<u64>,
     /// The oracle's TTFT for its pick (µs), per request.
     oracle_ttft_us: Vec<Option<u64>>,
-    /// Each request's wait in the router queue (µs).
-    waits: Vec<u64>,
     /// Requests that waited in the router queue, and the most waiting at once.
     queued: usize,
     max_waiting: usize,
@@ -311,6 +309,7 @@ impl State<'_> {
                     let o = &mut self.outcomes[id];
                     o.first_token_us = Some(now);
                     o.reused_tokens = reused;
+                    o.prefill_alone_ms = self.cfg.engine_of(w).prefill_alone_ms((o.isl - reused.min(o.isl)) as u64);
                     if let (Some(r), Some(b)) = (&mut self.router, self.bookings[id]) {
                         r.on_first_token(b, at);
                     }
@@ -448,7 +447,6 @@ impl<'a> State<'a> {
             event_ids: vec![0; cfg.workers],
             pass_end: vec![0; cfg.workers],
             oracle_ttft_us: vec![None; prepared.len()],
-            waits: vec![0; prepared.len()],
             queued: 0,
             max_waiting: 0,
             behind_prefill: 0,
@@ -592,6 +590,13 @@ mod tests {
         // new tokens beside a's decode: well under one 8,192-token pass.
         assert!(ttft[2] < p.pass_ms(8192, 0, 0) / 2.0, "{ttft:?}");
         assert_eq!(st.outcomes[2].reused_tokens, 8192);
+        // Where each TTFT went: a and b waited for nothing (all prefill alone, no router
+        // queue), c's 512 new tokens alone take one small pass and the rest of its TTFT was on
+        // the engine (the decode pass it arrived in, a's decode batched into its pass).
+        let alone: Vec<f64> = st.outcomes.iter().map(|o| o.prefill_alone_ms).collect();
+        assert!((alone[0] - ttft[0]).abs() < 0.002 && (alone[1] - ttft[1]).abs() < 0.003, "{alone:?} vs {ttft:?}");
+        assert!((alone[2] - p.pass_ms(512, 0, 0)).abs() < 1e-9 && ttft[2] - alone[2] > 1.0, "{alone:?} vs {ttft:?}");
+        assert!(st.outcomes.iter().all(|o| o.queued_us == 0));
         // And each pick's looked-ahead TTFT is the one the simulation then produced.
         for (i, o) in st.outcomes.iter().enumerate() {
             assert_eq!(st.oracle_ttft_us[i], Some(o.first_token_us.unwrap() - o.arrival_us), "request {i}");
@@ -609,5 +614,11 @@ mod tests {
         let kv = standard_policies().remove(0);
         let cost = simulate(&prepared, &cfg, &kv, &[]);
         assert!(cost.outcomes.iter().any(|o| o.worker == 1), "Dynamo's cost sees no speed");
+        // A prompt's prefill alone is priced at its worker's speed: 4,096 new tokens in one pass.
+        let pass = EngineParams::default().pass_ms(4096, 0, 0);
+        for o in &cost.outcomes {
+            let speed = if o.worker == 1 { 3.0 } else { 1.0 };
+            assert!((o.prefill_alone_ms - speed * pass).abs() < 1e-9, "worker {}: {} vs {}", o.worker, o.prefill_alone_ms, speed * pass);
+        }
     }
 }

@@ -100,7 +100,7 @@ impl Waitlist {
             let i = d.item;
             let kept = self.lookups[i].take();
             let decided = decided.unwrap_or_else(|| router.route_waiting(&req(i), kept.as_ref(), &Claims::default(), at, rng));
-            st.waits[i] = d.waited.as_micros() as u64;
+            st.outcomes[i].queued_us = d.waited.as_micros() as u64;
             st.place(i, decided, &prepared[i].engine, now);
         }
     }
@@ -114,8 +114,8 @@ pub struct ClassReport {
     pub ttft_ms: report::Latency,
     pub e2e_ms: report::Latency,
     pub wait_ms: report::Latency,
-    /// Each request's prefill alone on an idle engine, with the prefix it reused: the floor
-    /// under its TTFT.
+    /// Each request's prefill alone on an idle engine of its worker's speed, with the prefix it
+    /// reused: the floor under its TTFT.
     pub prefill_floor_ms: report::Latency,
 }
 
@@ -147,7 +147,7 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[NamedP
         .map(|r| {
             let started = std::time::Instant::now();
             let st = super::simulate(&prepared, cfg, r, high);
-            let (outcomes, waits) = (&st.outcomes, &st.waits);
+            let outcomes = &st.outcomes;
             let overall = report::PolicyReport::new(&r.name, outcomes, ideal, started.elapsed());
             let class = |name, want: bool| {
                 let ms = |us: u64| us as f64 / 1000.0;
@@ -157,8 +157,8 @@ pub fn run(trace: &[super::trace::TraceRequest], cfg: &SimConfig, runs: &[NamedP
                     requests: idx.len(),
                     ttft_ms: report::latency(idx.iter().filter_map(|&i| outcomes[i].first_token_us.map(|t| ms(t - outcomes[i].arrival_us))).collect()),
                     e2e_ms: report::latency(idx.iter().filter_map(|&i| outcomes[i].finished_us.map(|t| ms(t - outcomes[i].arrival_us))).collect()),
-                    wait_ms: report::latency(idx.iter().map(|&i| ms(waits[i])).collect()),
-                    prefill_floor_ms: report::latency(idx.iter().map(|&i| cfg.engine.prefill_alone_ms((outcomes[i].isl - outcomes[i].reused_tokens.min(outcomes[i].isl)) as u64)).collect()),
+                    wait_ms: report::latency(idx.iter().map(|&i| ms(outcomes[i].queued_us)).collect()),
+                    prefill_floor_ms: report::latency(idx.iter().map(|&i| outcomes[i].prefill_alone_ms).collect()),
                 }
             };
             QueueReport { run: r.name.clone(), queued: st.queued, max_waiting: st.max_waiting, behind_prefill: st.behind_prefill, overall, classes: vec![class("high", true), class("normal", false)] }

@@ -21,11 +21,16 @@ pub struct RequestOutcome {
     pub finished_us: Option<u64>,
     pub reused_tokens: u32,
     pub rejected: bool,
+    /// Time in the router queue before its engine got it (µs).
+    pub queued_us: u64,
+    /// Its uncached prompt tokens prefilled alone on an idle engine of its worker's speed (ms):
+    /// the part of its TTFT no routing or queue order shortens once the worker is chosen.
+    pub prefill_alone_ms: f64,
 }
 
 impl RequestOutcome {
     pub fn new(arrival_us: u64, isl: u32, osl: u32) -> Self {
-        RequestOutcome { arrival_us, isl, osl, worker: 0, first_token_us: None, finished_us: None, reused_tokens: 0, rejected: false }
+        RequestOutcome { arrival_us, isl, osl, worker: 0, first_token_us: None, finished_us: None, reused_tokens: 0, rejected: false, queued_us: 0, prefill_alone_ms: 0.0 }
     }
 }
 
@@ -48,6 +53,8 @@ pub struct PolicyReport {
     pub ideal_reuse: f64,
     pub reuse_vs_ideal: f64,
     pub ttft_ms: Latency,
+    /// Where the TTFT goes (means over the requests with a first token).
+    pub ttft_parts_ms: TtftParts,
     pub e2e_ms: Latency,
     /// Mean inter-token latency, weighted by tokens.
     pub itl_ms: f64,
@@ -64,6 +71,18 @@ pub struct PolicyReport {
     /// (the rest were changed by later arrivals on the same engine).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub oracle_exact: Option<f64>,
+}
+
+/// A mean TTFT split three ways (ms): prefill alone + router queue + on the engine = TTFT.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TtftParts {
+    /// The uncached prompt tokens prefilled alone on an idle engine of the worker's speed.
+    pub prefill_alone: f64,
+    /// Waiting in the router queue.
+    pub router_queue: f64,
+    /// The rest: on the engine behind other prompts' prefill, and its prefill passes made
+    /// longer by the decodes batched into them.
+    pub on_engine: f64,
 }
 
 /// The fleet's caches as one shared cache (no block held twice) and each request's TTFT as its
@@ -112,6 +131,10 @@ impl PolicyReport {
         let done: Vec<&RequestOutcome> = admitted.iter().copied().filter(|o| o.finished_us.is_some()).collect();
         let ms = |us: u64| us as f64 / 1000.0;
         let mut ttft: Vec<f64> = admitted.iter().filter_map(|o| o.first_token_us.map(|t| ms(t - o.arrival_us))).collect();
+        let started: Vec<&RequestOutcome> = admitted.iter().copied().filter(|o| o.first_token_us.is_some()).collect();
+        let mean = |f: &dyn Fn(&RequestOutcome) -> f64| started.iter().map(|o| f(o)).sum::<f64>() / started.len().max(1) as f64;
+        let (prefill_alone, router_queue) = (mean(&|o| o.prefill_alone_ms), mean(&|o| ms(o.queued_us)));
+        let ttft_parts_ms = TtftParts { prefill_alone, router_queue, on_engine: mean(&|o| ms(o.first_token_us.unwrap() - o.arrival_us)) - prefill_alone - router_queue };
         ttft.sort_by(f64::total_cmp);
         let e2e = done.iter().map(|o| ms(o.finished_us.unwrap() - o.arrival_us)).collect();
         let (decode_ms, decode_tokens) = done.iter().fold((0.0, 0u64), |(t, n), o| {
@@ -139,6 +162,7 @@ impl PolicyReport {
             reuse_vs_ideal: if ideal > 0.0 { prefix_reuse / ideal } else { 0.0 },
             ttft_cdf_ms: (0..=100).map(|p| percentile(&ttft, p as f64)).collect(),
             ttft_ms: latency(ttft),
+            ttft_parts_ms,
             e2e_ms: latency(e2e),
             itl_ms: if decode_tokens > 0 { decode_ms / decode_tokens as f64 } else { 0.0 },
             output_tokens_per_s: out_tokens as f64 / span_s,
@@ -170,6 +194,18 @@ pub fn markdown(reports: &[PolicyReport]) -> String {
             r.output_tokens_per_s,
             r.rejected
         ));
+    }
+    s
+}
+
+/// A Markdown table of where each policy's mean TTFT goes.
+pub fn ttft_parts_markdown(reports: &[PolicyReport]) -> String {
+    let mut s = String::from(
+        "| policy | TTFT mean (ms) | = prefill alone (its uncached tokens, idle engine) | + router queue | + on the engine (behind other prompts, passes shared with decodes) |\n|---|---:|---:|---:|---:|\n",
+    );
+    for r in reports {
+        let p = &r.ttft_parts_ms;
+        s.push_str(&format!("| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n", r.policy, r.ttft_ms.mean, p.prefill_alone, p.router_queue, p.on_engine));
     }
     s
 }
@@ -261,9 +297,9 @@ mod tests {
     #[test]
     fn reports_weight_itl_by_tokens_and_skip_rejections() {
         let mut a = RequestOutcome::new(0, 100, 11);
-        (a.first_token_us, a.finished_us, a.reused_tokens) = (Some(10_000), Some(110_000), 50);
+        (a.first_token_us, a.finished_us, a.reused_tokens, a.prefill_alone_ms) = (Some(10_000), Some(110_000), 50, 4.0);
         let mut b = RequestOutcome::new(0, 100, 2);
-        (b.first_token_us, b.finished_us, b.worker) = (Some(30_000), Some(40_000), 1);
+        (b.first_token_us, b.finished_us, b.worker, b.prefill_alone_ms, b.queued_us) = (Some(30_000), Some(40_000), 1, 8.0, 12_000);
         let mut c = RequestOutcome::new(0, 500, 5);
         c.rejected = true;
         let r = PolicyReport::new("x", &[a, b, c], 0.5, Duration::ZERO);
@@ -274,5 +310,9 @@ mod tests {
         assert!((r.itl_ms - 110.0 / 11.0).abs() < 1e-9);
         assert_eq!((r.ttft_ms.p50, r.ttft_ms.p99), (10.0, 30.0));
         assert_eq!(r.per_worker, vec![1, 1]);
+        // TTFT 10 and 30 ms: prefill alone (4 + 8) / 2, router queue (0 + 12) / 2, on the
+        // engine the rest (6 + 10) / 2; the rejected request counts nowhere.
+        let p = &r.ttft_parts_ms;
+        assert_eq!((p.prefill_alone, p.router_queue, p.on_engine), (6.0, 6.0, 8.0));
     }
 }
