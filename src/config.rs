@@ -423,6 +423,12 @@ pub struct Config {
     #[arg(long = "queue-late-binding", env = "DYN_EPP_QUEUE_LATE_BINDING", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub queue_late_binding: bool,
 
+    /// Decision window (ms): requests arriving within it of the first of a group are decided
+    /// together, the one that loses most by not getting its best worker first; each waits up
+    /// to this long. 0 = each decided on arrival, as Dynamo (docs/routing-policy.md).
+    #[arg(long = "decision-window-ms", env = "DYN_EPP_DECISION_WINDOW_MS", default_value_t = 0.0, value_parser = non_negative)]
+    pub decision_window_ms: f64,
+
     /// YAML list of queue classes (`name`, `quantum`, `policy`) shared by deficit round robin;
     /// a request names its class in `x-dynamo-meta-policy-class`.
     #[arg(long = "router-policy-config", env = "DYN_ROUTER_POLICY_CONFIG")]
@@ -819,6 +825,7 @@ impl Config {
             admission: (self.admission_control == AdmissionControl::TokenCapacity || thresholds.any()).then_some(thresholds),
             default_capacity: Capacity { total_kv_blocks: self.total_kv_blocks, max_num_batched_tokens: self.max_num_batched_tokens },
             enforce_disagg: self.enforce_disagg,
+            decision_window: Duration::from_secs_f64(self.decision_window_ms / 1e3),
         }
     }
 

@@ -749,6 +749,33 @@ impl Router {
         }
     }
 
+    /// Of requests arriving together, the one that loses most by not getting its best worker:
+    /// the largest gap between its best and second-best open candidate's score (the prompt's
+    /// pool: prefill when disaggregated; a single candidate has no gap). Deciding a group in
+    /// this order, each after those before it are booked, gives a contested worker to the
+    /// request that needs it (say, the holder of its prefix) rather than to whichever came
+    /// first. Ties: the earlier; none: 0.
+    pub fn most_constrained<'a>(&self, reqs: impl IntoIterator<Item = &'a RoutingRequest>) -> usize {
+        let mut pick = (0, f64::NEG_INFINITY);
+        for (i, req) in reqs.into_iter().enumerate() {
+            let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
+            let mut best = [f64::INFINITY; 2];
+            for s in self.score(stage, req, &self.query(req), &Claims::default(), Bind::Now).iter().filter(|s| !s.busy) {
+                let c = s.terms.logit;
+                if c < best[0] {
+                    best = [c, best[0]];
+                } else if c < best[1] {
+                    best[1] = c;
+                }
+            }
+            let gap = if best[1].is_finite() { best[1] - best[0] } else { 0.0 };
+            if gap > pick.1 {
+                pick = (i, gap);
+            }
+        }
+        pick.0
+    }
+
     /// The workers that would run this prompt: the prefill pool when disaggregated, else the
     /// aggregated pool (the router queue's gate and claims are over these).
     fn prompt_pool<'a>(&'a self, req: &'a RoutingRequest) -> impl Iterator<Item = &'a Worker> + 'a {
@@ -1316,6 +1343,28 @@ mod tests {
         assert_eq!(r.load(&w2).active_prefill_tokens, 0);
         assert_eq!(r.route_binding(&k, None, Bind::Joining, now, &mut rng), Err(RouteError::Overloaded), "nothing booked: no pass to join");
         assert_eq!(r.route_binding(&k, None, Bind::Released { threshold: 0.0 }, now, &mut rng).unwrap().decode.worker, w2);
+    }
+
+    #[test]
+    fn the_most_constrained_of_a_group_loses_most_without_its_best_worker() {
+        let mut r = router(vec![worker(1, 1, Role::Worker, 1), worker(2, 2, Role::Worker, 1)]);
+        let a = tokens(128);
+        let b = RoutingRequest { tokens: (1000..1032).collect(), ..Default::default() };
+        let c = RoutingRequest { tokens: (2000..2032).collect(), ..Default::default() };
+        r.apply(&store_event(1, StorageTier::Device, &a.tokens, 16));
+        r.apply(&store_event(2, StorageTier::Device, &b.tokens[..16], 16));
+        // Dynamo's cost on idle workers (blocks of 16): prompt blocks − cached + prompt blocks.
+        // a: worker 1 8 − 8 + 8 = 8, worker 2 16: gap 8; b: worker 2 2 − 1 + 2 = 3 against 4:
+        // gap 1; c: 4 and 4: gap 0.
+        let pick = |g: &[&RoutingRequest]| r.most_constrained(g.iter().copied());
+        assert_eq!(pick(&[&c, &b, &a]), 2);
+        assert_eq!(pick(&[&c, &b]), 1);
+        assert_eq!(pick(&[&c, &c]), 0, "a tie: the earlier");
+        assert_eq!(pick(&[]), 0);
+        // One worker: no request has a second choice.
+        let mut one = router(vec![worker(1, 1, Role::Worker, 1)]);
+        one.apply(&store_event(1, StorageTier::Device, &a.tokens, 16));
+        assert_eq!(one.most_constrained([&c, &a]), 0);
     }
 
     #[test]

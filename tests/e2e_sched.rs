@@ -166,3 +166,62 @@ async fn admission_answers_429_with_retry_after_and_recovers() {
 async fn the_overload_status_can_be_503() {
     admission("503").await;
 }
+
+/// `DYN_EPP_DECISION_WINDOW_MS`: requests arriving within the window are decided together
+/// when it ends; one whose client leaves meanwhile is neither booked nor forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_decision_window_decides_its_group_together_and_forwards_no_one_who_left() {
+    let s = Setup::start(&[("a", 1, ""), ("b", 2, "")], &[("DYN_EPP_DECISION_WINDOW_MS", "3000")]).await;
+    let url = s.envoy.url("/v1/chat/completions");
+    // (1 s: long enough to reach the window on a loaded machine, well within it.)
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    assert!(impatient.post(&url).body(chat_body("gone before the window ends")).send().await.is_err());
+    assert_eq!(s.epp.wait_metric("dynamo_epp_decision_group_size_count", Duration::from_secs(10), |v| v == 1.0).await, 1.0);
+    assert_eq!(s.epp.metric("dynamo_epp_active_requests").await, Some(0.0), "the one that left booked nothing");
+    let started = Instant::now();
+    let together: Vec<_> = (0..3)
+        .map(|i| {
+            let (c, url) = (s.client.clone(), url.clone());
+            tokio::spawn(async move { c.post(url).body(chat_body(&format!("together {i}"))).send().await.unwrap() })
+        })
+        .collect();
+    for h in together {
+        assert_eq!(h.await.unwrap().status(), 200);
+    }
+    assert!(started.elapsed() >= Duration::from_millis(2900), "decided after {:?}, before the window ended", started.elapsed());
+    let text = s.epp.metrics().await;
+    assert_eq!(metric_value(&text, "dynamo_epp_decision_group_size_count"), Some(2.0), "{text}");
+    assert_eq!(metric_value(&text, "dynamo_epp_decision_group_size_sum"), Some(4.0), "one of 1, one of 3");
+    assert_eq!(s.workers.iter().map(|w| w.seen().len()).sum::<usize>(), 3, "the one that left was not forwarded");
+    assert_eq!(s.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
+}
+
+/// With the router queue too, a request the window decides may wait in the queue and goes
+/// when its worker frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_the_window_decides_can_wait_in_the_router_queue() {
+    let one_pass = "max_num_batched_tokens: 1";
+    let env = [("DYN_EPP_DECISION_WINDOW_MS", "100"), ("DYN_ROUTER_QUEUE_THRESHOLD", "0"), ("DYN_EPP_QUEUE_LATE_BINDING", "true")];
+    let s = Setup::start(&[("a", 1, one_pass), ("b", 2, one_pass)], &env).await;
+    // Both workers hold a prompt in prefill: saturated at threshold 0.
+    let held = [s.hold("held on one worker".into()), s.hold("held on the other".into())];
+    s.wait_seen(2).await;
+    let (c, url) = (s.client.clone(), s.envoy.url("/v1/chat/completions"));
+    let waiting = tokio::spawn(async move { c.post(url).body(chat_body("waits its turn")).send().await.unwrap() });
+    let depth = |text: &str| text.lines().filter(|l| l.starts_with("dynamo_epp_queue_depth{")).filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok()).sum::<f64>();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while depth(&s.epp.metrics().await) != 1.0 {
+        assert!(Instant::now() < deadline, "never queued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for w in &s.workers {
+        w.release(1);
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap().status(), 200);
+    }
+    assert_eq!(waiting.await.unwrap().status(), 200);
+    assert_eq!(s.workers.iter().map(|w| w.seen().len()).sum::<usize>(), 3);
+    assert_eq!(depth(&s.epp.metrics().await), 0.0);
+    assert_eq!(s.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
+}

@@ -433,3 +433,11 @@ fn router_policy() {
     let e = Config::from_args(["dynamo-epp", "--router-policy", "fastest"]).unwrap_err();
     assert_eq!(e.1, 2);
 }
+
+#[test]
+fn decision_window() {
+    let window = |args: &[&str]| Config::from_args(std::iter::once("dynamo-epp").chain(args.iter().copied())).map(|c| c.sched_settings().decision_window);
+    assert_eq!(window(&[]).unwrap(), Duration::ZERO, "off by default: each request decided on arrival, as Dynamo");
+    assert_eq!(window(&["--decision-window-ms", "2.5"]).unwrap(), Duration::from_micros(2500));
+    assert!(window(&["--decision-window-ms", "-1"]).is_err());
+}

@@ -50,6 +50,10 @@ pub struct SchedSettings {
     pub default_capacity: Capacity,
     /// With no prefill workers: true = refuse (503), false = serve aggregated.
     pub enforce_disagg: bool,
+    /// Requests arriving within this long of the first of a group are decided together, the
+    /// one that loses most by not getting its best worker first (`Router::most_constrained`);
+    /// zero = each on arrival (as Dynamo). The edges (server, simulator) hold the group.
+    pub decision_window: Duration,
 }
 
 impl Default for SchedSettings {
@@ -65,6 +69,7 @@ impl Default for SchedSettings {
             admission: None,
             default_capacity: Capacity::default(),
             enforce_disagg: false,
+            decision_window: Duration::ZERO,
         }
     }
 }

@@ -22,10 +22,10 @@ use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, StreamExt};
 use tonic::{Status, Streaming};
 
-use super::{envoy, error::EppError, metrics::RankLabel, otel::{self, RequestTrace}, queue, sse::ResponseScan, App};
+use super::{envoy, error::EppError, group, metrics::RankLabel, otel::{self, RequestTrace}, queue, sse::ResponseScan, App};
 use crate::{
     request::{openai::{AgentHints, Api}, Prepared},
-    router::{BookingId, Decision, EndpointMatch, RouteError, RoutingRequest},
+    router::{BookingId, Decision, EndpointMatch, RoutingRequest},
     sched::queue::{Arrival, Priority},
 };
 
@@ -255,14 +255,7 @@ impl StreamState {
                 self.forwarded("passthrough");
                 self.send(envoy::route_headers(&t.endpoint.to_string(), &extra)).await
             }
-            Err(e) => self.reject(self.route_error(e)).await,
-        }
-    }
-
-    fn route_error(&self, e: RouteError) -> EppError {
-        match e {
-            RouteError::Overloaded => EppError::Overloaded { status: self.app.overload_status },
-            e => e.into(),
+            Err(e) => self.reject(self.app.route_error(e)).await,
         }
     }
 
@@ -293,16 +286,20 @@ impl StreamState {
             }
         }
         let span = self.trace.as_ref().map(RequestTrace::route);
-        let decided = match &self.app.queue {
-            Some(wl) => {
-                let arrival = self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref());
-                queue::decide(&self.app, wl, req, arrival, started, &self.tx, self.trace.as_ref().zip(span.as_ref())).await
-            }
-            None => {
+        let arrival = self.app.queue.as_ref().map(|_| self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref()));
+        let trace = self.trace.as_ref().zip(span.as_ref());
+        let decided = match (&self.app.window, &self.app.queue, arrival) {
+            (Some(window), queue, arrival) => match group::decide(&self.app, window, req, arrival).await {
+                Ok(queue::Admitted::Routed(d)) => Ok(d),
+                Ok(queue::Admitted::Queued(waiting)) => queue::wait(&self.app, queue.as_ref().expect("queued without a queue"), waiting, &self.tx, trace).await,
+                Err(e) => Err(e),
+            },
+            (None, Some(wl), Some(arrival)) => queue::decide(&self.app, wl, req, arrival, started, &self.tx, trace).await,
+            _ => {
                 let mut router = self.app.router.lock();
                 let d = router.route(&req, started, &mut rand::rng());
                 self.app.note_active(&router);
-                d.map_err(|e| self.route_error(e))
+                d.map_err(|e| self.app.route_error(e))
             }
         };
         let d = match decided {

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub requests: Family<OutcomeLabel, Counter>,
     /// Time from the body's end of stream to the routing headers being queued.
     pub decision_seconds: Histogram,
+    /// Requests decided together by each decision window (`DYN_EPP_DECISION_WINDOW_MS`).
+    pub decision_group_size: Histogram,
     /// Time to check, render and tokenize one body (the work itself, not the wait for a slot).
     pub tokenize_seconds: Histogram,
     /// ext_proc streams open right now.
@@ -115,6 +117,8 @@ impl Metrics {
         let decision_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-5, 2.0, 14));
         // 10 µs .. ~5 s: a short completion to a 400 KB chat near the tokenization deadline.
         let tokenize_seconds = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1e-5, 2.0, 20));
+        // 1 .. 64 requests.
+        let decision_group_size = Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 7));
         let inflight_streams = Gauge::default();
         let active_requests = Gauge::default();
         let workers = Gauge::default();
@@ -147,6 +151,7 @@ impl Metrics {
         registry.register("requests", "Requests by outcome at the picker", requests.clone());
         registry.register("decision_seconds", "Time to pick a worker once the body is complete", decision_seconds.clone());
         registry.register("tokenize_seconds", "Time to check, render and tokenize one request body", tokenize_seconds.clone());
+        registry.register("decision_group_size", "Requests decided together by a decision window", decision_group_size.clone());
         registry.register("inflight_streams", "Open ext_proc streams", inflight_streams.clone());
         registry.register("active_requests", "Requests booked on a worker and not yet finished", active_requests.clone());
         registry.register("workers", "Workers known in the fleet", workers.clone());
@@ -198,6 +203,7 @@ impl Metrics {
             registry,
             requests,
             decision_seconds,
+            decision_group_size,
             tokenize_seconds,
             inflight_streams,
             active_requests,

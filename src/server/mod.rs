@@ -5,6 +5,7 @@ pub mod debug;
 pub mod envoy;
 pub mod error;
 pub mod ext_proc;
+mod group;
 pub mod health;
 mod kv;
 pub mod listener;
@@ -34,7 +35,7 @@ use crate::{
         tokenize::{Backend, BackendChoice},
         Preprocessor,
     },
-    router::Router,
+    router::{RouteError, Router},
     workers::{
         self,
         file::FleetFileError,
@@ -42,6 +43,7 @@ use crate::{
         Fleet,
     },
 };
+use error::EppError;
 use metrics::{Metrics, RankLabel};
 
 /// Descriptor set of Envoy's ext_proc service (built by build.rs) for gRPC reflection.
@@ -66,6 +68,8 @@ pub struct App {
     pub peer_events: Notify,
     /// The router queue (`DYN_ROUTER_QUEUE_THRESHOLD`); `None` = requests never wait.
     pub queue: Option<queue::Waitlist>,
+    /// The decision window (`DYN_EPP_DECISION_WINDOW_MS`); `None` = each decided on arrival.
+    pub window: Option<group::Window>,
     /// Span export (OpenTelemetry); `None` = off, the default.
     pub tracing: Option<otel::Tracing>,
 }
@@ -82,7 +86,16 @@ impl App {
             count_output: false,
             peer_events: Notify::new(),
             queue: None,
+            window: None,
             tracing: None,
+        }
+    }
+
+    /// The answer to a routing failure: every worker busy → 429 or 503 (`overload_status`).
+    pub fn route_error(&self, e: RouteError) -> EppError {
+        match e {
+            RouteError::Overloaded => EppError::Overloaded { status: self.overload_status },
+            e => e.into(),
         }
     }
 
@@ -264,11 +277,13 @@ pub async fn run(cfg: Config) -> Result<(), StartError> {
         router.enable_replica_sync();
     }
     let count_output = router.wants_output();
+    let window = router.settings().decision_window;
     let prep = preprocessor(&cfg)?;
     let pool = work_pool(&cfg, &prep);
     let mut app = App::new(router, cfg.max_body_bytes, prep, pool);
     app.overload_status = cfg.overload_status;
     app.count_output = count_output;
+    app.window = (!window.is_zero()).then(|| group::Window::new(window));
     if let Some(q) = cfg.queue_settings() {
         app.queue = Some(queue::Waitlist::new(q, cfg.queue_max_wait(), cfg.queue_full_status));
         app.metrics.queue.set_depths(cfg.policy_classes.iter().flatten().map(|c| c.name.as_str()).chain(cfg.policy_classes.is_none().then_some("default")), &[]);

@@ -58,9 +58,27 @@ impl Waitlist {
     }
 }
 
+type Gateway = mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>;
+
 /// Routes now when no one waits and a worker has room; otherwise queues the request, tells the
 /// gateway to wait (`override_message_timeout`), and waits for [`pump`]'s decision.
-pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant, gateway: &mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
+pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, arrival: Arrival, now: Instant, gateway: &Gateway, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
+    match admit(app, wl, req, arrival, now)? {
+        Admitted::Routed(d) => Ok(d),
+        Admitted::Queued(waiting) => wait(app, wl, waiting, gateway, trace).await,
+    }
+}
+
+/// What became of an arriving request: routed now, or waiting in the queue (dropping the
+/// guard takes it out).
+pub enum Admitted {
+    Routed(Decision),
+    Queued(Box<Waiting>),
+}
+
+/// [`decide`]'s first, synchronous step: routes now when no one waits and a worker has room
+/// (late binding: when its pick takes it), else queues the request.
+pub fn admit(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant) -> Result<Admitted, EppError> {
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
@@ -71,7 +89,7 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
                     if bind == Bind::Joining {
                         app.metrics.queue.joined.inc();
                     }
-                    return Ok(d);
+                    return Ok(Admitted::Routed(d));
                 }
                 // Busy by the admission thresholds (or not joining): wait too, rather than fail.
                 Err(RouteError::Overloaded) => {}
@@ -96,7 +114,13 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
             }
         }
     };
-    let mut waiting = Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false, span: trace.map(|(t, route)| t.queue_wait(route)) };
+    Ok(Admitted::Queued(Box::new(Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false, span: None })))
+}
+
+/// [`decide`]'s second step for a queued request: tells the gateway to wait
+/// (`override_message_timeout`) and waits for [`pump`]'s decision.
+pub async fn wait(app: &Arc<App>, wl: &Waitlist, mut waiting: Box<Waiting>, gateway: &Gateway, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
+    waiting.span = trace.map(|(t, route)| t.queue_wait(route));
     pump(app, wl, Instant::now());
     // Our answer may take up to the queue's limit; a second more lets our own eviction answer
     // arrive before the gateway gives up.
@@ -122,7 +146,7 @@ pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arri
 
 /// A request in the queue; dropping it (stream gone, eviction) takes it out at once, or frees
 /// the booking of a decision that arrived too late to be used.
-struct Waiting {
+pub struct Waiting {
     app: Arc<App>,
     ticket: Ticket,
     rx: oneshot::Receiver<Reply>,

@@ -174,11 +174,13 @@ fn prepare(trace: &[TraceRequest], cfg: &SimConfig) -> Vec<Prepared> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     /// Ordered so that at equal times KV events arrive first, then passes end, then arrivals
-    /// are routed, and only then does an idle engine start its pass: requests arriving in the
-    /// same instant share the first pass, as in Dynamo's replay.
+    /// are routed (or join the decision window, which closes after them), and only then does
+    /// an idle engine start its pass: requests arriving in the same instant share the first
+    /// pass, as in Dynamo's replay.
     Kv(usize),
     PassEnd(usize),
     Arrival(usize),
+    WindowEnd,
     Start(usize),
 }
 
@@ -407,7 +409,7 @@ impl<'a> State<'a> {
                 self.deliver(w, evs, now);
                 self.kick(w, now);
             }
-            Event::Arrival(_) => unreachable!("arrivals are the policy's"),
+            Event::Arrival(_) | Event::WindowEnd => unreachable!("arrivals are the policy's"),
         }
     }
 
@@ -493,22 +495,49 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
         st.push(r.arrival_us, Event::Arrival(i));
     }
     let routed = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: cfg.osl_hints.then_some(prepared[i].engine.osl), ..Default::default() };
+    // Our router's decision for request `i` (through the queue, if any): whether it was routed
+    // at once.
+    let decide = |st: &mut State, waitlist: &mut Option<queue::Waitlist>, i: usize, req: &RoutingRequest, now: u64, rng: &mut SmallRng| match waitlist {
+        Some(wl) => wl.arrive(st, i, req, &prepared[i].engine, high.get(i).copied().unwrap_or(false), now, rng),
+        None => {
+            let at = st.instant(now);
+            let d = st.router.as_mut().expect("router policy").route(req, at, rng);
+            st.place(i, d, &prepared[i].engine, now);
+            true
+        }
+    };
+    let window_us = match &p.policy {
+        Policy::Router { sched, .. } => sched.decision_window.as_micros() as u64,
+        _ => 0,
+    };
+    // Arrivals held by the decision window, in arrival order.
+    let mut group: Vec<usize> = Vec::new();
     while let Some(Reverse((now, ev, _))) = st.queue.pop() {
         // Capacity may have freed (a first token, an end) or a request arrived behind others.
         let mut dispatch_round = true;
         match ev {
+            Event::Arrival(i) if window_us > 0 => {
+                group.push(i);
+                if group.len() == 1 {
+                    st.push(now + window_us, Event::WindowEnd);
+                }
+                dispatch_round = false;
+            }
+            Event::WindowEnd => {
+                let mut reqs: Vec<(usize, RoutingRequest)> = group.drain(..).map(|i| (i, routed(i))).collect();
+                let mut all_routed = true;
+                while !reqs.is_empty() {
+                    let k = st.router.as_ref().expect("router policy").most_constrained(reqs.iter().map(|(_, r)| r));
+                    let (i, req) = reqs.remove(k);
+                    all_routed &= decide(&mut st, &mut waitlist, i, &req, now, &mut rng);
+                }
+                dispatch_round = !all_routed;
+            }
             Event::Arrival(i) => {
                 let r = &prepared[i];
                 let w = match &p.policy {
                     Policy::Router { .. } => {
-                        let at = st.instant(now);
-                        match &mut waitlist {
-                            Some(wl) => dispatch_round = !wl.arrive(&mut st, i, &routed(i), &r.engine, high.get(i).copied().unwrap_or(false), now, &mut rng),
-                            None => {
-                                let d = st.router.as_mut().expect("router policy").route(&routed(i), at, &mut rng);
-                                st.place(i, d, &r.engine, now);
-                            }
-                        }
+                        dispatch_round = !decide(&mut st, &mut waitlist, i, &routed(i), now, &mut rng);
                         None
                     }
                     Policy::RoundRobin => {
@@ -600,6 +629,43 @@ mod tests {
         // And each pick's looked-ahead TTFT is the one the simulation then produced.
         for (i, o) in st.outcomes.iter().enumerate() {
             assert_eq!(st.oracle_ttft_us[i], Some(o.first_token_us.unwrap() - o.arrival_us), "request {i}");
+        }
+    }
+
+    #[test]
+    fn a_decision_window_gives_a_contested_cache_holder_to_the_request_that_needs_it() {
+        let row = |timestamp, ids: Vec<u64>| TraceRequest { timestamp, input_length: 512 * ids.len() as u32, output_length: 1, hash_ids: ids };
+        let cfg = SimConfig { workers: 2, ..Default::default() };
+        for policy in [RoutingPolicy::Cost, RoutingPolicy::PredictedTtft] {
+            let run = |window_ms: u64| {
+                let trace = [
+                    row(0, (1..17).collect()),                                 // a: 8,192 tokens
+                    row(2000, std::iter::once(1).chain(300..308).collect()),  // x: a's first block + 4,096 new
+                    row(2000, (1..17).chain([200]).collect()),                // y: a's prompt + 512 new
+                ];
+                let sched = SchedSettings { policy, decision_window: Duration::from_millis(window_ms), ..SchedSettings::default() };
+                let p = NamedPolicy { name: "p".into(), policy: Policy::Router { kv: KvSettings { use_kv_events: true, ..KvSettings::default() }, sched, queue: None } };
+                let st = simulate(&prepare(&trace, &cfg), &cfg, &p, &[]);
+                let ttft: Vec<f64> = st.outcomes.iter().map(|o| (o.first_token_us.unwrap() - o.arrival_us) as f64 / 1e3).collect();
+                (st.outcomes.iter().map(|o| o.worker).collect::<Vec<_>>(), ttft)
+            };
+            // a goes to worker 0 (both idle; at this seed).
+            let ((at_once, ttft_at_once), (grouped, ttft_grouped)) = (run(0), run(1));
+            // Decided as they come, x takes the holder of a's prompt (it holds x's first block)
+            // and y either queues behind x's 4,096 new tokens there or recomputes all 8,704
+            // on worker 1.
+            assert_eq!(at_once[..2], [0, 0], "{policy:?}");
+            assert!(ttft_at_once[2] > EngineParams::default().pass_ms(4096, 0, 0), "{policy:?}: {ttft_at_once:?}");
+            // Grouped by a 1 ms window, y loses most without the holder (8,192 cached tokens
+            // against x's 512): it is decided first and prefills its 512 new tokens in one
+            // pass there, x its 4,608 on worker 1 — each 1 ms later for the window.
+            assert_eq!(grouped, [0, 1, 0], "{policy:?}");
+            let p = EngineParams::default();
+            let expected = [1.0 + p.pass_ms(8192, 0, 0), 1.0 + p.pass_ms(4608, 0, 0), 1.0 + p.pass_ms(512, 0, 0)];
+            for (t, e) in ttft_grouped.iter().zip(expected) {
+                assert!((t - e).abs() < 0.002, "{policy:?}: {ttft_grouped:?} vs {expected:?}");
+            }
+            assert!(ttft_grouped[1] + ttft_grouped[2] < ttft_at_once[1] + ttft_at_once[2]);
         }
     }
 
