@@ -5,7 +5,8 @@
 //! decisions in `benches/dynamo-baseline` (decision_vs_dynamo). The `predicted-ttft` policy
 //! decides the same requests in the same run; its ratio to the default (`cost`) is printed,
 //! also with `OWN_DECODES` requests of our own in flight carrying an expected output (what
-//! the E2E guard weighs).
+//! the E2E guard weighs), and as the last of a decision window's group of `GROUP` (each pick
+//! of a group weighs the group's requests first).
 //!
 //!   cargo bench --bench decision
 
@@ -18,6 +19,9 @@ use dynamo_epp::sched::RoutingPolicy;
 /// Our own requests decoding, each with `nvext.agent_hints.osl`, in the third row.
 const OWN_DECODES: usize = 1000;
 
+/// Requests a decision window groups in the fourth row (a conversation-trace group: 4–28).
+const GROUP: usize = 8;
+
 fn main() {
     let mut c = criterion::Criterion::default().configure_from_args();
     let rows: Vec<_> = TOPOLOGIES
@@ -28,7 +32,8 @@ fn main() {
             let predicted = bench_decider(&mut c, &w, &mut Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "predicted-ttft"));
             let mut own = Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "").with_own_decodes(OWN_DECODES, "predicted-ttft+osl");
             let guarded = bench_decider(&mut c, &w, &mut own);
-            [cost, predicted, guarded]
+            let grouped = bench_decider(&mut c, &w, &mut Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "").in_groups_of(GROUP, &w, "predicted-ttft, group of 8"));
+            [cost, predicted, guarded, grouped]
         })
         .collect();
     c.final_summary();

@@ -328,6 +328,10 @@ const LONG_DECODE_STALL_WEIGHT: f64 = 0.3;
 /// twelfth and thirteenth sessions).
 const RELEASED_LONG_DECODE_STALL_WEIGHT: f64 = 1.0;
 
+/// Requests of a decision window weighed per pick: a group of k costs up to k × this many
+/// scorings under the router lock (the largest group in the conversation trace is 28).
+const MOST_CONSTRAINED_SCAN: usize = 32;
+
 /// Output tokens left from which a request counts wholly as a long decode; fewer count in
 /// proportion (the scale screened, not tuned).
 const LONG_DECODE_TOKENS: f64 = 500.0;
@@ -754,10 +758,10 @@ impl Router {
     /// pool: prefill when disaggregated; a single candidate has no gap). Deciding a group in
     /// this order, each after those before it are booked, gives a contested worker to the
     /// request that needs it (say, the holder of its prefix) rather than to whichever came
-    /// first. Ties: the earlier; none: 0.
+    /// first. Ties: the earlier; none: 0. Only the first [`MOST_CONSTRAINED_SCAN`] are weighed.
     pub fn most_constrained<'a>(&self, reqs: impl IntoIterator<Item = &'a RoutingRequest>) -> usize {
         let mut pick = (0, f64::NEG_INFINITY);
-        for (i, req) in reqs.into_iter().enumerate() {
+        for (i, req) in reqs.into_iter().take(MOST_CONSTRAINED_SCAN).enumerate() {
             let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
             let mut best = [f64::INFINITY; 2];
             for s in self.score(stage, req, &self.query(req), &Claims::default(), Bind::Now).iter().filter(|s| !s.busy) {
@@ -1361,6 +1365,11 @@ mod tests {
         assert_eq!(pick(&[&c, &b]), 1);
         assert_eq!(pick(&[&c, &c]), 0, "a tie: the earlier");
         assert_eq!(pick(&[]), 0);
+        // Only the first 32 are weighed (bounded work under the lock).
+        let many: Vec<&RoutingRequest> = std::iter::repeat_n(&c, 31).chain([&a]).collect();
+        assert_eq!(pick(&many), 31);
+        let more: Vec<&RoutingRequest> = std::iter::repeat_n(&c, 32).chain([&a]).collect();
+        assert_eq!(pick(&more), 0);
         // One worker: no request has a second choice.
         let mut one = router(vec![worker(1, 1, Role::Worker, 1)]);
         one.apply(&store_event(1, StorageTier::Device, &a.tokens, 16));

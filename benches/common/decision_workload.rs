@@ -286,6 +286,8 @@ pub struct Ours {
     pub rng: SmallRng,
     pub now: Instant,
     name: &'static str,
+    /// Requests weighed with each one before it is decided, as a decision window's group.
+    group: Vec<dynamo_epp::router::RoutingRequest>,
 }
 
 impl Ours {
@@ -313,7 +315,17 @@ impl Ours {
                 router.apply_peer(1, ev(PeerEventData::PrefillCompleted), now);
             }
         }
-        Ours { router, rng: SmallRng::seed_from_u64(7), now, name }
+        Ours { router, rng: SmallRng::seed_from_u64(7), now, name, group: Vec::new() }
+    }
+
+    /// Each request decided as the last of a decision window's group of `k` (the other
+    /// `k − 1`: prompts of every query kind): `Router::most_constrained` weighs all `k` first —
+    /// the most a pick in a group of `k` weighs. Reported as `name`.
+    pub fn in_groups_of(mut self, k: usize, w: &DecisionWorkload, name: &'static str) -> Self {
+        let prompts = w.kinds().into_iter().flat_map(|(_, qs)| qs.iter().take(k));
+        self.group = prompts.take(k - 1).map(|t| dynamo_epp::router::RoutingRequest { tokens: t.clone(), ..Default::default() }).collect();
+        self.name = name;
+        self
     }
 
     /// Plus `n` requests of our own decoding, each with an expected output (what
@@ -339,6 +351,9 @@ impl Decider for Ours {
         dynamo_epp::router::RoutingRequest { tokens: tokens.to_vec(), ..Default::default() }
     }
     fn decide(&mut self, req: &Self::Req) -> WorkerRank {
+        if !self.group.is_empty() {
+            std::hint::black_box(self.router.most_constrained(self.group.iter().chain([req])));
+        }
         let d = self.router.route(req, self.now, &mut self.rng).expect("a worker is chosen");
         self.router.on_end(d.booking, self.now);
         d.decode.worker
