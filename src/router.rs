@@ -758,13 +758,14 @@ impl Router {
     /// pool: prefill when disaggregated; a single candidate has no gap). Deciding a group in
     /// this order, each after those before it are booked, gives a contested worker to the
     /// request that needs it (say, the holder of its prefix) rather than to whichever came
-    /// first. Ties: the earlier; none: 0. Only the first [`MOST_CONSTRAINED_SCAN`] are weighed.
-    pub fn most_constrained<'a>(&self, reqs: impl IntoIterator<Item = &'a RoutingRequest>) -> usize {
+    /// first. Each request comes with its [`lookup`](Self::lookup), taken once for the group.
+    /// Ties: the earlier; none: 0. Only the first [`MOST_CONSTRAINED_SCAN`] are weighed.
+    pub fn most_constrained<'a>(&self, group: impl IntoIterator<Item = (&'a RoutingRequest, &'a Lookup)>) -> usize {
         let mut pick = (0, f64::NEG_INFINITY);
-        for (i, req) in reqs.into_iter().take(MOST_CONSTRAINED_SCAN).enumerate() {
+        for (i, (req, l)) in group.into_iter().take(MOST_CONSTRAINED_SCAN).enumerate() {
             let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
             let mut best = [f64::INFINITY; 2];
-            for s in self.score(stage, req, &self.query(req), &Claims::default(), Bind::Now).iter().filter(|s| !s.busy) {
+            for s in self.score(stage, req, &l.0, &Claims::default(), Bind::Now).iter().filter(|s| !s.busy) {
                 let c = s.terms.logit;
                 if c < best[0] {
                     best = [c, best[0]];
@@ -1360,7 +1361,10 @@ mod tests {
         // Dynamo's cost on idle workers (blocks of 16): prompt blocks − cached + prompt blocks.
         // a: worker 1 8 − 8 + 8 = 8, worker 2 16: gap 8; b: worker 2 2 − 1 + 2 = 3 against 4:
         // gap 1; c: 4 and 4: gap 0.
-        let pick = |g: &[&RoutingRequest]| r.most_constrained(g.iter().copied());
+        let pick = |g: &[&RoutingRequest]| {
+            let lookups: Vec<Lookup> = g.iter().map(|q| r.lookup(q)).collect();
+            r.most_constrained(g.iter().copied().zip(&lookups))
+        };
         assert_eq!(pick(&[&c, &b, &a]), 2);
         assert_eq!(pick(&[&c, &b]), 1);
         assert_eq!(pick(&[&c, &c]), 0, "a tie: the earlier");
@@ -1373,7 +1377,8 @@ mod tests {
         // One worker: no request has a second choice.
         let mut one = router(vec![worker(1, 1, Role::Worker, 1)]);
         one.apply(&store_event(1, StorageTier::Device, &a.tokens, 16));
-        assert_eq!(one.most_constrained([&c, &a]), 0);
+        let (lc, la) = (one.lookup(&c), one.lookup(&a));
+        assert_eq!(one.most_constrained([(&c, &lc), (&a, &la)]), 0);
     }
 
     #[test]

@@ -286,8 +286,9 @@ pub struct Ours {
     pub rng: SmallRng,
     pub now: Instant,
     name: &'static str,
-    /// Requests weighed with each one before it is decided, as a decision window's group.
-    group: Vec<dynamo_epp::router::RoutingRequest>,
+    /// Requests weighed with each one before it is decided, as a decision window's group,
+    /// with their lookups (a group takes each once).
+    group: Vec<(dynamo_epp::router::RoutingRequest, dynamo_epp::router::Lookup)>,
 }
 
 impl Ours {
@@ -319,11 +320,19 @@ impl Ours {
     }
 
     /// Each request decided as the last of a decision window's group of `k` (the other
-    /// `k − 1`: prompts of every query kind): `Router::most_constrained` weighs all `k` first —
-    /// the most a pick in a group of `k` weighs. Reported as `name`.
+    /// `k − 1`: prompts of every query kind): its lookup, `Router::most_constrained` weighing
+    /// all `k` (the most a pick in a group of `k` weighs), its decision with that lookup.
+    /// Reported as `name`.
     pub fn in_groups_of(mut self, k: usize, w: &DecisionWorkload, name: &'static str) -> Self {
         let prompts = w.kinds().into_iter().flat_map(|(_, qs)| qs.iter().take(k));
-        self.group = prompts.take(k - 1).map(|t| dynamo_epp::router::RoutingRequest { tokens: t.clone(), ..Default::default() }).collect();
+        self.group = prompts
+            .take(k - 1)
+            .map(|t| {
+                let req = dynamo_epp::router::RoutingRequest { tokens: t.clone(), ..Default::default() };
+                let l = self.router.lookup(&req);
+                (req, l)
+            })
+            .collect();
         self.name = name;
         self
     }
@@ -351,10 +360,14 @@ impl Decider for Ours {
         dynamo_epp::router::RoutingRequest { tokens: tokens.to_vec(), ..Default::default() }
     }
     fn decide(&mut self, req: &Self::Req) -> WorkerRank {
-        if !self.group.is_empty() {
-            std::hint::black_box(self.router.most_constrained(self.group.iter().chain([req])));
+        let d = if self.group.is_empty() {
+            self.router.route(req, self.now, &mut self.rng)
+        } else {
+            let own = self.router.lookup(req);
+            std::hint::black_box(self.router.most_constrained(self.group.iter().map(|(r, l)| (r, l)).chain([(req, &own)])));
+            self.router.route_binding(req, Some(&own), dynamo_epp::router::Bind::Now, self.now, &mut self.rng)
         }
-        let d = self.router.route(req, self.now, &mut self.rng).expect("a worker is chosen");
+        .expect("a worker is chosen");
         self.router.on_end(d.booking, self.now);
         d.decode.worker
     }

@@ -21,7 +21,7 @@ use super::{
     App,
 };
 use crate::{
-    router::{RouteError, RoutingRequest},
+    router::{Bind, Lookup, RouteError, RoutingRequest},
     sched::queue::Arrival,
 };
 
@@ -95,19 +95,30 @@ pub async fn decide(app: &Arc<App>, window: &Window, req: RoutingRequest, arriva
 /// Ends the open group: decides its requests, most constrained first.
 fn close(app: &Arc<App>) {
     let Some(window) = &app.window else { return };
-    let mut group = std::mem::take(&mut *window.pending.lock());
-    app.metrics.decision_group_size.observe(group.len() as f64);
+    let pending = std::mem::take(&mut *window.pending.lock());
+    app.metrics.decision_group_size.observe(pending.len() as f64);
+    // Each request's cache lookup, taken once for the group.
+    let mut group: Vec<(Pending, Lookup)> = {
+        let router = app.router.lock();
+        pending
+            .into_iter()
+            .map(|p| {
+                let l = router.lookup(&p.req);
+                (p, l)
+            })
+            .collect()
+    };
     while !group.is_empty() {
-        let k = app.router.lock().most_constrained(group.iter().map(|p| &p.req));
-        let p = group.remove(k);
+        let k = app.router.lock().most_constrained(group.iter().map(|(p, l)| (&p.req, l)));
+        let (p, lookup) = group.remove(k);
         if p.reply.is_closed() {
             continue;
         }
         let admitted = match (&app.queue, p.arrival) {
-            (Some(wl), Some(arrival)) => queue::admit(app, wl, p.req, arrival, Instant::now()),
+            (Some(wl), Some(arrival)) => queue::admit(app, wl, p.req, arrival, Some(lookup), Instant::now()),
             _ => {
                 let mut router = app.router.lock();
-                let d = router.route(&p.req, Instant::now(), &mut rand::rng());
+                let d = router.route_binding(&p.req, Some(&lookup), Bind::Now, Instant::now(), &mut rand::rng());
                 app.note_active(&router);
                 d.map(Admitted::Routed).map_err(|e| app.route_error(e))
             }

@@ -63,7 +63,7 @@ type Gateway = mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3
 /// Routes now when no one waits and a worker has room; otherwise queues the request, tells the
 /// gateway to wait (`override_message_timeout`), and waits for [`pump`]'s decision.
 pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, arrival: Arrival, now: Instant, gateway: &Gateway, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
-    match admit(app, wl, req, arrival, now)? {
+    match admit(app, wl, req, arrival, None, now)? {
         Admitted::Routed(d) => Ok(d),
         Admitted::Queued(waiting) => wait(app, wl, waiting, gateway, trace).await,
     }
@@ -77,13 +77,14 @@ pub enum Admitted {
 }
 
 /// [`decide`]'s first, synchronous step: routes now when no one waits and a worker has room
-/// (late binding: when its pick takes it), else queues the request.
-pub fn admit(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, now: Instant) -> Result<Admitted, EppError> {
+/// (late binding: when its pick takes it), else queues the request. `kept`: its cache lookup,
+/// if one was taken (a decision window's group).
+pub fn admit(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, kept: Option<Lookup>, now: Instant) -> Result<Admitted, EppError> {
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
         if let Some(bind) = router.arrival_bind(&req, !q.is_empty(), wl.threshold, wl.late) {
-            match router.route_binding(&req, None, bind, now, &mut rand::rng()) {
+            match router.route_binding(&req, kept.as_ref(), bind, now, &mut rand::rng()) {
                 Ok(d) => {
                     app.note_active(&router);
                     if bind == Bind::Joining {
@@ -97,7 +98,7 @@ pub fn admit(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Ar
             }
         }
         let lookup = wl.wspt.then(|| {
-            let l = router.lookup(&req);
+            let l = kept.unwrap_or_else(|| router.lookup(&req));
             arrival.uncached_tokens = router.uncached_tokens(&req, &l);
             arrival.bytes += l.bytes();
             l

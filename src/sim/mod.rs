@@ -31,7 +31,7 @@ use crate::{
         hash::{local_block_hashes, seq_hashes, XXH3_SEED},
         predicted::ApproxCachePolicy,
     },
-    router::{BookingId, EndpointMatch, KvSettings, RouteError, Router, RoutingRequest, STALL_WEIGHT},
+    router::{Bind, BookingId, EndpointMatch, KvSettings, Lookup, RouteError, Router, RoutingRequest, STALL_WEIGHT},
     sched::{queue::QueueSettings, RoutingPolicy, SchedSettings},
     workers::{Fleet, Role, Worker, WorkerId},
 };
@@ -495,13 +495,13 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
         st.push(r.arrival_us, Event::Arrival(i));
     }
     let routed = |i: usize| RoutingRequest { tokens: prepared[i].tokens.clone(), osl: cfg.osl_hints.then_some(prepared[i].engine.osl), ..Default::default() };
-    // Our router's decision for request `i` (through the queue, if any): whether it was routed
-    // at once.
-    let decide = |st: &mut State, waitlist: &mut Option<queue::Waitlist>, i: usize, req: &RoutingRequest, now: u64, rng: &mut SmallRng| match waitlist {
-        Some(wl) => wl.arrive(st, i, req, &prepared[i].engine, high.get(i).copied().unwrap_or(false), now, rng),
+    // Our router's decision for request `i` (through the queue, if any; with its lookup if
+    // one was taken): whether it was routed at once.
+    let decide = |st: &mut State, waitlist: &mut Option<queue::Waitlist>, i: usize, req: &RoutingRequest, kept: Option<Lookup>, now: u64, rng: &mut SmallRng| match waitlist {
+        Some(wl) => wl.arrive(st, i, req, kept, &prepared[i].engine, high.get(i).copied().unwrap_or(false), now, rng),
         None => {
             let at = st.instant(now);
-            let d = st.router.as_mut().expect("router policy").route(req, at, rng);
+            let d = st.router.as_mut().expect("router policy").route_binding(req, kept.as_ref(), Bind::Now, at, rng);
             st.place(i, d, &prepared[i].engine, now);
             true
         }
@@ -524,12 +524,20 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
                 dispatch_round = false;
             }
             Event::WindowEnd => {
-                let mut reqs: Vec<(usize, RoutingRequest)> = group.drain(..).map(|i| (i, routed(i))).collect();
+                let router = st.router.as_ref().expect("router policy");
+                let mut reqs: Vec<(usize, RoutingRequest, Lookup)> = group
+                    .drain(..)
+                    .map(|i| {
+                        let r = routed(i);
+                        let l = router.lookup(&r);
+                        (i, r, l)
+                    })
+                    .collect();
                 let mut all_routed = true;
                 while !reqs.is_empty() {
-                    let k = st.router.as_ref().expect("router policy").most_constrained(reqs.iter().map(|(_, r)| r));
-                    let (i, req) = reqs.remove(k);
-                    all_routed &= decide(&mut st, &mut waitlist, i, &req, now, &mut rng);
+                    let k = st.router.as_ref().expect("router policy").most_constrained(reqs.iter().map(|(_, r, l)| (r, l)));
+                    let (i, req, l) = reqs.remove(k);
+                    all_routed &= decide(&mut st, &mut waitlist, i, &req, Some(l), now, &mut rng);
                 }
                 dispatch_round = !all_routed;
             }
@@ -537,7 +545,7 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
                 let r = &prepared[i];
                 let w = match &p.policy {
                     Policy::Router { .. } => {
-                        dispatch_round = !decide(&mut st, &mut waitlist, i, &routed(i), now, &mut rng);
+                        dispatch_round = !decide(&mut st, &mut waitlist, i, &routed(i), None, now, &mut rng);
                         None
                     }
                     Policy::RoundRobin => {

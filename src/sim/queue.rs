@@ -34,11 +34,11 @@ impl Waitlist {
     /// binding: also when its prompt joins a pass), else it waits (a full queue rejects it).
     /// Whether it was routed at once: then, as in the server, no dispatch round follows.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn arrive(&mut self, st: &mut State, i: usize, req: &RoutingRequest, engine: &EngineRequest, high: bool, now: u64, rng: &mut SmallRng) -> bool {
+    pub(super) fn arrive(&mut self, st: &mut State, i: usize, req: &RoutingRequest, kept: Option<Lookup>, engine: &EngineRequest, high: bool, now: u64, rng: &mut SmallRng) -> bool {
         let at = st.instant(now);
         let router = st.router.as_mut().expect("router");
         if let Some(bind) = router.arrival_bind(req, !self.queue.is_empty(), self.threshold, self.late) {
-            match router.route_binding(req, None, bind, at, rng) {
+            match router.route_binding(req, kept.as_ref(), bind, at, rng) {
                 Err(RouteError::Overloaded) => {}
                 d => {
                     st.place(i, d, engine, now);
@@ -47,7 +47,7 @@ impl Waitlist {
             }
         }
         let uncached_tokens = if self.wspt {
-            let l = router.lookup(req);
+            let l = kept.unwrap_or_else(|| router.lookup(req));
             let u = router.uncached_tokens(req, &l);
             self.lookups[i] = Some(l);
             u
