@@ -423,9 +423,11 @@ pub struct Config {
     #[arg(long = "queue-late-binding", env = "DYN_EPP_QUEUE_LATE_BINDING", default_value = "false", value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub queue_late_binding: bool,
 
-    /// Decision window (ms): requests arriving within it of the first of a group are decided
-    /// together, the one that loses most by not getting its best worker first; each waits up
-    /// to this long. 0 = each decided on arrival, as Dynamo (docs/routing-policy.md).
+    /// Decision window (ms): a request ready to be decided while others are still arriving
+    /// (headers in, body or tokenization not done) waits for them, up to this long, and they
+    /// are decided together, the one that loses most by not getting its best worker first; a
+    /// request with none arriving is decided at once. 0 = off: each decided on arrival, as
+    /// Dynamo (docs/routing-policy.md).
     #[arg(long = "decision-window-ms", env = "DYN_EPP_DECISION_WINDOW_MS", default_value_t = 0.0, value_parser = non_negative)]
     pub decision_window_ms: f64,
 

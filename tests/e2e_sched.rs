@@ -167,32 +167,37 @@ async fn the_overload_status_can_be_503() {
     admission("503").await;
 }
 
-/// `DYN_EPP_DECISION_WINDOW_MS`: requests arriving within the window are decided together
-/// when it ends; one whose client leaves meanwhile is neither booked nor forwarded.
+/// `DYN_EPP_DECISION_WINDOW_MS`: a lone request is decided at once; a request ready while
+/// another is still arriving (its body not all in) waits for it in the group, up to the window,
+/// and one whose client leaves meanwhile is neither booked nor forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_decision_window_decides_its_group_together_and_forwards_no_one_who_left() {
-    let s = Setup::start(&[("a", 1, ""), ("b", 2, "")], &[("DYN_EPP_DECISION_WINDOW_MS", "3000")]).await;
+async fn a_decision_window_waits_only_for_requests_still_arriving_and_forwards_no_one_who_left() {
+    let s = Setup::start(&[("a", 1, ""), ("b", 2, "")], &[("DYN_EPP_DECISION_WINDOW_MS", "20000")]).await;
     let url = s.envoy.url("/v1/chat/completions");
-    // (1 s: long enough to reach the window on a loaded machine, well within it.)
-    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
-    assert!(impatient.post(&url).body(chat_body("gone before the window ends")).send().await.is_err());
-    assert_eq!(s.epp.wait_metric("dynamo_epp_decision_group_size_count", Duration::from_secs(10), |v| v == 1.0).await, 1.0);
-    assert_eq!(s.epp.metric("dynamo_epp_active_requests").await, Some(0.0), "the one that left booked nothing");
     let started = Instant::now();
-    let together: Vec<_> = (0..3)
-        .map(|i| {
-            let (c, url) = (s.client.clone(), url.clone());
-            tokio::spawn(async move { c.post(url).body(chat_body(&format!("together {i}"))).send().await.unwrap() })
-        })
-        .collect();
-    for h in together {
-        assert_eq!(h.await.unwrap().status(), 200);
-    }
-    assert!(started.elapsed() >= Duration::from_millis(2900), "decided after {:?}, before the window ended", started.elapsed());
+    assert_eq!(s.client.post(&url).body(chat_body("alone")).send().await.unwrap().status(), 200);
+    assert!(started.elapsed() < Duration::from_secs(10), "a lone request waited {:?}", started.elapsed());
+    // A slow upload: its headers and half its body now, the rest once the next client gave up.
+    let body = chat_body("slow to arrive");
+    let (half, rest) = body.as_bytes().split_at(body.len() / 2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(2);
+    tx.send(Ok(half.to_vec())).await.unwrap();
+    let (c, u) = (s.client.clone(), url.clone());
+    let slow = tokio::spawn(async move { c.post(u).body(reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx))).send().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Ready while the slow one is still arriving: it waits in the group, and its client gives up.
+    let impatient = reqwest::Client::builder().timeout(Duration::from_secs(2)).build().unwrap();
+    assert!(impatient.post(&url).body(chat_body("gone before the group ends")).send().await.is_err());
+    assert_eq!(s.epp.metric("dynamo_epp_decision_group_size_count").await, Some(1.0), "the group is still open");
+    tx.send(Ok(rest.to_vec())).await.unwrap();
+    drop(tx);
+    assert_eq!(slow.await.unwrap().status(), 200);
     let text = s.epp.metrics().await;
     assert_eq!(metric_value(&text, "dynamo_epp_decision_group_size_count"), Some(2.0), "{text}");
-    assert_eq!(metric_value(&text, "dynamo_epp_decision_group_size_sum"), Some(4.0), "one of 1, one of 3");
-    assert_eq!(s.workers.iter().map(|w| w.seen().len()).sum::<usize>(), 3, "the one that left was not forwarded");
+    assert_eq!(metric_value(&text, "dynamo_epp_decision_group_size_sum"), Some(3.0), "one of 1, one of 2");
+    let seen: Vec<String> = s.workers.iter().flat_map(|w| w.seen()).map(|r| String::from_utf8_lossy(&r.body).into_owned()).collect();
+    assert_eq!(seen.len(), 2, "the one that left was not forwarded: {seen:?}");
+    assert!(seen.iter().all(|b| !b.contains("gone before")), "{seen:?}");
     assert_eq!(s.epp.wait_metric("dynamo_epp_active_requests", Duration::from_secs(5), |v| v == 0.0).await, 0.0);
 }
 

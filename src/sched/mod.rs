@@ -50,9 +50,10 @@ pub struct SchedSettings {
     pub default_capacity: Capacity,
     /// With no prefill workers: true = refuse (503), false = serve aggregated.
     pub enforce_disagg: bool,
-    /// Requests arriving within this long of the first of a group are decided together, the
-    /// one that loses most by not getting its best worker first (`Router::most_constrained`);
-    /// zero = each on arrival (as Dynamo). The edges (server, simulator) hold the group.
+    /// The longest a group of requests arriving together waits for its last member before
+    /// they are decided together, the one that loses most by not getting its best worker first
+    /// (`Router::most_constrained`); zero = each on arrival (as Dynamo). The edges (server,
+    /// simulator) hold the group.
     pub decision_window: Duration,
 }
 

@@ -90,6 +90,8 @@ struct StreamState {
     predicted_cached: u64,
     /// This request's spans when traces are exported.
     trace: Option<RequestTrace>,
+    /// With a decision window: counted as arriving from its headers until it is decided.
+    arriving: Option<group::Arriving>,
 }
 
 impl Drop for StreamState {
@@ -117,6 +119,7 @@ impl StreamState {
             scan: None,
             predicted_cached: 0,
             trace: None,
+            arriving: None,
         }
     }
 
@@ -193,6 +196,7 @@ impl StreamState {
             return self.route_headers_only().await;
         }
         self.phase = Phase::Body;
+        self.arriving = group::Arriving::new(&self.app);
         true
     }
 
@@ -202,6 +206,7 @@ impl StreamState {
         }
         if self.body.len() as u64 + b.body.len() as u64 > self.app.max_body_bytes {
             self.phase = Phase::Forwarded;
+            self.arriving = None;
             return self.reject(EppError::BodyTooLarge { limit: self.app.max_body_bytes }).await;
         }
         self.body.extend_from_slice(&b.body);
@@ -261,6 +266,8 @@ impl StreamState {
 
     async fn route_body(&mut self) -> bool {
         let started = Instant::now();
+        // Still arriving while it is checked and tokenized; no longer once decided or refused.
+        let arriving = self.arriving.take();
         let api = Api::from_path(self.header(":path").unwrap_or(""));
         let mut req = self.routing_request();
         let mut body = std::mem::take(&mut self.body);
@@ -289,7 +296,7 @@ impl StreamState {
         let arrival = self.app.queue.as_ref().map(|_| self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref()));
         let trace = self.trace.as_ref().zip(span.as_ref());
         let decided = match (&self.app.window, &self.app.queue, arrival) {
-            (Some(window), queue, arrival) => match group::decide(&self.app, window, req, arrival).await {
+            (Some(window), queue, arrival) => match group::decide(&self.app, window, req, arrival, arriving).await {
                 Ok(queue::Admitted::Routed(d)) => Ok(d),
                 Ok(queue::Admitted::Queued(waiting)) => queue::wait(&self.app, queue.as_ref().expect("queued without a queue"), waiting, &self.tx, trace).await,
                 Err(e) => Err(e),

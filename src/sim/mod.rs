@@ -506,20 +506,20 @@ fn simulate<'a>(prepared: &[Prepared], cfg: &'a SimConfig, p: &NamedPolicy, high
             true
         }
     };
-    let window_us = match &p.policy {
-        Policy::Router { sched, .. } => sched.decision_window.as_micros() as u64,
-        _ => 0,
-    };
+    let window_on = matches!(&p.policy, Policy::Router { sched, .. } if !sched.decision_window.is_zero());
     // Arrivals held by the decision window, in arrival order.
     let mut group: Vec<usize> = Vec::new();
     while let Some(Reverse((now, ev, _))) = st.queue.pop() {
         // Capacity may have freed (a first token, an end) or a request arrived behind others.
         let mut dispatch_round = true;
         match ev {
-            Event::Arrival(i) if window_us > 0 => {
+            Event::Arrival(i) if window_on => {
                 group.push(i);
+                // A simulated request is ready at its arrival (no body to receive, no tokens to
+                // compute): the group ends once the instant's arrivals have joined — before the
+                // window could pass, as in the server when no other request is still arriving.
                 if group.len() == 1 {
-                    st.push(now + window_us, Event::WindowEnd);
+                    st.push(now, Event::WindowEnd);
                 }
                 dispatch_round = false;
             }
@@ -664,12 +664,13 @@ mod tests {
             // on worker 1.
             assert_eq!(at_once[..2], [0, 0], "{policy:?}");
             assert!(ttft_at_once[2] > EngineParams::default().pass_ms(4096, 0, 0), "{policy:?}: {ttft_at_once:?}");
-            // Grouped by a 1 ms window, y loses most without the holder (8,192 cached tokens
-            // against x's 512): it is decided first and prefills its 512 new tokens in one
-            // pass there, x its 4,608 on worker 1 — each 1 ms later for the window.
+            // Grouped by a window, y loses most without the holder (8,192 cached tokens against
+            // x's 512): it is decided first and prefills its 512 new tokens in one pass there,
+            // x its 4,608 on worker 1. (Simulated requests arrive ready: nothing waits for the
+            // window to pass.)
             assert_eq!(grouped, [0, 1, 0], "{policy:?}");
             let p = EngineParams::default();
-            let expected = [1.0 + p.pass_ms(8192, 0, 0), 1.0 + p.pass_ms(4608, 0, 0), 1.0 + p.pass_ms(512, 0, 0)];
+            let expected = [p.pass_ms(8192, 0, 0), p.pass_ms(4608, 0, 0), p.pass_ms(512, 0, 0)];
             for (t, e) in ttft_grouped.iter().zip(expected) {
                 assert!((t - e).abs() < 0.002, "{policy:?}: {ttft_grouped:?} vs {expected:?}");
             }
