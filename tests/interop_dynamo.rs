@@ -18,12 +18,18 @@ use serde_json::json;
 /// Upper bound for any one exchange: a hung request fails the test instead of stalling CI.
 const T: Duration = Duration::from_secs(30);
 
+/// This file's chains share the machine; the test that measures timing (predicted-ttft telling
+/// the slower mocker apart by first-chunk times) runs alone: beside the other chains' Dynamo
+/// processes on two cores it once counted 12 of 40 picks on the slow mocker (alone: 1–6).
+static TIMING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn delta(before: &[u64], after: &[u64]) -> Vec<u64> {
     before.iter().zip(after).map(|(b, a)| a - b).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chat_and_completions_through_the_chain_are_served_by_the_worker_our_epp_named() {
+    let _shared = TIMING.read().await;
     // The fleet file names only the second worker, so the id our EPP puts in
     // x-dynamo-worker-instance-id is known; the direct-mode frontend must serve exactly it.
     let named = 1;
@@ -71,6 +77,7 @@ async fn chat_and_completions_through_the_chain_are_served_by_the_worker_our_epp
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kv_aware_a_prompt_sent_again_goes_where_the_real_kv_events_put_it() {
+    let _shared = TIMING.read().await;
     // The EPP indexes the mockers' own KV events (NATS core, msgpack) and routes overlap-first.
     // Prompts are text: our EPP tokenizes them and hands Dynamo the ids (nvext.token_data), so
     // the engine caches, and reports in its events, blocks of exactly the ids we hash.
@@ -166,6 +173,7 @@ fn usage_of(body: &str) -> serde_json::Value {
 /// part takes): load spreads, then a worker is killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn at_real_timing_load_spreads_then_a_killed_worker_fails_fast_and_leaves_routing() {
+    let _shared = TIMING.read().await;
     let chain = InteropChain::start(DynamoOptions { speedup_ratio: 1.0, ..Default::default() }, &[0, 1, 2]).await;
     load_spreads_across_the_real_workers_under_concurrency(&chain).await;
     // Every booking of the first part is released before the second counts them.
@@ -283,6 +291,7 @@ async fn a_killed_worker_fails_fast_and_leaves_routing_once_the_fleet_file_drops
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn disaggregated_through_our_epp_prefill_and_decode_run_on_our_picks() {
+    let _shared = TIMING.read().await;
     use Mode::{Decode, Prefill};
     // Real timing, so that concurrent requests overlap in prefill and in decode.
     let workers = vec![Prefill, Prefill, Decode, Decode];
@@ -350,6 +359,7 @@ async fn disaggregated_through_our_epp_prefill_and_decode_run_on_our_picks() {
 /// (request sent → first streamed chunk).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn predicted_ttft_moves_load_off_a_slower_mocker_and_lowers_the_ttft() {
+    let _alone = TIMING.write().await;
     let (slow, factor) = (1, 6.0);
     let opts = DynamoOptions { workers: vec![Mode::Agg; 2], speedup_ratio: 2.0, slower: Some((slow, factor)), ..Default::default() };
     let chain = InteropChain::start(opts, &[0, 1]).await;
