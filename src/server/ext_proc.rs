@@ -295,19 +295,14 @@ impl StreamState {
         let span = self.trace.as_ref().map(RequestTrace::route);
         let arrival = self.app.queue.as_ref().map(|_| self.arrival(&hints, (body.len() + 4 * req.tokens.len()) as u64, req.cache_salt.as_deref()));
         let trace = self.trace.as_ref().zip(span.as_ref());
-        let decided = match (&self.app.window, &self.app.queue, arrival) {
-            (Some(window), queue, arrival) => match group::decide(&self.app, window, req, arrival, arriving).await {
-                Ok(queue::Admitted::Routed(d)) => Ok(d),
-                Ok(queue::Admitted::Queued(waiting)) => queue::wait(&self.app, queue.as_ref().expect("queued without a queue"), waiting, &self.tx, trace).await,
-                Err(e) => Err(e),
-            },
-            (None, Some(wl), Some(arrival)) => queue::decide(&self.app, wl, req, arrival, started, &self.tx, trace).await,
-            _ => {
-                let mut router = self.app.router.lock();
-                let d = router.route(&req, started, &mut rand::rng());
-                self.app.note_active(&router);
-                d.map_err(|e| self.app.route_error(e))
-            }
+        let admitted = match &self.app.window {
+            Some(window) => group::decide(&self.app, window, req, arrival, arriving).await,
+            None => queue::admit(&self.app, req, arrival, None, started),
+        };
+        let decided = match admitted {
+            Ok(queue::Admitted::Routed(d)) => Ok(d),
+            Ok(queue::Admitted::Queued(waiting)) => queue::wait(&self.app, waiting, &self.tx, trace).await,
+            Err(e) => Err(e),
         };
         let d = match decided {
             Ok(d) => d,

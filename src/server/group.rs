@@ -25,7 +25,7 @@ use super::{
     App,
 };
 use crate::{
-    router::{Bind, Lookup, RouteError, RoutingRequest},
+    router::{Lookup, RouteError, RoutingRequest},
     sched::queue::Arrival,
 };
 
@@ -160,15 +160,7 @@ fn close(app: &Arc<App>, only: Option<u64>) {
         if p.reply.is_closed() {
             continue;
         }
-        let admitted = match (&app.queue, p.arrival) {
-            (Some(wl), Some(arrival)) => queue::admit(app, wl, p.req, arrival, Some(lookup), Instant::now()),
-            _ => {
-                let mut router = app.router.lock();
-                let d = router.route_binding(&p.req, Some(&lookup), Bind::Now, Instant::now(), &mut rand::rng());
-                app.note_active(&router);
-                d.map(Admitted::Routed).map_err(|e| app.route_error(e))
-            }
-        };
+        let admitted = queue::admit(app, p.req, p.arrival, Some(lookup), Instant::now());
         // A closed receiver hands the decision back: the handoff's drop undoes it.
         let _ = p.reply.send(Handoff { app: app.clone(), admitted: Some(admitted) });
     }

@@ -60,26 +60,24 @@ impl Waitlist {
 
 type Gateway = mpsc::Sender<Result<envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse, tonic::Status>>;
 
-/// Routes now when no one waits and a worker has room; otherwise queues the request, tells the
-/// gateway to wait (`override_message_timeout`), and waits for [`pump`]'s decision.
-pub async fn decide(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, arrival: Arrival, now: Instant, gateway: &Gateway, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
-    match admit(app, wl, req, arrival, None, now)? {
-        Admitted::Routed(d) => Ok(d),
-        Admitted::Queued(waiting) => wait(app, wl, waiting, gateway, trace).await,
-    }
-}
-
 /// What became of an arriving request: routed now, or waiting in the queue (dropping the
-/// guard takes it out).
+/// guard takes it out; [`wait`] waits for its decision).
 pub enum Admitted {
     Routed(Decision),
     Queued(Box<Waiting>),
 }
 
-/// [`decide`]'s first, synchronous step: routes now when no one waits and a worker has room
-/// (late binding: when its pick takes it), else queues the request. `kept`: its cache lookup,
-/// if one was taken (a decision window's group).
-pub fn admit(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Arrival, kept: Option<Lookup>, now: Instant) -> Result<Admitted, EppError> {
+/// An arriving request's decision, made now (no locks held across an await): without the
+/// router queue it is routed; with it (`arrival` set), routed when no one waits and a worker
+/// has room (late binding: when its pick takes it), else queued. `kept`: its cache lookup, if
+/// one was taken (a decision window's group).
+pub fn admit(app: &Arc<App>, req: RoutingRequest, arrival: Option<Arrival>, kept: Option<Lookup>, now: Instant) -> Result<Admitted, EppError> {
+    let (Some(wl), Some(mut arrival)) = (&app.queue, arrival) else {
+        let mut router = app.router.lock();
+        let d = router.route_binding(&req, kept.as_ref(), Bind::Now, now, &mut rand::rng());
+        app.note_active(&router);
+        return d.map(Admitted::Routed).map_err(|e| app.route_error(e));
+    };
     let (ticket, rx) = {
         let mut q = wl.queue.lock();
         let mut router = app.router.lock();
@@ -118,9 +116,10 @@ pub fn admit(app: &Arc<App>, wl: &Waitlist, req: RoutingRequest, mut arrival: Ar
     Ok(Admitted::Queued(Box::new(Waiting { app: app.clone(), ticket, rx, reason: "disconnected", done: false, span: None })))
 }
 
-/// [`decide`]'s second step for a queued request: tells the gateway to wait
-/// (`override_message_timeout`) and waits for [`pump`]'s decision.
-pub async fn wait(app: &Arc<App>, wl: &Waitlist, mut waiting: Box<Waiting>, gateway: &Gateway, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
+/// A queued request's wait: tells the gateway to wait (`override_message_timeout`) and waits
+/// for [`pump`]'s decision.
+pub async fn wait(app: &Arc<App>, mut waiting: Box<Waiting>, gateway: &Gateway, trace: Option<(&RequestTrace, &Span)>) -> Result<Decision, EppError> {
+    let wl = app.queue.as_ref().expect("a queued request has a queue");
     waiting.span = trace.map(|(t, route)| t.queue_wait(route));
     pump(app, wl, Instant::now());
     // Our answer may take up to the queue's limit; a second more lets our own eviction answer
