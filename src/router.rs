@@ -763,9 +763,8 @@ impl Router {
     pub fn most_constrained<'a>(&self, group: impl IntoIterator<Item = (&'a RoutingRequest, &'a Lookup)>) -> usize {
         let mut pick = (0, f64::NEG_INFINITY);
         for (i, (req, l)) in group.into_iter().take(MOST_CONSTRAINED_SCAN).enumerate() {
-            let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
             let mut best = [f64::INFINITY; 2];
-            for s in self.score(stage, req, &l.0, &Claims::default(), Bind::Now).iter().filter(|s| !s.busy) {
+            for s in self.score(self.prompt_stage(req), req, &l.0, &Claims::default(), Bind::Now).iter().filter(|s| !s.busy) {
                 let c = s.terms.logit;
                 if c < best[0] {
                     best = [c, best[0]];
@@ -781,10 +780,19 @@ impl Router {
         pick.0
     }
 
+    /// The stage that runs this prompt: prefill when disaggregated, else aggregated.
+    fn prompt_stage(&self, req: &RoutingRequest) -> Stage {
+        if self.disaggregates(req) {
+            Stage::Prefill
+        } else {
+            Stage::Aggregated
+        }
+    }
+
     /// The workers that would run this prompt: the prefill pool when disaggregated, else the
     /// aggregated pool (the router queue's gate and claims are over these).
     fn prompt_pool<'a>(&'a self, req: &'a RoutingRequest) -> impl Iterator<Item = &'a Worker> + 'a {
-        let stage = if self.disaggregates(req) { Stage::Prefill } else { Stage::Aggregated };
+        let stage = self.prompt_stage(req);
         self.workers.iter().filter(move |w| stage.admits(w.role) && req.allows(w.endpoint))
     }
 
