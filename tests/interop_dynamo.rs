@@ -363,7 +363,7 @@ async fn predicted_ttft_moves_load_off_a_slower_mocker_and_lowers_the_ttft() {
     let (slow, factor) = (1, 6.0);
     let opts = DynamoOptions { workers: vec![Mode::Agg; 2], speedup_ratio: 2.0, slower: Some((slow, factor)), ..Default::default() };
     let chain = InteropChain::start(opts, &[0, 1]).await;
-    let (_epp, predicted) = chain.another_front(&[0, 1], vec![("DYN_ROUTER_POLICY".into(), "predicted-ttft".into())]).await;
+    let (predicted_epp, predicted) = chain.another_front(&[0, 1], vec![("DYN_ROUTER_POLICY".into(), "predicted-ttft".into())]).await;
     let dy = &chain.dynamo;
     const N: usize = 40;
     let mut served = [vec![0u64; 2], vec![0u64; 2]];
@@ -394,12 +394,35 @@ async fn predicted_ttft_moves_load_off_a_slower_mocker_and_lowers_the_ttft() {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (cost_ttft, predicted_ttft) = (mean(&ttft_ms[0]), mean(&ttft_ms[1]));
-    eprintln!("served (cost, predicted-ttft): {served:?}; client TTFT mean ms: {cost_ttft:.1} vs {predicted_ttft:.1}");
+    // What the predicted-ttft EPP believes now (each candidate's prediction, load and speed;
+    // the models): the evidence if a bound below fails.
+    let probe = json!({"model": MODEL, "prompt": "Policy 1, probe: ".to_string() + &"the rivers of the world run to the sea, ".repeat(160), "max_tokens": 4});
+    let why = explain(&predicted_epp, probe).await;
+    eprintln!("served (cost, predicted-ttft): {served:?}; client TTFT mean ms: {cost_ttft:.1} vs {predicted_ttft:.1}\n{why}");
     // Even split for `cost` (idle workers tie): under 10 of 40 on either by chance is ~0.1 %.
     assert!(served[0][slow] >= 10, "cost no longer splits idle workers evenly: {served:?}");
     // `predicted-ttft` learns within a few requests; a few more may probe the slow one.
-    assert!(served[1][slow] <= 8, "predicted-ttft kept the slower worker busy: {served:?}");
-    assert!(predicted_ttft < cost_ttft, "TTFT mean {predicted_ttft:.1} ms (predicted-ttft) vs {cost_ttft:.1} ms (cost)");
+    assert!(served[1][slow] <= 8, "predicted-ttft kept the slower worker busy: {served:?}, TTFT ms {:?}\n{why}", ttft_ms[1]);
+    assert!(predicted_ttft < cost_ttft, "TTFT mean {predicted_ttft:.1} ms (predicted-ttft) vs {cost_ttft:.1} ms (cost)\n{why}");
+}
+
+/// The EPP's Explain of a completions body, a line per candidate and per latency model.
+async fn explain(epp: &common::Epp, body: serde_json::Value) -> String {
+    use dynamo_epp::server::debug::{as_struct, proto::{debug_client::DebugClient, ExplainRequest}};
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", epp.grpc_port)).unwrap().connect().await.unwrap();
+    let req = ExplainRequest { body: Some(as_struct(body)), path: "/v1/completions".into(), ..Default::default() };
+    let e = DebugClient::new(channel).explain(req).await.unwrap().into_inner();
+    let mut out = String::new();
+    for c in &e.candidates {
+        out += &format!(
+            "candidate {} (id {}): active {} prefill tokens {} cached {} | ttft {:.1} = queue {:.1} + prefill {:.1} + base {:.1}, speed {:.3}, cost {:.1}\n",
+            c.name, c.worker_id, c.active_requests, c.active_prefill_tokens, c.cached_tokens, c.predicted_ttft_ms, c.predicted_queue_ms, c.predicted_prefill_ms, c.predicted_base_ms, c.predicted_speed_factor, c.cost
+        );
+    }
+    for m in &e.models {
+        out += &format!("model {}: {m:?}\n", m.name);
+    }
+    out
 }
 
 /// Our NATS-core decoder on the real payloads in tests/fixtures/dynamo-1.6.1, against Python

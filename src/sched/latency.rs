@@ -328,11 +328,17 @@ pub struct LatencyModels {
     tpot: Rls<TPOT_FEATURES>,
     /// The latest time passed in (the factors' freshness is reckoned from it).
     clock: Option<Instant>,
+    /// What a rank without a speed of its own predicts with: the fastest known rank's factor
+    /// (1 if none reads faster). Optimism explores: a lone rank read faster than the fit would
+    /// otherwise beat every rank never tried, forever, and they could never show their speed
+    /// (an interop run once sent all 40 requests to the slower of two mockers). A rank read
+    /// slower than it is costs a few requests until it has samples.
+    untried: f64,
 }
 
 impl Default for LatencyModels {
     fn default() -> Self {
-        LatencyModels { ranks: FxHashMap::default(), ttft: Rls::new(TTFT_PRIOR), isolated: Rls::new(TTFT_PRIOR), tpot: Rls::new(TPOT_PRIOR), clock: None }
+        LatencyModels { ranks: FxHashMap::default(), ttft: Rls::new(TTFT_PRIOR), isolated: Rls::new(TTFT_PRIOR), tpot: Rls::new(TPOT_PRIOR), clock: None, untried: 1.0 }
     }
 }
 
@@ -363,7 +369,7 @@ impl LatencyModels {
         let state = self.ranks.get(r);
         RankModel {
             ttft: &self.ttft,
-            speed: state.map_or(1.0, |s| s.speed.factor),
+            speed: self.speed(state),
             speed_samples: state.map_or(0, |s| s.speed.samples),
             tpot: state.and_then(|s| s.tpot.as_ref()).unwrap_or(&self.tpot),
         }
@@ -378,7 +384,7 @@ impl LatencyModels {
     pub fn predict(&self, r: &WorkerRank, inputs: Inputs) -> Prediction {
         // (Before any sample the map is empty: skip hashing the rank.)
         let state = if self.ranks.is_empty() { None } else { self.ranks.get(r) };
-        let speed = state.map_or(1.0, |s| s.speed.factor);
+        let speed = self.speed(state);
         let tpot = state.and_then(|s| s.tpot.as_ref()).unwrap_or(&self.tpot);
         let total = self.ttft.predict(&inputs.ttft_x());
         // The parts: one pass with no prompt work, then the booked work alone, then this
@@ -453,6 +459,13 @@ impl LatencyModels {
             let rel = if known(s) { (s.speed.log - mean) * s.speed.freshness(now) } else { 0.0 };
             s.speed.factor = if rel.abs() < SPEED_DEAD_BAND { 1.0 } else { rel.exp() };
         }
+        self.untried = self.ranks.values().filter(|s| known(s)).map(|s| s.speed.factor).fold(1.0, f64::min);
+    }
+
+    /// The factor a rank's predictions multiply by: its own once it has enough isolated
+    /// samples, else [`Self::untried`]'s.
+    fn speed(&self, state: Option<&RankState>) -> f64 {
+        state.filter(|s| s.speed.samples >= SPEED_MIN_SAMPLES).map_or(self.untried, |s| s.speed.factor)
     }
 
     /// A response streamed `generated` tokens, `decode_ms` after its first one.
@@ -778,6 +791,32 @@ mod tests {
         }
         let (f, s) = (ms.model(&fast).speed, ms.model(&slow).speed);
         assert!(s / f > 3.0 && f < 1.0, "{f} {s}");
+    }
+
+    #[test]
+    fn a_rank_never_tried_is_not_locked_out_by_a_lone_rank_read_faster_than_the_fit() {
+        // The real-chain case again, when every early request lands on the slow rank (ties go
+        // either way) and its first ones are slower still (a cold start): against the isolated
+        // fit of its own first samples it reads faster than 1 (0.65 here). Were the rank never
+        // tried to read 1, it would lose every decision and never be sampled.
+        let mut ms = LatencyModels::default();
+        let (fast, slow) = (WorkerRank::rank0(1), WorkerRank::rank0(2));
+        let i = Inputs { new_tokens: 1600, batch_tokens: 8192, ..Default::default() };
+        let mut now = Instant::now();
+        for n in 0..40 {
+            now += Duration::from_millis(200);
+            ms.observe_ttft(slow, &i, if n < 3 { 300.0 } else { 130.0 }, true, now);
+            let (f, s) = (ms.predict(&fast, i).ttft_ms, ms.predict(&slow, i).ttft_ms);
+            assert!(f <= s, "sample {n}: never tried {f} ms, sampled {s} ms (speed {})", ms.model(&slow).speed);
+        }
+        assert!(ms.model(&slow).speed < 0.9, "{}", ms.model(&slow).speed);
+        // Tried, it shows its speed.
+        for _ in 0..SPEED_MIN_SAMPLES {
+            now += Duration::from_millis(200);
+            ms.observe_ttft(fast, &i, 25.0, true, now);
+        }
+        let (f, s) = (ms.predict(&fast, i).ttft_ms, ms.predict(&slow, i).ttft_ms);
+        assert!(s / f > 3.0, "{f} {s}");
     }
 
     #[test]

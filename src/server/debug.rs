@@ -271,7 +271,9 @@ fn value_json(v: Value) -> serde_json::Value {
     }
 }
 
-fn as_struct(v: serde_json::Value) -> Struct {
+/// JSON as a protobuf `Struct` (an object; anything else is an empty one): how a client builds
+/// an Explain body.
+pub fn as_struct(v: serde_json::Value) -> Struct {
     match json_value(v).kind {
         Some(Kind::StructValue(s)) => s,
         _ => Struct::default(),
