@@ -5,7 +5,7 @@
 //! decisions in `benches/dynamo-baseline` (decision_vs_dynamo). The `predicted-ttft` policy
 //! decides the same requests in the same run; its ratio to the default (`cost`) is printed,
 //! also with `OWN_DECODES` requests of our own in flight carrying an expected output (what
-//! the E2E guard weighs), and as the last of a decision window's group of `GROUP` (each pick
+//! the E2E guard weighs; against `cost` with the same requests in flight), and as the last of a decision window's group of `GROUP` (each pick
 //! of a group weighs the group's requests first).
 //!
 //!   cargo bench --bench decision
@@ -29,13 +29,27 @@ fn main() {
         .flat_map(|t| {
             let w = build(t, 200);
             let cost = bench_decider(&mut c, &w, &mut Ours::new(&w));
+            let cost_own = bench_decider(&mut c, &w, &mut Ours::new(&w).with_own_decodes(OWN_DECODES, COST_OWN));
             let predicted = bench_decider(&mut c, &w, &mut Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "predicted-ttft"));
-            let mut own = Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "").with_own_decodes(OWN_DECODES, "predicted-ttft+osl");
+            let mut own = Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "").with_own_decodes(OWN_DECODES, GUARDED);
             let guarded = bench_decider(&mut c, &w, &mut own);
             let grouped = bench_decider(&mut c, &w, &mut Ours::with_policy(&w, RoutingPolicy::PredictedTtft, "").in_groups_of(GROUP, &w, "predicted-ttft, group of 8"));
-            [cost, predicted, guarded, grouped]
+            [cost, cost_own, predicted, guarded, grouped]
         })
         .collect();
     c.final_summary();
     print_rows(&rows, ["dynamo-epp"]);
+    // Like for like: the guard's row against `cost` with the same requests in flight (what
+    // they cost any policy — more bookings to weigh and free — is not the guard's).
+    println!("\n| fleet | {GUARDED} ÷ {COST_OWN} | full hit p50 / p99 | prefix+new p50 / p99 | miss p50 / p99 |");
+    println!("|---|---|---:|---:|---:|");
+    for g in rows.iter().filter(|r| r.name == GUARDED) {
+        let Some(b) = rows.iter().find(|b| b.name == COST_OWN && b.topology.label() == g.topology.label()) else { continue };
+        let cells: Vec<String> = g.decisions.iter().zip(&b.decisions).map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", a50.as_secs_f64() / b50.as_secs_f64(), a99.as_secs_f64() / b99.as_secs_f64())).collect();
+        println!("| {} | | {} |", g.topology.label(), cells.join(" | "));
+    }
 }
+
+/// The rows with `OWN_DECODES` requests of our own in flight: `cost`, and `predicted-ttft`.
+const COST_OWN: &str = "dynamo-epp+own";
+const GUARDED: &str = "predicted-ttft+osl";

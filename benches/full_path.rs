@@ -585,6 +585,8 @@ async fn run(o: Opts) {
     // → decision made: prepare, a pool hop, the router lock, the pick).
     let steps1 = epp.metrics().await;
     let (tokenize_ms, decision_ms) = (HistogramDelta::between(&steps0, &steps1, "dynamo_epp_tokenize_seconds"), HistogramDelta::between(&steps0, &steps1, "dynamo_epp_decision_seconds"));
+    // With a decision window (`FULL_PATH_EPP_ENV=DYN_EPP_DECISION_WINDOW_MS=…`): its groups.
+    let groups = HistogramDelta::between(&steps0, &steps1, "dynamo_epp_decision_group_size");
     let kv_applied = epp.metric("dynamo_epp_kv_events_applied_total").await.unwrap_or(f64::NAN);
     let kv_lost = epp.metric("dynamo_epp_kv_events_lost_total").await.unwrap_or(f64::NAN);
     // Whether Envoy waits on flow control or buffer limits carrying the bodies (cumulative since
@@ -706,6 +708,16 @@ async fn run(o: Opts) {
         decision_ms.mean_ms(),
         decision_ms.p50_bound_ms()
     );
+    if groups.count > 0.0 {
+        let alone = groups.buckets.first().map_or(0.0, |b| b.1);
+        println!(
+            "decision window: {:.0} groups, mean size {:.2}; {:.0} of {:.0} requests decided beside another",
+            groups.count,
+            groups.sum / groups.count,
+            groups.sum - alone,
+            groups.sum
+        );
+    }
     println!(
         "CPU ms per request on its path (idle time between its requests included): EPP {:.2} (= {:.0} req/s per core); null server {:.2}; Envoy baseline {:.2}, null {:.2}, epp {:.2}; generator+workers {:.2} (every request)",
         epp_cpu * 1e3,

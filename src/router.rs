@@ -169,6 +169,8 @@ pub struct Scored {
     pub busy: bool,
     /// Our requests on the rank whose prompt is still being prefilled.
     pub prefilling: u32,
+    /// The rank's long-decode sum (`predicted-ttft`'s E2E guard).
+    pub long_decodes: f64,
 }
 
 /// A first response chunk compared with the prediction made at dispatch (for the metrics).
@@ -205,19 +207,6 @@ struct Booking {
     /// What the latency models learn from it (`predicted-ttft` only: the default policy pays
     /// for no prediction, booking or fit).
     seen: Option<Observation>,
-    /// What it adds to its decoding rank's [`LongDecodes`] sum.
-    long: f64,
-}
-
-/// `predicted-ttft`'s E2E guard: per decoding rank, our requests there weighed by the output
-/// they have left ([`long_decode_weight`]; without an expected output, 0).
-/// Recomputed from every booking at most every [`LONG_DECODE_REFRESH`] of decision time and
-/// kept by each booking's start and end in between, so a decision does not walk every request
-/// in flight (1,000 of them tripled a decision's time: docs/routing-policy.md).
-#[derive(Debug, Default)]
-struct LongDecodes {
-    refreshed: Option<Instant>,
-    per_rank: FxHashMap<WorkerRank, f64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -399,8 +388,14 @@ pub struct Router {
     peer_seqs: HashMap<(u64, String), u64>,
     /// Latency models, learned from our own requests' first chunks and output spacing.
     latency: LatencyModels,
-    /// `predicted-ttft`: our long decodes per rank (the E2E guard).
-    long: LongDecodes,
+    /// `predicted-ttft`'s E2E guard: when the long-decode weights were last recomputed. Each
+    /// of our requests with an expected output weighs in its decoding rank's sum by the output
+    /// it has left ([`long_decode_weight`]); the sums live with the ranks' load
+    /// ([`RankLoad::long_decodes`]), kept by each booking's start and end, and the weights are
+    /// recomputed from every booking at most every [`LONG_DECODE_REFRESH`] of decision time, so
+    /// a decision does not walk every request in flight (1,000 of them tripled a decision's
+    /// time: docs/routing-policy.md).
+    long_refreshed: Option<Instant>,
 }
 
 impl Default for Router {
@@ -424,7 +419,7 @@ impl Router {
             outbox: None,
             peer_seqs: HashMap::new(),
             latency: LatencyModels::default(),
-            long: LongDecodes::default(),
+            long_refreshed: None,
         }
     }
 
@@ -484,8 +479,6 @@ impl Router {
             live
         });
         self.peer_seqs.retain(|_, s| active.contains(*s));
-        // The dropped bookings' long decodes leave the sums at the next decision.
-        self.long.refreshed = None;
     }
 
     /// The fleet as last set.
@@ -616,7 +609,7 @@ impl Router {
                     new_blocks,
                     active_requests: l.active_requests,
                 };
-                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prefilling: l.prefilling_requests, prediction: None, batch_tokens, busy: rank_busy }
+                Scored { target: Target { worker: r, endpoint: w.endpoint }, load, terms: CostTerms::default(), prefilling: l.prefilling_requests, long_decodes: l.long_decodes, prediction: None, batch_tokens, busy: rank_busy }
             }));
             // Admission control: a worker is busy only when every one of its ranks is.
             let worker_busy = scored[first..].iter().all(|s| s.busy);
@@ -669,7 +662,7 @@ impl Router {
             let p = self.latency.predict(&s.target.worker, self.inputs(s, q.isl, h));
             let stalled = if released { p.inputs.active_requests.saturating_sub(p.inputs.prefilling_requests) } else { p.inputs.active_requests };
             let stall = STALL_WEIGHT * stalled as f64 * p.prefill_ms;
-            let long_stall = long_weight * p.prefill_ms * if self.long.per_rank.is_empty() { 0.0 } else { self.long.per_rank.get(&s.target.worker).copied().unwrap_or(0.0) };
+            let long_stall = long_weight * p.prefill_ms * s.long_decodes;
             s.terms.logit = if stage == Stage::Decode { p.tpot_ms } else { p.ttft_ms + stall + long_stall + p.join_ms };
             s.prediction = Some(p);
         }
@@ -679,19 +672,17 @@ impl Router {
     /// = expected − the more of the tokens streamed and the time since the first chunk at the
     /// TPOT predicted at dispatch.
     fn refresh_long_decodes(&mut self, now: Instant) {
-        if self.long.refreshed.is_some_and(|at| now.saturating_duration_since(at) < LONG_DECODE_REFRESH) {
+        if self.long_refreshed.is_some_and(|at| now.saturating_duration_since(at) < LONG_DECODE_REFRESH) {
             return;
         }
-        self.long.refreshed = Some(now);
-        self.long.per_rank.clear();
-        for b in self.bookings.values_mut() {
+        self.long_refreshed = Some(now);
+        for b in self.bookings.values() {
             let (Some(seen), Some(osl)) = (&b.seen, b.osl) else { continue };
             let done = seen.first_token.map_or(0.0, |first| {
                 let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
                 (ms / seen.prefill.2.tpot_ms.max(0.5)).max(seen.generated as f64)
             });
-            b.long = long_decode_weight(osl, done);
-            *self.long.per_rank.entry(seen.decode.0).or_insert(0.0) += b.long;
+            self.active.set_long_decode(b.decode, long_decode_weight(osl, done));
         }
     }
 
@@ -986,15 +977,10 @@ impl Router {
             first_token: None,
             generated: 0,
         });
-        let long = match (&seen, req.osl) {
-            (Some(o), Some(osl)) => {
-                let w = long_decode_weight(osl, 0.0);
-                *self.long.per_rank.entry(o.decode.0).or_insert(0.0) += w;
-                w
-            }
-            _ => 0.0,
-        };
-        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen, long });
+        if let (Some(_), Some(osl)) = (&seen, req.osl) {
+            self.active.set_long_decode(decode_seq, long_decode_weight(osl, 0.0));
+        }
+        self.bookings.insert(booking, Booking { decode: decode_seq, prefill: prefill_seq, osl: req.osl, lease, seen });
         Ok(Decision {
             decode: decode.target,
             prefill: prefill.map(|p| p.target),
@@ -1112,11 +1098,6 @@ impl Router {
     /// decoding rank's TPOT model learns from the spacing of what streamed.
     pub fn on_end(&mut self, booking: BookingId, now: Instant) {
         let Some(b) = self.bookings.remove(&booking) else { return };
-        if let (Some(o), true) = (&b.seen, b.long > 0.0) {
-            if let Some(sum) = self.long.per_rank.get_mut(&o.decode.0) {
-                *sum -= b.long;
-            }
-        }
         // (One that ended before its first chunk — cancelled, failed — teaches nothing.)
         if let Some(Observation { first_token: Some(first), decode: (worker, inputs), generated, .. }) = b.seen {
             let ms = now.saturating_duration_since(first).as_secs_f64() * 1e3;
@@ -1714,7 +1695,7 @@ mod tests {
         r.apply_peer(7, add("a"), now);
         r.apply_peer(7, add("a"), now); // a duplicate is ignored
         r.apply_peer(8, add("a"), now); // the same id from another replica is another request
-        assert_eq!(r.load(&w1), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 96, active_requests: 2, prefilling_requests: 2 });
+        assert_eq!(r.load(&w1), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 96, active_requests: 2, prefilling_requests: 2, long_decodes: 0.0 });
         // Our own decisions now avoid worker 1.
         let mut rng = SmallRng::seed_from_u64(1);
         for _ in 0..5 {

@@ -22,6 +22,9 @@ pub struct RankLoad {
     pub active_requests: u32,
     /// Of those, the ones whose prompt is still being prefilled.
     pub prefilling_requests: u32,
+    /// `predicted-ttft`'s E2E guard: Σ of the long-decode weights the router gave its requests
+    /// there (the output each has left; see [`ActiveSequences::set_long_decode`]).
+    pub long_decodes: f64,
 }
 
 #[derive(Default)]
@@ -33,6 +36,7 @@ struct Rank {
     /// Requests whose prompt is still being prefilled (prefill tokens booked, no first chunk).
     prefilling: u32,
     output_blocks: f64,
+    long_decodes: f64,
 }
 
 impl Rank {
@@ -52,6 +56,8 @@ struct Active {
     /// Tokens generated so far and the placeholder weight they added.
     generated: u64,
     output_weight: f64,
+    /// What it adds to its rank's `long_decodes`.
+    long_decode: f64,
 }
 
 /// What one booking holds, for `add`.
@@ -101,6 +107,7 @@ impl ActiveSequences {
                 isl: b.isl,
                 generated: 0,
                 output_weight: 0.0,
+                long_decode: 0.0,
             },
         );
         true
@@ -139,6 +146,16 @@ impl ActiveSequences {
         }
     }
 
+    /// Request `id`'s weight in its rank's long-decode sum (kept here, beside the rest of the
+    /// rank's load, so a decision reads it with the load it already looks up).
+    pub fn set_long_decode(&mut self, id: u64, weight: f64) {
+        let Some(a) = self.requests.get_mut(&id) else { return };
+        if let Some(r) = self.ranks.get_mut(&a.worker) {
+            r.long_decodes += weight - a.long_decode;
+        }
+        a.long_decode = weight;
+    }
+
     /// The request ended (completion, error, cancel): release everything it held.
     pub fn free(&mut self, id: u64) {
         let Some(a) = self.requests.remove(&id) else { return };
@@ -149,6 +166,7 @@ impl ActiveSequences {
         r.prefilling -= u32::from(a.prefill_tokens > 0);
         r.requests -= 1;
         r.output_blocks -= a.output_weight;
+        r.long_decodes -= a.long_decode;
         if r.is_idle() {
             self.ranks.remove(&a.worker);
         }
@@ -182,6 +200,7 @@ impl ActiveSequences {
             active_prefill_tokens: r.prefill_tokens,
             active_requests: r.requests,
             prefilling_requests: r.prefilling,
+            long_decodes: r.long_decodes,
         })
     }
 
@@ -222,16 +241,33 @@ mod tests {
         assert!(a.add(1, Booking { worker: WorkerRank::rank0(1), blocks: &[10, 11, 12], prefill_tokens: 48, isl: 48 }, t));
         assert!(a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[10, 11, 13], prefill_tokens: 16, isl: 48 }, t));
         assert!(!a.add(2, Booking { worker: WorkerRank::rank0(1), blocks: &[99], prefill_tokens: 1, isl: 1 }, t));
-        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2, prefilling_requests: 2 });
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 4.0, active_prefill_tokens: 64, active_requests: 2, prefilling_requests: 2, long_decodes: 0.0 });
         let held = a.held_prefixes(&[10, 11, 14]);
         assert_eq!((held.get(&WorkerRank::rank0(1)), held.get(&WorkerRank::rank0(2))), (Some(&2), None));
         a.mark_prefill_completed(1);
         assert_eq!(a.load(&WorkerRank::rank0(1)).active_prefill_tokens, 16);
         assert_eq!(a.load(&WorkerRank::rank0(1)).prefilling_requests, 1);
         a.free(1);
-        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1, prefilling_requests: 1 });
+        assert_eq!(a.load(&WorkerRank::rank0(1)), RankLoad { active_decode_blocks: 3.0, active_prefill_tokens: 16, active_requests: 1, prefilling_requests: 1, long_decodes: 0.0 });
         a.free(2);
         assert_eq!(a.load(&WorkerRank::rank0(1)).prefilling_requests, 0);
+    }
+
+    #[test]
+    fn a_ranks_long_decode_sum_follows_its_requests_weights_and_ends() {
+        let mut a = ActiveSequences::new(Duration::from_secs(300));
+        let (t, w) = (Instant::now(), WorkerRank::rank0(1));
+        a.add(1, Booking { worker: w, blocks: &[1], prefill_tokens: 0, isl: 16 }, t);
+        a.add(2, Booking { worker: w, blocks: &[2], prefill_tokens: 0, isl: 16 }, t);
+        a.set_long_decode(1, 1.0);
+        a.set_long_decode(2, 0.5);
+        assert_eq!(a.load(&w).long_decodes, 1.5);
+        a.set_long_decode(1, 0.25); // its output is mostly out: the weight replaces the old one
+        assert_eq!(a.load(&w).long_decodes, 0.75);
+        a.free(2);
+        assert_eq!(a.load(&w).long_decodes, 0.25);
+        a.set_long_decode(9, 1.0); // not booked: nothing changes
+        assert_eq!(a.load(&w).long_decodes, 0.25);
     }
 
     #[test]

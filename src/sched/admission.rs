@@ -48,7 +48,7 @@ mod tests {
     use super::*;
 
     fn load(blocks: f64, prefill: u64) -> RankLoad {
-        RankLoad { active_decode_blocks: blocks, active_prefill_tokens: prefill, active_requests: 1, prefilling_requests: u32::from(prefill > 0) }
+        RankLoad { active_decode_blocks: blocks, active_prefill_tokens: prefill, active_requests: 1, prefilling_requests: u32::from(prefill > 0), long_decodes: 0.0 }
     }
 
     #[test]

@@ -196,10 +196,17 @@ impl Inputs {
     /// The TTFT features of `work` prompt tokens prefilled FCFS in passes of `batch_tokens`
     /// (at least one pass: the first token comes from one).
     fn ttft_x_for(&self, work: u64) -> [f64; TTFT_FEATURES] {
+        // One pass and no prompt work (a decision asks this of every candidate): no division.
+        if work == 0 {
+            return [1.0, 0.0, 0.0, 0.0, self.decode_tokens / DECODE_UNIT];
+        }
         let batch = self.batch_tokens.max(1);
-        let passes = work.div_ceil(batch).max(1);
-        let (full, rest) = ((work / batch) as f64, (work % batch) as f64 / PROMPT_UNIT);
-        let squares = full * (batch as f64 / PROMPT_UNIT).powi(2) + rest * rest;
+        // One integer division for the passes and the last one's size (a decision asks for
+        // several of these per candidate).
+        let (full, rest) = (work / batch, work % batch);
+        let passes = full + u64::from(rest > 0);
+        let rest = rest as f64 / PROMPT_UNIT;
+        let squares = full as f64 * (batch as f64 / PROMPT_UNIT).powi(2) + rest * rest;
         [1.0, (passes - 1) as f64, work as f64 / PROMPT_UNIT, squares, passes as f64 * self.decode_tokens / DECODE_UNIT]
     }
 
@@ -393,7 +400,7 @@ impl LatencyModels {
         let ahead = if inputs.queued_tokens == 0 { base } else { self.ttft.predict(&inputs.ttft_x_for(inputs.queued_tokens)) };
         let (queued, batch) = (inputs.queued_tokens, inputs.batch_tokens.max(1));
         // Booked work ending on a pass boundary (or none) leaves no room: the chunk starts a pass.
-        let chunk = inputs.new_tokens.min((batch - queued % batch) % batch);
+        let chunk = if queued == 0 { 0 } else { inputs.new_tokens.min((batch - queued % batch) % batch) };
         let join = if chunk == 0 {
             0.0
         } else {

@@ -685,7 +685,7 @@ mod tests {
 
     #[test]
     fn saturation_needs_a_known_batch_budget() {
-        let load = RankLoad { active_decode_blocks: 0.0, active_prefill_tokens: 100, active_requests: 1, prefilling_requests: 1 };
+        let load = RankLoad { active_decode_blocks: 0.0, active_prefill_tokens: 100, active_requests: 1, prefilling_requests: 1, long_decodes: 0.0 };
         assert!(!saturated(0.0, &Capacity::default(), &load));
         let cap = Capacity { total_kv_blocks: None, max_num_batched_tokens: Some(50) };
         assert!(saturated(1.5, &cap, &load));
