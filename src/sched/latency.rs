@@ -335,11 +335,11 @@ pub struct LatencyModels {
     tpot: Rls<TPOT_FEATURES>,
     /// The latest time passed in (the factors' freshness is reckoned from it).
     clock: Option<Instant>,
-    /// What a rank without a speed of its own predicts with: the fastest known rank's factor
-    /// (1 if none reads faster). Optimism explores: a lone rank read faster than the fit would
-    /// otherwise beat every rank never tried, forever, and they could never show their speed
-    /// (an interop run once sent all 40 requests to the slower of two mockers). A rank read
-    /// slower than it is costs a few requests until it has samples.
+    /// What a rank without a speed of its own predicts with: 1 (the fleet's mean) once two
+    /// ranks count; before, the lone counting rank's factor if it reads faster (see
+    /// [`Self::refresh`]). A lone rank read faster than the fit would otherwise beat every rank
+    /// never tried, forever, and they could never show their speed (an interop run once sent
+    /// all 40 requests to the slower of two mockers).
     untried: f64,
 }
 
@@ -466,7 +466,10 @@ impl LatencyModels {
             let rel = if known(s) { (s.speed.log - mean) * s.speed.freshness(now) } else { 0.0 };
             s.speed.factor = if rel.abs() < SPEED_DEAD_BAND { 1.0 } else { rel.exp() };
         }
-        self.untried = self.ranks.values().filter(|s| known(s)).map(|s| s.speed.factor).fold(1.0, f64::min);
+        // A lone counting rank is read against the isolated fit, which is made of its own
+        // samples: any reading is self-consistent there, and one below 1 would lock out every
+        // rank never tried. From two on, speeds are relative to their mean: 1 is the fleet's.
+        self.untried = if n < 2 { self.ranks.values().filter(|s| known(s)).map(|s| s.speed.factor).fold(1.0, f64::min) } else { 1.0 };
     }
 
     /// The factor a rank's predictions multiply by: its own once it has enough isolated
