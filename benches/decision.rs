@@ -13,7 +13,7 @@
 #[path = "common/decision_workload.rs"]
 mod decision_workload;
 
-use decision_workload::{bench_decider, build, print_rows, Ours, TOPOLOGIES};
+use decision_workload::{bench_decider, build, print_rows, ratio_cells, Ours, TOPOLOGIES};
 use dynamo_epp::sched::RoutingPolicy;
 
 /// Our own requests decoding, each with `nvext.agent_hints.osl`, in the third row.
@@ -45,8 +45,7 @@ fn main() {
     println!("|---|---|---:|---:|---:|");
     for g in rows.iter().filter(|r| r.name == GUARDED) {
         let Some(b) = rows.iter().find(|b| b.name == COST_OWN && b.topology.label() == g.topology.label()) else { continue };
-        let cells: Vec<String> = g.decisions.iter().zip(&b.decisions).map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", a50.as_secs_f64() / b50.as_secs_f64(), a99.as_secs_f64() / b99.as_secs_f64())).collect();
-        println!("| {} | | {} |", g.topology.label(), cells.join(" | "));
+        println!("| {} | | {} |", g.topology.label(), ratio_cells(g, b).join(" | "));
     }
 }
 

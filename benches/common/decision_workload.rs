@@ -252,6 +252,11 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// Per query kind, `r`'s p50 / p99 ÷ `base`'s.
+pub fn ratio_cells(r: &Row, base: &Row) -> Vec<String> {
+    r.decisions.iter().zip(&base.decisions).map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", us(*a50) / us(*b50), us(*a99) / us(*b99))).collect()
+}
+
 /// The percentiles table; then, per baseline subject, every other subject's ratio to it.
 pub fn print_rows<'a>(rows: &[Row], baselines: impl IntoIterator<Item = &'a str>) {
     println!("\n| router | fleet | full hit p50/p99 µs | prefix+new p50/p99 µs | miss p50/p99 µs | full hits to holder |");
@@ -266,12 +271,7 @@ pub fn print_rows<'a>(rows: &[Row], baselines: impl IntoIterator<Item = &'a str>
         println!("|---|---|---:|---:|---:|---:|");
         for r in rows.iter().filter(|r| !baselines.contains(&r.name)) {
             let Some(b) = rows.iter().find(|b| b.name == *base && b.topology.label() == r.topology.label()) else { continue };
-            let cells: Vec<String> = r
-                .decisions
-                .iter()
-                .zip(&b.decisions)
-                .map(|((_, a50, a99), (_, b50, b99))| format!("{:.2} / {:.2}", us(*a50) / us(*b50), us(*a99) / us(*b99)))
-                .collect();
+            let cells = ratio_cells(r, b);
             let same = r.full_hit_choices.iter().zip(&b.full_hit_choices).filter(|(x, y)| x == y).count();
             println!("| {} | {} | {} | {same}/{} |", r.topology.label(), r.name, cells.join(" | "), r.full_hit_choices.len());
         }

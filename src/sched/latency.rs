@@ -301,6 +301,11 @@ const SPEED_GRACE_S: f64 = 30.0;
 const SPEED_FADE_S: f64 = 60.0;
 
 impl Speed {
+    /// Whether the rank has enough isolated samples for its speed to count.
+    fn counts(&self) -> bool {
+        self.samples >= SPEED_MIN_SAMPLES
+    }
+
     /// How much of the speed still holds at `now` (1 until the grace ends, then fading to 0).
     fn freshness(&self, now: Instant) -> f64 {
         self.last.map_or(1.0, |t| (-(now.saturating_duration_since(t).as_secs_f64() - SPEED_GRACE_S).max(0.0) / SPEED_FADE_S).exp())
@@ -459,7 +464,7 @@ impl LatencyModels {
     pub fn refresh(&mut self, now: Instant) {
         let now = self.clock.map_or(now, |c| c.max(now));
         self.clock = Some(now);
-        let known = |s: &RankState| s.speed.samples >= SPEED_MIN_SAMPLES;
+        let known = |s: &RankState| s.speed.counts();
         let (sum, n) = self.ranks.values().filter(|s| known(s)).fold((0.0, 0u32), |(sum, n), s| (sum + s.speed.log, n + 1));
         let mean = if n < 2 { 0.0 } else { sum / n as f64 };
         for s in self.ranks.values_mut() {
@@ -475,7 +480,7 @@ impl LatencyModels {
     /// The factor a rank's predictions multiply by: its own once it has enough isolated
     /// samples, else [`Self::untried`]'s.
     fn speed(&self, state: Option<&RankState>) -> f64 {
-        state.filter(|s| s.speed.samples >= SPEED_MIN_SAMPLES).map_or(self.untried, |s| s.speed.factor)
+        state.filter(|s| s.speed.counts()).map_or(self.untried, |s| s.speed.factor)
     }
 
     /// A response streamed `generated` tokens, `decode_ms` after its first one.
